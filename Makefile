@@ -1,0 +1,58 @@
+# Everything needs only python3 (3.11+) and make: the virtual environment is
+# built from the hashed lock files with pip, and rebuilt when they change.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help run serve demo test test-chaos lint typecheck check migrate bench lock clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: requirements-dev.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("imagetasks needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+run: $(BIN)/.installed ## run the service in sandbox mode (SQLite, local disk, built-in StarMagic simulator)
+	$(BIN)/imagetasks serve --sandbox
+
+serve: $(BIN)/.installed ## run the service with the settings from the environment and .env
+	$(BIN)/imagetasks migrate
+	$(BIN)/imagetasks serve
+
+demo: $(BIN)/.installed ## submit one task in the sandbox and watch it through to the stored image
+	$(BIN)/imagetasks demo
+
+test: $(BIN)/.installed ## run the test suite (PostgreSQL tests run when a server is reachable)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-chaos: $(BIN)/.installed ## run only the reliability suite
+	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed ## mypy (strict) on app/
+	$(BIN)/mypy app
+
+check: lint typecheck test ## everything CI runs
+
+migrate: $(BIN)/.installed ## apply the database migrations to DATABASE_URL
+	$(BIN)/imagetasks migrate
+
+bench: $(BIN)/.installed ## run the benchmark; results in bench/results/ and docs/performance.md
+	$(BIN)/python -m bench
+
+lock: ## re-resolve the lock files from pyproject.toml (needs uv)
+	uv pip compile pyproject.toml --group build --generate-hashes --python-version 3.11 --universal --no-header -q -o requirements.lock
+	uv pip compile pyproject.toml --group build --group dev --generate-hashes --python-version 3.11 --universal --no-header -q -o requirements-dev.lock
+
+clean: ## remove the virtual environment and local data
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
