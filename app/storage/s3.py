@@ -1,0 +1,144 @@
+"""An S3-compatible bucket (AWS, MinIO, ...) as storage, through obstore.
+
+Credentials, region and endpoint come from the standard ``AWS_*`` variables, read by
+obstore itself; an ``http://`` ``AWS_ENDPOINT_URL`` (a local MinIO) is allowed
+explicitly. Uploads stream from the spool file in 5 MiB parts, so memory stays bounded,
+and S3 only shows an object once its PUT or multipart upload has completed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import obstore
+from obstore.exceptions import BaseError, NotFoundError
+from obstore.store import S3Store
+
+from app.storage.base import (
+    ObjectNotFoundError,
+    StorageError,
+    StoredObject,
+    file_sha256,
+    remove_stale_files,
+    validate_key,
+)
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig
+
+_STREAM_CHUNK = 256 * 1024
+_UPLOAD_CONCURRENCY = 4  # parts in flight: bounds upload memory at about 4 x 5 MiB
+_CHECK_KEY = ".imagetasks-check"
+_CHECK_TIMEOUT = 10.0
+# obstore reports a missing object as its NotFoundError or as FileNotFoundError.
+_MISSING = (NotFoundError, FileNotFoundError)
+_FAILURES = (BaseError, OSError)
+
+
+class S3Storage:
+    """Images in an S3 bucket, optionally under a key prefix."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, spool_dir: Path | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        client: ClientConfig = {
+            "connect_timeout": timedelta(seconds=5),
+            "timeout": timedelta(seconds=120),
+            "allow_http": endpoint.startswith("http://"),
+        }
+        retry: RetryConfig = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
+        self._store = S3Store(
+            bucket, prefix=self.prefix or None, client_options=client, retry_config=retry
+        )
+        self._spool = spool_dir or Path(tempfile.gettempdir()) / "imagetasks-spool"
+
+    def __repr__(self) -> str:
+        return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    @property
+    def spool_dir(self) -> Path:
+        """A local temp directory, created on access."""
+        self._spool.mkdir(parents=True, exist_ok=True)
+        return self._spool
+
+    async def _stored_sha256(self, key: str) -> str | None:
+        try:
+            result = await obstore.get_async(self._store, key, options={"head": True})
+        except _MISSING:
+            return None
+        return result.attributes.get("sha256")
+
+    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+        """Upload `source` under `key` with its content type and sha256, then remove it."""
+        validate_key(key)
+        try:
+            if await anyio.to_thread.run_sync(file_sha256, source) != sha256:
+                raise StorageError(f"{source.name} does not match its sha256")
+            if await self._stored_sha256(key) != sha256:
+                await obstore.put_async(
+                    self._store,
+                    key,
+                    source,
+                    attributes={"Content-Type": content_type, "sha256": sha256},
+                    max_concurrency=_UPLOAD_CONCURRENCY,
+                )
+            await anyio.Path(source).unlink()
+        except _FAILURES as exc:
+            raise StorageError(f"cannot store {key}: {exc}") from exc
+
+    async def exists(self, key: str) -> bool:
+        """Whether `key` is stored."""
+        validate_key(key)
+        try:
+            await obstore.head_async(self._store, key)
+        except _MISSING:
+            return False
+        except _FAILURES as exc:
+            raise StorageError(f"cannot look up {key}: {exc}") from exc
+        return True
+
+    async def open(self, key: str) -> StoredObject:
+        """The object under `key`, streamed from S3 as it is read."""
+        validate_key(key)
+        try:
+            result = await obstore.get_async(self._store, key)
+        except _MISSING as exc:
+            raise ObjectNotFoundError(key) from exc
+        except _FAILURES as exc:
+            raise StorageError(f"cannot read {key}: {exc}") from exc
+        content_type = result.attributes.get("Content-Type", "application/octet-stream")
+        return StoredObject(key, result.meta["size"], content_type, _chunks(result))
+
+    async def presigned_url(self, key: str, expires_in: int) -> str | None:
+        """A signed GET URL valid for `expires_in` seconds."""
+        validate_key(key)
+        return await obstore.sign_async(self._store, "GET", key, timedelta(seconds=expires_in))
+
+    async def check(self) -> None:
+        """Write a tiny probe object: proves the bucket is reachable and writable."""
+        try:
+            with anyio.fail_after(_CHECK_TIMEOUT):
+                await obstore.put_async(self._store, _CHECK_KEY, b"ok")
+        except TimeoutError as exc:
+            raise StorageError(f"bucket {self.bucket} did not answer in time") from exc
+        except _FAILURES as exc:
+            raise StorageError(f"bucket {self.bucket} is not writable: {exc}") from exc
+
+    async def cleanup_spool(self, older_than_seconds: float) -> int:
+        """Remove orphaned spool files older than this."""
+        return await anyio.to_thread.run_sync(remove_stale_files, self._spool, older_than_seconds)
+
+    async def aclose(self) -> None:
+        """obstore keeps no connections that need closing."""
+
+
+async def _chunks(result: obstore.GetResult) -> AsyncIterator[bytes]:
+    async for chunk in result.stream(min_chunk_size=_STREAM_CHUNK):
+        yield bytes(chunk)

@@ -1,0 +1,110 @@
+"""What only the local-directory backend promises: atomic rename and a real directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from app.storage import LocalStorage, StorageError, storage_from_url
+
+KEY = "2025/03/04/task-9.jpg"
+
+
+def sha(data: bytes) -> str:
+    """Hex sha256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_final_name_appears_only_by_atomic_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes sit complete in .tmp and the final name is absent until one os.replace."""
+    storage = LocalStorage(tmp_path / "images")
+    data = os.urandom(300_000)
+    source = storage.spool_dir / "dl"
+    source.write_bytes(data)
+    seen: list[tuple[str, str, bool, bytes]] = []
+    real_replace = os.replace
+
+    def spy(src: str | Path, dst: str | Path) -> None:
+        seen.append((str(src), str(dst), Path(dst).exists(), Path(src).read_bytes()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(data))
+    [(src, dst, existed, staged)] = seen
+    assert Path(src).parent == tmp_path / "images" / ".tmp"
+    assert (dst, existed, staged) == (str(tmp_path / "images" / KEY), False, data)
+    assert (tmp_path / "images" / KEY).read_bytes() == data
+    assert (await storage.open(KEY)).content_type == "image/jpeg"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_crash_before_rename_leaves_nothing_under_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure at the rename leaves the key absent and only a spool file to clean up."""
+    storage = LocalStorage(tmp_path / "images")
+    source = storage.spool_dir / "dl"
+    source.write_bytes(b"complete bytes")
+
+    def crash(src: str | Path, dst: str | Path) -> None:
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError):
+        await storage.put_file(
+            KEY, source, content_type="image/jpeg", sha256=sha(b"complete bytes")
+        )
+    assert not await storage.exists(KEY)
+    assert not (tmp_path / "images" / KEY).exists()
+    assert await storage.cleanup_spool(older_than_seconds=-1) == 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_source_outside_the_spool_is_copied_then_renamed(tmp_path: Path) -> None:
+    """A file from another directory (maybe another filesystem) is still stored atomically."""
+    storage = LocalStorage(tmp_path / "images")
+    source = tmp_path / "elsewhere.bin"
+    source.write_bytes(b"abc")
+    await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(b"abc"))
+    assert (tmp_path / "images" / KEY).read_bytes() == b"abc"
+    assert not source.exists()
+    assert list((tmp_path / "images" / ".tmp").iterdir()) == []
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_identical_re_put_does_not_rewrite(tmp_path: Path) -> None:
+    """Storing the same bytes again leaves the existing file untouched."""
+    storage = LocalStorage(tmp_path / "images")
+    for name in ("first", "second"):
+        source = storage.spool_dir / name
+        source.write_bytes(b"same")
+        await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(b"same"))
+        if name == "first":
+            inode = (tmp_path / "images" / KEY).stat().st_ino
+    assert (tmp_path / "images" / KEY).stat().st_ino == inode
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_check_fails_when_the_root_cannot_be_a_directory(tmp_path: Path) -> None:
+    """A root below a regular file is reported as unusable."""
+    (tmp_path / "a-file").write_bytes(b"")
+    storage = LocalStorage(tmp_path / "a-file" / "images")
+    with pytest.raises(StorageError, match="not writable"):
+        await storage.check()
+
+
+def test_file_urls_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """file://./dir is relative to the working directory; file:///dir is absolute."""
+    monkeypatch.chdir(tmp_path)
+    relative = storage_from_url("file://./var/images")
+    assert isinstance(relative, LocalStorage)
+    assert relative.root == tmp_path / "var" / "images"
+    absolute = storage_from_url(f"file://{tmp_path}/srv")
+    assert isinstance(absolute, LocalStorage)
+    assert absolute.root == tmp_path / "srv"

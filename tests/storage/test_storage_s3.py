@@ -1,0 +1,77 @@
+"""What only the S3 backend promises: multipart streaming, object metadata, clear failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from app.storage import S3Storage, StorageError, storage_from_url
+
+from .conftest import MakeS3, S3Server, free_port
+
+KEY = "2025/05/06/task-7.png"
+
+
+def sha(data: bytes) -> str:
+    """Hex sha256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_large_upload_round_trip_with_metadata(make_s3: MakeS3, s3_server: S3Server) -> None:
+    """A file bigger than one part goes up in parts and comes back whole, typed and hashed."""
+    storage = make_s3()
+    data = os.urandom(12 * 1024 * 1024)
+    source = storage.spool_dir / "big"
+    source.write_bytes(data)
+    await storage.put_file(KEY, source, content_type="image/png", sha256=sha(data))
+    head = s3_server.client().head_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{KEY}")
+    assert head["ContentType"] == "image/png"
+    assert head["Metadata"]["sha256"] == sha(data)
+    assert "-" in head["ETag"]  # a multipart upload's ETag
+    obj = await storage.open(KEY)
+    received = bytearray()
+    async for chunk in obj.chunks:
+        assert len(chunk) <= 1024 * 1024
+        received += chunk
+    assert received == data
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_identical_re_put_does_not_upload_again(make_s3: MakeS3, s3_server: S3Server) -> None:
+    """The stored sha256 makes a retried put a no-op: the object keeps its first version."""
+    storage = make_s3()
+    client = s3_server.client()
+    for name in ("first", "second"):
+        source = storage.spool_dir / name
+        source.write_bytes(b"same bytes")
+        await storage.put_file(KEY, source, content_type="image/png", sha256=sha(b"same bytes"))
+        modified = client.head_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{KEY}")
+        if name == "first":
+            first = modified["LastModified"], modified["ETag"]
+    assert (modified["LastModified"], modified["ETag"]) == first
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_missing_bucket_fails_check(make_s3: MakeS3) -> None:
+    """A bucket that does not exist is not ready."""
+    with pytest.raises(StorageError, match="not writable"):
+        await make_s3(bucket="no-such-bucket").check()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_unreachable_endpoint_fails_check(make_s3: MakeS3, s3_server: S3Server) -> None:
+    """Nothing listening at AWS_ENDPOINT_URL: check fails instead of hanging."""
+    env = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    with pytest.raises(StorageError):
+        await make_s3(env=env).check()
+
+
+def test_s3_url_gives_bucket_and_prefix(tmp_path: Path) -> None:
+    """s3://bucket/prefix builds the S3 backend without touching the network."""
+    storage = storage_from_url("s3://my-images/prod/v1/", spool_dir=tmp_path)
+    assert isinstance(storage, S3Storage)
+    assert (storage.bucket, storage.prefix, storage.spool_dir) == ("my-images", "prod/v1", tmp_path)
