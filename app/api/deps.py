@@ -1,0 +1,76 @@
+"""Shared dependencies: the runtime, the request's session, and bearer auth."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.errors import Unauthorized
+from app.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The process's runtime, built by the lifespan."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
+    """The request's unit of work: committed before the response goes out."""
+    async with runtime.sessions() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+# scope="function": commit before answering, so a 2xx always means "recorded".
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}
+
+
+def caller_id(token: str) -> str:
+    """A stable, non-secret name for the caller: scopes its idempotency keys."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def require_caller(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The caller's id, after a constant-time check of its bearer token."""
+    if settings.auth_disabled:
+        return "anonymous"
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing bearer token", headers=_CHALLENGE)
+    presented = credentials.credentials.encode()
+    valid = False
+    for token in settings.api_tokens:
+        valid |= hmac.compare_digest(token.encode(), presented)
+    if not valid:
+        raise Unauthorized("invalid bearer token", headers=_CHALLENGE)
+    return caller_id(credentials.credentials)
+
+
+CallerDep = Annotated[str, Depends(require_caller)]

@@ -1,0 +1,173 @@
+"""/tasks: the internal callers' API."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+
+from app import metrics, repository
+from app.api.deps import CallerDep, RuntimeDep, SessionDep
+from app.errors import NotFound, Unprocessable
+from app.models import Task
+from app.schemas import ErrorBody, ErrorInfo, ImagePublic, TaskCreate, TaskPage, TaskPublic
+from app.services.tasks import submit_task
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+TaskStatusName = Literal["submitting", "pending", "processing", "completed", "failed", "cancelled"]
+ImageStatusName = Literal["pending", "stored", "failed"]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid bearer token"},
+    422: {"model": ErrorBody, "description": "Invalid request (field and reason)"},
+}
+
+
+def to_public(task: Task, request: Request) -> TaskPublic:
+    """The API's view of a task."""
+    image = None
+    if task.image_status is not None:
+        image = ImagePublic(
+            status=task.image_status,
+            url=str(request.url_for("get_task_image", task_id=task.id))
+            if task.image_status == "stored"
+            else None,
+            content_type=task.image_content_type,
+            size_bytes=task.image_size_bytes,
+            sha256=task.image_sha256,
+            width=task.image_width,
+            height=task.image_height,
+            stored_at=task.image_stored_at,
+            source_expires_at=task.image_source_expires_at,
+            error=ErrorInfo(code=task.image_error_code, message=task.image_error_message or "")
+            if task.image_error_code
+            else None,
+        )
+    return TaskPublic(
+        id=task.id,
+        status=task.status,
+        progress=task.progress,
+        prompt=task.prompt,
+        model=task.model,
+        size=task.size,
+        quality=task.quality,
+        image_urls=task.image_urls,
+        metadata=task.meta,
+        upstream_task_id=task.upstream_task_id,
+        error=ErrorInfo(code=task.error_code, message=task.error_message or "")
+        if task.error_code
+        else None,
+        image=image,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        completed_at=task.completed_at,
+    )
+
+
+def _encode_cursor(task: Task) -> str:
+    raw = json.dumps([task.created_at.isoformat(), task.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, task_id = json.loads(raw)
+        stamp = datetime.fromisoformat(created)
+        if stamp.tzinfo is None or not isinstance(task_id, str):
+            raise ValueError("bad cursor")
+        return stamp, task_id
+    except (ValueError, TypeError) as exc:
+        details = [{"field": "cursor", "reason": "not a cursor this service issued"}]
+        raise Unprocessable("cursor: not a cursor this service issued", details=details) from exc
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskPublic,
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "Same Idempotency-Key still in flight"},
+        502: {"model": ErrorBody, "description": "StarMagic refused the task"},
+        503: {"model": ErrorBody, "description": "StarMagic unavailable"},
+    },
+)
+async def create_task(
+    body: TaskCreate,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    caller: CallerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Retry with the same key to get the same task, never a second one.",
+        ),
+    ] = None,
+) -> TaskPublic:
+    """Submit an image generation; answers at once with the task to poll."""
+    result = await submit_task(
+        runtime.sessions,
+        runtime.starmagic,
+        runtime.settings,
+        body,
+        owner=caller,
+        idempotency_key=idempotency_key,
+    )
+    metrics.SUBMISSIONS.labels(outcome="replayed" if result.replayed else "accepted").inc()
+    response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return to_public(result.task, request)
+
+
+@router.get("", response_model=TaskPage, responses=ERRORS)
+async def list_tasks(
+    request: Request,
+    session: SessionDep,
+    _: CallerDep,
+    status_filter: Annotated[TaskStatusName | None, Query(alias="status")] = None,
+    image_status: ImageStatusName | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> TaskPage:
+    """Tasks, newest first, a page at a time (pass `next_cursor` back as `cursor`)."""
+    filters = repository.TaskFilter(
+        status=status_filter,
+        image_status=image_status,
+        created_after=_utc(created_after),
+        created_before=_utc(created_before),
+    )
+    after = _decode_cursor(cursor) if cursor else None
+    tasks = await repository.list_tasks(session, filters, limit=limit + 1, after=after)
+    page = list(tasks[:limit])
+    next_cursor = _encode_cursor(page[-1]) if len(tasks) > limit else None
+    return TaskPage(items=[to_public(task, request) for task in page], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{task_id}",
+    response_model=TaskPublic,
+    responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such task"}},
+)
+async def get_task(task_id: str, request: Request, session: SessionDep, _: CallerDep) -> TaskPublic:
+    """One task, with its image once stored."""
+    task = await repository.get_task(session, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} does not exist")
+    return to_public(task, request)

@@ -1,0 +1,63 @@
+"""The provider's callback route: fast, idempotent, and closed to forgers."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from app import metrics
+from app.api.deps import RuntimeDep, SessionDep
+from app.callback_urls import WEBHOOK_PATH
+from app.errors import DomainError
+from app.schemas import ErrorBody
+from app.services.callbacks import receive_callback
+
+router = APIRouter(prefix=WEBHOOK_PATH, tags=["webhooks"])
+
+_JSON_TYPES = ("application/json", "text/json", "application/problem+json")
+
+
+class UnsupportedMediaType(DomainError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class CallbackAck(BaseModel):
+    received: bool
+    outcome: str
+
+
+@router.post(
+    "/{task_id}/{token}",
+    response_model=CallbackAck,
+    responses={
+        400: {"model": ErrorBody, "description": "Body is not JSON"},
+        404: {"model": ErrorBody, "description": "Unknown task or wrong token"},
+        413: {"model": ErrorBody, "description": "Body over 1 MiB"},
+        415: {"model": ErrorBody, "description": "Body is not JSON by its content type"},
+        422: {"model": ErrorBody, "description": "JSON that is not a task snapshot"},
+    },
+)
+async def starmagic_callback(
+    task_id: str, token: str, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> CallbackAck:
+    """StarMagic's task callback; every accepted delivery gets 200, duplicates too."""
+    started = time.perf_counter()
+    outcome = "rejected"
+    try:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type not in _JSON_TYPES:
+            raise UnsupportedMediaType("callbacks must be JSON")
+        received = await receive_callback(
+            session, runtime.settings, task_id, token, await request.body()
+        )
+        await session.commit()  # recorded before we answer, and before confirming
+        outcome = received.outcome.value
+        if received.needs_confirmation:
+            runtime.reconciler.confirm_soon(task_id)
+        return CallbackAck(received=True, outcome=outcome)
+    finally:
+        metrics.CALLBACKS.labels(outcome=outcome).inc()
+        metrics.CALLBACK_SECONDS.observe(time.perf_counter() - started)

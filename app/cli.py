@@ -1,0 +1,134 @@
+"""The `imagetasks` command: run the service, its worker, migrations, the
+simulator, the demo, and talk to a running service."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.config import Settings, SettingsError, load_settings
+
+cli = typer.Typer(
+    help="imagetasks: StarMagic image generation with callbacks and durable storage.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _settings_or_exit(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        typer.echo(f"imagetasks: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def run_migrations(database_url: str) -> None:
+    """`alembic upgrade head` on DATABASE_URL (safe to run from any thread)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the database migrations to DATABASE_URL."""
+    from app.config import DatabaseSettings
+
+    url = DatabaseSettings().database_url
+    run_migrations(url)
+    typer.echo("database is at the latest schema")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    sandbox: Annotated[
+        bool,
+        typer.Option(help="Run against a built-in StarMagic simulator; no configuration needed."),
+    ] = False,
+    background: Annotated[
+        bool, typer.Option(help="Also run the download worker and reconciler in this process.")
+    ] = True,
+) -> None:
+    """Run the HTTP service (and, by default, its background worker)."""
+    import uvicorn
+
+    from app.logging import configure_logging, uvicorn_log_config
+    from app.main import create_app
+
+    simulator = None
+    if sandbox:
+        from app.sandbox import prepare_sandbox
+
+        settings, simulator = prepare_sandbox(host, port)
+        run_migrations(settings.database_url)
+    else:
+        settings = _settings_or_exit(run_background=background)
+    configure_logging(settings)
+    app = create_app(settings, simulator=simulator)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=uvicorn_log_config(),
+        proxy_headers=True,
+        forwarded_allow_ips=",".join(settings.trusted_proxies),
+        root_path=settings.root_path,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@cli.command()
+def worker() -> None:
+    """Run only the download worker and the reconciler (no HTTP)."""
+    from app.logging import configure_logging
+    from app.worker import run_worker
+
+    settings = _settings_or_exit()
+    configure_logging(settings)
+    asyncio.run(run_worker(settings))
+
+
+@cli.command()
+def simulator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 9000,
+    time_scale: Annotated[
+        float, typer.Option(help="Multiply the simulated processing time (0.05 = 20x faster).")
+    ] = 1.0,
+    api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "sim-key",
+    allow_http_callbacks: Annotated[
+        bool, typer.Option(help="Accept http:// callback URLs (local testing).")
+    ] = True,
+) -> None:
+    """Run the StarMagic simulator alone."""
+    from app.simulator import SimulatorConfig, run_simulator
+
+    config = SimulatorConfig(
+        api_key=api_key,
+        public_base_url=f"http://{host}:{port}",
+        time_scale=time_scale,
+        allow_http_callbacks=allow_http_callbacks,
+    )
+    run_simulator(host, port, config)
+
+
+def main() -> None:
+    """Entry point of the `imagetasks` script."""
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,99 @@
+"""Structured logs: JSON lines in production, readable in a terminal.
+
+Every line, uvicorn's access log included, passes the redactor, so callback
+tokens and bearer tokens never reach the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+from structlog.types import EventDict, Processor
+
+from app.config import Settings
+
+_CALLBACK_TOKEN = re.compile(r"(/webhooks/starmagic/[^/\s\"?]+/)[^/\s\"?]+")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+_SECRET_KEYS = ("authorization", "api_key", "token", "secret", "password")
+
+
+def redact_text(text: str) -> str:
+    """Hide callback tokens and bearer credentials in free text."""
+    return _BEARER.sub(r"\1***", _CALLBACK_TOKEN.sub(r"\1***", text))
+
+
+def _redact(_: Any, __: str, event: EventDict) -> EventDict:
+    for key, value in list(event.items()):
+        if any(secret in key.lower() for secret in _SECRET_KEYS):
+            event[key] = "***"
+        elif isinstance(value, str):
+            event[key] = redact_text(value)
+        elif isinstance(value, tuple | list):
+            event[key] = type(value)(redact_text(v) if isinstance(v, str) else v for v in value)
+    return event
+
+
+def _render_stdlib_message(_: Any, __: str, event: EventDict) -> EventDict:
+    # uvicorn's access log formats its message from args; render it, then redact.
+    record = event.get("_record")
+    if record is not None and record.args:
+        event["event"] = record.getMessage()
+        event.pop("positional_args", None)
+    return event
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route structlog and the standard library (uvicorn) through one pipeline."""
+    use_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and not sys.stderr.isatty()
+    )
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _render_stdlib_message,
+        _redact,
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if use_json else _identity,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _identity(_: Any, __: str, event: EventDict) -> EventDict:
+    return event
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """Keep uvicorn from installing its own handlers over ours."""
+    return {"version": 1, "disable_existing_loggers": False}

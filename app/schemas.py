@@ -1,0 +1,163 @@
+"""API shapes and the typed upstream snapshot (not tables)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.models import TaskStatus
+
+MODELS = ("gpt-image-1.5",)
+SIZES = ("1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024")
+QUALITIES = ("low", "medium", "high")
+# The provider counts 2000 tokens; a token is at least one character and
+# rarely more than three UTF-8 bytes, so 6000 bytes stays safely inside it.
+MAX_PROMPT_BYTES = 6000
+MAX_IMAGE_URLS = 16
+MAX_URL_LENGTH = 2048
+MAX_METADATA_BYTES = 4096
+
+
+class TaskCreate(BaseModel):
+    """What a caller may ask for; everything the provider would refuse is refused here."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "A lighthouse at dawn, watercolor",
+                    "size": "1024x1536",
+                    "quality": "medium",
+                    "metadata": {"order_id": "A-1042"},
+                }
+            ]
+        },
+    )
+
+    prompt: str = Field(min_length=1, description="What to draw; at most 6000 UTF-8 bytes.")
+    model: Literal["gpt-image-1.5"] = "gpt-image-1.5"
+    size: Literal["1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024"] | None = None
+    quality: Literal["low", "medium", "high"] | None = None
+    image_urls: list[str] | None = Field(
+        default=None, description="1 to 16 HTTPS reference images for editing."
+    )
+    n: Literal[1] = 1
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Your own data, returned as given (≤ 4 KiB as JSON)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if len(value.encode()) > MAX_PROMPT_BYTES:
+            raise ValueError(f"is too long: at most {MAX_PROMPT_BYTES} UTF-8 bytes")
+        return value
+
+    @field_validator("image_urls")
+    @classmethod
+    def _image_urls(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not 1 <= len(value) <= MAX_IMAGE_URLS:
+            raise ValueError(f"must hold 1 to {MAX_IMAGE_URLS} URLs")
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise ValueError(f"must be https:// URLs: {url[:100]!r}")
+            if len(url) > MAX_URL_LENGTH:
+                raise ValueError(f"URLs must be at most {MAX_URL_LENGTH} characters")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"is too large: at most {MAX_METADATA_BYTES} bytes as JSON")
+        return value
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The provider's submit body, without the callback URL."""
+        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "n": self.n}
+        for name in ("size", "quality", "image_urls"):
+            if (value := getattr(self, name)) is not None:
+                body[name] = value
+        return body
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ImagePublic(BaseModel):
+    status: str
+    url: str | None = None
+    content_type: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    stored_at: datetime | None = None
+    source_expires_at: datetime | None = None
+    error: ErrorInfo | None = None
+
+
+class TaskPublic(BaseModel):
+    id: str
+    status: str
+    progress: int
+    prompt: str
+    model: str
+    size: str | None
+    quality: str | None
+    image_urls: list[str] | None
+    metadata: dict[str, Any]
+    upstream_task_id: str | None
+    error: ErrorInfo | None
+    image: ImagePublic | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+
+class TaskPage(BaseModel):
+    items: list[TaskPublic]
+    next_cursor: str | None
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of the whole API."""
+
+    error: ErrorDetail
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+ErrorBody.model_rebuild()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One typed view of the provider's task, from a callback or a query."""
+
+    status: TaskStatus
+    upstream_id: str | None = None
+    progress: int | None = None
+    image_url: str | None = None
+    image_expires_at: datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    estimated_time: int | None = None
+    completed_at: datetime | None = None

@@ -1,0 +1,177 @@
+"""The reconciler: ask the query API about tasks that have been quiet too long,
+and confirm terminal callbacks. A lost callback loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import or_
+from sqlmodel import col
+
+from app import metrics, repository
+from app.config import Settings
+from app.db import SessionFactory
+from app.models import Task, TaskStatus, utcnow
+from app.services.snapshots import apply_snapshot
+from app.upstream import StarMagicClient, UpstreamError, UpstreamNotFound
+
+log = structlog.get_logger(__name__)
+
+LINK_LIFETIME = timedelta(hours=24)
+POLL_LEASE = timedelta(seconds=60)
+MAX_POLL_INTERVAL = timedelta(minutes=15)
+NOT_FOUND_LIMIT = 3
+BATCH = 20
+CONCURRENCY = 4
+
+
+def poll_backoff(settings: Settings, attempts: int) -> timedelta:
+    """Per-task backoff: the quiet limit, doubling, capped, with jitter."""
+    base = settings.reconcile_after_seconds * 2 ** min(attempts, 10)
+    seconds = min(base, MAX_POLL_INTERVAL.total_seconds())
+    return timedelta(seconds=seconds * random.uniform(0.9, 1.1))
+
+
+class Reconciler:
+    """Polls due tasks; `confirm_soon` gives one task its turn right away."""
+
+    def __init__(self, factory: SessionFactory, client: StarMagicClient, settings: Settings):
+        self._factory = factory
+        self._client = client
+        self._settings = settings
+        self._running: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+
+    async def run_once(self) -> int:
+        """Claim one batch of due tasks and poll them; the number polled."""
+        now = utcnow()
+        async with self._factory() as session, session.begin():
+            tasks = await repository.claim_due_polls(
+                session, now=now, lease=POLL_LEASE, limit=BATCH
+            )
+        await self._poll_all(tasks)
+        return len(tasks)
+
+    async def _poll_all(self, tasks: Sequence[Task]) -> None:
+        async def bounded(task: Task) -> None:
+            async with self._slots:
+                await self.poll(task)
+
+        await asyncio.gather(*(bounded(task) for task in tasks))
+
+    def confirm_soon(self, task_id: str) -> None:
+        """Confirm a terminal callback off the request path (the row stays due if we die)."""
+        job = asyncio.create_task(self._confirm(task_id))
+        self._running.add(job)
+        job.add_done_callback(self._running.discard)
+
+    async def _confirm(self, task_id: str) -> None:
+        now = utcnow()
+        try:
+            async with self._factory() as session, session.begin():
+                free = or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now)
+                claimed = await repository.update_task_where(
+                    session, task_id, free, {"poll_lease_until": now + POLL_LEASE}
+                )
+                task = await repository.get_task(session, task_id) if claimed else None
+            if task is not None:
+                async with self._slots:
+                    await self.poll(task)
+        except Exception:
+            log.exception("confirm_failed", task_id=task_id)
+
+    async def aclose(self) -> None:
+        """Let in-flight confirmations finish (they are short and bounded)."""
+        if self._running:
+            await asyncio.wait(self._running, timeout=15)
+
+    async def poll(self, task: Task) -> None:
+        """Ask the provider about one leased task and apply what it says."""
+        now = utcnow()
+        if task.upstream_task_id is None:
+            await self._settle_unsubmitted(task, now)
+            return
+        if now - task.created_at > LINK_LIFETIME:
+            await self._give_up(
+                task, "no_outcome", "StarMagic gave no outcome within 24 hours", now
+            )
+            return
+        try:
+            snapshot = await self._client.query(task.upstream_task_id)
+        except UpstreamNotFound as exc:
+            metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
+            if task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
+                await self._give_up(task, "upstream_not_found", exc.message, now)
+            else:
+                await self._reschedule(task, now)
+            return
+        except UpstreamError as exc:
+            metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
+            log.warning("poll_failed", task_id=task.id, reason=exc.message)
+            await self._reschedule(task, now)
+            return
+        metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
+        async with self._factory() as session, session.begin():
+            applied = await apply_snapshot(
+                session,
+                task.id,
+                snapshot,
+                now=now,
+                poll_after=poll_backoff(self._settings, task.poll_attempts),
+            )
+        log.info(
+            "task_polled",
+            task_id=task.id,
+            upstream_task_id=task.upstream_task_id,
+            reported=snapshot.status.value,
+            outcome=applied.outcome.value,
+        )
+        if not TaskStatus(applied.task.status).terminal:
+            await self._reschedule(task, now)
+
+    async def _reschedule(self, task: Task, now: datetime) -> None:
+        await self._update_active(
+            task,
+            {
+                "next_poll_at": now + poll_backoff(self._settings, task.poll_attempts),
+                "poll_attempts": task.poll_attempts + 1,
+                "poll_lease_until": None,
+            },
+        )
+
+    async def _settle_unsubmitted(self, task: Task, now: datetime) -> None:
+        deadline = task.created_at + timedelta(seconds=self._settings.submit_unknown_after_seconds)
+        if now < deadline:
+            await self._update_active(task, {"next_poll_at": deadline, "poll_lease_until": None})
+            return
+        await self._give_up(
+            task,
+            "submission_outcome_unknown",
+            "the submission's outcome was never learned and no callback arrived",
+            now,
+        )
+
+    async def _give_up(self, task: Task, code: str, message: str, now: datetime) -> None:
+        log.warning("task_given_up", task_id=task.id, code=code, reason=message)
+        await self._update_active(
+            task,
+            {
+                "status": TaskStatus.FAILED.value,
+                "error_code": code,
+                "error_message": message,
+                "completed_at": now,
+                "updated_at": now,
+                "next_poll_at": None,
+                "poll_lease_until": None,
+            },
+        )
+
+    async def _update_active(self, task: Task, values: dict[str, Any]) -> None:
+        active = col(Task.status).in_([s.value for s in TaskStatus if not s.terminal])
+        async with self._factory() as session, session.begin():
+            await repository.update_task_where(session, task.id, active, values)

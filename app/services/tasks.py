@@ -1,0 +1,209 @@
+"""Submitting tasks: billed once, whatever the caller retries or the network loses.
+
+Submit runs its own short transactions instead of the request's: the task must
+be committed before the provider is called (its callback may arrive before
+the submit call returns), and the result recorded after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlmodel import col
+
+from app import repository
+from app.callback_urls import callback_url
+from app.config import Settings
+from app.db import SessionFactory
+from app.errors import BadGateway, Conflict, ServiceUnavailable, Unprocessable
+from app.models import IdempotencyRecord, Task, TaskStatus, utcnow
+from app.schemas import TaskCreate
+from app.services.snapshots import apply_snapshot
+from app.upstream import (
+    StarMagicClient,
+    UpstreamError,
+    UpstreamOutcomeUnknown,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# A key whose first request is younger than this and still submitting is in flight.
+IN_FLIGHT_WINDOW = timedelta(seconds=60)
+
+
+def new_task_id() -> str:
+    """`tsk_` and a ULID: sortable by creation time, unguessable in its tail."""
+    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    chars = [_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5)]
+    return "tsk_" + "".join(chars)
+
+
+def fingerprint(request: TaskCreate) -> str:
+    """A stable hash of what was asked, to tell a replay from a different request."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    task: Task
+    replayed: bool
+
+
+def first_poll_delay(settings: Settings, estimated_time: int | None) -> timedelta:
+    """Look first near the provider's estimate, never later than the quiet limit."""
+    after = settings.reconcile_after_seconds
+    if estimated_time is not None and estimated_time > 0:
+        after = min(after, float(estimated_time))
+    return timedelta(seconds=after)
+
+
+async def _replay(
+    factory: SessionFactory, owner: str, key: str, digest: str, now: datetime
+) -> SubmitResult:
+    async with factory() as session:
+        record = await repository.get_idempotency_record(session, owner, key)
+        task = await repository.get_task(session, record.task_id) if record else None
+    if record is None or task is None:
+        raise Conflict("this Idempotency-Key is being claimed; retry", code="idempotency_in_flight")
+    if record.request_sha256 != digest:
+        raise Unprocessable(
+            "Idempotency-Key was already used with a different request body",
+            code="idempotency_key_reused",
+        )
+    in_flight = (
+        task.status == TaskStatus.SUBMITTING
+        and not task.submit_outcome_unknown
+        and now - task.created_at < IN_FLIGHT_WINDOW
+    )
+    if in_flight:
+        raise Conflict(
+            "a request with this Idempotency-Key is still in flight",
+            code="idempotency_in_flight",
+            headers={"Retry-After": "1"},
+        )
+    return SubmitResult(task, replayed=True)
+
+
+async def submit_task(
+    factory: SessionFactory,
+    client: StarMagicClient,
+    settings: Settings,
+    request: TaskCreate,
+    *,
+    owner: str,
+    idempotency_key: str | None,
+) -> SubmitResult:
+    """Record the task, send it to StarMagic once, and record what came back."""
+    now = utcnow()
+    digest = fingerprint(request)
+    task = Task(
+        id=new_task_id(),
+        status=TaskStatus.SUBMITTING.value,
+        prompt=request.prompt,
+        model=request.model,
+        size=request.size,
+        quality=request.quality,
+        image_urls=request.image_urls,
+        meta=request.metadata,
+        owner=owner,
+        created_at=now,
+        updated_at=now,
+        # A crash before the outcome is recorded leaves the task here; the
+        # reconciler settles it once no callback can be expected any more.
+        next_poll_at=now + timedelta(seconds=settings.submit_unknown_after_seconds),
+    )
+    async with factory() as session, session.begin():
+        await repository.add_task(session, task)
+        if idempotency_key is not None:
+            record = IdempotencyRecord(
+                owner=owner,
+                key=idempotency_key,
+                request_sha256=digest,
+                task_id=task.id,
+                created_at=now,
+            )
+            if not await repository.claim_idempotency_key(session, record):
+                await session.rollback()
+                return await _replay(factory, owner, idempotency_key, digest, now)
+
+    body = request.upstream_body()
+    body["callback_url"] = callback_url(settings.public_base_url, task.id, settings.signing_secret)
+    log.info("submit_started", task_id=task.id)
+    try:
+        snapshot = await client.submit(body)
+    except UpstreamOutcomeUnknown as exc:
+        await _mark_unknown(factory, task.id, exc)
+        async with factory() as session:
+            current = await repository.get_task(session, task.id)
+        assert current is not None
+        return SubmitResult(current, replayed=False)
+    except UpstreamError as exc:
+        await _mark_failed(factory, task.id, exc)
+        raise _caller_error(task.id, exc) from exc
+
+    async with factory() as session, session.begin():
+        applied = await apply_snapshot(
+            session,
+            task.id,
+            snapshot,
+            now=utcnow(),
+            poll_after=first_poll_delay(settings, snapshot.estimated_time),
+        )
+    log.info(
+        "submit_accepted",
+        task_id=task.id,
+        upstream_task_id=applied.task.upstream_task_id,
+        outcome=applied.outcome.value,
+    )
+    return SubmitResult(applied.task, replayed=False)
+
+
+def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnavailable:
+    details = [{"task_id": task_id, "provider_code": exc.code, "provider_status": exc.status_code}]
+    if isinstance(exc, UpstreamRejected):
+        return BadGateway(f"StarMagic refused the task: {exc.message}", details=details)
+    retry = {"Retry-After": "5"} if isinstance(exc, UpstreamUnavailable) else None
+    return ServiceUnavailable(
+        f"StarMagic is unavailable: {exc.message}", details=details, headers=retry
+    )
+
+
+async def _mark_failed(factory: SessionFactory, task_id: str, exc: UpstreamError) -> None:
+    log.warning("submit_failed", task_id=task_id, code=exc.code, reason=exc.message)
+    async with factory() as session, session.begin():
+        await repository.update_task_where(
+            session,
+            task_id,
+            col(Task.status) == TaskStatus.SUBMITTING.value,
+            {
+                "status": TaskStatus.FAILED.value,
+                "error_code": exc.code[:64],
+                "error_message": exc.message,
+                "updated_at": utcnow(),
+                "completed_at": utcnow(),
+                "next_poll_at": None,
+            },
+        )
+
+
+async def _mark_unknown(factory: SessionFactory, task_id: str, exc: UpstreamError) -> None:
+    # Never re-sent: a callback (which carries our task id) or the reconciler's
+    # deadline will settle it.
+    log.warning("submit_outcome_unknown", task_id=task_id, reason=exc.message)
+    async with factory() as session, session.begin():
+        await repository.update_task_where(
+            session,
+            task_id,
+            col(Task.status) == TaskStatus.SUBMITTING.value,
+            {"submit_outcome_unknown": True, "updated_at": utcnow()},
+        )

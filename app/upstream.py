@@ -1,0 +1,270 @@
+"""The StarMagic client: submit, query, and parsing of its loose payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from app.models import TaskStatus
+from app.schemas import Snapshot
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=5.0)
+
+
+class UpstreamError(Exception):
+    """Something went wrong talking to StarMagic; `message` keeps its reason."""
+
+    def __init__(
+        self, message: str, *, code: str = "upstream_error", status_code: int | None = None
+    ):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status_code = status_code
+
+
+class UpstreamRejected(UpstreamError):
+    """The provider answered and refused (4xx): sending again will not help."""
+
+
+class UpstreamNotFound(UpstreamRejected):
+    """The provider does not know the task."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The provider could not be reached or asked us to come back later."""
+
+
+class UpstreamOutcomeUnknown(UpstreamError):
+    """The submit may have reached the provider; it must never be re-sent."""
+
+
+class SnapshotError(ValueError):
+    """A payload that is not a task snapshot."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded, jittered retries; tests use zero delays."""
+
+    attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 20.0
+
+    def backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_delay, self.base_delay * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+def provider_reason(response: httpx.Response) -> tuple[str, str]:
+    """The provider's own error code and message, whatever shape it used."""
+    code, message = f"http_{response.status_code}", response.reason_phrase or "error"
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return code, text[:300] or message
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        code = str(error.get("code") or error.get("type") or code)
+        message = str(error.get("message") or error.get("detail") or message)
+    elif isinstance(error, str):
+        message = error
+    return code[:64], message[:500]
+
+
+class StarMagicClient:
+    """StarMagic over one shared httpx.AsyncClient."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        api_key: str,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._retry = retry or RetryPolicy()
+
+    async def submit(self, body: dict[str, Any]) -> Snapshot:
+        """Create a task upstream; retried only when the provider cannot have seen it."""
+        url = f"{self._base}/v1/images/generations"
+        for attempt in range(self._retry.attempts):
+            last_try = attempt + 1 == self._retry.attempts
+            try:
+                response = await self._http.post(url, json=body, headers=self._headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # No connection was made, so nothing was sent: safe to try again.
+                if last_try:
+                    raise UpstreamUnavailable(f"cannot reach StarMagic: {exc!r}") from exc
+                await asyncio.sleep(self._retry.backoff(attempt))
+                continue
+            except httpx.TransportError as exc:
+                raise UpstreamOutcomeUnknown(
+                    f"no answer from StarMagic after sending ({type(exc).__name__})",
+                    code="submission_outcome_unknown",
+                ) from exc
+            if response.status_code in (429, 503):
+                delay = _retry_after(response)
+                delay = self._retry.backoff(attempt) if delay is None else delay
+                if not last_try and delay <= self._retry.max_retry_after:
+                    await asyncio.sleep(delay)
+                    continue
+                code, message = provider_reason(response)
+                raise UpstreamUnavailable(message, code=code, status_code=response.status_code)
+            return self._submitted(response)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _submitted(self, response: httpx.Response) -> Snapshot:
+        status = response.status_code
+        if status in (502, 504):
+            # A gateway lost track: the provider may well have accepted the task.
+            raise UpstreamOutcomeUnknown(
+                f"StarMagic's gateway answered {status}", code="submission_outcome_unknown"
+            )
+        if status >= 400:
+            code, message = provider_reason(response)
+            error = UpstreamUnavailable if status >= 500 else UpstreamRejected
+            raise error(message, code=code, status_code=status)
+        try:
+            snapshot = parse_snapshot(response.json())
+        except (ValueError, SnapshotError) as exc:
+            raise UpstreamOutcomeUnknown(
+                f"StarMagic accepted the task but its answer is unreadable: {exc}",
+                code="submission_outcome_unknown",
+            ) from exc
+        if not snapshot.upstream_id:
+            raise UpstreamOutcomeUnknown(
+                "StarMagic's answer has no task id", code="submission_outcome_unknown"
+            )
+        return snapshot
+
+    async def query(self, upstream_id: str) -> Snapshot:
+        """The provider's current view of a task, with jittered retries."""
+        url = f"{self._base}/v1/tasks/{upstream_id}"
+        error: UpstreamError = UpstreamUnavailable("no attempt made")
+        for attempt in range(self._retry.attempts):
+            if attempt:
+                await asyncio.sleep(self._retry.backoff(attempt - 1))
+            try:
+                response = await self._http.get(url, headers=self._headers)
+            except httpx.TransportError as exc:
+                error = UpstreamUnavailable(f"cannot reach StarMagic: {type(exc).__name__}")
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                code, message = provider_reason(response)
+                error = UpstreamUnavailable(message, code=code, status_code=response.status_code)
+                continue
+            if response.status_code >= 400:
+                code, message = provider_reason(response)
+                kind = UpstreamNotFound if response.status_code == 404 else UpstreamRejected
+                raise kind(message, code=code, status_code=response.status_code)
+            try:
+                return parse_snapshot(response.json())
+            except (ValueError, SnapshotError) as exc:
+                error = UpstreamUnavailable(f"unreadable task from StarMagic: {exc}")
+        raise error
+
+
+def _unix(value: Any) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        seconds = float(value)
+        return datetime.fromtimestamp(seconds, UTC) if 0 < seconds < 2**33 else None
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _first_image(result: Any) -> tuple[str | None, datetime | None]:
+    images = result.get("images") if isinstance(result, dict) else None
+    if not isinstance(images, list) or not images or not isinstance(images[0], dict):
+        return None, None
+    url, expires = images[0].get("url"), _unix(images[0].get("expires_at"))
+    if isinstance(url, list):  # seen both as a string and as a list of strings
+        url = next((item for item in url if isinstance(item, str)), None)
+    return (url if isinstance(url, str) and url else None), expires
+
+
+def _error(error: Any) -> tuple[str | None, str | None]:
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        message = error.get("message") or error.get("detail")
+        return (str(code)[:64] if code else None), (str(message)[:1000] if message else None)
+    if isinstance(error, str) and error:
+        return None, error[:1000]
+    return None, None
+
+
+def parse_snapshot(payload: Any) -> Snapshot:
+    """One typed snapshot from an envelope `{"code","data"}` or a bare task object."""
+    if not isinstance(payload, dict):
+        raise SnapshotError("expected a JSON object")
+    data = payload.get("data")
+    task: dict[str, Any] = data if isinstance(data, dict) else payload
+    code = _int(payload.get("code")) if task is not payload else None
+    if code is not None and code != 200:
+        raise SnapshotError(f"envelope carries code {code}")
+    raw_status = task.get("status")
+    try:
+        status = TaskStatus(raw_status) if isinstance(raw_status, str) else None
+    except ValueError:
+        status = None
+    if status is None or status is TaskStatus.SUBMITTING:
+        raise SnapshotError(f"unknown task status {str(raw_status)[:40]!r}")
+    upstream_id = task.get("id")
+    if upstream_id is not None and (not isinstance(upstream_id, str) or len(upstream_id) > 128):
+        raise SnapshotError("task id must be a string of at most 128 characters")
+    progress = _int(task.get("progress"))
+    image_url, expires_at = _first_image(task.get("result"))
+    error_code, error_message = _error(task.get("error"))
+    info = task.get("task_info")
+    estimated = task.get("estimated_time")
+    if estimated is None and isinstance(info, dict):
+        estimated = info.get("estimated_time")
+    return Snapshot(
+        status=status,
+        upstream_id=upstream_id or None,
+        progress=None if progress is None else max(0, min(100, progress)),
+        image_url=image_url if status is TaskStatus.COMPLETED else None,
+        image_expires_at=expires_at if status is TaskStatus.COMPLETED else None,
+        error_code=error_code,
+        error_message=error_message,
+        estimated_time=_int(estimated),
+        completed_at=_unix(task.get("completed")),
+    )

@@ -1,0 +1,144 @@
+"""The background loops: downloads and the reconciler. They run inside the
+API process by default, or alone in `imagetasks worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from app import metrics, repository
+from app.config import Settings
+from app.models import Task, utcnow
+from app.runtime import Runtime
+from app.services.downloads import LEASE, Downloader
+
+log = structlog.get_logger(__name__)
+
+DOWNLOAD_POLL_SECONDS = 1.0
+STATS_SECONDS = 15.0
+STOP_GRACE_SECONDS = 20.0
+
+
+def worker_name() -> str:
+    """Unique per process: the owner of the leases it takes."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class BackgroundWorker:
+    """Claims queued downloads and due polls until told to stop."""
+
+    def __init__(self, runtime: Runtime, *, download_poll_seconds: float = DOWNLOAD_POLL_SECONDS):
+        self._runtime = runtime
+        self._settings = runtime.settings
+        self._poll_seconds = download_poll_seconds
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        self.downloader = Downloader(
+            runtime.sessions, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
+        )
+
+    async def start(self) -> None:
+        """Clear a crashed run's temp files, then start the loops."""
+        removed = await self._runtime.storage.cleanup_spool(LEASE.total_seconds() * 2)
+        if removed:
+            log.info("spool_cleaned", files=removed)
+        self._loops = [
+            asyncio.create_task(self._forever("downloads", self._download_round, 0)),
+            asyncio.create_task(
+                self._forever(
+                    "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
+                )
+            ),
+            asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
+        ]
+        log.info("worker_started", owner=self.downloader.owner)
+
+    async def stop(self) -> None:
+        """Stop claiming, let running downloads finish (bounded), give back the leases."""
+        self._stopping.set()
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._jobs:
+            _, pending = await asyncio.wait(self._jobs, timeout=STOP_GRACE_SECONDS)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with self._runtime.sessions() as session, session.begin():
+                released = await repository.release_download_leases(session, self.downloader.owner)
+            log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
+
+    async def _forever(
+        self, name: str, round_: Callable[[], Awaitable[float | None]], interval: float
+    ) -> None:
+        while not self._stopping.is_set():
+            try:
+                wait = await round_()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("loop_failed", loop=name)
+                wait = max(interval, 1.0)
+            await asyncio.sleep(interval if wait is None else wait)
+
+    async def _download_round(self) -> float:
+        """Fill free slots with due downloads; come back at once while work remains."""
+        free = self._settings.download_concurrency - len(self._jobs)
+        if free <= 0:
+            return self._poll_seconds / 4
+        async with self._runtime.sessions() as session, session.begin():
+            tasks = await repository.claim_due_downloads(
+                session, now=utcnow(), owner=self.downloader.owner, lease=LEASE, limit=free
+            )
+        for task in tasks:
+            self._spawn(task)
+        return 0.0 if len(tasks) == free else self._poll_seconds
+
+    def _spawn(self, task: Task) -> None:
+        job = asyncio.create_task(self._guarded_download(task))
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _guarded_download(self, task: Task) -> None:
+        with structlog.contextvars.bound_contextvars(task_id=task.id):
+            try:
+                await self.downloader.run(task)
+            except Exception:
+                # The lease runs out and another round retries; nothing is lost.
+                log.exception("download_crashed", task_id=task.id)
+
+    async def _reconcile_round(self) -> None:
+        while await self._runtime.reconciler.run_once() and not self._stopping.is_set():
+            pass
+
+    async def _queue_stats(self) -> None:
+        async with self._runtime.sessions() as session:
+            depth, oldest = await repository.download_queue_stats(session)
+        metrics.QUEUE_DEPTH.set(depth)
+        metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
+
+
+async def run_worker(settings: Settings) -> None:
+    """`imagetasks worker`: the loops alone, until SIGTERM or SIGINT."""
+    runtime = Runtime.build(settings)
+    worker = BackgroundWorker(runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker_stopping")
+        await worker.stop()
+        await runtime.aclose()

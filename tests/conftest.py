@@ -1,0 +1,221 @@
+"""Shared fixtures: databases built by the real migrations (SQLite file and
+PostgreSQL server), settings, and the service app over ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from app.cli import run_migrations
+from app.config import Settings, load_settings
+from app.main import create_app
+from app.runtime import Runtime
+from app.upstream import RetryPolicy
+
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+# In CI the PostgreSQL tests must run: a missing server fails them instead of skipping.
+REQUIRE_POSTGRES = os.environ.get("CI") == "true" or os.environ.get("REQUIRE_POSTGRES") == "1"
+API_TOKEN = "test-token-" + "a" * 20
+WEBHOOK_SECRET = "test-webhook-secret-0123456789"
+FAST_RETRY = RetryPolicy(base_delay=0.0, max_delay=0.0)
+TABLES = ("callback_deliveries", "idempotency_records", "tasks")
+
+
+def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a function that starts its own event loop (Alembic's env.py) off this one."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function(*args)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _dsn(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _postgres_reachable() -> str | None:
+    try:
+        connection = await asyncpg.connect(_dsn(POSTGRES_URL), timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await connection.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once; each test gets a copy."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    in_thread(run_migrations, f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+def _run(coro_function: Callable[..., Any], *args: Any) -> Any:
+    """Run async set-up code on its own loop, away from the tests' loop."""
+    return in_thread(lambda: asyncio.run(coro_function(*args)))
+
+
+async def _admin(statement: str) -> None:
+    connection = await asyncpg.connect(_dsn(POSTGRES_URL))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _truncate(url: str) -> None:
+    connection = await asyncpg.connect(_dsn(url))
+    try:
+        await connection.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server, migrated, dropped at the end."""
+    problem = _run(_postgres_reachable)
+    if problem:
+        message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"imagetasks_test_{os.getpid()}_{secrets.token_hex(3)}"
+    _run(_admin, f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        in_thread(run_migrations, url)
+        yield url
+    finally:
+        _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
+    """An empty, migrated database: a SQLite file, then the PostgreSQL server."""
+    if request.param == "sqlite":
+        path = tmp_path / "imagetasks.db"
+        shutil.copy(sqlite_template, path)
+        return f"sqlite+aiosqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_database")
+    _run(_truncate, url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """Just SQLite, for tests that are about something other than the database."""
+    path = tmp_path / "imagetasks.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process service under test."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "storage_url": f"file://{tmp_path / 'images'}",
+        "starmagic_base_url": "http://starmagic.test",
+        "starmagic_api_key": "sim-key",
+        "public_base_url": "https://imagetasks.test/base",
+        "webhook_secret": WEBHOOK_SECRET,
+        "api_tokens": f"{API_TOKEN},second-token-bbbbbbbbbbbbbbbbbb",
+        "run_background": False,
+        "reconcile_after_seconds": 120,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Settings on the parametrized database."""
+    return make_settings(database_url, tmp_path)
+
+
+class Service:
+    """The app under test, its runtime and an authenticated client."""
+
+    def __init__(self, app: FastAPI, runtime: Runtime, client: httpx.AsyncClient) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.client = client
+
+    async def sql(self, statement: str, **params: Any) -> list[Any]:
+        """Run one SQL statement and return its rows (for assertions)."""
+        async with self.runtime.engine.connect() as connection:
+            result = await connection.execute(text(statement), params)
+            return list(result.all()) if result.returns_rows else []
+
+
+@pytest_asyncio.fixture
+async def service_factory() -> AsyncIterator[Callable[..., Any]]:
+    """Build the app around given settings and an upstream transport."""
+    stack: list[Any] = []
+
+    async def build(settings: Settings, upstream: httpx.AsyncBaseTransport) -> Service:
+        http = httpx.AsyncClient(transport=upstream, timeout=5)
+        runtime = Runtime.build(settings, http=http, retry=FAST_RETRY)
+        app = create_app(settings, runtime=runtime)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        stack.append(lifespan)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="https://imagetasks.test",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        )
+        stack.append(client)
+        return Service(app, runtime, client)
+
+    yield build
+    for item in reversed(stack):
+        if isinstance(item, httpx.AsyncClient):
+            await item.aclose()
+        else:
+            await item.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> Iterator[None] | None:
+    """Mark e2e and chaos tests by their folder, so `-m` selects them."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "e2e" in parts:
+            item.add_marker(pytest.mark.e2e)
+        if "chaos" in parts:
+            item.add_marker(pytest.mark.chaos)
+    return None
