@@ -120,6 +120,7 @@ def address_allowed(address: str, *, allow_private: bool) -> bool:
         return False
     if allow_private:
         # Local testing reaches loopback and LAN hosts, never cloud metadata or multicast.
+        ip = getattr(ip, "ipv4_mapped", None) or ip
         return not (ip.is_link_local or ip.is_multicast or ip.is_unspecified)
     return _is_public(ip)
 
@@ -357,7 +358,7 @@ class SafeFetcher:
         kind: ImageKind | None = None
         head = b""
         buffer = bytearray()
-        async with await anyio.open_file(dest, "wb") as out:
+        async with await anyio.open_file(dest, "w+b") as out:
             async for chunk in response.aiter_raw():
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -367,24 +368,29 @@ class SafeFetcher:
                     kind = _sniff_or_refuse(head, final=len(head) >= SNIFF_BYTES)
                 digest.update(chunk)
                 buffer += chunk
-                if len(buffer) >= _WRITE_BUFFER:
-                    await out.write(bytes(buffer))
-                    buffer.clear()
-                if on_progress and (
+                due = (
                     size - reported >= _PROGRESS_BYTES
                     or time.monotonic() - last_report >= _PROGRESS_SECONDS
-                ):
+                )
+                # Writing on every tick also keeps the file's mtime fresh while bytes
+                # trickle in, so spool cleanup never takes it for an orphan.
+                if due or len(buffer) >= _WRITE_BUFFER:
+                    await out.write(bytes(buffer))
+                    buffer.clear()
+                if due:
                     reported, last_report = size, time.monotonic()
-                    await on_progress()
+                    if on_progress:
+                        await on_progress()
             kind = kind or _sniff_or_refuse(head, final=True)
             await out.write(bytes(buffer))
             await out.flush()
             await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+            await out.seek(0)
+            try:  # from the open handle: whatever happens to the path meanwhile
+                width, height = await anyio.to_thread.run_sync(read_dimensions, out.wrapped, kind)
+            except NotAnImageError as exc:
+                raise FetchError("not_an_image", str(exc)) from exc
         assert kind is not None
-        try:
-            width, height = await anyio.to_thread.run_sync(read_dimensions, dest, kind)
-        except NotAnImageError as exc:
-            raise FetchError("not_an_image", str(exc)) from exc
         return FetchResult(
             size_bytes=size,
             sha256=digest.hexdigest(),

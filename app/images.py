@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from PIL import Image
 
-# Beyond this a "small" file decodes into gigabytes: a decompression bomb.
-MAX_PIXELS = 100_000_000
+# Beyond this a small file would decode into gigabytes (a decompression bomb); it is
+# also below Pillow's own warning threshold, whose filters are not thread-safe to change.
+MAX_PIXELS = 64_000_000
 SNIFF_BYTES = 12
 
 
@@ -49,21 +49,20 @@ def kind_for_extension(extension: str) -> ImageKind | None:
     return next((k for k in KINDS if k.extension == ext), None)
 
 
-def read_dimensions(path: Path, kind: ImageKind | None = None) -> tuple[int, int]:
+def read_dimensions(source: Path | IO[bytes], kind: ImageKind | None = None) -> tuple[int, int]:
     """Width and height from the image header; NotAnImageError on anything unreadable.
 
-    Blocking: call it in a worker thread. Pillow reads only the header here, never
-    the pixels, and a format other than ``kind`` (when given) is refused.
+    `source` is a path or a binary file positioned at its start. Blocking: call it in a
+    worker thread. Pillow reads only the header here, never the pixels; a format other
+    than ``kind`` (when given) and a canvas over MAX_PIXELS are refused.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=[k.pil_format for k in KINDS]) as img:
-                width, height = img.size
-                fmt = img.format
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
+        with Image.open(source, formats=[k.pil_format for k in KINDS]) as img:
+            width, height = img.size
+            fmt = img.format
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise NotAnImageError(f"unreadable image: {exc}") from exc
-    except Image.DecompressionBombWarning as exc:
+    except Image.DecompressionBombWarning as exc:  # only raised when warnings are errors
         raise NotAnImageError(f"image too large: {exc}") from exc
     if kind is not None and fmt != kind.pil_format:
         raise NotAnImageError(f"header says {kind.pil_format}, content is {fmt}")

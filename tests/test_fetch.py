@@ -187,7 +187,9 @@ def test_public_addresses_are_allowed(address: str) -> None:
     assert address_allowed(address, allow_private=False)
 
 
-@pytest.mark.parametrize("address", ["169.254.169.254", "fe80::1", "224.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize(
+    "address", ["169.254.169.254", "::ffff:169.254.169.254", "fe80::1", "224.0.0.1", "0.0.0.0"]
+)
 def test_metadata_and_multicast_refused_even_when_private_allowed(address: str) -> None:
     """Local-testing mode still never reaches cloud metadata, multicast or 0.0.0.0."""
     assert not address_allowed(address, allow_private=True)
