@@ -114,7 +114,9 @@ def validate_submission(body: object, allow_http: bool) -> Submission:
     size = _optional_str(body, "size")
     if size is not None and size not in SIZES:
         raise _bad("size", f"size must be one of {', '.join(SIZES)}")
-    quality = _optional_str(body, "quality") or "high"
+    quality = _optional_str(body, "quality")
+    if quality is None:
+        quality = "high"
     if quality not in QUALITIES:
         raise _bad("quality", f"quality must be one of {', '.join(QUALITIES)}")
     n = body.get("n", 1)

@@ -70,6 +70,7 @@ def valid(**fields: Any) -> dict[str, Any]:
         (valid(prompt=5), 422, "prompt"),
         (valid(size="512x512"), 400, "size"),
         (valid(quality="ultra"), 400, "quality"),
+        (valid(quality=""), 400, "quality"),
         (valid(n=2), 400, "n"),
         (valid(n="1"), 422, "n"),
         (valid(image_urls=[]), 400, "image_urls"),
