@@ -1,0 +1,261 @@
+"""The callback route: bad input changes nothing, duplicates are harmless,
+terminal callbacks are confirmed with the query API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from app.callback_urls import sign
+from app.config import Settings
+from tests.conftest import WEBHOOK_SECRET, Service, make_settings
+from tests.helpers import dumps, simulator_transport, task_body
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def hook(task_id: str, token: str | None = None) -> str:
+    """The webhook path for a task (with its real token unless one is given)."""
+    return f"/webhooks/starmagic/{task_id}/{token or sign(task_id, WEBHOOK_SECRET)}"
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll an async predicate until it holds (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+class Stack:
+    """The service and its in-process simulator."""
+
+    def __init__(self, service: Service, simulator: httpx.AsyncClient) -> None:
+        self.service = service
+        self.sim = simulator
+
+    async def submit(self, prompt: str = "a cat") -> dict[str, Any]:
+        response = await self.service.client.post("/tasks", json={"prompt": prompt})
+        assert response.status_code == 202, response.text
+        task: dict[str, Any] = response.json()
+        return task
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        task: dict[str, Any] = (await self.service.client.get(f"/tasks/{task_id}")).json()
+        return task
+
+    async def deliveries(self, task_id: str) -> list[tuple[str, bool]]:
+        rows = await self.service.sql(
+            "SELECT outcome, changed FROM callback_deliveries WHERE task_id = :id ORDER BY id",
+            id=task_id,
+        )
+        return [(outcome, bool(changed)) for outcome, changed in rows]
+
+
+async def build_stack(service_factory: Any, settings: Settings) -> Stack:
+    transport, _ = simulator_transport(estimated_time=100, time_scale=10.0)
+    service: Service = await service_factory(settings, transport)
+    return Stack(service, httpx.AsyncClient(transport=transport, base_url="http://starmagic.test"))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(service_factory: Any, settings: Settings) -> Stack:
+    """Confirmation on (the default); the simulator's tasks stay pending for a long time."""
+    return await build_stack(service_factory, settings)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def trusting(service_factory: Any, database_url: str, tmp_path: Path) -> Stack:
+    """CONFIRM_CALLBACKS=false: callbacks are applied as they come."""
+    settings = make_settings(database_url, tmp_path, confirm_callbacks=False)
+    return await build_stack(service_factory, settings)
+
+
+async def test_bad_tokens_and_unknown_tasks_get_the_same_404(stack: Stack) -> None:
+    """A wrong token and an unknown task are indistinguishable, and change nothing."""
+    task = await stack.submit()
+    body = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+    wrong = await stack.service.client.post(hook(task["id"], "0" * 32), content=body)
+    unknown = await stack.service.client.post(hook("tsk_unknown"), content=body)
+    assert wrong.status_code == unknown.status_code == 404
+    assert wrong.json() == unknown.json()
+    assert (await stack.task(task["id"]))["status"] == "pending"
+    assert await stack.deliveries(task["id"]) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"{not json", 400, "malformed_callback"),
+        (b"\xff\xfe\x00garbage", 400, "malformed_callback"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "malformed_callback"),
+        (b"[]", 422, "not_a_snapshot"),
+        (b'"completed"', 422, "not_a_snapshot"),
+        (b'{"code": 200, "data": {"status": 5}}', 422, "not_a_snapshot"),
+        (b'{"status": "exploded"}', 422, "not_a_snapshot"),
+        (b'{"code": 500, "data": {"status": "completed"}}', 422, "not_a_snapshot"),
+        (b'{"status": "completed", "id": 12}', 422, "not_a_snapshot"),
+    ],
+)
+async def test_bodies_that_are_not_snapshots_are_refused(
+    stack: Stack, raw: bytes, status: int, code: str
+) -> None:
+    """Malformed JSON is 400, JSON of the wrong shape 422; neither changes the task."""
+    task = await stack.submit()
+    response = await stack.service.client.post(hook(task["id"]), content=raw)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert (await stack.task(task["id"]))["status"] == "pending"
+    assert await stack.deliveries(task["id"]) == []
+
+
+async def test_oversized_and_non_json_bodies_are_refused(stack: Stack) -> None:
+    """Over 1 MiB is 413; a form or HTML content type is 415."""
+    task = await stack.submit()
+    big = dumps({**task_body("completed"), "padding": "x" * (1024 * 1024)})
+    assert (await stack.service.client.post(hook(task["id"]), content=big)).status_code == 413
+    form = await stack.service.client.post(hook(task["id"]), data={"status": "completed"})
+    assert form.status_code == 415
+    assert await stack.deliveries(task["id"]) == []
+
+
+async def test_a_snapshot_about_another_provider_task_is_refused(stack: Stack) -> None:
+    """A body naming a different provider id is 422 and changes nothing."""
+    task = await stack.submit()
+    body = dumps(task_body("completed", upstream_id="task-unified-1-notours"))
+    response = await stack.service.client.post(hook(task["id"]), content=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "task_mismatch"
+    assert (await stack.task(task["id"]))["status"] == "pending"
+
+
+async def test_a_forged_completion_is_only_a_hint(stack: Stack) -> None:
+    """With confirmation on, the query API's answer wins over the callback's claim."""
+    task = await stack.submit()
+    forged = task_body(
+        "completed", upstream_id=task["upstream_task_id"], url="https://evil.example/x.png"
+    )
+    response = await stack.service.client.post(hook(task["id"]), content=dumps(forged))
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "confirming"
+
+    async def confirmed() -> bool:
+        rows = await stack.service.sql(
+            "SELECT poll_lease_until FROM tasks WHERE id = :id", id=task["id"]
+        )
+        queried = (await stack.sim.get(f"/_sim/tasks/{task['upstream_task_id']}")).json()
+        return rows[0][0] is None and queried["queries"] >= 1
+
+    await wait_for(confirmed)
+    after = await stack.task(task["id"])
+    assert after["status"] in ("pending", "processing")
+    assert after["image"] is None
+
+
+async def test_a_real_completion_applies_the_query_apis_link(stack: Stack) -> None:
+    """The confirmed state and image link come from the query API, not the callback."""
+    task = await stack.submit()
+    done = await stack.sim.post(f"/_sim/tasks/{task['upstream_task_id']}/complete", json={})
+    assert done.status_code == 200
+    callback = task_body(
+        "completed", upstream_id=task["upstream_task_id"], url="https://evil.example/x.png"
+    )
+    response = await stack.service.client.post(hook(task["id"]), content=dumps(callback))
+    assert response.status_code == 200
+
+    async def completed() -> bool:
+        return (await stack.task(task["id"]))["status"] == "completed"
+
+    await wait_for(completed)
+    rows = await stack.service.sql(
+        "SELECT image_status, image_source_url FROM tasks WHERE id = :id", id=task["id"]
+    )
+    assert rows[0][0] == "pending"
+    assert rows[0][1].startswith("http://starmagic.test/")
+    again = await stack.service.client.post(hook(task["id"]), content=dumps(callback))
+    assert again.json()["outcome"] == "duplicate"
+    assert [outcome for outcome, _ in await stack.deliveries(task["id"])] == [
+        "confirming",
+        "duplicate",
+    ]
+
+
+async def test_duplicates_and_late_news_are_recorded_but_change_nothing(trusting: Stack) -> None:
+    """Every delivery is recorded; only the first completed one changes the task."""
+    task = await trusting.submit()
+    completed = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+    stale = dumps(task_body("processing", upstream_id=task["upstream_task_id"], progress=50))
+    failed = dumps(
+        task_body("failed", upstream_id=task["upstream_task_id"], error={"message": "late"})
+    )
+    outcomes = []
+    for raw in (completed, completed, stale, failed):
+        response = await trusting.service.client.post(hook(task["id"]), content=raw)
+        assert response.status_code == 200
+        outcomes.append(response.json()["outcome"])
+    assert outcomes == ["applied", "duplicate", "stale", "anomaly"]
+    assert await trusting.deliveries(task["id"]) == [
+        ("applied", True),
+        ("duplicate", False),
+        ("stale", False),
+        ("anomaly", False),
+    ]
+    after = await trusting.task(task["id"])
+    assert after["status"] == "completed"
+    assert after["image"]["status"] == "pending"
+
+
+@pytest.mark.parametrize("envelope", [True, False])
+@pytest.mark.parametrize("url_shape", ["string", "list"])
+async def test_both_body_shapes_and_url_shapes_are_accepted(
+    trusting: Stack, envelope: bool, url_shape: str
+) -> None:
+    """Envelope or bare, url as a string or a list: the same link is queued."""
+    task = await trusting.submit()
+    link = "https://cdn.example.com/out.png"
+    body = task_body(
+        "completed",
+        upstream_id=task["upstream_task_id"],
+        envelope=envelope,
+        url=link if url_shape == "string" else [link, "https://cdn.example.com/other.png"],
+    )
+    response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))
+    assert response.status_code == 200
+    rows = await trusting.service.sql(
+        "SELECT image_source_url FROM tasks WHERE id = :id", id=task["id"]
+    )
+    assert rows == [(link,)]
+
+
+@pytest.mark.postgres
+async def test_concurrent_identical_deliveries_transition_once(
+    service_factory: Any, postgres_database: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL, 20 concurrent completed deliveries: one transition, one download."""
+    settings = make_settings(postgres_database, tmp_path, confirm_callbacks=False)
+    stack = await build_stack(service_factory, settings)
+    task = await stack.submit()
+    raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+    responses = await asyncio.gather(
+        *(stack.service.client.post(hook(task["id"]), content=raw) for _ in range(20))
+    )
+    assert {response.status_code for response in responses} == {200}
+    outcomes = sorted(response.json()["outcome"] for response in responses)
+    assert outcomes == ["applied"] + ["duplicate"] * 19
+    rows = await stack.service.sql(
+        "SELECT count(*) FILTER (WHERE changed), count(*) FROM callback_deliveries"
+        " WHERE task_id = :id",
+        id=task["id"],
+    )
+    assert rows == [(1, 20)]
+    queued = await stack.service.sql(
+        "SELECT count(*) FROM tasks WHERE image_status = 'pending' AND id = :id", id=task["id"]
+    )
+    assert queued == [(1,)]

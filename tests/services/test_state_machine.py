@@ -1,0 +1,125 @@
+"""The state machine over every pair of states, on both databases."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import repository
+from app.db import create_engine, create_session_factory
+from app.models import TaskStatus, utcnow
+from app.schemas import Snapshot
+from app.services.snapshots import Outcome, apply_snapshot
+from tests.factories import make_task
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ACTIVE = [TaskStatus.SUBMITTING, TaskStatus.PENDING, TaskStatus.PROCESSING]
+TERMINAL = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED]
+REPORTABLE = [s for s in TaskStatus if s is not TaskStatus.SUBMITTING]
+POLL_AFTER = timedelta(seconds=120)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def session(database_url: str) -> AsyncIterator[AsyncSession]:
+    """A session on a freshly migrated database."""
+    engine = create_engine(database_url)
+    async with create_session_factory(engine)() as session:
+        yield session
+    await engine.dispose()
+
+
+def expected(current: TaskStatus, reported: TaskStatus) -> Outcome:
+    """What DESIGN says should happen (progress equal on both sides)."""
+    if current.terminal:
+        if reported is current:
+            return Outcome.DUPLICATE
+        return Outcome.ANOMALY if reported.terminal else Outcome.STALE
+    if reported.terminal or reported.rank > current.rank:
+        return Outcome.APPLIED
+    return Outcome.DUPLICATE if reported is current else Outcome.STALE
+
+
+@pytest.mark.parametrize(
+    ("current", "reported"), list(itertools.product(ACTIVE + TERMINAL, REPORTABLE))
+)
+async def test_every_pair_of_states(
+    session: AsyncSession, current: TaskStatus, reported: TaskStatus
+) -> None:
+    """Forward moves apply; same news is a duplicate; backward is stale; terminal is final."""
+    task = await make_task(session, status=current.value, progress=10)
+    snapshot = Snapshot(
+        status=reported,
+        upstream_id=task.upstream_task_id,
+        progress=10,
+        image_url="https://cdn.example.com/a.png" if reported is TaskStatus.COMPLETED else None,
+        error_code="boom" if reported is TaskStatus.FAILED else None,
+        error_message="it broke" if reported is TaskStatus.FAILED else None,
+    )
+    result = await apply_snapshot(session, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER)
+    await session.commit()
+    want = expected(current, reported)
+    assert result.outcome is want
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None
+    assert stored.status == (reported if want is Outcome.APPLIED else current).value
+    if want is Outcome.APPLIED and reported is TaskStatus.COMPLETED:
+        assert stored.image_status == "pending"
+        assert stored.image_source_url == "https://cdn.example.com/a.png"
+        assert stored.next_poll_at is None
+    if want is Outcome.APPLIED and reported is TaskStatus.FAILED:
+        assert (stored.error_code, stored.error_message) == ("boom", "it broke")
+    if want is not Outcome.APPLIED:
+        assert stored.image_status is None
+
+
+async def test_progress_only_grows_within_a_state(session: AsyncSession) -> None:
+    """Higher progress applies; equal or lower progress changes nothing."""
+    task = await make_task(session, status="processing", progress=40)
+    now = utcnow()
+
+    async def report(progress: int) -> Outcome:
+        snapshot = Snapshot(status=TaskStatus.PROCESSING, progress=progress)
+        result = await apply_snapshot(session, task.id, snapshot, now=now, poll_after=POLL_AFTER)
+        await session.commit()
+        return result.outcome
+
+    assert await report(60) is Outcome.APPLIED
+    assert await report(60) is Outcome.DUPLICATE
+    assert await report(20) is Outcome.DUPLICATE
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None and stored.progress == 60
+
+
+async def test_a_snapshot_about_another_provider_task_changes_nothing(
+    session: AsyncSession,
+) -> None:
+    """A foreign provider id is a mismatch, whatever it reports."""
+    task = await make_task(session, status="pending")
+    foreign = Snapshot(status=TaskStatus.COMPLETED, upstream_id="task-unified-1-someoneelse")
+    result = await apply_snapshot(session, task.id, foreign, now=utcnow(), poll_after=POLL_AFTER)
+    await session.commit()
+    assert result.outcome is Outcome.MISMATCH
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None and stored.status == "pending"
+
+
+async def test_a_task_without_provider_id_adopts_it_unless_another_task_owns_it(
+    session: AsyncSession,
+) -> None:
+    """A lost submit answer is repaired by the first snapshot that names the id."""
+    other = await make_task(session, status="pending")
+    task = await make_task(session, status="submitting", upstream_task_id=None)
+    taken = Snapshot(status=TaskStatus.PROCESSING, upstream_id=other.upstream_task_id)
+    result = await apply_snapshot(session, task.id, taken, now=utcnow(), poll_after=POLL_AFTER)
+    assert result.outcome is Outcome.MISMATCH
+    fresh = Snapshot(status=TaskStatus.PROCESSING, upstream_id="task-unified-2-fresh", progress=5)
+    result = await apply_snapshot(session, task.id, fresh, now=utcnow(), poll_after=POLL_AFTER)
+    await session.commit()
+    assert result.outcome is Outcome.APPLIED
+    assert result.task.upstream_task_id == "task-unified-2-fresh"
