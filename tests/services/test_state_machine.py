@@ -93,7 +93,8 @@ async def test_progress_only_grows_within_a_state(session: AsyncSession) -> None
     assert await report(60) is Outcome.DUPLICATE
     assert await report(20) is Outcome.DUPLICATE
     stored = await repository.get_task(session, task.id)
-    assert stored is not None and stored.progress == 60
+    assert stored is not None
+    assert stored.progress == 60
 
 
 async def test_a_snapshot_about_another_provider_task_changes_nothing(
@@ -106,7 +107,8 @@ async def test_a_snapshot_about_another_provider_task_changes_nothing(
     await session.commit()
     assert result.outcome is Outcome.MISMATCH
     stored = await repository.get_task(session, task.id)
-    assert stored is not None and stored.status == "pending"
+    assert stored is not None
+    assert stored.status == "pending"
 
 
 async def test_a_task_without_provider_id_adopts_it_unless_another_task_owns_it(
