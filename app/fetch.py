@@ -315,8 +315,9 @@ class SafeFetcher:
     ) -> FetchResult:
         """Stream the image at `url` into `dest`, synced to disk; FetchError on any refusal.
 
-        `dest` is removed again when the download fails. `on_progress` is awaited every
-        few MB or seconds, e.g. to renew a lease.
+        `dest` is removed again when the download fails (`local_io` if it cannot be
+        written). `on_progress` is awaited every few MB or seconds, e.g. to renew a lease;
+        what it raises propagates.
         """
         try:
             with anyio.fail_after(self.total_timeout):
@@ -326,6 +327,8 @@ class SafeFetcher:
             dest.unlink(missing_ok=True)  # noqa: ASYNC240
             if isinstance(exc, TimeoutError):
                 raise FetchError("timeout", "the download took too long", retryable=True) from exc
+            if isinstance(exc, OSError):  # network errors are mapped already: this is dest
+                raise FetchError("local_io", f"cannot write {dest}: {exc}", retryable=True) from exc
             raise
 
     async def _fetch(

@@ -501,3 +501,13 @@ def test_ip_table_is_well_formed() -> None:
     """Every hostile address in the table except the junk entry parses as an IP."""
     for address in HOSTILE_ADDRESSES[:-1]:
         ipaddress.ip_address(address.split("%")[0])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_unwritable_destination_is_a_retryable_local_error(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """A spool path that cannot be written is reported as FetchError, not a bare OSError."""
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file(server.url("/png"), tmp_path / "missing-dir" / "out")
+    assert (info.value.code, info.value.retryable) == ("local_io", True)
