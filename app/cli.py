@@ -84,9 +84,7 @@ def serve(
         host=host,
         port=port,
         log_config=uvicorn_log_config(),
-        proxy_headers=True,
-        forwarded_allow_ips=",".join(settings.trusted_proxies),
-        root_path=settings.root_path,
+        proxy_headers=False,  # the app applies TRUSTED_PROXIES itself
         timeout_graceful_shutdown=30,
     )
 
@@ -126,8 +124,25 @@ def simulator(
     run_simulator(host, port, config)
 
 
+@cli.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="What to draw.")] = "a lighthouse at dawn, watercolor",
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 60,
+) -> None:
+    """Start the sandbox on a free port, follow one task to its stored image, then stop.
+
+    Data stays in ./var (the token in ./.env), where `imagetasks serve --sandbox` finds it.
+    """
+    from app.demo import run_demo
+
+    raise typer.Exit(run_demo(prompt=prompt, timeout=timeout))
+
+
 def main() -> None:
     """Entry point of the `imagetasks` script."""
+    from app.client_cli import register
+
+    register(cli)
     try:
         cli()
     except KeyboardInterrupt:

@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
 from app.api import health, images, tasks, webhooks
 from app.config import Settings, SettingsError, get_settings
 from app.errors import install_error_handlers
 from app.logging import configure_logging
-from app.middleware import BodyLimitMiddleware
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RootPathMiddleware
 from app.runtime import Runtime
 from app.sandbox import SIMULATOR_PREFIX, banner
 from app.simulator import SimulatorConfig, create_simulator_app
@@ -64,6 +65,10 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RootPathMiddleware, root_path=settings.root_path)
+    # Forwarded headers are believed only from the proxies named in TRUSTED_PROXIES.
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     app.include_router(tasks.router)
     app.include_router(images.router)
     app.include_router(webhooks.router)

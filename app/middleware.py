@@ -1,13 +1,17 @@
-"""ASGI middleware: a hard cap on request bodies."""
+"""ASGI middleware: a hard cap on request bodies, and a request id for the logs."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 
+import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 1024 * 1024
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BODY_TIMEOUT_SECONDS = 30.0
 
 
@@ -72,3 +76,54 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class RequestContextMiddleware:
+    """Give every request an id (the caller's X-Request-ID if sane) for the logs.
+
+    The id is bound to the log context for the whole request and echoed back.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.fullmatch(candidate):
+                    request_id = candidate
+        request_id = request_id or secrets.token_hex(8)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
+class RootPathMiddleware:
+    """Serve under a path prefix (ROOT_PATH), as `uvicorn --root-path` would.
+
+    Generated URLs carry the prefix; requests work with or without it, so the
+    proxy may strip it or pass it through.
+    """
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = root_path.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.root_path:
+            scope = {**scope, "root_path": scope.get("root_path", "") + self.root_path}
+            path = scope["path"]
+            if not path.startswith(scope["root_path"]):
+                scope["path"] = scope["root_path"] + path
+        await self.app(scope, receive, send)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -12,6 +15,7 @@ from typing import Any
 import httpx
 import structlog
 
+from app import metrics
 from app.models import TaskStatus
 from app.schemas import Snapshot
 
@@ -66,6 +70,15 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)
 
 
+@contextmanager
+def _timed(operation: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.PROVIDER_SECONDS.labels(operation=operation).observe(time.perf_counter() - started)
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
@@ -118,7 +131,8 @@ class StarMagicClient:
         for attempt in range(self._retry.attempts):
             last_try = attempt + 1 == self._retry.attempts
             try:
-                response = await self._http.post(url, json=body, headers=self._headers)
+                with _timed("submit"):
+                    response = await self._http.post(url, json=body, headers=self._headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 # No connection was made, so nothing was sent: safe to try again.
                 if last_try:
@@ -173,7 +187,8 @@ class StarMagicClient:
             if attempt:
                 await asyncio.sleep(self._retry.backoff(attempt - 1))
             try:
-                response = await self._http.get(url, headers=self._headers)
+                with _timed("query"):
+                    response = await self._http.get(url, headers=self._headers)
             except httpx.TransportError as exc:
                 error = UpstreamUnavailable(f"cannot reach StarMagic: {type(exc).__name__}")
                 continue

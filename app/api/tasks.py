@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from app import metrics, repository
+from app import repository
 from app.api.deps import CallerDep, RuntimeDep, SessionDep
 from app.errors import NotFound, Unprocessable
 from app.models import Task
@@ -127,7 +127,6 @@ async def create_task(
         owner=caller,
         idempotency_key=idempotency_key,
     )
-    metrics.SUBMISSIONS.labels(outcome="replayed" if result.replayed else "accepted").inc()
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"

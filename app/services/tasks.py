@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlmodel import col
 
-from app import repository
+from app import metrics, repository
 from app.callback_urls import callback_url
 from app.config import Settings
 from app.db import SessionFactory
@@ -134,7 +134,9 @@ async def submit_task(
             )
             if not await repository.claim_idempotency_key(session, record):
                 await session.rollback()
-                return await _replay(factory, owner, idempotency_key, digest, now)
+                replay = await _replay(factory, owner, idempotency_key, digest, now)
+                metrics.SUBMISSIONS.labels(outcome="replayed").inc()
+                return replay
 
     body = request.upstream_body()
     body["callback_url"] = callback_url(settings.public_base_url, task.id, settings.signing_secret)
@@ -142,12 +144,15 @@ async def submit_task(
     try:
         snapshot = await client.submit(body)
     except UpstreamOutcomeUnknown as exc:
+        metrics.SUBMISSIONS.labels(outcome="unknown").inc()
         await _mark_unknown(factory, task.id, exc)
         async with factory() as session:
             current = await repository.get_task(session, task.id)
         assert current is not None
         return SubmitResult(current, replayed=False)
     except UpstreamError as exc:
+        outcome = "refused" if isinstance(exc, UpstreamRejected) else "unavailable"
+        metrics.SUBMISSIONS.labels(outcome=outcome).inc()
         await _mark_failed(factory, task.id, exc)
         raise _caller_error(task.id, exc) from exc
 
@@ -159,6 +164,7 @@ async def submit_task(
             now=utcnow(),
             poll_after=first_poll_delay(settings, snapshot.estimated_time),
         )
+    metrics.SUBMISSIONS.labels(outcome="accepted").inc()
     log.info(
         "submit_accepted",
         task_id=task.id,

@@ -1,0 +1,118 @@
+"""What operators rely on: metrics, request ids, readiness, proxies and prefixes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.callback_urls import sign
+from tests.conftest import API_TOKEN, WEBHOOK_SECRET, Service, make_settings
+from tests.helpers import dumps, simulator_transport, task_body
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def build(service_factory: Any, sqlite_url: str, tmp_path: Path, **overrides: Any) -> Service:
+    """The service on SQLite with an in-process simulator."""
+    transport, _ = simulator_transport()
+    settings = make_settings(sqlite_url, tmp_path, **overrides)
+    service: Service = await service_factory(settings, transport)
+    return service
+
+
+async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by name and labels."""
+    text = (await service.client.get("/metrics")).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_count_submissions_callbacks_and_provider_calls(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Counters and histograms move as requests are handled."""
+    service = await build(service_factory, sqlite_url, tmp_path, confirm_callbacks=False)
+    before = await scrape(service)
+    task = (await service.client.post("/tasks", json={"prompt": "p"})).json()
+    path = f"/webhooks/starmagic/{task['id']}/{sign(task['id'], WEBHOOK_SECRET)}"
+    body = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+    await service.client.post(path, content=body)
+    await service.client.post(path, content=body)
+    await service.client.post(path, content=b"{")
+    after = await scrape(service)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("imagetasks_submissions_total", outcome="accepted") == 1
+    assert grew("imagetasks_callbacks_total", outcome="applied") == 1
+    assert grew("imagetasks_callbacks_total", outcome="duplicate") == 1
+    assert grew("imagetasks_callbacks_total", outcome="rejected") == 1
+    assert grew("imagetasks_callback_handling_seconds_count") == 3
+    assert grew("imagetasks_provider_request_seconds_count", operation="submit") == 1
+
+
+async def test_request_ids_are_echoed_or_made(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A sane X-Request-ID comes back as sent; otherwise one is generated."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    given = await service.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    hostile = await service.client.get("/healthz", headers={"X-Request-ID": "a\tb" + "x" * 100})
+    assert hostile.headers["x-request-id"] != "a\tb" + "x" * 100
+    assert len(hostile.headers["x-request-id"]) == 16
+
+
+async def test_readyz_reports_each_dependency(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Ready when database and storage answer; 503 naming the storage when it does not."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "storage": "ok"}
+    images = tmp_path / "images"
+    shutil.rmtree(images)
+    images.write_text("a file where the image directory should be")
+    broken = await service.client.get("/readyz")
+    assert broken.status_code == 503
+    assert broken.json()["checks"]["database"] == "ok"
+    assert broken.json()["checks"]["storage"].startswith("unavailable")
+
+
+@pytest.mark.parametrize(("trusted", "scheme"), [("10.9.9.9", "http"), ("127.0.0.1", "https")])
+async def test_forwarded_headers_are_believed_only_from_trusted_proxies(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, trusted: str, scheme: str
+) -> None:
+    """X-Forwarded-Proto changes generated URLs only when the peer is a trusted proxy."""
+    service = await build(service_factory, sqlite_url, tmp_path, trusted_proxies=trusted)
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service.app, client=("127.0.0.1", 5000)),
+        base_url="http://imagetasks.internal",
+        headers={"Authorization": f"Bearer {API_TOKEN}", "X-Forwarded-Proto": "https"},
+    )
+    async with client:
+        response = await client.post("/tasks", json={"prompt": "p"})
+    assert response.headers["location"].startswith(f"{scheme}://imagetasks.internal/tasks/")
+
+
+async def test_a_path_prefix_shows_in_generated_urls(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """With ROOT_PATH set, Location and image URLs carry the prefix."""
+    service = await build(service_factory, sqlite_url, tmp_path, root_path="/imagetasks")
+    response = await service.client.post("/tasks", json={"prompt": "p"})
+    assert response.status_code == 202
+    assert response.headers["location"] == (
+        f"https://imagetasks.test/imagetasks/tasks/{response.json()['id']}"
+    )
