@@ -1,0 +1,44 @@
+"""Callback URLs and their tokens, including secret rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.callback_urls import callback_url, sign, verify
+
+OLD, NEW = "old-secret-0123456789", "new-secret-9876543210"
+
+
+def test_url_carries_the_prefix_the_task_and_its_token() -> None:
+    """The URL is PUBLIC_BASE_URL (path prefix kept) plus our id and token."""
+    url = callback_url("https://hooks.example.com/imagetasks/", "tsk_1", OLD)
+    assert (
+        url == f"https://hooks.example.com/imagetasks/webhooks/starmagic/tsk_1/{sign('tsk_1', OLD)}"
+    )
+
+
+def test_tokens_differ_per_task_and_per_secret() -> None:
+    """A token proves one task under one secret."""
+    assert sign("tsk_1", OLD) != sign("tsk_2", OLD)
+    assert sign("tsk_1", OLD) != sign("tsk_1", NEW)
+    assert not verify("tsk_2", sign("tsk_1", OLD), [OLD])
+
+
+def test_rotation_keeps_old_urls_working_until_the_old_secret_is_removed() -> None:
+    """First secret signs, all verify; dropping the old one retires its URLs."""
+    issued_before = sign("tsk_1", OLD)
+    assert verify("tsk_1", issued_before, [NEW, OLD])
+    assert verify("tsk_1", sign("tsk_1", NEW), [NEW, OLD])
+    assert not verify("tsk_1", issued_before, [NEW])
+
+
+@pytest.mark.parametrize("token", ["", "0" * 32, "ZZZ", "é" * 32])
+def test_garbage_tokens_never_verify(token: str) -> None:
+    """Empty, wrong or non-ASCII tokens are refused without error."""
+    assert not verify("tsk_1", token, [OLD])
+
+
+def test_overlong_callback_urls_are_refused() -> None:
+    """The provider takes at most 2048 characters."""
+    with pytest.raises(ValueError, match="2048"):
+        callback_url("https://h.example.com/" + "p" * 2100, "tsk_1", OLD)
