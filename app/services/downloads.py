@@ -141,10 +141,16 @@ class Downloader:
         code: str,
         message: str,
         retry_after: float | None = None,
+        *,
+        renew_at_deadline: bool = True,
     ) -> None:
         next_attempt = utcnow() + retry_delay(task.image_attempts, retry_after)
         if next_attempt >= expires_at:
-            await self._renew_or_fail(task, code, f"{message}; the link expires before a retry")
+            message = f"{message}; the link expires before a retry"
+            if renew_at_deadline:
+                await self._renew_or_fail(task, code, message)
+            else:
+                await self._fail(task, "expired", message)
             return
         metrics.DOWNLOADS.labels(outcome="retry").inc()
         await self._update(
@@ -160,14 +166,16 @@ class Downloader:
 
     async def _renew_or_fail(self, task: Task, code: str, message: str) -> None:
         """Ask the provider once for a fresh link; past that, the failure is final."""
-        if task.image_renewed:
+        if task.image_renewed or task.upstream_task_id is None:
             await self._fail(task, code, message)
             return
         try:
-            snapshot = await self._starmagic.query(task.upstream_task_id or "")
+            snapshot = await self._starmagic.query(task.upstream_task_id)
         except UpstreamError as exc:
+            # Keep asking while a fresh link could still be of use, then give up.
             log.warning("renew_failed", task_id=task.id, reason=exc.message)
-            await self._retry(task, utcnow() + LINK_LIFETIME, "renew_failed", exc.message)
+            deadline = (task.completed_at or utcnow()) + LINK_LIFETIME
+            await self._retry(task, deadline, "renew_failed", exc.message, renew_at_deadline=False)
             return
         if snapshot.status is not TaskStatus.COMPLETED or snapshot.image_url is None:
             await self._fail(task, "no_image", "StarMagic has no image link for this task")
