@@ -1,0 +1,140 @@
+"""GET /tasks/{id}/image and re-queueing failed downloads."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from sqlmodel import col
+
+from app.models import Task, utcnow
+from tests.conftest import Service, make_settings
+from tests.factories import make_task
+from tests.helpers import simulator_transport
+from tests.storage.conftest import S3Server, s3_server  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+
+
+async def stored_task(service: Service, tmp_path: Path) -> Task:
+    """A completed task whose image is in the service's storage."""
+    source = tmp_path / "upload.png"
+    source.write_bytes(IMAGE)
+    digest = hashlib.sha256(IMAGE).hexdigest()
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed", completed_at=utcnow())
+    key = f"{task.created_at:%Y/%m/%d}/{task.id}.png"
+    await service.runtime.storage.put_file(key, source, content_type="image/png", sha256=digest)
+    await set_columns(
+        service,
+        task.id,
+        image_status="stored",
+        image_key=key,
+        image_sha256=digest,
+        image_content_type="image/png",
+        image_size_bytes=len(IMAGE),
+        image_stored_at=utcnow(),
+    )
+    return task
+
+
+async def set_columns(service: Service, task_id: str, **values: Any) -> None:
+    async with service.runtime.sessions() as session, session.begin():
+        await session.execute(update(Task).where(col(Task.id) == task_id).values(**values))
+
+
+async def test_the_stored_image_is_served_with_cache_headers(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Exact bytes, its type, an ETag from the sha256, immutable; 304 on If-None-Match."""
+    service: Service = await service_factory(
+        make_settings(database_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 200
+    assert response.content == IMAGE
+    assert response.headers["content-type"] == "image/png"
+    etag = f'"{hashlib.sha256(IMAGE).hexdigest()}"'
+    assert response.headers["etag"] == etag
+    assert "immutable" in response.headers["cache-control"]
+    cached = await service.client.get(f"/tasks/{task.id}/image", headers={"If-None-Match": etag})
+    assert cached.status_code == 304
+    assert cached.content == b""
+    shown = (await service.client.get(f"/tasks/{task.id}")).json()["image"]
+    assert shown["url"] == f"https://imagetasks.test/tasks/{task.id}/image"
+
+
+async def test_no_image_until_stored(service_factory: Any, sqlite_url: str, tmp_path: Path) -> None:
+    """Pending or failed downloads and unknown tasks are 404 in the error shape."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path), simulator_transport()[0]
+    )
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed", image_status="pending")
+    pending = await service.client.get(f"/tasks/{task.id}/image")
+    assert pending.status_code == 404
+    assert pending.json()["error"]["code"] == "image_not_stored"
+    assert (await service.client.get("/tasks/tsk_nope/image")).status_code == 404
+
+
+async def test_only_failed_downloads_can_be_requeued(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """409 while pending; a failed one is queued again with its error cleared."""
+    service: Service = await service_factory(
+        make_settings(database_url, tmp_path), simulator_transport()[0]
+    )
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed", image_status="pending")
+    busy = await service.client.post(f"/tasks/{task.id}/image/retry")
+    assert busy.status_code == 409
+    assert busy.json()["error"]["code"] == "image_not_failed"
+    await set_columns(
+        service,
+        task.id,
+        image_status="failed",
+        image_error_code="http_403",
+        image_error_message="forbidden",
+        image_renewed=True,
+    )
+    retried = await service.client.post(f"/tasks/{task.id}/image/retry")
+    assert retried.status_code == 202
+    assert retried.json()["image"]["status"] == "pending"
+    assert retried.json()["image"]["error"] is None
+    rows = await service.sql(
+        "SELECT image_renewed, image_attempts FROM tasks WHERE id = :id", id=task.id
+    )
+    assert [(bool(renewed), attempts) for renewed, attempts in rows] == [(False, 0)]
+    assert (await service.client.post("/tasks/tsk_nope/image/retry")).status_code == 404
+
+
+async def test_s3_images_can_redirect_to_a_presigned_url(
+    service_factory: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    s3_server: S3Server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With IMAGE_REDIRECT on S3, the caller is sent to a short-lived URL with the bytes."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(
+        sqlite_url, tmp_path, storage_url="s3://imagetasks-test/api-test", image_redirect=True
+    )
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    task = await stored_task(service, tmp_path)
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 307
+    location = response.headers["location"]
+    assert location.startswith(s3_server.endpoint)
+    assert "X-Amz-Signature" in location
+    async with httpx.AsyncClient() as plain:
+        fetched = await plain.get(location)
+    assert fetched.content == IMAGE
