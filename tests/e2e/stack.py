@@ -401,6 +401,17 @@ class Stack:
         token = token if token is not None else sign(task_id, WEBHOOK_SECRET)
         return f"{self.service_url}{WEBHOOK_PATH}/{task_id}/{token}"
 
+    async def post_callback(
+        self, task_id: str, body: Any, *, token: str | None = None
+    ) -> httpx.Response:
+        """POST a callback body to the webhook as the provider would (no bearer token)."""
+        async with httpx.AsyncClient(timeout=15, trust_env=False) as provider:
+            return await provider.post(
+                self.callback_url(task_id, token),
+                content=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
+
     # -- inspection ------------------------------------------------------------------
 
     def logs(self, event: str | None = None, **fields: Any) -> list[dict[str, Any]]:
