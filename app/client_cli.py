@@ -374,5 +374,7 @@ def image(
 def register(cli: typer.Typer) -> None:
     """Add the client commands to the `imagetasks` app."""
     commands = (("submit", submit), ("list", list_tasks), ("show", show), ("image", image))
+    known = {info.name for info in cli.registered_commands}
     for name, command in commands:
-        cli.command(name, epilog=EXIT_CODES)(command)
+        if name not in known:  # main() may run more than once in one process (tests)
+            cli.command(name, epilog=EXIT_CODES)(command)

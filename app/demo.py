@@ -33,7 +33,7 @@ from app.client_cli import (
     print_fields,
     wait_for_image,
 )
-from app.config import Settings
+from app.config import Settings, SettingsError
 from app.logging import configure_logging, uvicorn_log_config
 from app.main import create_app
 from app.sandbox import prepare_sandbox
@@ -165,8 +165,13 @@ def run_demo(prompt: str, timeout: float = 60.0) -> int:
     try:
         settings = server.start()
         task = _follow(server, settings, prompt, timeout)
+    except SettingsError as exc:  # a ./.env the sandbox cannot use
+        err.print(f"demo failed: {exc}", markup=False)
+        return 2
     except (CliError, SandboxError) as exc:
         err.print(f"[red]demo failed:[/] {escape(str(exc))}")
+        for line in exc.lines if isinstance(exc, CliError) else []:
+            err.print(f"  {line}", markup=False)
         if server.settings is not None:
             err.print(f"service log: {server.log_path}")
         return exc.exit_code if isinstance(exc, CliError) else 1
@@ -178,7 +183,7 @@ def run_demo(prompt: str, timeout: float = 60.0) -> int:
         [
             ("task", task["id"]),
             ("file", stored or "not found under ./var/images (its bytes did not match)"),
-            ("url", f"{image['url']} (while the demo ran; `make run` serves port 8000)"),
+            ("url", f"{image['url']} (served while the demo ran; `make run` serves port 8000)"),
             ("size", f"{image['size_bytes']} bytes ({image['content_type']})"),
             ("dimensions", f"{image['width']}x{image['height']}"),
             ("sha256", f"{image['sha256']} (verified{' twice' if stored else ''})"),
