@@ -85,6 +85,7 @@ def serve(
         port=port,
         log_config=uvicorn_log_config(),
         proxy_headers=False,  # the app applies TRUSTED_PROXIES itself
+        access_log=False,  # the app writes its own, with the request id
         timeout_graceful_shutdown=30,
     )
 

@@ -6,12 +6,14 @@ import asyncio
 import json
 import re
 import secrets
+import time
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_access_log = structlog.get_logger("imagetasks.access")
 BODY_TIMEOUT_SECONDS = 30.0
 
 
@@ -81,7 +83,9 @@ class BodyLimitMiddleware:
 class RequestContextMiddleware:
     """Give every request an id (the caller's X-Request-ID if sane) for the logs.
 
-    The id is bound to the log context for the whole request and echoed back.
+    The id is bound to the log context for the whole request and echoed back,
+    and the access log line is written here (not by uvicorn) so that it carries
+    the id too; the redactor hides callback tokens in its path.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -99,14 +103,30 @@ class RequestContextMiddleware:
                     request_id = candidate
         request_id = request_id or secrets.token_hex(8)
 
+        status = 500
+        started = time.perf_counter()
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
                 message = {**message, "headers": headers}
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                client = scope.get("client")
+                _access_log.info(
+                    "request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    client=client[0] if client else None,
+                )
 
 
 class RootPathMiddleware:

@@ -59,10 +59,10 @@ async def receive_callback(
     """Check the token, record the delivery, and apply it (or queue its confirmation)."""
     if not callback_urls.verify(task_id, token, settings.webhook_secret):
         raise NotFound(UNKNOWN_CALLBACK)
-    snapshot, _ = parse_body(raw)
     task = await repository.get_task(session, task_id)
     if task is None:
         raise NotFound(UNKNOWN_CALLBACK)
+    snapshot, _ = parse_body(raw)
     now = utcnow()
     poll_after = timedelta(seconds=settings.reconcile_after_seconds)
 

@@ -1,0 +1,93 @@
+"""Log lines are structured, carry their context, and never carry secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from app.callback_urls import sign
+from app.config import Settings
+from app.logging import configure_logging, redact_text
+from tests.conftest import WEBHOOK_SECRET, Service, make_settings
+from tests.helpers import simulator_transport
+
+
+@pytest.fixture
+def log_stream(sqlite_url: str, tmp_path: Path) -> Iterator[io.StringIO]:
+    """JSON logging into a buffer; the defaults come back afterwards."""
+    settings: Settings = make_settings(sqlite_url, tmp_path, log_format="json")
+    configure_logging(settings)
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    yield stream
+    logging.getLogger().handlers.clear()
+    structlog.reset_defaults()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_callback_tokens_and_bearer_tokens_are_redacted_in_text() -> None:
+    """Paths keep the task id but lose the token; bearer credentials vanish."""
+    assert (
+        redact_text("POST /base/webhooks/starmagic/tsk_1/0123abcd HTTP/1.1")
+        == "POST /base/webhooks/starmagic/tsk_1/*** HTTP/1.1"
+    )
+    assert redact_text("Authorization: Bearer s3cr3t-token") == "Authorization: Bearer ***"
+
+
+def test_structured_lines_carry_context_and_hide_secret_fields(log_stream: io.StringIO) -> None:
+    """Bound context appears on the line; secret-named fields and tokens do not."""
+    log = structlog.get_logger("tests")
+    with structlog.contextvars.bound_contextvars(request_id="req-1", task_id="tsk_1"):
+        log.info(
+            "callback_received",
+            path="/webhooks/starmagic/tsk_1/deadbeefdeadbeef",
+            api_key="sk-live-123",
+            authorization="Bearer abc.def",
+        )
+    (line,) = lines(log_stream)
+    assert line["event"] == "callback_received"
+    assert (line["request_id"], line["task_id"], line["level"]) == ("req-1", "tsk_1", "info")
+    text = json.dumps(line)
+    for secret in ("deadbeefdeadbeef", "sk-live-123", "abc.def"):
+        assert secret not in text
+
+
+def test_foreign_library_lines_are_redacted_too(log_stream: io.StringIO) -> None:
+    """uvicorn-style %-formatted messages pass the same redactor."""
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/1.1" %d', "127.0.0.1", "POST", "/webhooks/starmagic/tsk_9/cafe1234", 200
+    )
+    (line,) = lines(log_stream)
+    assert "cafe1234" not in json.dumps(line)
+    assert "/webhooks/starmagic/tsk_9/***" in str(line["event"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_access_lines_carry_the_request_id_and_no_callback_token(
+    log_stream: io.StringIO, service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Each request logs one access line with its id; webhook tokens are hidden."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path / "svc"), simulator_transport()[0]
+    )
+    await service.client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    token = sign("tsk_unknown", WEBHOOK_SECRET)
+    await service.client.post(f"/webhooks/starmagic/tsk_unknown/{token}", content=b"{}")
+    access = [line for line in lines(log_stream) if line.get("event") == "request"]
+    health = next(line for line in access if line["path"] == "/healthz")
+    assert (health["request_id"], health["status"], health["method"]) == ("trace-42", 200, "GET")
+    hook = next(line for line in access if str(line["path"]).startswith("/webhooks/"))
+    assert hook["status"] == 404
+    assert token not in log_stream.getvalue()
