@@ -116,3 +116,15 @@ async def test_a_path_prefix_shows_in_generated_urls(
     assert response.headers["location"] == (
         f"https://imagetasks.test/imagetasks/tasks/{response.json()['id']}"
     )
+
+
+async def test_production_mode_never_mounts_the_simulator(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Without --sandbox the simulator's routes do not exist."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    for path in ("/_sandbox/starmagic/_sim/stats", "/_sandbox/starmagic/v1/tasks/x"):
+        response = await service.client.get(path)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+    assert not any("_sandbox" in str(route) for route in service.app.routes)
