@@ -141,3 +141,11 @@ async def module_stacks(
 async def stack(module_stacks: StackPool) -> Stack:
     """The module's stack with the default e2e settings."""
     return await module_stacks.start()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def postgres_stacks(e2e_databases: Databases, tmp_path: Path) -> AsyncIterator[StackPool]:
+    """Stacks on PostgreSQL only (replicas need row locks), stopped when the test ends."""
+    pool = StackPool(e2e_databases, tmp_path, "postgres")
+    yield pool
+    await pool.close()

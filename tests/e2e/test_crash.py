@@ -1,0 +1,67 @@
+"""Crash safety: the service is killed (SIGKILL) mid-download and started again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.e2e.conftest import StackPool
+from tests.e2e.stack import Stack, sha256, wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def download_in_flight(stack: Stack, task_id: str, upstream_id: str) -> None:
+    """Wait until the worker is streaming the image into its spool file."""
+
+    async def streaming() -> bool:
+        stack.service.check_alive()
+        gets = (await stack.sim.task(upstream_id))["image_gets"]
+        return gets >= 1 and bool(stack.spool_files(f"{task_id}.part"))
+
+    await wait_for(streaming, what="the slow download to start")
+
+
+async def expire_lease(stack: Stack, task_id: str) -> None:
+    """Fast-forward past the dead worker's 60 s download lease (the only thing waited out)."""
+    await stack.sql("UPDATE tasks SET image_lease_until = NULL WHERE id = :id", id=task_id)
+
+
+async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) -> None:
+    """SIGKILL mid-download, restart: the job reruns, one intact object, no temp file left."""
+    stack = await stacks.start()
+    task = await stack.submit("a slow river [sim:image_slow=6]")
+    task_id, upstream_id = task["id"], task["upstream_task_id"]
+    await download_in_flight(stack, task_id, upstream_id)
+
+    stack.kill_service()
+    assert stack.spool_files(f"{task_id}.part"), "a crash leaves the partial file behind"
+    assert stack.stored_files() == []
+    rows = await stack.sql(
+        "SELECT status, image_status, image_lease_owner FROM tasks WHERE id = :id", id=task_id
+    )
+    status, image_status, lease_owner = rows[0]
+    assert (status, image_status) == ("completed", "pending")
+    assert lease_owner is not None
+
+    await expire_lease(stack, task_id)
+    await stack.restart_service()
+    # The reference copy trickles as slowly as the worker's, so fetch it meanwhile.
+    reference = asyncio.create_task(stack.sim.image_bytes(upstream_id))
+    done = await stack.wait_image(task_id, timeout=60)
+    assert done["image"]["status"] == "stored", done["image"]
+    original = await reference
+
+    # The rerun fetched again from the start, and stored exactly one object, intact.
+    provider = await stack.sim.task(upstream_id)
+    assert provider["image_gets"] == 3  # the killed run, the rerun, and the reference copy
+    objects = stack.stored_files()
+    assert len(objects) == 1
+    assert objects[0].name == f"{task_id}.png"
+    assert sha256(objects[0].read_bytes()) == sha256(original) == done["image"]["sha256"]
+    assert done["image"]["size_bytes"] == len(original)
+    assert stack.spool_files() == []
+    served = await stack.image(task_id)
+    assert served.content == original
+    assert len(stack.logs("image_stored", task_id=task_id)) == 1
