@@ -141,7 +141,7 @@ def demo(
 
 def main() -> None:
     """Entry point of the `imagetasks` script."""
-    from app.client_cli import register
+    from app.client import register
 
     register(cli)
     try:

@@ -23,16 +23,10 @@ import uvicorn
 from rich.markup import escape
 
 from app.cli import run_migrations
-from app.client_cli import (
-    FAILED,
-    ApiClient,
-    CliError,
-    Peek,
-    Task,
-    err,
-    print_fields,
-    wait_for_image,
-)
+from app.client.api import ApiClient, Task
+from app.client.errors import FAILED, CliError
+from app.client.output import err, print_fields
+from app.client.progress import Peek, wait_for_image
 from app.config import Settings, SettingsError
 from app.logging import configure_logging, uvicorn_log_config
 from app.main import create_app
