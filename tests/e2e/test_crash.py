@@ -65,3 +65,46 @@ async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) 
     served = await stack.image(task_id)
     assert served.content == original
     assert len(stack.logs("image_stored", task_id=task_id)) == 1
+
+
+async def test_graceful_restart_mid_download_finishes_it_first(stacks: StackPool) -> None:
+    """SIGTERM mid-download: the running download completes before exit, stored once."""
+    stack = await stacks.start()
+    task = await stack.submit("a slow glacier [sim:image_slow=3]")
+    task_id, upstream_id = task["id"], task["upstream_task_id"]
+    await download_in_flight(stack, task_id, upstream_id)
+
+    await stack.restart_service()
+    done = await stack.wait_image(task_id)
+    assert done["image"]["status"] == "stored", done["image"]
+    assert (await stack.sim.task(upstream_id))["image_gets"] == 1
+    first_run = stack.logs("worker_stopped")
+    assert len(first_run) == 1
+    assert first_run[0]["released_leases"] == 0  # nothing left to hand over
+    assert len(stack.logs("image_stored", task_id=task_id)) == 1
+    assert stack.spool_files() == []
+
+
+async def test_callbacks_retried_while_the_service_is_down_still_land(stacks: StackPool) -> None:
+    """The service is down when the callback fires; a retry reaches the restarted service."""
+    stack = await stacks.start(RECONCILE_AFTER_SECONDS=60)
+    task = await stack.submit("a closed door [sim:eta=100]")
+    task_id, upstream_id = task["id"], task["upstream_task_id"]
+    stack.kill_service()
+
+    async def refused() -> bool:
+        attempts = (await stack.sim.task(upstream_id))["callback_attempts"]
+        return bool(attempts)
+
+    await wait_for(refused, what="the first callback attempt")
+    await stack.start_service()
+
+    done = await stack.wait_image(task_id)
+    assert (done["status"], done["image"]["status"]) == ("completed", "stored")
+    attempts = (await stack.sim.task(upstream_id))["callback_attempts"]
+    assert attempts[0]["status_code"] is None
+    assert attempts[0]["error"] is not None
+    assert attempts[-1]["status_code"] == 200
+    assert len({attempt["delivery"] for attempt in attempts}) == 1  # retries of one delivery
+    # The reconciler waits a minute, so the retried callback is what completed the task.
+    assert stack.logs("callback_received", task_id=task_id)

@@ -6,6 +6,7 @@ side by side; each test then waits for and checks its own task.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ SCENARIOS = {
     "failed": "a broken vase [sim:outcome=failed]",
     "cancelled": "an empty stage [sim:outcome=cancelled]",
     "drop": "a lost letter [sim:drop]",
+    # Done after 1 s, but the submit call is answered only after 3 s.
+    "early_callback": "a fast hare [sim:submit_delay=3,eta=50]",
 }
 
 Tasks = dict[str, dict[str, Any]]
@@ -30,8 +33,9 @@ Tasks = dict[str, dict[str, Any]]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def flow(stack: Stack) -> Tasks:
-    """Every scenario's task, as accepted by POST /tasks."""
-    return {name: await stack.submit(prompt) for name, prompt in SCENARIOS.items()}
+    """Every scenario's task, as accepted by POST /tasks (submitted side by side)."""
+    tasks = await asyncio.gather(*(stack.submit(prompt) for prompt in SCENARIOS.values()))
+    return dict(zip(SCENARIOS, tasks, strict=True))
 
 
 async def callback_attempts(stack: Stack, upstream_id: str, count: int) -> list[dict[str, Any]]:
@@ -165,3 +169,23 @@ async def test_dropped_callback_is_recovered_by_the_reconciler(stack: Stack, flo
     assert [line["outcome"] for line in polled] == ["applied"]
     served = await stack.image(task["id"])
     assert sha256(served.content) == done["image"]["sha256"]
+
+
+async def test_callback_before_the_submit_answer_completes_the_task(
+    stack: Stack, flow: Tasks
+) -> None:
+    """A callback that beats the submit call's answer is matched by our id and applied."""
+    task = flow["early_callback"]
+    done = await stack.wait_image(task["id"])
+    assert (done["status"], done["image"]["status"]) == ("completed", "stored")
+    assert done["upstream_task_id"] == task["upstream_task_id"]
+
+    events = [line["event"] for line in stack.logs(task_id=task["id"])]
+    assert events.index("callback_received") < events.index("submit_accepted")
+    # The late submit answer (pending) is older news than the completed task.
+    assert [line["outcome"] for line in stack.logs("submit_accepted", task_id=task["id"])] == [
+        "stale"
+    ]
+    provider = await stack.sim.task(task["upstream_task_id"])
+    assert [attempt["status_code"] for attempt in provider["callback_attempts"]] == [200]
+    assert provider["image_gets"] == 1
