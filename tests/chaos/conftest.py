@@ -1,0 +1,178 @@
+"""Fixtures of the reliability suite: databases, clusters, the log audit and the figures.
+
+Every cluster gets a fresh database (a clone of a migrated PostgreSQL template,
+or a copy of the migrated SQLite file). When a test ends, its cluster's secrets
+are collected and every line its processes wrote is searched for them; the
+suite's last module checks the audit of the whole run and writes the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.engine import make_url
+
+from tests.chaos.cluster import Cluster, leaks, log_line_count
+from tests.conftest import (
+    POSTGRES_URL,
+    REQUIRE_POSTGRES,
+    _admin,
+    _postgres_reachable,
+    _run,
+    in_thread,
+    run_migrations,
+)
+from tests.e2e.stack import Process
+
+
+class ChaosDatabases:
+    """Empty migrated databases: SQLite copies, PostgreSQL clones of one template."""
+
+    def __init__(self, sqlite_template: Path) -> None:
+        self._sqlite_template = sqlite_template
+        self._prefix = f"imagetasks_chaos_{os.getpid()}_{secrets.token_hex(2)}"
+        self._template: str | None = None
+        self._created: list[str] = []
+
+    @staticmethod
+    def url(name: str) -> str:
+        """The async URL of a database on the test server."""
+        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+    def create(self, kind: str, directory: Path) -> str:
+        """A new database of this kind ("sqlite" or "postgres"); its async URL."""
+        if kind == "sqlite":
+            path = directory / "imagetasks.db"
+            shutil.copy(self._sqlite_template, path)
+            return f"sqlite+aiosqlite:///{path}"
+        if self._template is None:
+            problem = _run(_postgres_reachable)
+            if problem:
+                message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
+                if REQUIRE_POSTGRES:
+                    pytest.fail(message)
+                pytest.skip(message)
+            name = f"{self._prefix}_template"
+            _run(_admin, f'CREATE DATABASE "{name}"')
+            self._created.append(name)
+            in_thread(run_migrations, self.url(name))
+            self._template = name
+        name = f"{self._prefix}_{len(self._created)}"
+        _run(_admin, f'CREATE DATABASE "{name}" TEMPLATE "{self._template}"')
+        self._created.append(name)
+        return self.url(name)
+
+    def drop_all(self) -> None:
+        """Drop every PostgreSQL database handed out, the template last."""
+        for name in reversed(self._created):
+            _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class LogAudit:
+    """Every process of the run and the secrets it must never have written."""
+
+    entries: list[tuple[list[Process], dict[str, str]]] = field(default_factory=list)
+
+    def add(self, processes: list[Process], secrets_by_label: dict[str, str]) -> list[str]:
+        """Remember one cluster's processes and secrets; its leaks so far."""
+        self.entries.append((processes, secrets_by_label))
+        return leaks(processes, secrets_by_label)
+
+    def all_leaks(self) -> list[str]:
+        """Leaks over the whole run."""
+        return sorted({leak for procs, found in self.entries for leak in leaks(procs, found)})
+
+    def lines(self) -> int:
+        """Lines written by every process of the run."""
+        return sum(log_line_count(procs) for procs, _ in self.entries)
+
+    def secret_count(self) -> int:
+        """Distinct secret values searched for."""
+        return len({value for _, found in self.entries for value in found.values()})
+
+
+class Figures:
+    """The numbers of this run, for docs/reliability.md."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sections: dict[str, dict[str, Any]] = {}
+
+    def record(self, section: str, **values: Any) -> None:
+        """Add or replace one section's figures and write the file again."""
+        self.sections[section] = values
+        self.path.write_text(json.dumps(self.sections, indent=2, sort_keys=True, default=str))
+        print(f"\n[chaos figures] {section}: {json.dumps(values, sort_keys=True, default=str)}")
+
+
+class ClusterPool:
+    """Starts clusters for one test; stops them and audits their logs at the end."""
+
+    def __init__(self, databases: ChaosDatabases, root: Path, audit: LogAudit) -> None:
+        self._databases = databases
+        self._root = root
+        self._audit = audit
+        self.clusters: list[Cluster] = []
+
+    async def start(
+        self, kind: str = "postgres", *, replicas: int = 2, **env: str | int | float | bool
+    ) -> Cluster:
+        """A running cluster on a fresh database of this kind."""
+        directory = self._root / f"cluster{len(self.clusters)}"
+        directory.mkdir(parents=True)
+        database = self._databases.create(kind, directory)
+        cluster = Cluster(directory, database, replicas=replicas, **env)
+        self.clusters.append(cluster)
+        return await cluster.start()
+
+    async def close(self) -> list[str]:
+        """Stop every cluster; the secrets found in their output."""
+        found: list[str] = []
+        for cluster in reversed(self.clusters):
+            try:
+                secrets_by_label = await cluster.secrets()
+            finally:
+                await cluster.close()
+            found += self._audit.add(cluster.processes(), secrets_by_label)
+        return found
+
+
+@pytest.fixture(scope="session")
+def chaos_databases(sqlite_template: Path) -> Iterator[ChaosDatabases]:
+    """The run's database factory; drops what it made at the end."""
+    databases = ChaosDatabases(sqlite_template)
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture(scope="session")
+def log_audit() -> LogAudit:
+    """The run's log audit."""
+    return LogAudit()
+
+
+@pytest.fixture(scope="session")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> Figures:
+    """The run's figures, written to chaos-figures.json under the run's temp dir."""
+    return Figures(tmp_path_factory.mktemp("chaos-figures") / "chaos-figures.json")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def clusters(
+    chaos_databases: ChaosDatabases, log_audit: LogAudit, tmp_path: Path
+) -> AsyncIterator[ClusterPool]:
+    """Clusters for one test; stopped, then their logs searched for secrets."""
+    pool = ClusterPool(chaos_databases, tmp_path, log_audit)
+    yield pool
+    found = await pool.close()
+    assert not found, f"secrets in the logs: {found}"

@@ -1,0 +1,394 @@
+"""The storm: many tasks with misbehaving callbacks, submitted to every replica, and
+the checks that nothing was lost, billed twice or stored twice.
+
+Each task's prompt carries simulator directives drawn from a seeded random
+generator: duplicated (one after another or at once) terminal callbacks, a late
+stale ``processing`` snapshot, or no callback at all (the reconciler must find
+the outcome), and sometimes a slow image. On top of that, a shuffler delivers
+extra stale and duplicate snapshots of random tasks, in random order, through
+the simulator's on-demand callback route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from tests.chaos.cluster import TERMINAL, Cluster, expected_png_sha256
+from tests.e2e.stack import sha256, wait_for
+
+SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+DROP_SHARE = 0.20
+SLOW_SHARE = 0.10
+SUBMITTERS = 8
+
+
+@dataclass
+class Planned:
+    """One storm task as the client asked for it."""
+
+    index: int
+    prompt: str
+    outcome: str
+    drop: bool
+    deliveries: int  # terminal callbacks the simulator sends (0 when dropped)
+    late_processing: bool
+    slow: bool
+    key: str = ""
+    task_id: str | None = None
+    answers: list[int] = field(default_factory=list)  # POST /tasks statuses, retries included
+
+
+def plan(count: int, rng: random.Random, *, slow_share: float = SLOW_SHARE) -> list[Planned]:
+    """``count`` tasks with random callback faults and outcomes."""
+    tasks = []
+    for index in range(count):
+        outcome = rng.choices(["completed", "failed", "cancelled"], [85, 10, 5])[0]
+        drop = rng.random() < DROP_SHARE
+        directives = [f"outcome={outcome}", f"eta={rng.randint(50, 150)}"]
+        directives.append(f"body={rng.choice(['envelope', 'bare'])}")
+        directives.append(f"url={rng.choice(['string', 'list'])}")
+        deliveries, late = 0, False
+        if drop:
+            directives.append("drop")
+        else:
+            dup, concurrent = rng.randint(1, 3), 1
+            if dup == 1 and rng.random() < 0.5:
+                concurrent = rng.randint(2, 3)
+            directives += [f"dup={dup}", f"concurrent_dup={concurrent}"]
+            deliveries = dup * concurrent
+            late = rng.random() < 0.3
+            if late:
+                directives.append("late_processing")
+        slow = outcome == "completed" and rng.random() < slow_share
+        if slow:
+            directives.append("image_slow=4")
+        prompt = f"storm task {index} [sim:{','.join(directives)}]"
+        tasks.append(Planned(index, prompt, outcome, drop, deliveries, late, slow))
+    return tasks
+
+
+async def submit_one(
+    cluster: Cluster, task: Planned, replica: int, *, attempts: int = 6
+) -> Planned:
+    """POST /tasks to one replica, retrying on the others with the same Idempotency-Key."""
+    task.key = f"storm-{SEED}-{task.index}"
+    body = {"prompt": task.prompt, "metadata": {"storm": task.index}}
+    headers = {"Idempotency-Key": task.key}
+    for attempt in range(attempts):
+        client = cluster.clients[(replica + attempt) % len(cluster.clients)]
+        try:
+            response = await client.post("/tasks", json=body, headers=headers, timeout=30)
+        except httpx.TransportError:
+            task.answers.append(0)
+            await asyncio.sleep(1)
+            continue
+        task.answers.append(response.status_code)
+        if response.status_code == 202:
+            task.task_id = response.json()["id"]
+            return task
+        if response.status_code != 409:  # 409: the first attempt is still in flight
+            raise AssertionError(f"POST /tasks answered {response.status_code}: {response.text}")
+        await asyncio.sleep(2)
+    return task  # still unknown to the client: found by its metadata at the end
+
+
+async def submit_all(cluster: Cluster, tasks: list[Planned], *, pace: float = 0.0) -> None:
+    """Submit every task, alternating replicas, a few at a time."""
+    queue: asyncio.Queue[Planned] = asyncio.Queue()
+    for task in tasks:
+        queue.put_nowait(task)
+
+    async def submitter() -> None:
+        while not queue.empty():
+            task = queue.get_nowait()
+            await submit_one(cluster, task, task.index % len(cluster.replicas))
+            if pace:
+                await asyncio.sleep(pace)
+
+    await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+
+
+@dataclass
+class Shuffled:
+    """What the shuffler delivered."""
+
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+
+
+async def shuffle(
+    cluster: Cluster, tasks: list[Planned], rng: random.Random, stop: asyncio.Event
+) -> Shuffled:
+    """Deliver stale and duplicate snapshots of random tasks until told to stop."""
+    result = Shuffled()
+    while not stop.is_set():
+        candidates = [t for t in tasks if t.task_id and not t.drop]
+        if not candidates:
+            await asyncio.sleep(0.2)
+            continue
+        task = rng.choice(candidates)
+        rows = await cluster.query(
+            "SELECT upstream_task_id FROM tasks WHERE id = :id", id=task.task_id
+        )
+        upstream = rows[0][0] if rows else None
+        if upstream is None:
+            continue
+        provider = await cluster.sim.task(upstream)
+        choices: list[dict[str, Any]] = [
+            {"status": "pending"},
+            {"status": "processing", "progress": rng.randint(0, 99)},
+        ]
+        if provider["status"] in TERMINAL:
+            choices.append({"status": provider["status"]})  # a duplicate of the outcome
+        request = rng.choice(choices)
+        answer = await cluster.sim.callback(
+            upstream, body=rng.choice(["envelope", "bare"]), **request
+        )
+        result.sent += 1
+        for attempt in answer["attempts"]:
+            result.statuses[attempt["status_code"] or 0] += 1
+        await asyncio.sleep(rng.uniform(0.01, 0.15))
+    return result
+
+
+def storm_index(row: dict[str, Any]) -> int | None:
+    """The storm index a task row carries in its metadata."""
+    meta = row["metadata"]
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    index = meta.get("storm") if isinstance(meta, dict) else None
+    return index if isinstance(index, int) else None
+
+
+@dataclass
+class Verdict:
+    """The storm's outcome, task by task and in total."""
+
+    tasks: int
+    by_status: Counter[str]
+    images_stored: int
+    image_gets: Counter[int]  # GETs per completed task -> how many tasks
+    callback_attempts: int
+    callback_statuses: Counter[int]
+    dropped: int
+    duplicate_deliveries: int
+    late_processing: int
+    lost: list[str]
+    stored_twice: list[str]
+    wrong_bytes: list[str]
+    problems: list[str]
+
+
+async def verify(
+    cluster: Cluster, tasks: list[Planned], *, refetch_allowed: set[str] | None = None
+) -> Verdict:
+    """Check every promise about the storm's tasks; collect problems instead of stopping."""
+    refetch_allowed = refetch_allowed or set()
+    problems: list[str] = []
+    rows = {row["id"]: row for row in await cluster.table("tasks")}
+    by_index = {storm_index(row): row for row in rows.values()}
+    provider = {task["id"]: task for task in await cluster.sim.tasks()}
+    stats = await cluster.sim.stats()
+
+    lost = [str(t.index) for t in tasks if t.index not in by_index]
+    if len(rows) != len(tasks):
+        problems.append(f"{len(rows)} task rows for {len(tasks)} storm tasks")
+    upstream_ids = Counter(row["upstream_task_id"] for row in rows.values())
+    billed_twice = [uid for uid, n in upstream_ids.items() if uid and n > 1]
+    if billed_twice:
+        problems.append(f"provider tasks shared by several of ours: {billed_twice}")
+    orphans = sorted(set(provider) - set(upstream_ids))
+    if orphans:
+        problems.append(f"provider tasks no task of ours knows: {orphans}")
+    if stats["submits"] != len(provider):
+        problems.append(f"{stats['submits']} submits for {len(provider)} provider tasks")
+
+    stored_files = cluster.stored_files()
+    names = Counter(path.name for path in stored_files)
+    stored_twice = sorted(name for name, n in names.items() if n > 1)
+    gets: Counter[int] = Counter()
+    wrong: list[str] = []
+    for task in tasks:
+        row = by_index.get(task.index)
+        if row is None:
+            continue
+        where = f"task {task.index} ({row['id']})"
+        if row["status"] not in TERMINAL:
+            problems.append(f"{where} is still {row['status']}")
+            continue
+        upstream = row["upstream_task_id"]
+        sim_task = provider.get(upstream) if upstream else None
+        if sim_task is None:
+            if row["error_code"] != "submission_outcome_unknown":
+                problems.append(f"{where} never reached the provider yet is {row['status']}")
+            continue
+        if row["status"] != sim_task["status"]:
+            problems.append(f"{where} is {row['status']}, the provider says {sim_task['status']}")
+        if row["status"] != "completed":
+            if sim_task["image_gets"]:
+                problems.append(f"{where} is {row['status']} but its image was fetched")
+            continue
+        gets[sim_task["image_gets"]] += 1
+        if sim_task["image_gets"] != 1 and row["id"] not in refetch_allowed:
+            problems.append(f"{where}: {sim_task['image_gets']} image GETs")
+        if row["image_status"] != "stored":
+            problems.append(f"{where}: image {row['image_status']} ({row['image_error_code']})")
+            continue
+        expected = expected_png_sha256(upstream)
+        objects = [p for p in stored_files if p.name == f"{row['id']}.png"]
+        if len(objects) != 1:
+            problems.append(f"{where}: {len(objects)} stored objects")
+            continue
+        if not (row["image_sha256"] == expected == sha256(objects[0].read_bytes())):
+            wrong.append(row["id"])
+        if objects[0].relative_to(cluster.storage_dir).as_posix() != row["image_key"]:
+            problems.append(f"{where}: stored at {objects[0]}, recorded as {row['image_key']}")
+    completed_ids = {row["id"] for row in rows.values() if row["status"] == "completed"}
+    strays = sorted(p.name for p in stored_files if p.stem not in completed_ids)
+    if strays:
+        problems.append(f"objects of no completed task: {strays}")
+    leftovers = cluster.spool_leftovers()
+    if leftovers:
+        problems.append(f"temp files left in the spool: {[p.name for p in leftovers]}")
+
+    recorded_once = Counter(
+        line["task_id"] for line in cluster.service_logs("image_stored") if line.get("recorded")
+    )
+    twice = sorted(task_id for task_id, n in recorded_once.items() if n > 1)
+    if twice:
+        problems.append(f"image recorded as stored more than once: {twice}")
+
+    transitions = Counter(
+        line["task_id"]
+        for line in cluster.service_logs()
+        if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
+        or line.get("event") == "task_given_up"
+    )
+    for row in rows.values():
+        if row["status"] in TERMINAL and transitions[row["id"]] != 1:
+            problems.append(f"{row['id']} became terminal {transitions[row['id']]} times")
+
+    attempts = [a for task in provider.values() for a in task["callback_attempts"]]
+    statuses = Counter(a["status_code"] or 0 for a in attempts)
+    deliveries = (await cluster.query("SELECT count(*) FROM callback_deliveries"))[0][0]
+    accepted = sum(n for code, n in statuses.items() if 200 <= code < 300)
+    if deliveries != accepted:
+        problems.append(f"{accepted} callbacks answered 2xx but {deliveries} deliveries recorded")
+    dropped = [t for t in tasks if t.drop]
+    for task in dropped:
+        row = by_index.get(task.index)
+        sim_task = provider.get(row["upstream_task_id"]) if row else None
+        if sim_task and any(a["kind"] != "manual" for a in sim_task["callback_attempts"]):
+            problems.append(f"task {task.index} was to have no callback")
+    return Verdict(
+        tasks=len(rows),
+        by_status=Counter(row["status"] for row in rows.values()),
+        images_stored=sum(1 for row in rows.values() if row["image_status"] == "stored"),
+        image_gets=gets,
+        callback_attempts=len(attempts),
+        callback_statuses=statuses,
+        dropped=len(dropped),
+        duplicate_deliveries=sum(max(0, t.deliveries - 1) for t in tasks),
+        late_processing=sum(1 for t in tasks if t.late_processing),
+        lost=lost,
+        stored_twice=stored_twice,
+        wrong_bytes=wrong,
+        problems=problems,
+    )
+
+
+class Clock:
+    """Seconds since the storm began."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+
+class ChaosMonkey:
+    """Kills replicas at chosen moments during a storm and starts them again."""
+
+    def __init__(self, cluster: Cluster, tasks: list[Planned], rng: random.Random) -> None:
+        self.cluster = cluster
+        self.tasks = tasks
+        self.rng = rng
+        self.clock = Clock()
+        self.timeline: list[str] = []
+        self._submits: list[asyncio.Task[Planned]] = []
+
+    async def run(self, moments: list[str]) -> None:
+        """Kill once per moment, one replica at a time, each started again after a pause."""
+        for number, moment in enumerate(moments):
+            await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+            replica = number % len(self.cluster.replicas)
+            await getattr(self, f"_{moment.replace('-', '_')}")(replica)
+            await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+            await self.cluster.restart(replica)
+            self.timeline.append(f"{self.clock()} s: replica {replica} ready again")
+        await asyncio.gather(*self._submits)
+
+    async def _kill(self, replica: int, moment: str) -> None:
+        kill = await self.cluster.kill(replica, moment)
+        interrupted = len(kill.interrupted_downloads)
+        self.timeline.append(
+            f"{self.clock()} s: killed replica {replica} {moment} "
+            f"({interrupted} download leases held)"
+        )
+
+    async def _mid_submit(self, replica: int) -> None:
+        """Kill while the provider holds our submit call (it answers 3 s late)."""
+        index = len(self.tasks)
+        prompt = f"storm task {index} [sim:submit_delay=3,eta=100]"
+        task = Planned(index, prompt, "completed", False, 1, False, False)
+        self.tasks.append(task)
+        self._submits.append(asyncio.create_task(submit_one(self.cluster, task, replica)))
+
+        async def at_provider() -> bool:
+            provider = await self.cluster.sim.tasks()
+            return any(t["request"]["prompt"] == prompt for t in provider)
+
+        await wait_for(at_provider, timeout=30, interval=0.1, what="the slow submit")
+        await self._kill(replica, "mid-submit")
+
+    async def _mid_download(self, replica: int) -> None:
+        """Kill while the replica streams a slow image into its spool file."""
+        pid = self.cluster.replicas[replica].pid
+
+        async def downloading() -> bool:
+            rows = await self.cluster.query(
+                "SELECT id FROM tasks WHERE image_status = 'pending' "
+                "AND image_lease_owner LIKE :owner",
+                owner=f"%:{pid}:%",
+            )
+            spooled = {p.stem for p in self.cluster.spool_leftovers()}
+            return any(row[0] in spooled for row in rows)
+
+        await wait_for(downloading, timeout=60, interval=0.1, what="a download in flight")
+        await self._kill(replica, "mid-download")
+
+    async def _mid_callback(self, replica: int) -> None:
+        """Kill while the forwarder waits for the replica's answer to a callback."""
+
+        async def busy() -> bool:
+            return self.cluster.proxy.inflight_callbacks[replica] > 0
+
+        try:
+            await wait_for(busy, timeout=30, interval=0.005, what="a callback in flight")
+            await self._kill(replica, "mid-callback")
+        except AssertionError:
+            await self._kill(replica, "random")
+
+    async def _random(self, replica: int) -> None:
+        """Kill whatever the replica is doing."""
+        await self._kill(replica, "random")
