@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.e2e.conftest import StackPool
+from tests.e2e.pool import StackPool
 from tests.e2e.stack import Stack, sha256, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import StackPool
+from tests.e2e.pool import StackPool
 from tests.e2e.stack import Stack, sha256, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.e2e.conftest import StackPool
+from tests.e2e.pool import StackPool
 from tests.e2e.stack import Stack, sha256
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

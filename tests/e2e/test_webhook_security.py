@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.e2e.conftest import StackPool
+from tests.e2e.pool import StackPool
 from tests.e2e.stack import Stack, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -51,7 +51,8 @@ async def processing_task(stack: Stack) -> dict[str, Any]:
     assert task["status"] == "pending"
 
     async def processing() -> bool:
-        return (await stack.sim.task(upstream_id))["status"] == "processing"
+        status: str = (await stack.sim.task(upstream_id))["status"]
+        return status == "processing"
 
     await wait_for(processing, what="the simulator to start processing")
     return task

@@ -1,0 +1,96 @@
+"""Where the end-to-end stacks' databases and directories come from.
+
+``Databases`` hands out empty, migrated databases: a copy of the migrated SQLite
+template, or a PostgreSQL database cloned from a migrated template database.
+``StackPool`` starts stacks on them and stops them all at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.cli import run_migrations
+from tests.conftest import (
+    POSTGRES_URL,
+    REQUIRE_POSTGRES,
+    _admin,
+    _postgres_reachable,
+    _run,
+    in_thread,
+)
+from tests.e2e.stack import Stack
+
+
+class Databases:
+    """Hands out empty, migrated databases; drops the PostgreSQL ones at the end."""
+
+    def __init__(self, sqlite_template: Path) -> None:
+        self._sqlite_template = sqlite_template
+        self._pg_template: str | None = None
+        self._created: list[str] = []
+        self._prefix = f"imagetasks_e2e_{os.getpid()}_{secrets.token_hex(2)}"
+
+    def _postgres_template(self) -> str:
+        if self._pg_template is None:
+            problem = _run(_postgres_reachable)
+            if problem:
+                message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
+                if REQUIRE_POSTGRES:
+                    pytest.fail(message)
+                pytest.skip(message)
+            name = f"{self._prefix}_template"
+            _run(_admin, f'CREATE DATABASE "{name}"')
+            self._created.append(name)
+            in_thread(run_migrations, self._url(name))
+            self._pg_template = name
+        return self._pg_template
+
+    @staticmethod
+    def _url(name: str) -> str:
+        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+    def create(self, kind: str, directory: Path) -> str:
+        """A new database of this kind ("sqlite" or "postgres"); its async URL."""
+        if kind == "sqlite":
+            path = directory / "imagetasks.db"
+            shutil.copy(self._sqlite_template, path)
+            return f"sqlite+aiosqlite:///{path}"
+        template = self._postgres_template()
+        name = f"{self._prefix}_{len(self._created)}"
+        _run(_admin, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        self._created.append(name)
+        return self._url(name)
+
+    def drop_all(self) -> None:
+        """Drop every PostgreSQL database handed out (the template last)."""
+        for name in reversed(self._created):
+            _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class StackPool:
+    """Starts stacks in numbered directories and stops them all on ``close``."""
+
+    def __init__(self, databases: Databases, root: Path, kind: str) -> None:
+        self._databases = databases
+        self._root = root
+        self.kind = kind
+        self._stacks: list[Stack] = []
+
+    async def start(self, **service_env: str | int | float | bool) -> Stack:
+        """A running stack on a fresh database of the pool's kind."""
+        directory = self._root / f"stack{len(self._stacks)}"
+        directory.mkdir(parents=True)
+        stack = Stack(directory, self._databases.create(self.kind, directory), **service_env)
+        self._stacks.append(stack)
+        return await stack.start()
+
+    async def close(self) -> None:
+        """Stop every stack, newest first."""
+        for stack in reversed(self._stacks):
+            await stack.close()
