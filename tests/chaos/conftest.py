@@ -176,3 +176,14 @@ async def clusters(
     yield pool
     found = await pool.close()
     assert not found, f"secrets in the logs: {found}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def module_clusters(
+    chaos_databases: ChaosDatabases, log_audit: LogAudit, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ClusterPool]:
+    """Clusters shared by a module's tests; stopped and audited when the module ends."""
+    pool = ClusterPool(chaos_databases, tmp_path_factory.mktemp("chaos"), log_audit)
+    yield pool
+    found = await pool.close()
+    assert not found, f"secrets in the logs: {found}"
