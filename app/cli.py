@@ -60,8 +60,12 @@ def serve(
         typer.Option(help="Run against a built-in StarMagic simulator; no configuration needed."),
     ] = False,
     background: Annotated[
-        bool, typer.Option(help="Also run the download worker and reconciler in this process.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="Also run the download worker and reconciler in this process "
+            "(default: RUN_BACKGROUND, itself true by default)."
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP service (and, by default, its background worker)."""
     import uvicorn
@@ -76,7 +80,8 @@ def serve(
         settings, simulator = prepare_sandbox(host, port)
         run_migrations(settings.database_url)
     else:
-        settings = _settings_or_exit(run_background=background)
+        overrides = {} if background is None else {"run_background": background}
+        settings = _settings_or_exit(**overrides)
     configure_logging(settings)
     app = create_app(settings, simulator=simulator)
     uvicorn.run(

@@ -11,9 +11,10 @@ from sqlmodel import col
 from app import repository
 from app.api.deps import CallerDep, RuntimeDep, SessionDep
 from app.api.tasks import ERRORS, to_public
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.models import ImageStatus, Task, utcnow
 from app.schemas import ErrorBody, TaskPublic
+from app.storage import StorageError
 
 router = APIRouter(prefix="/tasks", tags=["images"])
 PRESIGNED_SECONDS = 300
@@ -57,7 +58,13 @@ async def get_task_image(
         url = await runtime.storage.presigned_url(task.image_key, PRESIGNED_SECONDS)
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
-    stored = await runtime.storage.open(task.image_key)
+    try:
+        stored = await runtime.storage.open(task.image_key)
+    except StorageError as exc:
+        # The row says stored, so a missing object means the storage is unwell.
+        raise ServiceUnavailable(
+            "the image storage is unavailable; try again later", code="storage_unavailable"
+        ) from exc
     headers["Content-Length"] = str(stored.size)
     return StreamingResponse(
         stored.chunks, media_type=task.image_content_type or stored.content_type, headers=headers

@@ -7,6 +7,7 @@ re-run after a crash overwrites the same object with the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -69,8 +70,9 @@ class Downloader:
         if task.image_source_url is None or now >= expires_at:
             await self._renew_or_fail(task, "expired", "the image link has expired")
             return
-        spool = spool_path(self._storage, task.id)
+        spool: Path | None = None
         try:
+            spool = spool_path(self._storage, task.id)
             result = await self._fetcher.fetch_to_file(
                 task.image_source_url, spool, on_progress=lambda: self._extend_lease(task.id)
             )
@@ -81,12 +83,15 @@ class Downloader:
         except FetchError as exc:
             await self._fetch_failed(task, exc, expires_at)
             return
-        except StorageError as exc:
+        except (StorageError, OSError) as exc:
+            # The disk or bucket is unwell: retry with backoff, the lease given back.
             log.warning("storage_failed", task_id=task.id, reason=str(exc))
-            await self._retry(task, expires_at, "storage", str(exc))
+            await self._retry(task, expires_at, "storage", str(exc) or type(exc).__name__)
             return
         finally:
-            spool.unlink(missing_ok=True)
+            if spool is not None:
+                with contextlib.suppress(OSError):
+                    spool.unlink(missing_ok=True)
         await self._stored(task, key, result)
 
     async def _stored(self, task: Task, key: str, result: FetchResult) -> None:
