@@ -1,0 +1,149 @@
+"""`make bench`: run every part, write bench/results/ and docs/performance.md.
+
+python -m bench [--quick] [--only ingest,downloads,listing,submit] [--no-postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import downloads, ingest, listing, machine, plot, report, saturate, submit
+from bench.databases import fresh_database, postgres_available
+from bench.stack import start_service, start_simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+PARTS = ("ingest", "downloads", "listing", "submit")
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    simulator, simulator_url = start_simulator(workdir)
+    try:
+        if "ingest" in parts:
+            plan = ingest.IngestPlan()
+            if quick:
+                plan = ingest.IngestPlan(warmup=1, saturation=2, pairs=1, half_rate=3, sweep=2)
+            results["ingest"] = []
+            for kind in kinds:
+                with fresh_database(kind, workdir, "ingest") as database:
+                    pool = ingest.CallbackPool(plan.pool, simulator_url)
+                    _log(f"ingest/{kind}: seeding {plan.pool} tasks")
+                    ingest.seed(database, pool)
+                    for confirm in (True, False):
+                        _log(f"ingest/{kind}: CONFIRM_CALLBACKS={confirm}")
+                        results["ingest"].append(
+                            ingest.measure(
+                                database,
+                                pool,
+                                simulator_url,
+                                workdir,
+                                plan,
+                                confirm=confirm,
+                                sweep=confirm,
+                            )
+                        )
+        if "downloads" in parts:
+            _log("downloads: 20 MB and 50 MB")
+            url = downloads.migrate_sqlite(workdir / "downloads.db")
+            results["downloads"] = downloads.measure(workdir, url, repeats=2 if quick else 3)
+        if "listing" in parts:
+            results["listing"] = []
+            for kind in kinds:
+                with fresh_database(kind, workdir, "listing") as database:
+                    _log(f"listing/{kind}: seeding {listing.TASKS} tasks")
+                    seeded = listing.seed(database)
+                    service = start_service(workdir, f"listing-{kind}", database.url, simulator_url)
+                    try:
+                        result = listing.measure(service, database, 100 if quick else 300)
+                    finally:
+                        service.child.stop()
+                    results["listing"].append({**result, "seeded": seeded})
+        if "submit" in parts:
+            results["submit"] = []
+            for kind in kinds:
+                with fresh_database(kind, workdir, "submit") as database:
+                    _log(f"submit/{kind}")
+                    service = start_service(workdir, f"submit-{kind}", database.url, simulator_url)
+                    try:
+                        results["submit"].append(
+                            submit.measure(service, simulator_url, kind, 100 if quick else 200)
+                        )
+                    finally:
+                        service.child.stop()
+    finally:
+        simulator.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short phases, for trying it out")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    parts = {part.strip() for part in args.only.split(",") if part.strip()}
+    if unknown := parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    kinds = ["sqlite"]
+    if not args.no_postgres:
+        problem = postgres_available()
+        if problem:
+            _log(f"PostgreSQL skipped: {problem}")
+        else:
+            kinds.append("postgres")
+    if saturate.wrk_path() is None:
+        _log("wrk not found (apt-get install wrk): saturation measured by the Python generator")
+    tools = {
+        "saturation": saturate.tool_name(),
+        "wrk": saturate.wrk_version(),
+        "fixed_rate": "bench/loadgen.py (open loop, asyncio + uvloop)",
+        "curl": downloads.curl_version(),
+    }
+    started = time.time()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    description = machine.describe(tools)
+    workdir = Path(tempfile.mkdtemp(prefix="imagetasks-bench-"))
+    _log(f"scratch directory {workdir}")
+    try:
+        results = run(parts, kinds, args.quick, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results = {
+        "started_at": started_at,
+        "duration_s": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": description,
+        **results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = started_at.replace(":", "").replace("-", "")
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    (RESULTS / f"{stamp}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+    if results.get("ingest"):
+        plot.callback_latency(results["ingest"], RESULTS / "callback_latency.png")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(report.render(results, "latest.json"))
+    _log(
+        f"done in {results['duration_s']:.0f} s: {DOC.relative_to(ROOT)}, bench/results/latest.json"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Benchmark databases: created fresh and migrated, seeded in bulk, dropped afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import insert
+from sqlalchemy.engine import make_url
+
+from app.cli import run_migrations
+from app.db import create_engine
+from app.models import Task
+
+POSTGRES_URL = os.environ.get(
+    "BENCH_POSTGRES_URL",
+    os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
+)
+INSERT_BATCH = 5000
+
+
+def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run code that starts its own event loop (Alembic's env.py) off the caller's."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function(*args)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _dsn(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _admin(statement: str) -> None:
+    connection = await asyncpg.connect(_dsn(POSTGRES_URL), timeout=5)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def postgres_available() -> str | None:
+    """None when the server answers, else why not."""
+    try:
+        in_thread(lambda: asyncio.run(_admin("SELECT 1")))
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class Database:
+    kind: str  # "sqlite" or "postgres"
+    url: str
+
+
+@contextmanager
+def fresh_database(kind: str, workdir: Path, label: str) -> Iterator[Database]:
+    """A new database built by the real migrations; removed on exit."""
+    if kind == "sqlite":
+        path = workdir / f"{label}.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        in_thread(run_migrations, url)
+        try:
+            yield Database(kind, url)
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    name = f"imagetasks_bench_{label}_{os.getpid()}_{secrets.token_hex(3)}"
+    in_thread(lambda: asyncio.run(_admin(f'CREATE DATABASE "{name}"')))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        in_thread(run_migrations, url)
+        yield Database(kind, url)
+    finally:
+        in_thread(lambda: asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+
+
+async def insert_tasks(url: str, rows: list[dict[str, Any]]) -> None:
+    """Bulk insert task rows (dicts of Task fields) through SQLAlchemy, in batches."""
+    engine = create_engine(url)
+    table = Task.__table__  # type: ignore[attr-defined]
+    try:
+        async with engine.begin() as connection:
+            for start in range(0, len(rows), INSERT_BATCH):
+                await connection.execute(insert(table), rows[start : start + INSERT_BATCH])
+        # Fresh statistics, as autovacuum would have them on a table this old.
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("ANALYZE")
+    finally:
+        await engine.dispose()
+
+
+def task_row(**fields: Any) -> dict[str, Any]:
+    """A full tasks row with the model's defaults, as the table's column names spell them."""
+    values: dict[str, Any] = {
+        "status": "pending",
+        "progress": 0,
+        "prompt": "a lighthouse at dawn, watercolor",
+        "model": "gpt-image-1.5",
+        "size": "1:1",
+        "quality": "medium",
+        "image_urls": None,
+        "metadata": {"source": "bench"},
+        "owner": "bench",
+        "upstream_task_id": None,
+        "estimated_time": 100,
+        "error_code": None,
+        "error_message": None,
+        "submit_outcome_unknown": False,
+        "completed_at": None,
+        "last_event_at": None,
+        "next_poll_at": None,
+        "poll_attempts": 0,
+        "poll_lease_until": None,
+        "image_status": None,
+        "image_source_url": None,
+        "image_source_expires_at": None,
+        "image_renewed": False,
+        "image_attempts": 0,
+        "image_next_attempt_at": None,
+        "image_lease_owner": None,
+        "image_lease_until": None,
+        "image_key": None,
+        "image_content_type": None,
+        "image_size_bytes": None,
+        "image_sha256": None,
+        "image_width": None,
+        "image_height": None,
+        "image_stored_at": None,
+        "image_error_code": None,
+        "image_error_message": None,
+    }
+    values.update(fields)
+    return values

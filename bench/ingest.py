@@ -1,0 +1,254 @@
+"""1. Callback ingest: saturated throughput against a no-op baseline on the same
+server, latency at half the saturating rate, and a sweep of offered rates.
+
+Callbacks are valid: real tasks seeded in the database, tokens from
+`app.callback_urls.sign`, bodies shaped like the provider's terminal callback
+(the only kind StarMagic sends). Every task gets two identical deliveries a few
+dozen requests apart, so half the traffic is new and half duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from app.callback_urls import WEBHOOK_PATH, sign
+from app.db import create_engine
+from bench import loadgen
+from bench.databases import Database, insert_tasks, task_row
+from bench.ids import task_id_at
+from bench.launcher import NOOP_PREFIX
+from bench.saturate import read_entries, saturate
+from bench.stack import WEBHOOK_SECRET, Service, start_service
+from bench.stats import ratio, summarize
+
+DUPLICATE_LAG = 64  # requests between a callback and its duplicate
+SEED_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """How long each phase runs (seconds); `--quick` shrinks them."""
+
+    warmup: float = 2.0
+    saturation: float = 5.0
+    pairs: int = 2
+    half_rate: float = 8.0
+    sweep: float = 4.0
+    sweep_fractions: tuple[float, ...] = (0.25, 0.75, 0.9, 1.0)
+    pool: int = 40_000
+
+
+def _upstream_id(created: int) -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return f"task-unified-{created}-{''.join(secrets.choice(alphabet) for _ in range(8))}"
+
+
+class CallbackPool:
+    """Seeded tasks, handed out in order so that every run gets fresh ones."""
+
+    def __init__(self, size: int, simulator_url: str) -> None:
+        now = datetime.now(UTC) - timedelta(minutes=5)
+        created = int(now.timestamp())
+        self.tasks = [(task_id_at(now), _upstream_id(created)) for _ in range(size)]
+        self.simulator_url = simulator_url
+        self.created = created
+        self.next = 0
+        self.exhausted = False
+
+    def rows(self) -> list[dict[str, Any]]:
+        now = datetime.now(UTC) - timedelta(minutes=5)
+        return [
+            task_row(
+                id=task_id,
+                status="processing",
+                progress=50,
+                upstream_task_id=upstream,
+                created_at=now,
+                updated_at=now,
+                last_event_at=now,
+                next_poll_at=now + timedelta(days=1),
+            )
+            for task_id, upstream in self.tasks
+        ]
+
+    def _line(self, task_id: str, upstream: str) -> str:
+        data = {
+            "id": upstream,
+            "status": "completed",
+            "progress": 100,
+            "created": self.created,
+            "estimated_time": 100,
+            "result": {
+                "images": [
+                    {
+                        "url": f"{self.simulator_url}/files/{upstream}-bench.png",
+                        "expires_at": self.created + 86_400,
+                    }
+                ]
+            },
+            "completed": self.created + 90,
+            "actual_time": 90,
+        }
+        body = json.dumps({"code": 200, "data": data}, separators=(",", ":"))
+        return f"{WEBHOOK_PATH}/{task_id}/{sign(task_id, WEBHOOK_SECRET)}\t{body}"
+
+    def take(self, requests: int) -> list[str]:
+        """About `requests` callback lines over fresh tasks: each new one, then its duplicate."""
+        count = max(1, -(-requests // 2))
+        if self.next + count > len(self.tasks):
+            self.exhausted = True
+            self.next = 0
+        chosen = self.tasks[self.next : self.next + count]
+        self.next += count
+        lines = [self._line(*task) for task in chosen]
+        ordered: list[str] = []
+        for k in range(count + DUPLICATE_LAG):
+            if k < count:
+                ordered.append(lines[k])
+            if k >= DUPLICATE_LAG and k - DUPLICATE_LAG < count:
+                ordered.append(lines[k - DUPLICATE_LAG])
+        return ordered
+
+
+def seed(database: Database, pool: CallbackPool) -> float:
+    """Insert the pool's tasks and register them with the simulator; seconds taken."""
+    started = time.perf_counter()
+    asyncio.run(insert_tasks(database.url, pool.rows()))
+    upstream = [u for _, u in pool.tasks]
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        for start in range(0, len(upstream), SEED_CHUNK):
+            body = {"ids": upstream[start : start + SEED_CHUNK]}
+            client.post(f"{pool.simulator_url}/_bench/seed", json=body).raise_for_status()
+    return time.perf_counter() - started
+
+
+async def _outcomes(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT outcome, count(*) FROM callback_deliveries GROUP BY outcome")
+            )
+            return {str(outcome): int(count) for outcome, count in rows.all()}
+    finally:
+        await engine.dispose()
+
+
+def _sim_queries(simulator_url: str) -> int:
+    stats = httpx.get(f"{simulator_url}/_sim/stats", timeout=30, trust_env=False).json()
+    return int(stats["queries"])
+
+
+class Runner:
+    """Runs the phases against one service process."""
+
+    def __init__(self, service: Service, pool: CallbackPool, workdir: Path, label: str) -> None:
+        self.service = service
+        self.pool = pool
+        self.workdir = workdir
+        self.label = label
+        self.files = 0
+
+    def _datafile(self, lines: list[str]) -> Path:
+        self.files += 1
+        path = self.workdir / f"{self.label}-{self.files}.tsv"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def saturate(self, endpoint: str, seconds: float, expected_rps: float) -> dict[str, Any]:
+        """One wrk run; the webhook gets fresh tasks, the baseline the same request shapes."""
+        lines = self.pool.take(int(expected_rps * seconds * 1.5) + 1000)
+        prefix = NOOP_PREFIX if endpoint == "baseline" else None
+        result = saturate(self.service.port, self._datafile(lines), prefix=prefix, duration=seconds)
+        result["endpoint"] = endpoint
+        result["idle_wait_s"] = round(self.service.child.wait_idle(), 2)
+        return result
+
+    def open_loop(self, endpoint: str, rate: float, seconds: float) -> dict[str, Any]:
+        """Constant offered rate; latency from each request's scheduled time."""
+        lines = self.pool.take(int(rate * seconds) + 10)
+        prefix = NOOP_PREFIX if endpoint == "baseline" else None
+        requests = read_entries(self._datafile(lines), prefix)
+        cpu_before = self.service.child.cpu_seconds()
+        result = loadgen.open_loop(self.service.port, requests, rate=rate, duration=seconds)
+        cpu = self.service.child.cpu_seconds() - cpu_before
+        idle = self.service.child.wait_idle()
+        return {
+            "endpoint": endpoint,
+            "offered_rps": round(rate, 1),
+            "achieved_rps": round(result.achieved_rate, 1),
+            "non_2xx": result.non_2xx,
+            "errors": result.errors + result.unfinished,
+            "latency": summarize(result.latencies),
+            "service_cpu_cores": round(cpu / seconds, 3),
+            "generator_cpu_cores": round(result.generator_cpu_seconds / seconds, 3),
+            "idle_wait_s": round(idle, 2),
+        }
+
+
+def measure(
+    database: Database,
+    pool: CallbackPool,
+    simulator_url: str,
+    workdir: Path,
+    plan: IngestPlan,
+    *,
+    confirm: bool,
+    sweep: bool,
+) -> dict[str, Any]:
+    """Saturation pairs, the half-rate point and (optionally) the sweep on one service."""
+    label = f"ingest-{database.kind}-{'confirm' if confirm else 'noconfirm'}"
+    service = start_service(workdir, label, database.url, simulator_url, confirm_callbacks=confirm)
+    queries_before = _sim_queries(simulator_url)
+    outcomes_before = asyncio.run(_outcomes(database.url))
+    try:
+        run = Runner(service, pool, workdir, label)
+        warm = run.saturate("baseline", plan.warmup, 5000)
+        warm_hook = run.saturate("webhook", plan.warmup, 2000)
+        runs = []
+        for _ in range(plan.pairs):
+            runs.append(run.saturate("baseline", plan.saturation, warm["rps"]))
+            runs.append(run.saturate("webhook", plan.saturation, warm_hook["rps"]))
+        base = [r["rps"] for r in runs if r["endpoint"] == "baseline"]
+        hook = [r["rps"] for r in runs if r["endpoint"] == "webhook"]
+        saturated = sum(hook) / len(hook)
+        half = saturated / 2
+        half_hook = run.open_loop("webhook", half, plan.half_rate)
+        half_base = run.open_loop("baseline", half, plan.half_rate)
+        points = [{"fraction": 0.5, **half_hook}]
+        if sweep:
+            for fraction in plan.sweep_fractions:
+                point = run.open_loop("webhook", saturated * fraction, plan.sweep)
+                points.append({"fraction": fraction, **point})
+        points.sort(key=lambda p: p["fraction"])
+        outcomes_after = asyncio.run(_outcomes(database.url))
+    finally:
+        service.child.stop()
+    outcomes = {k: v - outcomes_before.get(k, 0) for k, v in outcomes_after.items()}
+    return {
+        "database": database.kind,
+        "confirm_callbacks": confirm,
+        "saturation": {
+            "runs": runs,
+            "baseline_rps": round(sum(base) / len(base), 1),
+            "webhook_rps": round(saturated, 1),
+            "ratio": ratio(sum(hook), sum(base)),
+            "pair_ratios": [ratio(h, b) for h, b in zip(hook, base, strict=True)],
+        },
+        "half_rate": {"rate": round(half, 1), "webhook": half_hook, "baseline": half_base},
+        "sweep": points,
+        "deliveries_by_outcome": outcomes,
+        "confirmation_queries": _sim_queries(simulator_url) - queries_before,
+        "pool_exhausted": pool.exhausted,
+    }

@@ -1,0 +1,178 @@
+"""docs/performance.md from a results dict: machine, figures against targets, plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+NOTES = Path(__file__).with_name("performance_notes.md")
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        value = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return f"{value}{unit}"
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**no**")
+
+
+def _machine(m: dict[str, Any]) -> list[str]:
+    tools = ", ".join(f"{k}: {v}" for k, v in m["tools"].items() if v)
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    return [
+        "| | |",
+        "| --- | --- |",
+        f"| CPU | {m['cpu']}, {m['cores']} cores |",
+        f"| memory | {m['memory_gib']} GiB |",
+        f"| OS | {m['os']} (kernel {m['kernel']}) |",
+        f"| Python | {m['python']} |",
+        f"| PostgreSQL | {m['postgresql'] or 'not reachable'} |",
+        f"| SQLite | {m['sqlite']} |",
+        f"| packages | {packages} |",
+        f"| tools | {tools} |",
+        f"| load average at start | {', '.join(str(v) for v in m['load_average_at_start'])} |",
+        f"| commit | {m['git_commit']} |",
+    ]
+
+
+def _ingest(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| database | confirm | webhook req/s | baseline req/s | ratio (target ≥ 0.5) "
+        "| half-rate | webhook p50 / p99 ms | baseline p50 / p99 ms | p99 ≤ 20 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        sat = run["saturation"]
+        half = run["half_rate"]
+        hook = half["webhook"]["latency"]
+        base = half["baseline"]["latency"]
+        ratio_ok = sat["ratio"] is not None and sat["ratio"] >= 0.5
+        p99_ok = hook["p99_ms"] is not None and hook["p99_ms"] <= 20
+        lines.append(
+            f"| {run['database']} | {'on' if run['confirm_callbacks'] else 'off'} "
+            f"| {_fmt(sat['webhook_rps'])} | {_fmt(sat['baseline_rps'])} "
+            f"| {_fmt(sat['ratio'])} {_met(ratio_ok)} | {_fmt(half['rate'])}/s "
+            f"| {_fmt(hook['p50_ms'])} / {_fmt(hook['p99_ms'])} "
+            f"| {_fmt(base['p50_ms'])} / {_fmt(base['p99_ms'])} | {_met(p99_ok)} |"
+        )
+    lines.append("")
+    lines.append("Deliveries recorded by the service in each run (new ones are `confirming` or")
+    lines.append("`applied`, repeats `duplicate`), and provider queries made to confirm them:")
+    lines.append("")
+    for run in runs:
+        confirm = "on" if run["confirm_callbacks"] else "off"
+        lines.append(
+            f"- {run['database']}, confirm {confirm}: {run['deliveries_by_outcome']}, "
+            f"{run['confirmation_queries']} confirmation queries"
+            + (
+                " (task pool wrapped: late runs were all duplicates)"
+                if run["pool_exhausted"]
+                else ""
+            )
+        )
+    return lines
+
+
+def _downloads(d: dict[str, Any]) -> list[str]:
+    lines = [
+        "| size | worker MB/s | curl MB/s | ratio (target ≥ 0.8) | fetch only MB/s (ratio) "
+        "| peak RSS growth (target ≤ 16 MB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in d["sizes"].items():
+        lines.append(
+            f"| {name} | {_fmt(s['worker_mb_s'])} | {_fmt(s['curl_mb_s'])} "
+            f"| {_fmt(s['ratio'])} {_met(s['ratio'] is not None and s['ratio'] >= 0.8)} "
+            f"| {_fmt(s['fetch_only_mb_s'])} ({_fmt(s['fetch_only_ratio'])}) "
+            f"| {_fmt(s['peak_rss_growth_mb'], ' MB')} {_met(s['peak_rss_growth_mb'] <= 16)} |"
+        )
+    return lines
+
+
+def _listing(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| database | page | p50 ms (target ≤ 10) | p99 ms | baseline p50 / p99 ms "
+        "| p50 ÷ baseline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        base = run["latency"]["baseline"]
+        for page in ("first_page", "deep_page"):
+            s = run["latency"][page]
+            label = "first" if page == "first_page" else f"page {run['deep_page']} (cursor)"
+            lines.append(
+                f"| {run['database']} | {label} | {_fmt(s['p50_ms'])} {_met(s['p50_ms'] <= 10)} "
+                f"| {_fmt(s['p99_ms'])} | {_fmt(base['p50_ms'])} / {_fmt(base['p99_ms'])} "
+                f"| {_fmt(s['p50_vs_baseline'])} |"
+            )
+    return lines
+
+
+def _submit(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| database | POST /tasks p50 / p99 ms | simulator submit p50 / p99 ms "
+        "| overhead p50 ms (target ≤ 5) | paired overhead p50 / p99 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        s, d, paired = run["service"], run["simulator_direct"], run["paired_overhead"]
+        lines.append(
+            f"| {run['database']} | {_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])} "
+            f"| {_fmt(d['p50_ms'])} / {_fmt(d['p99_ms'])} "
+            f"| {_fmt(run['overhead_p50_ms'])} {_met(run['overhead_p50_ms'] <= 5)} "
+            f"| {_fmt(paired['p50_ms'])} / {_fmt(paired['p99_ms'])} |"
+        )
+    return lines
+
+
+def _plans(runs: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for run in runs:
+        for page, plan in run["plans"].items():
+            lines += [f"{run['database']}, {page.replace('_', ' ')}:", "", "```", plan, "```", ""]
+    return lines
+
+
+def render(results: dict[str, Any], json_name: str) -> str:
+    """The whole docs/performance.md."""
+    out = [
+        "# Performance",
+        "",
+        f"Generated by `make bench` ({results['duration_s']:.0f} s) at {results['started_at']}; "
+        f"raw figures in `bench/results/{json_name}`. The machine is shared, so every figure",
+        "stands next to a baseline taken in the same run; compare ratios, not absolute times.",
+        "",
+        "## Machine",
+        "",
+        *_machine(results["machine"]),
+        "",
+    ]
+    if results.get("ingest"):
+        out += ["## 1. Callback ingest", "", *_ingest(results["ingest"]), ""]
+        out += [
+            "## 5. Callback latency against offered rate",
+            "",
+            "![callback latency](../bench/results/callback_latency.png)",
+            "",
+        ]
+    if results.get("downloads"):
+        out += ["## 2. Downloads", "", *_downloads(results["downloads"]), ""]
+    if results.get("listing"):
+        out += [
+            "## 3. Listing",
+            "",
+            *_listing(results["listing"]),
+            "",
+            "### Query plans (the SQL `repository.list_tasks` sends)",
+            "",
+            *_plans(results["listing"]),
+        ]
+    if results.get("submit"):
+        out += ["## 4. Submission overhead", "", *_submit(results["submit"]), ""]
+    if NOTES.exists():
+        out += [NOTES.read_text().rstrip(), ""]
+    return "\n".join(out)

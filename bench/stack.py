@@ -1,0 +1,75 @@
+"""The service and the simulator as separate processes, configured for the benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.procs import PYTHON, Child, clean_env, free_port
+
+API_TOKEN = "bench-token-" + "b" * 24
+WEBHOOK_SECRET = "bench-webhook-secret-0123456789abcdef"  # noqa: S105 (a local test value)
+SIM_KEY = "sim-key"
+
+
+class Service:
+    """`bench.launcher service`: the real app plus the no-op baseline routes."""
+
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+            timeout=30,
+            trust_env=False,
+        )
+
+
+def start_simulator(workdir: Path) -> tuple[Child, str]:
+    """The simulator (callbacks dropped, seed route added); its base URL."""
+    port = free_port()
+    child = Child(
+        "simulator",
+        [PYTHON, "-m", "bench.launcher", "simulator", "--port", str(port)],
+        clean_env({}),
+        workdir,
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    child.wait_http(f"{url}/_sim/faults")
+    return child, url
+
+
+def start_service(
+    workdir: Path, name: str, database_url: str, simulator_url: str, **settings: Any
+) -> Service:
+    """One service process (one uvicorn worker), JSON logs to a file, as in production."""
+    port = free_port()
+    values: dict[str, Any] = {
+        "DATABASE_URL": database_url,
+        "STORAGE_URL": f"file://{workdir / 'images'}",
+        "STARMAGIC_BASE_URL": simulator_url,
+        "STARMAGIC_API_KEY": SIM_KEY,
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "API_TOKENS": API_TOKEN,
+        "ALLOW_INSECURE_CALLBACKS": True,
+        "DOWNLOAD_ALLOW_PRIVATE_NETWORKS": True,
+        "LOG_FORMAT": "json",
+        "RUN_BACKGROUND": False,
+    }
+    values.update({key.upper(): value for key, value in settings.items()})
+    child = Child(
+        name,
+        [PYTHON, "-m", "bench.launcher", "service", "--port", str(port)],
+        clean_env(values),
+        workdir,
+    ).start()
+    service = Service(child, port)
+    child.wait_http(f"{service.url}/readyz")
+    return service
