@@ -23,6 +23,29 @@ MAX_URL_LENGTH = 2048
 MAX_METADATA_BYTES = 4096
 
 
+def storable_text(value: str) -> str:
+    """Refuse what a database cannot keep: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _storable_json(value: Any) -> None:
+    if isinstance(value, str):
+        storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(str(key))
+            _storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+
+
 class TaskCreate(BaseModel):
     """What a caller may ask for; everything the provider would refuse is refused here."""
 
@@ -55,6 +78,7 @@ class TaskCreate(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
+        storable_text(value)
         if not value.strip():
             raise ValueError("must not be blank")
         if len(value.encode()) > MAX_PROMPT_BYTES:
@@ -69,6 +93,7 @@ class TaskCreate(BaseModel):
         if not 1 <= len(value) <= MAX_IMAGE_URLS:
             raise ValueError(f"must hold 1 to {MAX_IMAGE_URLS} URLs")
         for url in value:
+            storable_text(url)
             parts = urlsplit(url)
             if parts.scheme != "https" or not parts.hostname:
                 raise ValueError(f"must be https:// URLs: {url[:100]!r}")
@@ -79,6 +104,7 @@ class TaskCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _storable_json(value)
         if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
             raise ValueError(f"is too large: at most {MAX_METADATA_BYTES} bytes as JSON")
         return value

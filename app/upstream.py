@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,6 +218,18 @@ def _unix(value: Any) -> datetime | None:
         return None
 
 
+_UPSTREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+MAX_ESTIMATED_TIME = 7 * 24 * 3600
+
+
+def _text(value: Any, limit: int) -> str | None:
+    """Provider text made storable: no NUL, no lone surrogates, bounded."""
+    if value is None or value == "":
+        return None
+    text = str(value).replace("\x00", "")[:limit]
+    return text.encode("utf-8", "replace").decode("utf-8") or None
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -226,6 +239,10 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _bounded(value: int | None, low: int, high: int) -> int | None:
+    return value if value is not None and low <= value <= high else None
+
+
 def _first_image(result: Any) -> tuple[str | None, datetime | None]:
     images = result.get("images") if isinstance(result, dict) else None
     if not isinstance(images, list) or not images or not isinstance(images[0], dict):
@@ -233,16 +250,16 @@ def _first_image(result: Any) -> tuple[str | None, datetime | None]:
     url, expires = images[0].get("url"), _unix(images[0].get("expires_at"))
     if isinstance(url, list):  # seen both as a string and as a list of strings
         url = next((item for item in url if isinstance(item, str)), None)
-    return (url if isinstance(url, str) and url else None), expires
+    return (_text(url, 4096) if isinstance(url, str) else None), expires
 
 
 def _error(error: Any) -> tuple[str | None, str | None]:
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
         message = error.get("message") or error.get("detail")
-        return (str(code)[:64] if code else None), (str(message)[:1000] if message else None)
-    if isinstance(error, str) and error:
-        return None, error[:1000]
+        return _text(code, 64), _text(message, 1000)
+    if isinstance(error, str):
+        return None, _text(error, 1000)
     return None, None
 
 
@@ -263,8 +280,10 @@ def parse_snapshot(payload: Any) -> Snapshot:
     if status is None or status is TaskStatus.SUBMITTING:
         raise SnapshotError(f"unknown task status {str(raw_status)[:40]!r}")
     upstream_id = task.get("id")
-    if upstream_id is not None and (not isinstance(upstream_id, str) or len(upstream_id) > 128):
-        raise SnapshotError("task id must be a string of at most 128 characters")
+    if upstream_id is not None and (
+        not isinstance(upstream_id, str) or not _UPSTREAM_ID.fullmatch(upstream_id)
+    ):
+        raise SnapshotError("task id must be a short string of letters, digits and -_.:")
     progress = _int(task.get("progress"))
     image_url, expires_at = _first_image(task.get("result"))
     error_code, error_message = _error(task.get("error"))
@@ -280,6 +299,6 @@ def parse_snapshot(payload: Any) -> Snapshot:
         image_expires_at=expires_at if status is TaskStatus.COMPLETED else None,
         error_code=error_code,
         error_message=error_message,
-        estimated_time=_int(estimated),
+        estimated_time=_bounded(_int(estimated), 0, MAX_ESTIMATED_TIME),
         completed_at=_unix(task.get("completed")),
     )

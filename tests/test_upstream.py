@@ -69,9 +69,32 @@ def test_failed_snapshot_keeps_the_providers_reason() -> None:
     assert snapshot.image_url is None
 
 
+def test_values_a_database_cannot_keep_are_cleaned_or_dropped() -> None:
+    """NUL and lone surrogates leave the text; absurd estimates are ignored."""
+    body = {
+        "status": "failed",
+        "estimated_time": "1e30",
+        "error": {"code": "x\x00y", "message": "bad \ud800 thing"},
+    }
+    snapshot = parse_snapshot(body)
+    assert snapshot.estimated_time is None
+    assert snapshot.error_code == "xy"
+    assert snapshot.error_message == "bad ? thing"
+
+
 @pytest.mark.parametrize(
     "payload",
-    [None, [], "completed", {}, {"status": "done"}, {"status": "submitting"}, {"code": 404}],
+    [
+        None,
+        [],
+        "completed",
+        {},
+        {"status": "done"},
+        {"status": "submitting"},
+        {"code": 404},
+        {"status": "pending", "id": "task\x00id"},
+        {"status": "pending", "id": "../../etc"},
+    ],
 )
 def test_non_snapshots_are_refused(payload: Any) -> None:
     """No status, an unknown status or an error envelope is not a snapshot."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.errors import Unauthorized
+from app.errors import NotFound, Unauthorized
 from app.runtime import Runtime
 
 
@@ -74,3 +75,15 @@ def require_caller(
 
 
 CallerDep = Annotated[str, Depends(require_caller)]
+
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def task_id_path(task_id: str) -> str:
+    """A task id from the path; one that could never exist is 404 before any SQL."""
+    if not TASK_ID.fullmatch(task_id):
+        raise NotFound(f"task {task_id[:64]!r} does not exist")
+    return task_id
+
+
+TaskIdDep = Annotated[str, Depends(task_id_path)]

@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlmodel import col
 
 from app import repository
-from app.api.deps import CallerDep, RuntimeDep, SessionDep
+from app.api.deps import CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.api.tasks import ERRORS, to_public
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.models import ImageStatus, Task, utcnow
@@ -35,10 +35,10 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     },
 )
 async def get_task_image(
-    task_id: str,
+    _: CallerDep,
+    task_id: TaskIdDep,
     session: SessionDep,
     runtime: RuntimeDep,
-    _: CallerDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The stored image bytes, immutable once stored."""
@@ -82,7 +82,7 @@ async def get_task_image(
     },
 )
 async def retry_task_image(
-    task_id: str, request: Request, session: SessionDep, _: CallerDep
+    _: CallerDep, task_id: TaskIdDep, request: Request, session: SessionDep
 ) -> TaskPublic:
     """Queue a failed download again (the link is renewed from StarMagic if needed)."""
     now = utcnow()

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from app import repository
-from app.api.deps import CallerDep, RuntimeDep, SessionDep
+from app.api.deps import TASK_ID, CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.errors import NotFound, Unprocessable
 from app.models import Task
 from app.schemas import ErrorBody, ErrorInfo, ImagePublic, TaskCreate, TaskPage, TaskPublic
@@ -79,6 +79,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         stamp = datetime.fromisoformat(created)
         if stamp.tzinfo is None or not isinstance(task_id, str):
             raise ValueError("bad cursor")
+        if not TASK_ID.fullmatch(task_id):
+            raise ValueError("bad cursor")
         return stamp, task_id
     except (ValueError, TypeError) as exc:
         details = [{"field": "cursor", "reason": "not a cursor this service issued"}]
@@ -103,11 +105,11 @@ def _utc(value: datetime | None) -> datetime | None:
     },
 )
 async def create_task(
+    caller: CallerDep,
     body: TaskCreate,
     request: Request,
     response: Response,
     runtime: RuntimeDep,
-    caller: CallerDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -135,9 +137,9 @@ async def create_task(
 
 @router.get("", response_model=TaskPage, responses=ERRORS)
 async def list_tasks(
+    _: CallerDep,
     request: Request,
     session: SessionDep,
-    _: CallerDep,
     status_filter: Annotated[TaskStatusName | None, Query(alias="status")] = None,
     image_status: ImageStatusName | None = None,
     created_after: datetime | None = None,
@@ -164,7 +166,9 @@ async def list_tasks(
     response_model=TaskPublic,
     responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such task"}},
 )
-async def get_task(task_id: str, request: Request, session: SessionDep, _: CallerDep) -> TaskPublic:
+async def get_task(
+    _: CallerDep, task_id: TaskIdDep, request: Request, session: SessionDep
+) -> TaskPublic:
     """One task, with its image once stored."""
     task = await repository.get_task(session, task_id)
     if task is None:

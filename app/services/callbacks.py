@@ -59,6 +59,7 @@ async def receive_callback(
     """Check the token, record the delivery, and apply it (or queue its confirmation)."""
     if not callback_urls.verify(task_id, token, settings.webhook_secret):
         raise NotFound(UNKNOWN_CALLBACK)
+    # A valid token was signed by us, so the id is one of ours and safe for SQL.
     task = await repository.get_task(session, task_id)
     if task is None:
         raise NotFound(UNKNOWN_CALLBACK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,21 @@ async def test_submit_answers_202_with_location_and_records_the_provider_id(
         ({"prompt": "p", "metadata": {"k": "v" * 5000}}, "metadata"),
         ({"prompt": "p", "metadata": ["not", "an", "object"]}, "metadata"),
         ({"prompt": "p", "colour": "red"}, "colour"),
+        ({"prompt": "a\u0000b"}, "prompt"),
+        ({"prompt": "a\ud800b"}, "prompt"),
+        ({"prompt": "p", "metadata": {"note": "\ud800"}}, "metadata"),
+        ({"prompt": "p", "metadata": {"k\u0000": "v"}}, "metadata"),
+        ({"prompt": "p", "image_urls": ["https://e.com/a\u0000.png"]}, "image_urls"),
     ],
 )
 async def test_invalid_requests_get_422_naming_the_field_and_send_nothing(
     service: Service, body: dict[str, Any], field: str
 ) -> None:
     """Everything the provider would refuse is refused first, and nothing is stored."""
-    response = await service.client.post("/tasks", json=body)
+    raw = json.dumps(body).encode()  # lone surrogates travel as JSON escapes
+    response = await service.client.post(
+        "/tasks", content=raw, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_request"
@@ -290,9 +299,12 @@ async def test_list_refuses_bad_parameters(service: Service, params: dict[str, A
     }
 
 
-async def test_unknown_task_is_404(service: Service) -> None:
-    """A task id that does not exist is 404 in the one error shape."""
-    response = await service.client.get("/tasks/tsk_nope")
+@pytest.mark.parametrize(
+    "path", ["/tasks/tsk_nope", "/tasks/a%00b", "/tasks/" + "x" * 5000, "/tasks/%FF%FE/image"]
+)
+async def test_unknown_or_impossible_task_ids_are_404(service: Service, path: str) -> None:
+    """A task id that does not (or could not) exist is 404 in the one error shape."""
+    response = await service.client.get(path)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
 
