@@ -179,6 +179,7 @@ class Verdict:
     image_gets: Counter[int]  # GETs per completed task -> how many tasks
     callback_attempts: int
     callback_statuses: Counter[int]
+    deliveries_recorded: int
     dropped: int
     duplicate_deliveries: int
     late_processing: int
@@ -189,9 +190,18 @@ class Verdict:
 
 
 async def verify(
-    cluster: Cluster, tasks: list[Planned], *, refetch_allowed: set[str] | None = None
+    cluster: Cluster,
+    tasks: list[Planned],
+    *,
+    refetch_allowed: set[str] | None = None,
+    crashes: bool = False,
 ) -> Verdict:
-    """Check every promise about the storm's tasks; collect problems instead of stopping."""
+    """Check every promise about the storm's tasks; collect problems instead of stopping.
+
+    ``refetch_allowed``: tasks whose download a crash interrupted (a second GET is
+    expected). ``crashes``: a replica killed after recording a delivery but before
+    answering leaves a recorded delivery whose attempt the provider saw fail.
+    """
     refetch_allowed = refetch_allowed or set()
     problems: list[str] = []
     rows = {row["id"]: row for row in await cluster.table("tasks")}
@@ -281,8 +291,11 @@ async def verify(
     statuses = Counter(a["status_code"] or 0 for a in attempts)
     deliveries = (await cluster.query("SELECT count(*) FROM callback_deliveries"))[0][0]
     accepted = sum(n for code, n in statuses.items() if 200 <= code < 300)
-    if deliveries != accepted:
+    failed = len(attempts) - accepted
+    if deliveries < accepted:
         problems.append(f"{accepted} callbacks answered 2xx but {deliveries} deliveries recorded")
+    if deliveries > accepted + (failed if crashes else 0):
+        problems.append(f"{deliveries} deliveries recorded for {accepted} answered 2xx")
     dropped = [t for t in tasks if t.drop]
     for task in dropped:
         row = by_index.get(task.index)
@@ -296,6 +309,7 @@ async def verify(
         image_gets=gets,
         callback_attempts=len(attempts),
         callback_statuses=statuses,
+        deliveries_recorded=deliveries,
         dropped=len(dropped),
         duplicate_deliveries=sum(max(0, t.deliveries - 1) for t in tasks),
         late_processing=sum(1 for t in tasks if t.late_processing),

@@ -43,6 +43,7 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "image_gets_per_completed_task": dict(verdict.image_gets),
         "callback_attempts": verdict.callback_attempts,
         "callback_answers": dict(verdict.callback_statuses),
+        "callback_deliveries_recorded": verdict.deliveries_recorded,
         "tasks_with_dropped_callbacks": verdict.dropped,
         "duplicate_terminal_callbacks": verdict.duplicate_deliveries,
         "late_processing_callbacks": verdict.late_processing,
@@ -123,7 +124,7 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
         stop.set()
         shuffled = await shuffler
     refetch = {task_id for kill in cluster.kills for task_id in kill.interrupted_downloads}
-    verdict = await verify(cluster, tasks, refetch_allowed=refetch)
+    verdict = await verify(cluster, tasks, refetch_allowed=refetch, crashes=True)
     webhook = cluster.proxy.webhook_records()
     replica_5xx = [r for r in webhook if r.status >= 500 and r.from_replica]
     healthy_5xx = [r for r in webhook if r.status >= 500 and not r.degraded]
