@@ -46,7 +46,7 @@ class IngestPlan:
     half_rate: float = 8.0
     sweep: float = 4.0
     sweep_fractions: tuple[float, ...] = (0.25, 0.75, 0.9, 1.0)
-    pool: int = 40_000
+    pool: int = 30_000
 
 
 def _upstream_id(created: int) -> str:
@@ -159,6 +159,9 @@ class Runner:
         self.workdir = workdir
         self.label = label
         self.files = 0
+        # The baseline ignores what it is sent: one fixed set of request shapes will do,
+        # and the pool's fresh tasks are kept for the webhook.
+        self.baseline_lines = pool.take(4000)
 
     def _datafile(self, lines: list[str]) -> Path:
         self.files += 1
@@ -168,8 +171,11 @@ class Runner:
 
     def saturate(self, endpoint: str, seconds: float, expected_rps: float) -> dict[str, Any]:
         """One wrk run; the webhook gets fresh tasks, the baseline the same request shapes."""
-        lines = self.pool.take(int(expected_rps * seconds * 1.5) + 1000)
         prefix = NOOP_PREFIX if endpoint == "baseline" else None
+        if prefix:
+            lines = self.baseline_lines
+        else:
+            lines = self.pool.take(int(expected_rps * seconds * 1.5) + 1000)
         result = saturate(self.service.port, self._datafile(lines), prefix=prefix, duration=seconds)
         result["endpoint"] = endpoint
         result["idle_wait_s"] = round(self.service.child.wait_idle(), 2)
@@ -177,8 +183,8 @@ class Runner:
 
     def open_loop(self, endpoint: str, rate: float, seconds: float) -> dict[str, Any]:
         """Constant offered rate; latency from each request's scheduled time."""
-        lines = self.pool.take(int(rate * seconds) + 10)
         prefix = NOOP_PREFIX if endpoint == "baseline" else None
+        lines = self.baseline_lines if prefix else self.pool.take(int(rate * seconds) + 10)
         requests = read_entries(self._datafile(lines), prefix)
         cpu_before = self.service.child.cpu_seconds()
         result = loadgen.open_loop(self.service.port, requests, rate=rate, duration=seconds)
