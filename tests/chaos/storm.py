@@ -180,6 +180,7 @@ class Verdict:
     callback_attempts: int
     callback_statuses: Counter[int]
     deliveries_recorded: int
+    unknown_submissions: int  # killed before the provider was called: failed, not lost
     dropped: int
     duplicate_deliveries: int
     late_processing: int
@@ -310,6 +311,9 @@ async def verify(
         callback_attempts=len(attempts),
         callback_statuses=statuses,
         deliveries_recorded=deliveries,
+        unknown_submissions=sum(
+            1 for row in rows.values() if row["error_code"] == "submission_outcome_unknown"
+        ),
         dropped=len(dropped),
         duplicate_deliveries=sum(max(0, t.deliveries - 1) for t in tasks),
         late_processing=sum(1 for t in tasks if t.late_processing),
@@ -376,7 +380,11 @@ class ChaosMonkey:
         await self._kill(replica, "mid-submit")
 
     async def _mid_download(self, replica: int) -> None:
-        """Kill while the replica streams a slow image into its spool file."""
+        """Kill while the replica streams a slow image into its spool file.
+
+        The storm's own slow images usually provide one; if none lands on this
+        replica for a while, one more slow task is added, until one does.
+        """
         pid = self.cluster.replicas[replica].pid
 
         async def downloading() -> bool:
@@ -388,7 +396,18 @@ class ChaosMonkey:
             spooled = {p.stem for p in self.cluster.spool_leftovers()}
             return any(row[0] in spooled for row in rows)
 
-        await wait_for(downloading, timeout=60, interval=0.1, what="a download in flight")
+        for _ in range(12):
+            try:
+                await wait_for(downloading, timeout=10, interval=0.1, what="a download")
+                break
+            except AssertionError:
+                index = len(self.tasks)
+                prompt = f"storm task {index} [sim:image_slow=6,eta=50]"
+                extra = Planned(index, prompt, "completed", False, 1, False, True)
+                self.tasks.append(extra)
+                self._submits.append(asyncio.create_task(submit_one(self.cluster, extra, replica)))
+        else:
+            raise AssertionError(f"no download ever ran on replica {replica}")
         await self._kill(replica, "mid-download")
 
     async def _mid_callback(self, replica: int) -> None:
