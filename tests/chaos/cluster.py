@@ -6,6 +6,7 @@ stack's own processes, the other replicas are extra ``imagetasks serve`` process
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.callback_urls import WEBHOOK_PATH, sign
-from app.simulator.images import render_png
+from app.simulator.images import padded_png, render_png
 from tests.chaos.proxy import RoundRobinProxy
 from tests.e2e.stack import (
     API_TOKEN,
@@ -42,6 +43,15 @@ _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
 def expected_png_sha256(upstream_id: str) -> str:
     """The sha256 of the image the simulator serves for this task (no fault applied)."""
     return sha256(render_png(upstream_id, SIM_IMAGE_SIZE, SIM_IMAGE_SIZE))
+
+
+async def expected_sha256(upstream_id: str, image_size: int | None = None) -> str:
+    """The sha256 of the image served for this task, padded to ``image_size`` if given."""
+    base = render_png(upstream_id, SIM_IMAGE_SIZE, SIM_IMAGE_SIZE)
+    digest = hashlib.sha256()
+    async for chunk in padded_png(base, image_size):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.chaos.cluster import TERMINAL, Cluster, expected_png_sha256
+from tests.chaos.cluster import TERMINAL, Cluster, expected_sha256
 from tests.e2e.stack import sha256, wait_for
 
 SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
@@ -45,6 +45,7 @@ class Planned:
     key: str = ""
     task_id: str | None = None
     answers: list[int] = field(default_factory=list)  # POST /tasks statuses, retries included
+    image_size: int | None = None  # the image_size directive, if any
 
 
 def plan(count: int, rng: random.Random, *, slow_share: float = SLOW_SHARE) -> list[Planned]:
@@ -254,7 +255,7 @@ async def verify(
         if row["image_status"] != "stored":
             problems.append(f"{where}: image {row['image_status']} ({row['image_error_code']})")
             continue
-        expected = expected_png_sha256(upstream)
+        expected = await expected_sha256(upstream, task.image_size)
         objects = [p for p in stored_files if p.name == f"{row['id']}.png"]
         if len(objects) != 1:
             problems.append(f"{where}: {len(objects)} stored objects")

@@ -330,3 +330,122 @@ async def test_storage_outage_downloads_retry_with_a_recorded_reason(
     for attempt in storage_outage.attempts_during:
         assert attempt["error_code"] in ("storage", "local_io"), attempt
         assert not attempt["leased"], attempt
+
+
+# -- a full disk ----------------------------------------------------------------------
+
+DISK_BYTES = 4 * 1024 * 1024
+FULL_TASKS = 8
+FULL_IMAGE_BYTES = 300_000  # 8 of them fit in the disk once the filler is gone
+
+
+def mount_tmpfs(path: Path, size: int) -> bool:
+    """Mount a tmpfs of ``size`` bytes over ``path``; False where that is not allowed."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def fill(path: Path) -> int:
+    """Write zeros to ``path`` until the disk is full; the bytes written."""
+    written = 0
+    piece = bytes(64 * 1024)
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(piece)
+                out.flush()
+                written += len(piece)
+        except OSError:
+            pass
+    return written
+
+
+@dataclass
+class DiskFull:
+    """What the full-disk scenario saw."""
+
+    cluster: Cluster
+    attempts_during: list[dict[str, Any]]
+    readyz_during: list[int]
+    verdict: Verdict
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def disk_full(module_clusters: ClusterPool, figures: Figures) -> DiskFull:
+    """Storage on a small tmpfs filled up while images arrive; then room is made."""
+    cluster = await module_clusters.start("postgres", replicas=2)
+    if not mount_tmpfs(cluster.storage_dir, DISK_BYTES):
+        pytest.skip("needs root and permission to mount a tmpfs")
+    filler = cluster.storage_dir / "filler.bin"
+    try:
+        fill(filler)
+        tasks = [
+            Planned(
+                n,
+                f"full disk task {n} [sim:eta=50,image_size={FULL_IMAGE_BYTES}]",
+                "completed",
+                False,
+                1,
+                False,
+                False,
+                image_size=FULL_IMAGE_BYTES,
+            )
+            for n in range(FULL_TASKS)
+        ]
+        await submit_all(cluster, tasks)
+
+        async def all_failed_once() -> list[dict[str, Any]] | None:
+            rows = await cluster.query(
+                "SELECT id, image_attempts, image_error_code, image_lease_owner FROM tasks "
+                "WHERE image_status = 'pending' AND image_error_code IS NOT NULL"
+            )
+            attempts = [
+                {"id": r[0], "attempts": r[1], "error_code": r[2], "leased": r[3] is not None}
+                for r in rows
+            ]
+            return attempts if len(attempts) == FULL_TASKS else None
+
+        attempts = await wait_for(all_failed_once, timeout=90, interval=0.5, what="failed tries")
+        readyz = [(await readiness(cluster, i))[0] for i in range(len(cluster.replicas))]
+        filler.unlink()
+        await cluster.wait_settled(timeout=SETTLE_TIMEOUT, expected=FULL_TASKS)
+        all_ids = {t.task_id for t in tasks if t.task_id}
+        verdict = await verify(cluster, tasks, refetch_allowed=all_ids)
+    finally:
+        filler.unlink(missing_ok=True)
+        subprocess.run(["umount", "-l", str(cluster.storage_dir)], check=False, timeout=30)
+    figures.record(
+        "disk_full",
+        tasks=verdict.tasks,
+        error_codes_while_full=sorted({a["error_code"] for a in attempts}),
+        readyz_while_full=readyz,
+        image_gets_per_completed_task=dict(verdict.image_gets),
+        images_stored=verdict.images_stored,
+        tasks_lost=len(verdict.lost),
+        problems=verdict.problems,
+    )
+    return DiskFull(cluster, attempts, readyz, verdict)
+
+
+async def test_full_disk_downloads_retry_with_a_recorded_reason(disk_full: DiskFull) -> None:
+    """A download that cannot be written retries later: reason recorded, lease given back."""
+    for attempt in disk_full.attempts_during:
+        assert attempt["error_code"] in ("storage", "local_io"), attempt
+        assert not attempt["leased"], attempt
+
+
+async def test_full_disk_loses_nothing_once_room_is_made(disk_full: DiskFull) -> None:
+    """Every image is stored once, intact, once there is room; no partial file is left."""
+    verdict = disk_full.verdict
+    assert verdict.lost == []
+    assert verdict.problems == []
+    assert verdict.stored_twice == []
+    assert verdict.wrong_bytes == []
+    assert verdict.images_stored == FULL_TASKS
