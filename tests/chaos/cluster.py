@@ -262,9 +262,9 @@ def leaks(processes: Iterable[Process], secrets_by_label: dict[str, str]) -> lis
                 found.append(f"{process.name}: {label}")
         for run in _HEX_RUN.findall(output):
             for start in range(len(run) - 31):
-                label = tokens.get(run[start : start + 32])
-                if label is not None:
-                    found.append(f"{process.name}: {label}")
+                token_label = tokens.get(run[start : start + 32])
+                if token_label is not None:
+                    found.append(f"{process.name}: {token_label}")
     return sorted(set(found))
 
 

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
 
+from app.cli import run_migrations
 from tests.chaos.cluster import Cluster, leaks, log_line_count
 from tests.conftest import (
     POSTGRES_URL,
@@ -29,7 +30,6 @@ from tests.conftest import (
     _postgres_reachable,
     _run,
     in_thread,
-    run_migrations,
 )
 from tests.e2e.stack import Process
 

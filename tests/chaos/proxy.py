@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -156,9 +157,9 @@ class RoundRobinProxy:
             ]
         except httpx.HTTPError as exc:
             status, from_replica = 502, False
-            body = f'{{"error": {{"code": "bad_gateway", "message": "{type(exc).__name__}"}}}}'
-            body_bytes = body.encode()
-            body, out_headers = body_bytes, [(b"content-type", b"application/json")]
+            message = {"error": {"code": "bad_gateway", "message": type(exc).__name__}}
+            body = json.dumps(message).encode()
+            out_headers = [(b"content-type", b"application/json")]
         finally:
             if callback:
                 self.inflight_callbacks[replica] -= 1

@@ -29,7 +29,7 @@ from app.middleware import MAX_BODY_BYTES
 from app.upstream import SnapshotError, parse_snapshot
 from tests.chaos.cluster import SECOND_TOKEN, TABLES, Cluster
 from tests.chaos.conftest import ClusterPool, Figures
-from tests.chaos.fuzz import FuzzRun, fuzz_bodies, fuzz_schema, json_values
+from tests.chaos.fuzz import Case, FuzzRun, fuzz_bodies, fuzz_schema, json_values
 from tests.e2e.stack import API_TOKEN, wait_for
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
@@ -61,44 +61,43 @@ async def hostile(module_clusters: ClusterPool) -> Hostile:
     return Hostile(cluster, processing, completed, schema=schemathesis.openapi.from_dict(raw))
 
 
-def with_token(token: str | None) -> Callable[[schemathesis.Case], None]:
+def with_token(token: str | None) -> Callable[[Case], None]:
     """Set (or remove, for None) the case's bearer token."""
 
-    def prepare(case: schemathesis.Case) -> None:
-        headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+    def prepare(case: Case) -> None:
+        for name in [k for k in case.headers if k.lower() == "authorization"]:
+            del case.headers[name]
         if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        case.headers = headers
+            case.headers["Authorization"] = f"Bearer {token}"
 
     return prepare
 
 
-def invalid_with_token(schema: Any) -> Callable[[schemathesis.Case], None]:
+def invalid_with_token(schema: Any) -> Callable[[Case], None]:
     """A valid token on cases made invalid elsewhere (a missing token is not the point here)."""
     set_token = with_token(API_TOKEN)
 
-    def prepare(case: schemathesis.Case) -> None:
+    def prepare(case: Case) -> None:
         assume(not schema.is_security_param_negated(case))
         set_token(case)
 
     return prepare
 
 
-def keep_generated_token(case: schemathesis.Case) -> None:
+def keep_generated_token(case: Case) -> None:
     """Leave schemathesis's own random bearer token (never a valid one) in place."""
-    headers = case.headers or {}
-    for name, value in headers.items():
+    for name, value in case.headers.items():
         if name.lower() == "authorization":
             assert API_TOKEN not in str(value)
             assert SECOND_TOKEN not in str(value)
 
 
-def provider_answer(case: schemathesis.Case, status: int) -> bool:
+def provider_answer(case: Case, status: int) -> bool:
     """502/503 are documented for POST /tasks: the provider refused or is unreachable."""
     return case.method.upper() == "POST" and case.path == "/tasks" and status in (502, 503)
 
 
-def nothing_allowed(case: schemathesis.Case, status: int) -> bool:
+def nothing_allowed(case: Case, status: int) -> bool:
     """No 5xx is acceptable."""
     return False
 
@@ -117,7 +116,7 @@ async def settle(cluster: Cluster) -> None:
             "('submitting', 'pending', 'processing') OR image_status = 'pending')",
             slow=SLOW_PROMPT,
         )
-        return rows[0][0] == 0
+        return bool(rows[0][0] == 0)
 
     await wait_for(quiet, timeout=120, interval=0.5, what="the fuzzed tasks to settle")
 
@@ -218,7 +217,8 @@ def is_snapshot(value: Any) -> bool:
         parse_snapshot(value)
     except SnapshotError:
         return False
-    return True
+    else:
+        return True
 
 
 def deep(depth: int) -> bytes:

@@ -130,7 +130,8 @@ async def waiting_task(cluster: Cluster) -> tuple[str, str]:
     task = await cluster.submit(WAITING_PROMPT)
 
     async def processing() -> bool:
-        return (await cluster.sim.task(task["upstream_task_id"]))["status"] == "processing"
+        provider = await cluster.sim.task(task["upstream_task_id"])
+        return bool(provider["status"] == "processing")
 
     await wait_for(processing, what="the provider to start processing")
     return task["id"], task["upstream_task_id"]
