@@ -52,7 +52,9 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
 def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
     """An engine for DATABASE_URL; creates the SQLite file's directory."""
     url = make_url(database_url)
-    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+    # No pre-ping: it costs a round trip per request. A connection that died
+    # with the server fails one statement, which invalidates the whole pool.
+    kwargs: dict[str, Any] = {"echo": echo}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,12 @@ def configure_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # Undo whatever an earlier dictConfig (uvicorn's own) did to these loggers.
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+        logger.disabled = False
+        logger.setLevel(logging.NOTSET)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -8,12 +8,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col
 
+from app.db import metadata
 from app.models import (
     CallbackDelivery,
     IdempotencyRecord,
@@ -106,6 +118,57 @@ async def list_tasks(
     return (await session.execute(statement)).scalars().all()
 
 
+# Core statements on the tables skip the ORM's per-row work (the webhook's hot path).
+TASKS: Table = metadata.tables["tasks"]
+DELIVERIES: Table = metadata.tables["callback_deliveries"]
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """The few columns the state machine decides on."""
+
+    id: str
+    status: TaskStatus
+    progress: int
+    upstream_task_id: str | None
+
+
+# Built once: constructing a statement costs more than running its cached SQL.
+_SELECT_STATE = select(
+    TASKS.c.id, TASKS.c.status, TASKS.c.progress, TASKS.c.upstream_task_id
+).where(TASKS.c.id == bindparam("task_id"))
+_INSERT_DELIVERY = insert(DELIVERIES)
+
+
+async def task_state(db: AsyncConnection, task_id: str) -> TaskState | None:
+    """A task's status, progress and provider id, without loading the whole row."""
+    row = (await db.execute(_SELECT_STATE, {"task_id": task_id})).first()
+    if row is None:
+        return None
+    return TaskState(row.id, TaskStatus(row.status), row.progress, row.upstream_task_id)
+
+
+async def upstream_id_taken(db: AsyncConnection, upstream_id: str, other_than: str) -> bool:
+    """Whether another task already carries this provider id."""
+    statement = select(TASKS.c.id).where(
+        TASKS.c.upstream_task_id == upstream_id, TASKS.c.id != other_than
+    )
+    return (await db.execute(statement)).first() is not None
+
+
+async def update_where(
+    db: AsyncConnection, task_id: str, condition: ColumnElement[bool], values: dict[str, Any]
+) -> bool:
+    """`update_task_where` on a plain connection (the webhook's fast path)."""
+    statement = update(TASKS).where(TASKS.c.id == task_id, condition).values(**values)
+    return bool(_rowcount(await db.execute(statement)))
+
+
+async def insert_delivery(db: AsyncConnection, values: dict[str, Any]) -> None:
+    """Keep one row per accepted webhook delivery."""
+    await db.execute(_INSERT_DELIVERY, values)
+
+
 async def update_task_where(
     session: AsyncSession, task_id: str, condition: ColumnElement[bool], values: dict[str, Any]
 ) -> bool:
@@ -123,12 +186,6 @@ async def update_task_where(
     )
     result = await session.execute(statement)
     return bool(_rowcount(result))
-
-
-async def record_delivery(session: AsyncSession, delivery: CallbackDelivery) -> None:
-    """Keep one row per accepted webhook delivery."""
-    session.add(delivery)
-    await session.flush()
 
 
 async def count_deliveries(session: AsyncSession, task_id: str) -> dict[str, int]:

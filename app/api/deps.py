@@ -10,14 +10,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import Settings
 from app.errors import NotFound, Unauthorized
 from app.runtime import Runtime
 
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a
+# thread pool, a needless hop on every request.
 
-def get_runtime(request: Request) -> Runtime:
+
+async def get_runtime(request: Request) -> Runtime:
     """The process's runtime, built by the lifespan."""
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -26,7 +29,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(runtime: RuntimeDep) -> Settings:
+async def get_settings(runtime: RuntimeDep) -> Settings:
     return runtime.settings
 
 
@@ -47,6 +50,20 @@ async def get_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
 # scope="function": commit before answering, so a 2xx always means "recorded".
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
+
+async def get_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """A plain connection for Core statements (the webhook's hot path), same rules."""
+    async with runtime.engine.connect() as connection:
+        try:
+            yield connection
+            await connection.commit()
+        except BaseException:
+            await connection.rollback()
+            raise
+
+
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
+
 _bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}
 
@@ -56,7 +73,7 @@ def caller_id(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def require_caller(
+async def require_caller(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
@@ -79,7 +96,7 @@ CallerDep = Annotated[str, Depends(require_caller)]
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def task_id_path(task_id: str) -> str:
+async def task_id_path(task_id: str) -> str:
     """A task id from the path; one that could never exist is 404 before any SQL."""
     if not TASK_ID.fullmatch(task_id):
         raise NotFound(f"task {task_id[:64]!r} does not exist")

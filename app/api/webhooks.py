@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app import metrics
-from app.api.deps import RuntimeDep, SessionDep
+from app.api.deps import ConnectionDep, RuntimeDep
 from app.callback_urls import WEBHOOK_PATH
 from app.errors import DomainError
 from app.schemas import ErrorBody
@@ -41,7 +41,7 @@ class CallbackAck(BaseModel):
     },
 )
 async def starmagic_callback(
-    task_id: str, token: str, request: Request, session: SessionDep, runtime: RuntimeDep
+    task_id: str, token: str, request: Request, db: ConnectionDep, runtime: RuntimeDep
 ) -> CallbackAck:
     """StarMagic's task callback; every accepted delivery gets 200, duplicates too."""
     started = time.perf_counter()
@@ -51,9 +51,9 @@ async def starmagic_callback(
         if content_type and content_type not in _JSON_TYPES:
             raise UnsupportedMediaType("callbacks must be JSON")
         received = await receive_callback(
-            session, runtime.settings, task_id, token, await request.body()
+            db, runtime.settings, task_id, token, await request.body()
         )
-        await session.commit()  # recorded before we answer, and before confirming
+        await db.commit()  # recorded before we answer, and before confirming
         outcome = received.outcome.value
         if received.needs_confirmation:
             runtime.reconciler.confirm_soon(task_id)

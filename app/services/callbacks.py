@@ -8,18 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, func
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlalchemy import func
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import callback_urls, repository
 from app.config import Settings
 from app.errors import DomainError, NotFound, Unprocessable
-from app.models import CallbackDelivery, Task, TaskStatus, utcnow
+from app.models import TaskStatus, utcnow
+from app.repository import TASKS, TaskState
 from app.schemas import Snapshot
 from app.services.snapshots import Outcome, apply_snapshot, owns_upstream_id
 from app.upstream import SnapshotError, parse_snapshot
@@ -54,60 +54,63 @@ def parse_body(raw: bytes) -> tuple[Snapshot, Any]:
 
 
 async def receive_callback(
-    session: AsyncSession, settings: Settings, task_id: str, token: str, raw: bytes
+    db: AsyncConnection, settings: Settings, task_id: str, token: str, raw: bytes
 ) -> Received:
     """Check the token, record the delivery, and apply it (or queue its confirmation)."""
     if not callback_urls.verify(task_id, token, settings.webhook_secret):
         raise NotFound(UNKNOWN_CALLBACK)
     # A valid token was signed by us, so the id is one of ours and safe for SQL.
-    task = await repository.get_task(session, task_id)
-    if task is None:
+    state = await repository.task_state(db, task_id)
+    if state is None:
         raise NotFound(UNKNOWN_CALLBACK)
     snapshot, _ = parse_body(raw)
     now = utcnow()
     poll_after = timedelta(seconds=settings.reconcile_after_seconds)
 
     if snapshot.status.terminal and settings.confirm_callbacks:
-        outcome = await _queue_confirmation(session, task, snapshot)
+        outcome = await _queue_confirmation(db, state, snapshot, now)
     else:
-        applied = await apply_snapshot(session, task_id, snapshot, now=now, poll_after=poll_after)
+        applied = await apply_snapshot(
+            db, task_id, snapshot, now=now, poll_after=poll_after, state=state
+        )
         outcome = applied.outcome
     if outcome is Outcome.MISMATCH:
         raise Unprocessable(
             "the snapshot is about a different StarMagic task", code="task_mismatch"
         )
-    await repository.record_delivery(
-        session,
-        CallbackDelivery(
-            task_id=task_id,
-            body_sha256=hashlib.sha256(raw).hexdigest(),
-            upstream_status=snapshot.status.value,
-            outcome=outcome.value,
-            changed=outcome is Outcome.APPLIED,
-            received_at=now,
-        ),
+    await repository.insert_delivery(
+        db,
+        {
+            "task_id": task_id,
+            "body_sha256": hashlib.sha256(raw).hexdigest(),
+            "upstream_status": snapshot.status.value,
+            "outcome": outcome.value,
+            "changed": outcome is Outcome.APPLIED,
+            "received_at": now,
+        },
     )
     log.info(
         "callback_received",
         task_id=task_id,
-        upstream_task_id=snapshot.upstream_id or task.upstream_task_id,
+        upstream_task_id=snapshot.upstream_id or state.upstream_task_id,
         reported=snapshot.status.value,
         outcome=outcome.value,
     )
     return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING)
 
 
-async def _queue_confirmation(session: AsyncSession, task: Task, snapshot: Snapshot) -> Outcome:
+async def _queue_confirmation(
+    db: AsyncConnection, state: TaskState, snapshot: Snapshot, now: datetime
+) -> Outcome:
     """A terminal callback is a hint: make the task due for a query right now."""
-    if not await owns_upstream_id(session, task, snapshot.upstream_id):
+    if not await owns_upstream_id(db, state, snapshot.upstream_id):
         return Outcome.MISMATCH
-    current = TaskStatus(task.status)
-    if current.terminal:
-        return Outcome.DUPLICATE if current is snapshot.status else Outcome.ANOMALY
-    values: dict[str, Any] = {"next_poll_at": utcnow(), "last_event_at": utcnow()}
+    if state.status.terminal:
+        return Outcome.DUPLICATE if state.status is snapshot.status else Outcome.ANOMALY
+    values: dict[str, Any] = {"next_poll_at": now, "last_event_at": now}
     if snapshot.upstream_id:
         # A submit whose answer was lost learns the provider's id here.
-        values["upstream_task_id"] = func.coalesce(col(Task.upstream_task_id), snapshot.upstream_id)
-    active = col(Task.status).in_([s.value for s in TaskStatus if not s.terminal])
-    await repository.update_task_where(session, task.id, and_(active), values)
+        values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
+    active = TASKS.c.status.in_([s.value for s in TaskStatus if not s.terminal])
+    await repository.update_where(db, state.id, active, values)
     return Outcome.CONFIRMING

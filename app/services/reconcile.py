@@ -118,7 +118,7 @@ class Reconciler:
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
         async with self._factory() as session, session.begin():
             applied = await apply_snapshot(
-                session,
+                await session.connection(),
                 task.id,
                 snapshot,
                 now=now,
@@ -131,7 +131,7 @@ class Reconciler:
             reported=snapshot.status.value,
             outcome=applied.outcome.value,
         )
-        if not TaskStatus(applied.task.status).terminal:
+        if not applied.state.status.terminal:
             await self._reschedule(task, now)
 
     async def _reschedule(self, task: Task, now: datetime) -> None:

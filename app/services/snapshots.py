@@ -2,7 +2,8 @@
 
 The webhook, the reconciler and the submit path all come through here, and
 only here are transitions decided. Every change is a conditional UPDATE, so two
-concurrent deliveries of the same snapshot cannot both win.
+concurrent deliveries of the same snapshot cannot both win. It works on a
+plain connection with Core statements: the webhook's hot path stays cheap.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import ColumnElement, and_, case, func, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlalchemy import ColumnElement, and_, case, func, or_
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository
 from app.errors import NotFound
-from app.models import ImageStatus, Task, TaskStatus
+from app.models import ImageStatus, TaskStatus
+from app.repository import TASKS, TaskState
 from app.schemas import Snapshot
 
 log = structlog.get_logger(__name__)
@@ -37,29 +38,42 @@ class Outcome(enum.StrEnum):
 @dataclass(frozen=True)
 class Applied:
     outcome: Outcome
-    task: Task
+    state: TaskState  # the task as it stands after this snapshot
 
     @property
     def changed(self) -> bool:
         return self.outcome is Outcome.APPLIED
 
 
-def _status_in(statuses: list[TaskStatus]) -> ColumnElement[bool]:
-    return col(Task.status).in_([s.value for s in statuses])
+def classify(state: TaskState, snapshot: Snapshot) -> Outcome:
+    """What a snapshot would do to a task in this state (the rules, in Python).
+
+    `_transition`'s WHERE clause states the same rules in SQL; it is what makes
+    them hold when two deliveries race.
+    """
+    current, target = state.status, snapshot.status
+    if current.terminal:
+        if target is current:
+            return Outcome.DUPLICATE
+        return Outcome.ANOMALY if target.terminal else Outcome.STALE
+    if target.terminal or target.rank > current.rank:
+        return Outcome.APPLIED
+    if target is current:
+        return Outcome.APPLIED if (snapshot.progress or 0) > state.progress else Outcome.DUPLICATE
+    return Outcome.STALE
 
 
-async def owns_upstream_id(session: AsyncSession, task: Task, upstream_id: str | None) -> bool:
+async def owns_upstream_id(db: AsyncConnection, state: TaskState, upstream_id: str | None) -> bool:
     """False when the snapshot names a provider task other than this one's."""
     if upstream_id is None:
         return True
-    if task.upstream_task_id is not None:
-        return task.upstream_task_id == upstream_id
-    other = await session.execute(
-        select(col(Task.id)).where(
-            col(Task.upstream_task_id) == upstream_id, col(Task.id) != task.id
-        )
-    )
-    return other.first() is None
+    if state.upstream_task_id is not None:
+        return state.upstream_task_id == upstream_id
+    return not await repository.upstream_id_taken(db, upstream_id, other_than=state.id)
+
+
+def _status_in(statuses: list[TaskStatus]) -> ColumnElement[bool]:
+    return cast(ColumnElement[bool], TASKS.c.status.in_([s.value for s in statuses]))
 
 
 def _transition(
@@ -69,20 +83,18 @@ def _transition(
     target = snapshot.status
     values: dict[str, Any] = {"status": target.value, "updated_at": now, "last_event_at": now}
     if snapshot.upstream_id:
-        values["upstream_task_id"] = func.coalesce(col(Task.upstream_task_id), snapshot.upstream_id)
+        values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
     if snapshot.estimated_time is not None:
-        values["estimated_time"] = func.coalesce(col(Task.estimated_time), snapshot.estimated_time)
+        values["estimated_time"] = func.coalesce(TASKS.c.estimated_time, snapshot.estimated_time)
 
     if not target.terminal:
         progress = snapshot.progress or 0
         earlier = [s for s in TaskStatus if s.rank < target.rank]
         condition = or_(
             _status_in(earlier),
-            and_(col(Task.status) == target.value, col(Task.progress) < progress),
+            and_(TASKS.c.status == target.value, TASKS.c.progress < progress),
         )
-        values["progress"] = case(
-            (col(Task.progress) < progress, progress), else_=col(Task.progress)
-        )
+        values["progress"] = case((TASKS.c.progress < progress, progress), else_=TASKS.c.progress)
         values["next_poll_at"] = now + poll_after
         values["poll_attempts"] = 0
         return condition, values
@@ -107,60 +119,73 @@ def _transition(
             error_code="cancelled",
             error_message=snapshot.error_message or "the task was cancelled at StarMagic",
         )
-    active = [s for s in TaskStatus if not s.terminal]
-    return _status_in(active), values
+    return _status_in([s for s in TaskStatus if not s.terminal]), values
 
 
-def _why_not(task: Task, target: TaskStatus) -> Outcome:
-    current = TaskStatus(task.status)
-    if current is target:
-        return Outcome.DUPLICATE
-    if current.terminal and target.terminal:
-        return Outcome.ANOMALY
-    return Outcome.STALE
+def _after(state: TaskState, snapshot: Snapshot) -> TaskState:
+    progress = 100 if snapshot.status is TaskStatus.COMPLETED else state.progress
+    if not snapshot.status.terminal:
+        progress = max(state.progress, snapshot.progress or 0)
+    return TaskState(
+        state.id,
+        snapshot.status,
+        progress,
+        state.upstream_task_id or snapshot.upstream_id,
+    )
 
 
 async def apply_snapshot(
-    session: AsyncSession,
+    db: AsyncConnection,
     task_id: str,
     snapshot: Snapshot,
     *,
     now: datetime,
     poll_after: timedelta,
+    state: TaskState | None = None,
 ) -> Applied:
-    """Move the task forward if, and only if, the snapshot is news."""
-    task = await repository.get_task(session, task_id)
-    if task is None:
+    """Move the task forward if, and only if, the snapshot is news.
+
+    `state` saves a read when the caller has just loaded it in this transaction.
+    """
+    state = state or await repository.task_state(db, task_id)
+    if state is None:
         raise NotFound(f"task {task_id} does not exist")
-    if not await owns_upstream_id(session, task, snapshot.upstream_id):
+    if not await owns_upstream_id(db, state, snapshot.upstream_id):
         log.warning(
             "snapshot_mismatch",
             task_id=task_id,
-            upstream_task_id=task.upstream_task_id,
+            upstream_task_id=state.upstream_task_id,
             snapshot_upstream_id=snapshot.upstream_id,
         )
-        return Applied(Outcome.MISMATCH, task)
+        return Applied(Outcome.MISMATCH, state)
 
+    outcome = classify(state, snapshot)
     condition, values = _transition(snapshot, now=now, poll_after=poll_after)
-    changed = await repository.update_task_where(session, task_id, condition, values)
-    task = await repository.get_task(session, task_id)
-    assert task is not None  # tasks are never deleted
-    if changed:
-        log.info(
-            "task_transition",
-            task_id=task_id,
-            upstream_task_id=task.upstream_task_id,
-            status=task.status,
-            progress=task.progress,
-        )
-        return Applied(Outcome.APPLIED, task)
-    outcome = _why_not(task, snapshot.status)
+    # Re-decide if another delivery moved the task between our read and our write.
+    for _ in range(3):
+        if outcome is not Outcome.APPLIED:
+            break
+        if await repository.update_where(db, task_id, condition, values):
+            state = _after(state, snapshot)
+            log.info(
+                "task_transition",
+                task_id=task_id,
+                upstream_task_id=state.upstream_task_id,
+                status=state.status.value,
+                progress=state.progress,
+            )
+            return Applied(Outcome.APPLIED, state)
+        reread = await repository.task_state(db, task_id)
+        assert reread is not None  # tasks are never deleted
+        state, outcome = reread, classify(reread, snapshot)
+    else:
+        outcome = Outcome.STALE  # three races lost in a row: newer news won each time
     if outcome is Outcome.ANOMALY:
         log.warning(
             "terminal_conflict",
             task_id=task_id,
-            upstream_task_id=task.upstream_task_id,
-            status=task.status,
+            upstream_task_id=state.upstream_task_id,
+            status=state.status.value,
             reported=snapshot.status.value,
         )
-    return Applied(outcome, task)
+    return Applied(outcome, state)

@@ -158,20 +158,22 @@ async def submit_task(
 
     async with factory() as session, session.begin():
         applied = await apply_snapshot(
-            session,
+            await session.connection(),
             task.id,
             snapshot,
             now=utcnow(),
             poll_after=first_poll_delay(settings, snapshot.estimated_time),
         )
+        current = await repository.get_task(session, task.id)
+    assert current is not None  # tasks are never deleted
     metrics.SUBMISSIONS.labels(outcome="accepted").inc()
     log.info(
         "submit_accepted",
         task_id=task.id,
-        upstream_task_id=applied.task.upstream_task_id,
+        upstream_task_id=current.upstream_task_id,
         outcome=applied.outcome.value,
     )
-    return SubmitResult(applied.task, replayed=False)
+    return SubmitResult(current, replayed=False)
 
 
 def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnavailable:

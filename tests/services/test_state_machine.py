@@ -61,7 +61,9 @@ async def test_every_pair_of_states(
         error_code="boom" if reported is TaskStatus.FAILED else None,
         error_message="it broke" if reported is TaskStatus.FAILED else None,
     )
-    result = await apply_snapshot(session, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER)
+    result = await apply_snapshot(
+        await session.connection(), task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER
+    )
     await session.commit()
     want = expected(current, reported)
     assert result.outcome is want
@@ -85,7 +87,9 @@ async def test_progress_only_grows_within_a_state(session: AsyncSession) -> None
 
     async def report(progress: int) -> Outcome:
         snapshot = Snapshot(status=TaskStatus.PROCESSING, progress=progress)
-        result = await apply_snapshot(session, task.id, snapshot, now=now, poll_after=POLL_AFTER)
+        result = await apply_snapshot(
+            await session.connection(), task.id, snapshot, now=now, poll_after=POLL_AFTER
+        )
         await session.commit()
         return result.outcome
 
@@ -103,7 +107,9 @@ async def test_a_snapshot_about_another_provider_task_changes_nothing(
     """A foreign provider id is a mismatch, whatever it reports."""
     task = await make_task(session, status="pending")
     foreign = Snapshot(status=TaskStatus.COMPLETED, upstream_id="task-unified-1-someoneelse")
-    result = await apply_snapshot(session, task.id, foreign, now=utcnow(), poll_after=POLL_AFTER)
+    result = await apply_snapshot(
+        await session.connection(), task.id, foreign, now=utcnow(), poll_after=POLL_AFTER
+    )
     await session.commit()
     assert result.outcome is Outcome.MISMATCH
     stored = await repository.get_task(session, task.id)
@@ -118,10 +124,14 @@ async def test_a_task_without_provider_id_adopts_it_unless_another_task_owns_it(
     other = await make_task(session, status="pending")
     task = await make_task(session, status="submitting", upstream_task_id=None)
     taken = Snapshot(status=TaskStatus.PROCESSING, upstream_id=other.upstream_task_id)
-    result = await apply_snapshot(session, task.id, taken, now=utcnow(), poll_after=POLL_AFTER)
+    result = await apply_snapshot(
+        await session.connection(), task.id, taken, now=utcnow(), poll_after=POLL_AFTER
+    )
     assert result.outcome is Outcome.MISMATCH
     fresh = Snapshot(status=TaskStatus.PROCESSING, upstream_id="task-unified-2-fresh", progress=5)
-    result = await apply_snapshot(session, task.id, fresh, now=utcnow(), poll_after=POLL_AFTER)
+    result = await apply_snapshot(
+        await session.connection(), task.id, fresh, now=utcnow(), poll_after=POLL_AFTER
+    )
     await session.commit()
     assert result.outcome is Outcome.APPLIED
-    assert result.task.upstream_task_id == "task-unified-2-fresh"
+    assert result.state.upstream_task_id == "task-unified-2-fresh"
