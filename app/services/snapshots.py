@@ -48,7 +48,7 @@ class Applied:
 def classify(state: TaskState, snapshot: Snapshot) -> Outcome:
     """What a snapshot would do to a task in this state (the rules, in Python).
 
-    `_transition`'s WHERE clause states the same rules in SQL; it is what makes
+    `transition`'s WHERE clause states the same rules in SQL; it is what makes
     them hold when two deliveries race.
     """
     current, target = state.status, snapshot.status
@@ -76,7 +76,7 @@ def _status_in(statuses: list[TaskStatus]) -> ColumnElement[bool]:
     return cast(ColumnElement[bool], TASKS.c.status.in_([s.value for s in statuses]))
 
 
-def _transition(
+def transition(
     snapshot: Snapshot, *, now: datetime, poll_after: timedelta
 ) -> tuple[ColumnElement[bool], dict[str, Any]]:
     """The WHERE that makes this a forward move, and the values it sets."""
@@ -160,7 +160,7 @@ async def apply_snapshot(
         return Applied(Outcome.MISMATCH, state)
 
     outcome = classify(state, snapshot)
-    condition, values = _transition(snapshot, now=now, poll_after=poll_after)
+    condition, values = transition(snapshot, now=now, poll_after=poll_after)
     # Re-decide if another delivery moved the task between our read and our write.
     for _ in range(3):
         if outcome is not Outcome.APPLIED:

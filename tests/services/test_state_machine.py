@@ -14,7 +14,7 @@ from app import repository
 from app.db import create_engine, create_session_factory
 from app.models import TaskStatus, utcnow
 from app.schemas import Snapshot
-from app.services.snapshots import Outcome, apply_snapshot
+from app.services.snapshots import Outcome, apply_snapshot, classify, transition
 from tests.factories import make_task
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -135,3 +135,21 @@ async def test_a_task_without_provider_id_adopts_it_unless_another_task_owns_it(
     await session.commit()
     assert result.outcome is Outcome.APPLIED
     assert result.state.upstream_task_id == "task-unified-2-fresh"
+
+
+@pytest.mark.parametrize(
+    ("current", "reported"), list(itertools.product(ACTIVE + TERMINAL, REPORTABLE))
+)
+@pytest.mark.parametrize("progress", [0, 10, 50])
+async def test_the_sql_guard_agrees_with_the_rules(
+    session: AsyncSession, current: TaskStatus, reported: TaskStatus, progress: int
+) -> None:
+    """The conditional UPDATE (what holds under races) matches `classify` exactly."""
+    task = await make_task(session, status=current.value, progress=10)
+    snapshot = Snapshot(status=reported, progress=progress)
+    state = repository.TaskState(task.id, current, 10, task.upstream_task_id)
+    condition, values = transition(snapshot, now=utcnow(), poll_after=POLL_AFTER)
+    connection = await session.connection()
+    changed = await repository.update_where(connection, task.id, condition, values)
+    await session.rollback()
+    assert changed == (classify(state, snapshot) is Outcome.APPLIED)
