@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import or_
+from sqlalchemy import and_, or_
 from sqlmodel import col
 
 from app import metrics, repository
@@ -74,9 +74,15 @@ class Reconciler:
         now = utcnow()
         try:
             async with self._factory() as session, session.begin():
-                free = or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now)
+                # Still due and unleased: a duplicate callback arriving after the
+                # first confirmation finished finds the task settled and asks nothing.
+                due = and_(
+                    col(Task.next_poll_at) <= now,
+                    col(Task.status).in_(repository.ACTIVE_STATUSES),
+                    or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now),
+                )
                 claimed = await repository.update_task_where(
-                    session, task_id, free, {"poll_lease_until": now + POLL_LEASE}
+                    session, task_id, due, {"poll_lease_until": now + POLL_LEASE}
                 )
                 task = await repository.get_task(session, task_id) if claimed else None
             if task is not None:
