@@ -2,11 +2,12 @@
 
 The simulator delivers every callback to one URL (``PUBLIC_BASE_URL``). This
 forwarder listens there and hands each request to the next replica in turn,
-so duplicates and retries of one callback land on different replicas. When
-the chosen replica does not answer (it was killed), it answers 502, like a
-load balancer with no health checks, and the provider's retry goes to the
-next one. It runs on its own event loop so that a test blocking its own loop
-(waiting for a process to exit, say) never stalls the traffic.
+so duplicates and retries of one callback land on different replicas. Like
+nginx (``proxy_next_upstream error``), a refused connection is tried on the
+next replica, since nothing was sent; a replica that dies while it holds a
+request gets the caller a 502, and the provider's retry goes to the next one.
+It runs on its own event loop so that a test blocking its own loop (waiting
+for a process to exit, say) never stalls the traffic.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RoundRobinProxy:
         self.records: list[Forwarded] = []
         self.down: set[int] = set()
         self.inflight_callbacks = [0] * len(targets)  # per replica, right now
+        self.failovers = 0  # requests a refused connection sent on to the next replica
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
@@ -134,35 +136,46 @@ class RoundRobinProxy:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        replica = next(self._turn) % len(self.targets)
+        first = next(self._turn) % len(self.targets)
         degraded_at_start = self.degraded
         started = time.monotonic()
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        url = self.targets[replica] + path + (f"?{query}" if query else "")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _SKIP_REQUEST]
-        assert self._client is not None
         callback = path.startswith("/webhooks/")
-        if callback:
-            self.inflight_callbacks[replica] += 1
-        try:
-            response = await self._client.request(
-                scope["method"], url, content=b"".join(chunks), headers=headers
-            )
+        status, from_replica, replica = 502, False, first
+        error = {"error": {"code": "bad_gateway", "message": "no replica answered"}}
+        body = json.dumps(error).encode()
+        out_headers = [(b"content-type", b"application/json")]
+        assert self._client is not None
+        # Like nginx's proxy_next_upstream error: a refused connection (nothing was sent)
+        # goes to the next replica; a replica dying mid-request gets the caller a 502.
+        for offset in range(len(self.targets)):
+            replica = (first + offset) % len(self.targets)
+            url = self.targets[replica] + path + (f"?{query}" if query else "")
+            if callback:
+                self.inflight_callbacks[replica] += 1
+            try:
+                response = await self._client.request(
+                    scope["method"], url, content=b"".join(chunks), headers=headers
+                )
+            except httpx.ConnectError:
+                self.failovers += 1
+                continue
+            except httpx.HTTPError as exc:
+                error = {"error": {"code": "bad_gateway", "message": type(exc).__name__}}
+                body = json.dumps(error).encode()
+                break
+            finally:
+                if callback:
+                    self.inflight_callbacks[replica] -= 1
             status, body, from_replica = response.status_code, response.content, True
             out_headers = [
                 (k.encode("latin-1"), v.encode("latin-1"))
                 for k, v in response.headers.items()
                 if k.lower() not in _SKIP_RESPONSE
             ]
-        except httpx.HTTPError as exc:
-            status, from_replica = 502, False
-            message = {"error": {"code": "bad_gateway", "message": type(exc).__name__}}
-            body = json.dumps(message).encode()
-            out_headers = [(b"content-type", b"application/json")]
-        finally:
-            if callback:
-                self.inflight_callbacks[replica] -= 1
+            break
         self.records.append(
             Forwarded(
                 replica=replica,

@@ -24,6 +24,7 @@ import pytest_asyncio
 import schemathesis
 from hypothesis import assume
 from hypothesis import strategies as st
+from requests.structures import CaseInsensitiveDict
 
 from app.middleware import MAX_BODY_BYTES
 from app.upstream import SnapshotError, parse_snapshot
@@ -65,10 +66,13 @@ def with_token(token: str | None) -> Callable[[Case], None]:
     """Set (or remove, for None) the case's bearer token."""
 
     def prepare(case: Case) -> None:
-        for name in [k for k in case.headers if k.lower() == "authorization"]:
-            del case.headers[name]
+        # A new mapping, not an edit in place: schemathesis tracks its own containers.
+        headers = CaseInsensitiveDict(
+            {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+        )
         if token is not None:
-            case.headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = f"Bearer {token}"
+        case.headers = headers
 
     return prepare
 

@@ -136,6 +136,7 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
         restarts=cluster.restarts,
         interrupted_downloads=len(refetch),
         callbacks_answered_502_by_the_forwarder=sum(1 for r in webhook if not r.from_replica),
+        requests_failed_over_to_the_other_replica=cluster.proxy.failovers,
         timeline=monkey.timeline,
         mid_submit_client_answers=[t.answers for t in tasks[STORM_TASKS:]],
         submissions_never_reaching_the_provider=verdict.unknown_submissions,
