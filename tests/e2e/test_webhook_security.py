@@ -130,13 +130,6 @@ async def test_signed_forgery_is_only_a_hint(quiet_stack: Stack) -> None:
 DUPLICATED = 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/callbacks.py _queue_confirmation answers CONFIRMING even when its UPDATE "
-    "matched no row (the task just turned terminal), and reconcile.py _confirm then claims "
-    "and polls a terminal task: a duplicate delivery racing the first confirmation costs a "
-    "second query",
-)
 async def test_duplicate_callbacks_cost_one_confirmation_query(quiet_stack: Stack) -> None:
     """Three deliveries of each terminal callback: one confirming query per task, not more."""
     stack = quiet_stack
@@ -151,7 +144,7 @@ async def test_duplicate_callbacks_cost_one_confirmation_query(quiet_stack: Stac
         return all(len(t["callback_attempts"]) >= 3 for t in provider if t["id"] in mine)
 
     await wait_for(all_delivered, what="three deliveries of every callback")
-    # The reconciler waits ten minutes here, so every query is a confirmation. A race of
-    # 30 tasks with 3 deliveries each hits the double query on several tasks in every run seen.
+    # The reconciler waits ten minutes here, so every query is a confirmation. Before the
+    # fix, 30 tasks with 3 deliveries each hit a double query on several tasks every run.
     queries = (await stack.sim.stats())["queries_per_task"]
     assert [queries[task["upstream_task_id"]] for task in tasks] == [1] * DUPLICATED
