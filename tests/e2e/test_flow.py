@@ -134,8 +134,10 @@ async def test_late_processing_callback_does_not_move_a_completed_task_back(
 @pytest.mark.parametrize(
     ("scenario", "code", "message"),
     [
-        ("failed", "generation_failed", "The simulator failed this task on request."),
-        ("cancelled", "cancelled", None),
+        pytest.param(
+            "failed", "generation_failed", "The simulator failed this task on request.", id="failed"
+        ),
+        pytest.param("cancelled", "cancelled", None, id="cancelled"),
     ],
 )
 async def test_failed_and_cancelled_outcomes_carry_the_reason(
