@@ -12,6 +12,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -20,6 +21,7 @@ from tests.conftest import (
     POSTGRES_URL,
     REQUIRE_POSTGRES,
     _admin,
+    _dsn,
     _postgres_reachable,
     _run,
     in_thread,
@@ -44,6 +46,7 @@ class Databases:
                 if REQUIRE_POSTGRES:
                     pytest.fail(message)
                 pytest.skip(message)
+            _run(_drop_orphans)
             name = f"{self._prefix}_template"
             _run(_admin, f'CREATE DATABASE "{name}"')
             self._created.append(name)
@@ -71,6 +74,31 @@ class Databases:
         """Drop every PostgreSQL database handed out (the template last)."""
         for name in reversed(self._created):
             _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _drop_orphans() -> None:
+    """Drop e2e databases left by test sessions that were killed before their teardown."""
+    connection = await asyncpg.connect(_dsn(POSTGRES_URL))
+    try:
+        names = await connection.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'imagetasks\\_e2e\\_%'"
+        )
+        for (name,) in names:
+            pid = name.split("_")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
 
 
 class StackPool:
