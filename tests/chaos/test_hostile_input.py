@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 FUZZ_EXAMPLES = 150  # per batch; four batches
 BODY_EXAMPLES = 80  # per kind of webhook body
 SLOW_CLIENTS = 20
-SLOW_PROMPT = "a glacier, slowly [sim:eta=5000]"  # processing for 100 s: the webhook's target
+SLOW_PROMPT = "a glacier, slowly [sim:eta=50000]"  # processing for 1000 s: the target
 
 
 @dataclass

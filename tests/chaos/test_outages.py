@@ -30,7 +30,7 @@ from tests.e2e.stack import wait_for
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
 OUTAGE_TASKS = 12
-WAITING_PROMPT = "outage task {index} [sim:eta=5000{drop}]"  # 100 s: finished by the test
+WAITING_PROMPT = "outage task {index} [sim:eta=50000{drop}]"  # 1000 s: the test ends it
 SETTLE_TIMEOUT = 180.0
 POSTGRES_CONFIG = Path("/etc/postgresql")
 

@@ -16,11 +16,11 @@ import pytest_asyncio
 from app.callback_urls import sign
 from tests.chaos.cluster import SECOND_TOKEN, WEBHOOK_SECRET, Cluster
 from tests.chaos.conftest import ClusterPool, Figures
-from tests.e2e.stack import API_TOKEN, wait_for
+from tests.e2e.stack import API_TOKEN
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
-WAITING_PROMPT = "a slow fresco [sim:eta=5000]"  # processing for 100 s
+WAITING_PROMPT = "a slow fresco [sim:eta=50000]"  # 1000 s: never finished here
 
 
 def bad_credentials(callback_token: str) -> dict[str, dict[str, str]]:
@@ -126,14 +126,8 @@ async def rotate(cluster: Cluster, secrets: str) -> None:
 
 
 async def waiting_task(cluster: Cluster) -> tuple[str, str]:
-    """A task that stays processing at the provider: (our id, the provider's id)."""
+    """A task the provider will not finish during the test: (our id, the provider's id)."""
     task = await cluster.submit(WAITING_PROMPT)
-
-    async def processing() -> bool:
-        provider = await cluster.sim.task(task["upstream_task_id"])
-        return bool(provider["status"] == "processing")
-
-    await wait_for(processing, what="the provider to start processing")
     return task["id"], task["upstream_task_id"]
 
 
@@ -262,7 +256,7 @@ async def test_ssrf_table_is_refused_by_the_real_worker(
     port = await canary.start()
     try:
         table = ssrf_table(port)
-        tasks = [await cluster.submit(f"ssrf {n} [sim:drop,eta=5000]") for n in range(len(table))]
+        tasks = [await cluster.submit(f"ssrf {n} [sim:drop,eta=50000]") for n in range(len(table))]
         for task, (url, _) in zip(tasks, table, strict=True):
             upstream = task["upstream_task_id"]
             answer = await cluster.sim.callback(upstream, payload=completed_with(upstream, url))
