@@ -296,9 +296,13 @@ class Stack:
         self.service.start()
         await self._wait_http(self.service, f"{self.service_url}/readyz")
 
+    async def stop_service(self) -> int | None:
+        """Stop the service gracefully (SIGTERM, SIGKILL after a while); its exit code."""
+        return await asyncio.to_thread(self.service.stop)
+
     async def restart_service(self) -> None:
         """Stop the service gracefully (SIGTERM) and start it again on the same port."""
-        self.service.stop()
+        await self.stop_service()
         await self.start_service()
 
     def kill_service(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 
@@ -74,7 +75,13 @@ async def test_graceful_restart_mid_download_finishes_it_first(stacks: StackPool
     task_id, upstream_id = task["id"], task["upstream_task_id"]
     await download_in_flight(stack, task_id, upstream_id)
 
-    await stack.restart_service()
+    # uvicorn re-raises the SIGTERM it handled, once its shutdown is complete.
+    assert await stack.stop_service() == -signal.SIGTERM
+    events = [line["event"] for line in stack.logs()]
+    assert events[-1].startswith("Finished server process")
+    # Before it exited, the first process stored the image it was downloading.
+    assert events.index("image_stored") < events.index("worker_stopped")
+    await stack.start_service()
     done = await stack.wait_image(task_id)
     assert done["image"]["status"] == "stored", done["image"]
     assert (await stack.sim.task(upstream_id))["image_gets"] == 1
