@@ -161,6 +161,18 @@ async def shuffle(
     return result
 
 
+def latency(samples: list[float]) -> dict[str, float]:
+    """p50, p99 and max of some milliseconds (a figure, never asserted)."""
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def pick(quantile: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 1)
+
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 1)}
+
+
 def storm_index(row: dict[str, Any]) -> int | None:
     """The storm index a task row carries in its metadata."""
     meta = row["metadata"]
@@ -181,6 +193,7 @@ class Verdict:
     callback_attempts: int
     callback_statuses: Counter[int]
     deliveries_recorded: int
+    callback_ms: dict[str, float]  # latency of the 2xx answers the provider got: p50, p99, max
     unknown_submissions: int  # killed before the provider was called: failed, not lost
     dropped: int
     duplicate_deliveries: int
@@ -312,6 +325,7 @@ async def verify(
         callback_attempts=len(attempts),
         callback_statuses=statuses,
         deliveries_recorded=deliveries,
+        callback_ms=latency([a["latency_ms"] for a in attempts if a["status_code"] == 200]),
         unknown_submissions=sum(
             1 for row in rows.values() if row["error_code"] == "submission_outcome_unknown"
         ),

@@ -44,6 +44,7 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "callback_attempts": verdict.callback_attempts,
         "callback_answers": dict(verdict.callback_statuses),
         "callback_deliveries_recorded": verdict.deliveries_recorded,
+        "callback_latency_ms": verdict.callback_ms,
         "tasks_with_dropped_callbacks": verdict.dropped,
         "duplicate_terminal_callbacks": verdict.duplicate_deliveries,
         "late_processing_callbacks": verdict.late_processing,
@@ -148,3 +149,38 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
     assert [k.moment for k in cluster.kills].count("mid-download") == 2
     assert replica_5xx == [], "a replica itself answered a callback with 5xx"
     assert healthy_5xx == [], "a callback got a 5xx while both replicas were up"
+
+
+ROLLING_TASKS = 80
+
+
+async def test_rolling_graceful_restart_under_load(clusters: ClusterPool, figures: Figures) -> None:
+    """Each replica stopped (SIGTERM) and started again while tasks flow: nothing lost."""
+    clock = Clock()
+    rng = random.Random(SEED + 2)
+    cluster = await clusters.start("postgres", replicas=2)
+    tasks = plan(ROLLING_TASKS, rng)
+
+    async def roll() -> None:
+        for index in range(len(cluster.replicas)):
+            await asyncio.sleep(4)
+            await cluster.restart_gracefully(index)
+
+    await asyncio.gather(submit_all(cluster, tasks, pace=2.0), roll())
+    await cluster.wait_settled(timeout=SETTLE_TIMEOUT, expected=len(tasks))
+    verdict = await verify(cluster, tasks)
+    webhook = cluster.proxy.webhook_records()
+    figures.record(
+        "rolling_restart",
+        **summary(verdict, clock),
+        graceful_restarts=cluster.restarts,
+        callbacks_answered_502_by_the_forwarder=sum(1 for r in webhook if not r.from_replica),
+        requests_failed_over_to_the_other_replica=cluster.proxy.failovers,
+        leases_released_on_stop=sum(
+            line.get("released_leases", 0) for line in cluster.service_logs("worker_stopped")
+        ),
+    )
+    assert verdict.lost == []
+    assert verdict.problems == []
+    assert [r for r in webhook if r.status >= 500 and r.from_replica] == []
+    assert [r for r in webhook if r.status >= 500 and not r.degraded] == []
