@@ -37,14 +37,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def get_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
-    """The request's unit of work: committed before the response goes out."""
-    async with runtime.sessions() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    """The request's unit of work: committed on success, rolled back on error."""
+    async with runtime.sessions.begin() as session:
+        yield session
 
 
 # scope="function": commit before answering, so a 2xx always means "recorded".
@@ -53,13 +48,8 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 async def get_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
     """A plain connection for Core statements (the webhook's hot path), same rules."""
-    async with runtime.engine.connect() as connection:
-        try:
-            yield connection
-            await connection.commit()
-        except BaseException:
-            await connection.rollback()
-            raise
+    async with runtime.engine.begin() as connection:
+        yield connection
 
 
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
