@@ -194,6 +194,7 @@ class Verdict:
     callback_statuses: Counter[int]
     deliveries_recorded: int
     callback_ms: dict[str, float]  # latency of the 2xx answers the provider got: p50, p99, max
+    webhook_ms: dict[str, float]  # the replicas' own time per callback, from their access log
     unknown_submissions: int  # killed before the provider was called: failed, not lost
     dropped: int
     duplicate_deliveries: int
@@ -326,6 +327,13 @@ async def verify(
         callback_statuses=statuses,
         deliveries_recorded=deliveries,
         callback_ms=latency([a["latency_ms"] for a in attempts if a["status_code"] == 200]),
+        webhook_ms=latency(
+            [
+                float(line["duration_ms"])
+                for line in cluster.service_logs("request")
+                if str(line.get("path", "")).startswith("/webhooks/")
+            ]
+        ),
         unknown_submissions=sum(
             1 for row in rows.values() if row["error_code"] == "submission_outcome_unknown"
         ),
