@@ -112,5 +112,9 @@ async def _queue_confirmation(
         # A submit whose answer was lost learns the provider's id here.
         values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
     active = TASKS.c.status.in_([s.value for s in TaskStatus if not s.terminal])
-    await repository.update_where(db, state.id, active, values)
-    return Outcome.CONFIRMING
+    if await repository.update_where(db, state.id, active, values):
+        return Outcome.CONFIRMING
+    # The task settled between our read and our write: this delivery is old news.
+    settled = await repository.task_state(db, state.id)
+    assert settled is not None  # tasks are never deleted
+    return Outcome.DUPLICATE if settled.status is snapshot.status else Outcome.ANOMALY
