@@ -128,3 +128,20 @@ async def test_production_mode_never_mounts_the_simulator(
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "not_found"
     assert not any("_sandbox" in str(route) for route in service.app.routes)
+
+
+async def test_an_unreachable_database_is_a_503_not_a_500(
+    service_factory: Any, tmp_path: Path
+) -> None:
+    """With the database down, callers are told it is transient (503, Retry-After)."""
+    settings = make_settings("postgresql+asyncpg://postgres@127.0.0.1:1/none", tmp_path)
+    transport, _ = simulator_transport()
+    service: Service = await service_factory(settings, transport)
+    for method, path in (("POST", "/tasks"), ("GET", "/tasks"), ("GET", "/tasks/tsk_x")):
+        response = await service.client.request(method, path, json={"prompt": "p"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "database_unavailable"
+        assert response.headers["retry-after"] == "5"
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"].startswith("unavailable")
