@@ -23,7 +23,8 @@ from app.config import Settings
 from app.db import SessionFactory
 from app.errors import BadGateway, Conflict, ServiceUnavailable, Unprocessable
 from app.models import IdempotencyRecord, Task, TaskStatus, utcnow
-from app.schemas import TaskCreate
+from app.repository import TaskState
+from app.schemas import Snapshot, TaskCreate
 from app.services.snapshots import apply_snapshot
 from app.upstream import (
     StarMagicClient,
@@ -156,15 +157,25 @@ async def submit_task(
         await _mark_failed(factory, task.id, exc)
         raise _caller_error(task.id, exc) from exc
 
+    now = utcnow()
     async with factory() as session, session.begin():
         applied = await apply_snapshot(
             await session.connection(),
             task.id,
             snapshot,
-            now=utcnow(),
+            now=now,
             poll_after=first_poll_delay(settings, snapshot.estimated_time),
+            # What we inserted; if a callback moved it since, the guarded UPDATE
+            # misses and the state machine reads the row and decides again.
+            state=TaskState(task.id, TaskStatus.SUBMITTING, 0, None),
         )
-        current = await repository.get_task(session, task.id)
+        # Our own answer moved the task: its row is what we hold plus that move,
+        # so skip reading it back. A callback that got there first: read it.
+        current = (
+            _moved(task, applied.state, snapshot, now)
+            if applied.changed
+            else await repository.get_task(session, task.id)
+        )
     assert current is not None  # tasks are never deleted
     metrics.SUBMISSIONS.labels(outcome="accepted").inc()
     log.info(
@@ -174,6 +185,16 @@ async def submit_task(
         outcome=applied.outcome.value,
     )
     return SubmitResult(current, replayed=False)
+
+
+def _moved(task: Task, state: TaskState, snapshot: Snapshot, now: datetime) -> Task:
+    """The in-memory task with the columns an applied submit answer changed."""
+    task.status = state.status.value
+    task.progress = state.progress
+    task.upstream_task_id = state.upstream_task_id
+    task.estimated_time = task.estimated_time or snapshot.estimated_time
+    task.updated_at = task.last_event_at = now
+    return task
 
 
 def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnavailable:
