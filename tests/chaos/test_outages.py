@@ -193,11 +193,6 @@ async def test_postgres_down_submit_is_refused_and_never_sent(pg_outage: Postgre
     assert pg_outage.submits_after == pg_outage.submits_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a database outage reaches the caller of POST /tasks as 500 internal_error; "
-    "a 503 database_unavailable (as for the storage) would say it is transient",
-)
 async def test_postgres_down_submit_answers_503(pg_outage: PostgresOutage) -> None:
     """The submit refused during the outage says so with a 503, like a storage outage."""
     assert pg_outage.submit_during == 503
