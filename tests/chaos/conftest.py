@@ -9,9 +9,6 @@ suite's last module checks the audit of the whole run and writes the figures.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,62 +16,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy.engine import make_url
 
-from app.cli import run_migrations
 from tests.chaos.cluster import Cluster, leaks, log_line_count
-from tests.conftest import (
-    POSTGRES_URL,
-    REQUIRE_POSTGRES,
-    _admin,
-    _postgres_reachable,
-    _run,
-    in_thread,
-)
+from tests.e2e.pool import Databases
 from tests.e2e.stack import Process
-
-
-class ChaosDatabases:
-    """Empty migrated databases: SQLite copies, PostgreSQL clones of one template."""
-
-    def __init__(self, sqlite_template: Path) -> None:
-        self._sqlite_template = sqlite_template
-        self._prefix = f"imagetasks_chaos_{os.getpid()}_{secrets.token_hex(2)}"
-        self._template: str | None = None
-        self._created: list[str] = []
-
-    @staticmethod
-    def url(name: str) -> str:
-        """The async URL of a database on the test server."""
-        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-
-    def create(self, kind: str, directory: Path) -> str:
-        """A new database of this kind ("sqlite" or "postgres"); its async URL."""
-        if kind == "sqlite":
-            path = directory / "imagetasks.db"
-            shutil.copy(self._sqlite_template, path)
-            return f"sqlite+aiosqlite:///{path}"
-        if self._template is None:
-            problem = _run(_postgres_reachable)
-            if problem:
-                message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
-                if REQUIRE_POSTGRES:
-                    pytest.fail(message)
-                pytest.skip(message)
-            name = f"{self._prefix}_template"
-            _run(_admin, f'CREATE DATABASE "{name}"')
-            self._created.append(name)
-            in_thread(run_migrations, self.url(name))
-            self._template = name
-        name = f"{self._prefix}_{len(self._created)}"
-        _run(_admin, f'CREATE DATABASE "{name}" TEMPLATE "{self._template}"')
-        self._created.append(name)
-        return self.url(name)
-
-    def drop_all(self) -> None:
-        """Drop every PostgreSQL database handed out, the template last."""
-        for name in reversed(self._created):
-            _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -118,7 +63,7 @@ class Figures:
 class ClusterPool:
     """Starts clusters for one test; stops them and audits their logs at the end."""
 
-    def __init__(self, databases: ChaosDatabases, root: Path, audit: LogAudit) -> None:
+    def __init__(self, databases: Databases, root: Path, audit: LogAudit) -> None:
         self._databases = databases
         self._root = root
         self._audit = audit
@@ -148,9 +93,9 @@ class ClusterPool:
 
 
 @pytest.fixture(scope="session")
-def chaos_databases(sqlite_template: Path) -> Iterator[ChaosDatabases]:
+def chaos_databases(sqlite_template: Path) -> Iterator[Databases]:
     """The run's database factory; drops what it made at the end."""
-    databases = ChaosDatabases(sqlite_template)
+    databases = Databases(sqlite_template, label="chaos")
     yield databases
     databases.drop_all()
 
@@ -169,7 +114,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> Figures:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def clusters(
-    chaos_databases: ChaosDatabases, log_audit: LogAudit, tmp_path: Path
+    chaos_databases: Databases, log_audit: LogAudit, tmp_path: Path
 ) -> AsyncIterator[ClusterPool]:
     """Clusters for one test; stopped, then their logs searched for secrets."""
     pool = ClusterPool(chaos_databases, tmp_path, log_audit)
@@ -180,7 +125,7 @@ async def clusters(
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def module_clusters(
-    chaos_databases: ChaosDatabases, log_audit: LogAudit, tmp_path_factory: pytest.TempPathFactory
+    chaos_databases: Databases, log_audit: LogAudit, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[ClusterPool]:
     """Clusters shared by a module's tests; stopped and audited when the module ends."""
     pool = ClusterPool(chaos_databases, tmp_path_factory.mktemp("chaos"), log_audit)

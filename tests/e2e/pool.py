@@ -32,11 +32,12 @@ from tests.e2e.stack import Stack
 class Databases:
     """Hands out empty, migrated databases; drops the PostgreSQL ones at the end."""
 
-    def __init__(self, sqlite_template: Path) -> None:
+    def __init__(self, sqlite_template: Path, label: str = "e2e") -> None:
         self._sqlite_template = sqlite_template
         self._pg_template: str | None = None
         self._created: list[str] = []
-        self._prefix = f"imagetasks_e2e_{os.getpid()}_{secrets.token_hex(2)}"
+        self._label = label
+        self._prefix = f"imagetasks_{label}_{os.getpid()}_{secrets.token_hex(2)}"
 
     def _postgres_template(self) -> str:
         if self._pg_template is None:
@@ -46,7 +47,7 @@ class Databases:
                 if REQUIRE_POSTGRES:
                     pytest.fail(message)
                 pytest.skip(message)
-            _run(_drop_orphans)
+            _run(_drop_orphans, self._label)
             name = f"{self._prefix}_template"
             _run(_admin, f'CREATE DATABASE "{name}"')
             self._created.append(name)
@@ -86,12 +87,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-async def _drop_orphans() -> None:
-    """Drop e2e databases left by test sessions that were killed before their teardown."""
+async def _drop_orphans(label: str) -> None:
+    """Drop databases left by test sessions that were killed before their teardown."""
     connection = await asyncpg.connect(_dsn(POSTGRES_URL))
     try:
         names = await connection.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'imagetasks\\_e2e\\_%'"
+            "SELECT datname FROM pg_database WHERE datname LIKE $1",
+            f"imagetasks\\_{label}\\_%",
         )
         for (name,) in names:
             pid = name.split("_")[2]
