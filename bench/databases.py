@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from sqlalchemy.engine import make_url
 from app.cli import run_migrations
 from app.db import create_engine
 from app.models import Task
+from tests.postgres import dsn, in_thread
 
 POSTGRES_URL = os.environ.get(
     "BENCH_POSTGRES_URL",
@@ -27,33 +27,8 @@ POSTGRES_URL = os.environ.get(
 INSERT_BATCH = 5000
 
 
-def in_thread(function: Callable[..., Any], *args: Any) -> Any:
-    """Run code that starts its own event loop (Alembic's env.py) off the caller's."""
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["value"] = function(*args)
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
-def _dsn(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
 async def _admin(statement: str) -> None:
-    connection = await asyncpg.connect(_dsn(POSTGRES_URL), timeout=5)
+    connection = await asyncpg.connect(dsn(POSTGRES_URL), timeout=5)
     try:
         await connection.execute(statement)
     finally:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from app.simulator.images import padded_png, render_png
-from bench.databases import in_thread
 from bench.procs import PYTHON, Child, clean_env, free_port
 from bench.stats import ratio
+from tests.postgres import in_thread
 
 SIZES = {"20MB": 20_000_000, "50MB": 50_000_000}
 WARMUP_BYTES = 1_000_000

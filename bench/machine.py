@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench.databases import POSTGRES_URL, _dsn, in_thread
+from bench.databases import POSTGRES_URL
+from tests.postgres import dsn, in_thread
 
 
 def _cpu_model() -> str:
@@ -37,7 +38,7 @@ def _postgres_version() -> str | None:
     import asyncio
 
     async def query() -> str:
-        connection = await asyncpg.connect(_dsn(POSTGRES_URL), timeout=5)
+        connection = await asyncpg.connect(dsn(POSTGRES_URL), timeout=5)
         try:
             return str(await connection.fetchval("SHOW server_version"))
         finally:

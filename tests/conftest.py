@@ -3,11 +3,9 @@ PostgreSQL server), settings, and the service app over ASGI."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import shutil
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,57 +16,27 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from app.cli import run_migrations
 from app.config import Settings, load_settings
 from app.main import create_app
 from app.runtime import Runtime
 from app.upstream import RetryPolicy
-
-POSTGRES_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+from tests.postgres import (
+    POSTGRES_URL,
+    REQUIRE_POSTGRES,
+    admin,
+    dsn,
+    in_thread,
+    postgres_reachable,
+    run_async,
+    server_database_url,
 )
-# In CI the PostgreSQL tests must run: a missing server fails them instead of skipping.
-REQUIRE_POSTGRES = os.environ.get("CI") == "true" or os.environ.get("REQUIRE_POSTGRES") == "1"
+
 API_TOKEN = "test-token-" + "a" * 20
 WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 FAST_RETRY = RetryPolicy(base_delay=0.0, max_delay=0.0)
 TABLES = ("callback_deliveries", "idempotency_records", "tasks")
-
-
-def in_thread(function: Callable[..., Any], *args: Any) -> Any:
-    """Run a function that starts its own event loop (Alembic's env.py) off this one."""
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["value"] = function(*args)
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
-def _dsn(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-async def _postgres_reachable() -> str | None:
-    try:
-        connection = await asyncpg.connect(_dsn(POSTGRES_URL), timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    await connection.close()
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -79,21 +47,8 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(coro_function: Callable[..., Any], *args: Any) -> Any:
-    """Run async set-up code on its own loop, away from the tests' loop."""
-    return in_thread(lambda: asyncio.run(coro_function(*args)))
-
-
-async def _admin(statement: str) -> None:
-    connection = await asyncpg.connect(_dsn(POSTGRES_URL))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 async def _truncate(url: str) -> None:
-    connection = await asyncpg.connect(_dsn(url))
+    connection = await asyncpg.connect(dsn(url))
     try:
         await connection.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
     finally:
@@ -103,20 +58,20 @@ async def _truncate(url: str) -> None:
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh database on the PostgreSQL server, migrated, dropped at the end."""
-    problem = _run(_postgres_reachable)
+    problem = run_async(postgres_reachable)
     if problem:
         message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
         if REQUIRE_POSTGRES:
             pytest.fail(message)
         pytest.skip(message)
     name = f"imagetasks_test_{os.getpid()}_{secrets.token_hex(3)}"
-    _run(_admin, f'CREATE DATABASE "{name}"')
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    run_async(admin, f'CREATE DATABASE "{name}"')
+    url = server_database_url(name)
     try:
         in_thread(run_migrations, url)
         yield url
     finally:
-        _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -127,7 +82,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template
         shutil.copy(sqlite_template, path)
         return f"sqlite+aiosqlite:///{path}"
     url: str = request.getfixturevalue("postgres_database")
-    _run(_truncate, url)
+    run_async(_truncate, url)
     return url
 
 

@@ -24,8 +24,8 @@ from sqlalchemy.engine import make_url
 from tests.chaos.cluster import Cluster
 from tests.chaos.conftest import ClusterPool, Figures
 from tests.chaos.storm import Planned, Verdict, submit_all, verify
-from tests.conftest import POSTGRES_URL
 from tests.e2e.stack import wait_for
+from tests.postgres import POSTGRES_URL
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 

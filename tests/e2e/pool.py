@@ -17,16 +17,16 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.cli import run_migrations
-from tests.conftest import (
+from tests.e2e.stack import Stack
+from tests.postgres import (
     POSTGRES_URL,
     REQUIRE_POSTGRES,
-    _admin,
-    _dsn,
-    _postgres_reachable,
-    _run,
+    admin,
+    dsn,
     in_thread,
+    postgres_reachable,
+    run_async,
 )
-from tests.e2e.stack import Stack
 
 
 class Databases:
@@ -41,15 +41,15 @@ class Databases:
 
     def _postgres_template(self) -> str:
         if self._pg_template is None:
-            problem = _run(_postgres_reachable)
+            problem = run_async(postgres_reachable)
             if problem:
                 message = f"PostgreSQL at {POSTGRES_URL} is unreachable ({problem})"
                 if REQUIRE_POSTGRES:
                     pytest.fail(message)
                 pytest.skip(message)
-            _run(_drop_orphans, self._label)
+            run_async(_drop_orphans, self._label)
             name = f"{self._prefix}_template"
-            _run(_admin, f'CREATE DATABASE "{name}"')
+            run_async(admin, f'CREATE DATABASE "{name}"')
             self._created.append(name)
             in_thread(run_migrations, self._url(name))
             self._pg_template = name
@@ -67,14 +67,14 @@ class Databases:
             return f"sqlite+aiosqlite:///{path}"
         template = self._postgres_template()
         name = f"{self._prefix}_{len(self._created)}"
-        _run(_admin, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        run_async(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         self._created.append(name)
         return self._url(name)
 
     def drop_all(self) -> None:
         """Drop every PostgreSQL database handed out (the template last)."""
         for name in reversed(self._created):
-            _run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,7 +89,7 @@ def _pid_alive(pid: int) -> bool:
 
 async def _drop_orphans(label: str) -> None:
     """Drop databases left by test sessions that were killed before their teardown."""
-    connection = await asyncpg.connect(_dsn(POSTGRES_URL))
+    connection = await asyncpg.connect(dsn(POSTGRES_URL))
     try:
         names = await connection.fetch(
             "SELECT datname FROM pg_database WHERE datname LIKE $1",
