@@ -159,7 +159,12 @@ async def upstream_id_taken(db: AsyncConnection, upstream_id: str, other_than: s
 async def update_where(
     db: AsyncConnection, task_id: str, condition: ColumnElement[bool], values: dict[str, Any]
 ) -> bool:
-    """`update_task_where` on a plain connection (the webhook's fast path)."""
+    """A conditional update: True when the row still matched and changed.
+
+    This is what makes concurrent duplicate deliveries safe: on PostgreSQL the
+    second UPDATE waits for the first's row lock, then re-checks `condition`
+    against the committed row and matches nothing.
+    """
     statement = update(TASKS).where(TASKS.c.id == task_id, condition).values(**values)
     return bool(_rowcount(await db.execute(statement)))
 
@@ -172,20 +177,8 @@ async def insert_delivery(db: AsyncConnection, values: dict[str, Any]) -> None:
 async def update_task_where(
     session: AsyncSession, task_id: str, condition: ColumnElement[bool], values: dict[str, Any]
 ) -> bool:
-    """A conditional update: True when the row still matched and changed.
-
-    This is what makes concurrent duplicate deliveries safe: on PostgreSQL the
-    second UPDATE waits for the first's row lock, then re-checks `condition`
-    against the committed row and matches nothing.
-    """
-    statement = (
-        update(Task)
-        .where(col(Task.id) == task_id, condition)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    result = await session.execute(statement)
-    return bool(_rowcount(result))
+    """`update_where` inside a session's transaction (loaded objects are not refreshed)."""
+    return await update_where(await session.connection(), task_id, condition, values)
 
 
 async def count_deliveries(session: AsyncSession, task_id: str) -> dict[str, int]:
