@@ -27,14 +27,13 @@ from sqlmodel import col
 
 from app.db import metadata
 from app.models import (
-    CallbackDelivery,
     IdempotencyRecord,
     ImageStatus,
     Task,
     TaskStatus,
 )
 
-ACTIVE_STATUSES = (TaskStatus.SUBMITTING, TaskStatus.PENDING, TaskStatus.PROCESSING)
+ACTIVE_STATUSES = tuple(status.value for status in TaskStatus if not status.terminal)
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -48,13 +47,11 @@ def _insert(session: AsyncSession, model: type[Any]) -> postgresql.Insert | sqli
     return sqlite.insert(model)
 
 
-async def get_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task | None:
-    """One task by our id (row-locked on PostgreSQL when asked)."""
+async def get_task(session: AsyncSession, task_id: str) -> Task | None:
+    """One task by our id, as it is in the database now."""
     statement = (
         select(Task).where(col(Task.id) == task_id).execution_options(populate_existing=True)
     )
-    if for_update:
-        statement = statement.with_for_update()
     return (await session.execute(statement)).scalar_one_or_none()
 
 
@@ -121,6 +118,8 @@ async def list_tasks(
 # Core statements on the tables skip the ORM's per-row work (the webhook's hot path).
 TASKS: Table = metadata.tables["tasks"]
 DELIVERIES: Table = metadata.tables["callback_deliveries"]
+# The task can still move: the guard of every write that must not touch a settled task.
+IS_ACTIVE: ColumnElement[bool] = TASKS.c.status.in_(ACTIVE_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -181,14 +180,13 @@ async def update_task_where(
     return await update_where(await session.connection(), task_id, condition, values)
 
 
-async def count_deliveries(session: AsyncSession, task_id: str) -> dict[str, int]:
-    """Deliveries of one task by outcome."""
-    statement = (
-        select(col(CallbackDelivery.outcome), func.count())
-        .where(col(CallbackDelivery.task_id) == task_id)
-        .group_by(CallbackDelivery.outcome)
+def _poll_due(now: datetime) -> ColumnElement[bool]:
+    """Active, its next poll due, and no live lease on it."""
+    return and_(
+        col(Task.next_poll_at) <= now,
+        IS_ACTIVE,
+        or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now),
     )
-    return {outcome: int(count) for outcome, count in (await session.execute(statement)).all()}
 
 
 async def claim_due_polls(
@@ -197,16 +195,22 @@ async def claim_due_polls(
     """Lease the active tasks whose next poll is due; replicas skip each other's rows."""
     due = (
         select(col(Task.id))
-        .where(
-            col(Task.next_poll_at) <= now,
-            col(Task.status).in_(ACTIVE_STATUSES),
-            or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now),
-        )
+        .where(_poll_due(now))
         .order_by(col(Task.next_poll_at))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     return await _lease(session, due, {"poll_lease_until": now + lease})
+
+
+async def claim_poll(
+    session: AsyncSession, task_id: str, *, now: datetime, lease: timedelta
+) -> Task | None:
+    """Lease one task's poll if it is still due (a confirmation); None if it is not."""
+    claimed = await update_task_where(
+        session, task_id, _poll_due(now), {"poll_lease_until": now + lease}
+    )
+    return await get_task(session, task_id) if claimed else None
 
 
 async def claim_due_downloads(

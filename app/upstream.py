@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -22,6 +22,8 @@ from app.schemas import Snapshot
 
 log = structlog.get_logger(__name__)
 
+# The provider's image links (and so any hope of fetching an image) last this long.
+LINK_LIFETIME = timedelta(hours=24)
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=5.0)
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import callback_urls, repository
 from app.config import Settings
 from app.errors import DomainError, NotFound, Unprocessable
-from app.models import TaskStatus, utcnow
+from app.models import utcnow
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot
 from app.services.snapshots import Outcome, apply_snapshot, owns_upstream_id
@@ -111,8 +111,7 @@ async def _queue_confirmation(
     if snapshot.upstream_id:
         # A submit whose answer was lost learns the provider's id here.
         values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
-    active = TASKS.c.status.in_([s.value for s in TaskStatus if not s.terminal])
-    if await repository.update_where(db, state.id, active, values):
+    if await repository.update_where(db, state.id, repository.IS_ACTIVE, values):
         return Outcome.CONFIRMING
     # The task settled between our read and our write: this delivery is old news.
     settled = await repository.task_state(db, state.id)

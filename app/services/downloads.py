@@ -20,12 +20,11 @@ from app.db import SessionFactory
 from app.fetch import FetchError, FetchResult, SafeFetcher
 from app.models import ImageStatus, Task, TaskStatus, utcnow
 from app.storage import Storage, StorageError
-from app.upstream import StarMagicClient, UpstreamError
+from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError
 
 log = structlog.get_logger(__name__)
 
 LEASE = timedelta(seconds=60)
-LINK_LIFETIME = timedelta(hours=24)
 MAX_BACKOFF_SECONDS = 300.0
 
 

@@ -10,19 +10,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, or_
-from sqlmodel import col
 
 from app import metrics, repository
 from app.config import Settings
 from app.db import SessionFactory
 from app.models import Task, TaskStatus, utcnow
 from app.services.snapshots import apply_snapshot
-from app.upstream import StarMagicClient, UpstreamError, UpstreamNotFound
+from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, UpstreamNotFound
 
 log = structlog.get_logger(__name__)
 
-LINK_LIFETIME = timedelta(hours=24)
 POLL_LEASE = timedelta(seconds=60)
 MAX_POLL_INTERVAL = timedelta(minutes=15)
 NOT_FOUND_LIMIT = 3
@@ -73,18 +70,10 @@ class Reconciler:
     async def _confirm(self, task_id: str) -> None:
         now = utcnow()
         try:
+            # Only while still due: a duplicate callback arriving after the first
+            # confirmation finished finds the task settled and asks nothing.
             async with self._factory() as session, session.begin():
-                # Still due and unleased: a duplicate callback arriving after the
-                # first confirmation finished finds the task settled and asks nothing.
-                due = and_(
-                    col(Task.next_poll_at) <= now,
-                    col(Task.status).in_(repository.ACTIVE_STATUSES),
-                    or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now),
-                )
-                claimed = await repository.update_task_where(
-                    session, task_id, due, {"poll_lease_until": now + POLL_LEASE}
-                )
-                task = await repository.get_task(session, task_id) if claimed else None
+                task = await repository.claim_poll(session, task_id, now=now, lease=POLL_LEASE)
             if task is not None:
                 async with self._slots:
                     await self.poll(task)
@@ -178,6 +167,5 @@ class Reconciler:
         )
 
     async def _update_active(self, task: Task, values: dict[str, Any]) -> None:
-        active = col(Task.status).in_([s.value for s in TaskStatus if not s.terminal])
         async with self._factory() as session, session.begin():
-            await repository.update_task_where(session, task.id, active, values)
+            await repository.update_task_where(session, task.id, repository.IS_ACTIVE, values)

@@ -119,7 +119,7 @@ def transition(
             error_code="cancelled",
             error_message=snapshot.error_message or "the task was cancelled at StarMagic",
         )
-    return _status_in([s for s in TaskStatus if not s.terminal]), values
+    return repository.IS_ACTIVE, values
 
 
 def _after(state: TaskState, snapshot: Snapshot) -> TaskState:
