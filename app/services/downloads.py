@@ -20,6 +20,7 @@ from app.db import SessionFactory
 from app.fetch import FetchError, FetchResult, SafeFetcher
 from app.models import ImageStatus, Task, TaskStatus, utcnow
 from app.storage import Storage, StorageError
+from app.storage import image_key as storage_image_key
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError
 
 log = structlog.get_logger(__name__)
@@ -29,8 +30,8 @@ MAX_BACKOFF_SECONDS = 300.0
 
 
 def image_key(task: Task, extension: str) -> str:
-    """Where a task's image lives in storage."""
-    return f"{task.created_at:%Y/%m/%d}/{task.id}.{extension}"
+    """Where a task's image lives in storage (the layout is the storage's own)."""
+    return storage_image_key(task.id, task.created_at, extension)
 
 
 def spool_path(storage: Storage, task_id: str) -> Path:
