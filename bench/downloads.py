@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from app.simulator.images import padded_png, render_png
-from bench.procs import PYTHON, Child, clean_env, free_port
+from bench.procs import PYTHON, Child, clean_env
 from bench.stats import ratio
+from tests.ports import free_port
 from tests.postgres import in_thread
 
 SIZES = {"20MB": 20_000_000, "50MB": 50_000_000}

@@ -92,6 +92,20 @@ class _Connection:
             self.writer = None
 
 
+async def _exchange(
+    connection: _Connection, raw: bytes, started: float, result: LoadResult
+) -> None:
+    """One request and its answer, recorded with its latency from `started`."""
+    try:
+        status = await connection.exchange(raw)
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        result.errors += 1
+        connection.close()
+        return
+    result.latencies.append(time.perf_counter() - started)
+    result.statuses[status] = result.statuses.get(status, 0) + 1
+
+
 async def _open_loop(
     host: str,
     port: int,
@@ -110,14 +124,7 @@ async def _open_loop(
         try:
             while (item := await queue.get()) is not None:
                 scheduled, raw = item
-                try:
-                    status = await connection.exchange(raw)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    result.errors += 1
-                    connection.close()
-                    continue
-                result.latencies.append(time.perf_counter() - scheduled)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
+                await _exchange(connection, raw, scheduled, result)
         finally:
             connection.close()
 
@@ -152,15 +159,7 @@ async def _closed_loop(
         try:
             while time.perf_counter() < deadline:
                 raw = requests[next(counter) % len(requests)]
-                sent = time.perf_counter()
-                try:
-                    status = await connection.exchange(raw)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    result.errors += 1
-                    connection.close()
-                    continue
-                result.latencies.append(time.perf_counter() - sent)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
+                await _exchange(connection, raw, time.perf_counter(), result)
         finally:
             connection.close()
 

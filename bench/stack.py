@@ -7,7 +7,8 @@ from typing import Any
 
 import httpx
 
-from bench.procs import PYTHON, Child, clean_env, free_port
+from bench.procs import PYTHON, Child, clean_env
+from tests.ports import free_port
 
 API_TOKEN = "bench-token-" + "b" * 24
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789abcdef"  # noqa: S105 (a local test value)

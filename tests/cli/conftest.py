@@ -10,7 +10,9 @@ import httpx
 import pytest
 from dotenv import dotenv_values
 
-from .helpers import IMAGETASKS, Sandbox, clean_env, free_port
+from tests.ports import free_port
+
+from .helpers import IMAGETASKS, Sandbox, clean_env
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,13 +21,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The inherited environment without imagetasks settings, plus `extra`."""
     env = {key: value for key, value in os.environ.items() if key not in _CLEARED}
     return {**env, "COLUMNS": "200", **extra}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

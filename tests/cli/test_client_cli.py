@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Result, Sandbox, clean_env, free_port, run_cli
+from tests.ports import free_port
+
+from .helpers import Result, Sandbox, clean_env, run_cli
 
 
 @pytest.fixture(scope="module")

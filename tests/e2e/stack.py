@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.callback_urls import WEBHOOK_PATH, sign
 from app.config import Settings
+from tests.ports import free_port
 
 T = TypeVar("T")
 
@@ -42,13 +42,6 @@ STOP_TIMEOUT = 15.0
 # Every setting the service reads: cleared from the inherited environment so the
 # runner's own shell cannot leak into the processes under test.
 _SETTING_NAMES = {name.upper() for name in Settings.model_fields}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_for(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from app.storage import LocalStorage, S3Storage, Storage
+from tests.ports import free_port
 
 BUCKET = "imagetasks-test"
 MakeS3 = Callable[..., S3Storage]
@@ -40,13 +40,6 @@ _BOTO_AUTH = {
     "aws_secret_access_key": "testing",
     "region_name": "us-east-1",
 }
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.storage import S3Storage, StorageError, storage_from_url
+from tests.ports import free_port
 
-from .conftest import MakeS3, S3Server, free_port
+from .conftest import MakeS3, S3Server
 
 KEY = "2025/05/06/task-7.png"
 
