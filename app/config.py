@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     confirm_callbacks: bool = True
     allow_insecure_callbacks: bool = False
     download_allow_private_networks: bool = False
+    allowed_models: CsvList = Field(
+        default_factory=lambda: ["gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta"]
+    )
 
     # Operational extras, not part of DESIGN's table but documented in .env.example.
     run_background: bool = True
@@ -53,7 +56,9 @@ class Settings(BaseSettings):
     root_path: str = ""
     trusted_proxies: CsvList = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
-    @field_validator("webhook_secret", "api_tokens", "trusted_proxies", mode="before")
+    @field_validator(
+        "webhook_secret", "api_tokens", "trusted_proxies", "allowed_models", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -87,6 +92,16 @@ class Settings(BaseSettings):
             urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc
         ):
             raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _known_models(cls, value: list[str]) -> list[str]:
+        from app.schemas import MODELS
+
+        unknown = [model for model in value if model not in MODELS]
+        if unknown or not value:
+            raise ValueError(f"must list some of {', '.join(MODELS)} (unknown: {unknown})")
         return value
 
     @model_validator(mode="after")

@@ -56,7 +56,16 @@ def map_errors() -> Iterator[None]:
         raise FetchError("connection", str(exc) or type(exc).__name__, retryable=True) from exc
 
 
+# A server may ask for any delay; nothing past a day is of use to a 24-hour link.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
 def _retry_after(value: str | None) -> float | None:
+    delay = _parse_retry_after(value)
+    return None if delay is None else min(delay, MAX_RETRY_AFTER_SECONDS)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     if value.strip().isdigit():

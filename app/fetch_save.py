@@ -13,7 +13,16 @@ import anyio
 import httpx
 
 from app.fetch_errors import FetchError
-from app.images import SNIFF_BYTES, ImageKind, NotAnImageError, read_dimensions, sniff
+from app.images import (
+    SNIFF_BYTES,
+    TAIL_BYTES,
+    EndMarker,
+    ImageKind,
+    NotAnImageError,
+    looks_complete,
+    read_dimensions,
+    sniff,
+)
 
 _WRITE_BUFFER = 1 << 20
 _PROGRESS_BYTES = 4 << 20
@@ -51,7 +60,8 @@ async def save_image(
     size = reported = 0
     last_report = time.monotonic()
     kind: ImageKind | None = None
-    head = b""
+    head = tail = b""
+    end = EndMarker()
     buffer = bytearray()
     async with await anyio.open_file(dest, "w+b") as out:
         async for chunk in response.aiter_raw():
@@ -62,6 +72,8 @@ async def save_image(
                 head = (head + chunk)[:SNIFF_BYTES]
                 kind = _sniff_or_refuse(head, final=len(head) >= SNIFF_BYTES)
             digest.update(chunk)
+            tail = (tail + chunk)[-TAIL_BYTES:]
+            end.feed(chunk)
             buffer += chunk
             due = (
                 size - reported >= _PROGRESS_BYTES
@@ -77,6 +89,13 @@ async def save_image(
                 if on_progress:
                     await on_progress()
         kind = kind or _sniff_or_refuse(head, final=True)
+        assert kind is not None
+        if not looks_complete(kind, head, tail, size, end.seen):
+            # A body without Content-Length whose connection closed early: the
+            # bytes so far hash consistently, but they are not the whole image.
+            raise FetchError(
+                "truncated", f"the {kind.extension} body ends before the image does", retryable=True
+            )
         await out.write(bytes(buffer))
         await out.flush()
         await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())

@@ -42,6 +42,42 @@ def sniff(head: bytes) -> ImageKind | None:
     return None
 
 
+# An empty IEND chunk: type and CRC. The chance of these 8 bytes inside the
+# compressed data of a cut-off file is negligible (2^-64 per position).
+PNG_END = b"IEND\xaeB`\x82"
+TAIL_BYTES = 64
+
+
+class EndMarker:
+    """Watches a stream for PNG's end chunk, across the boundaries of its pieces."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        """Look at the next piece of the stream."""
+        if not self.seen:
+            window = self._carry + chunk
+            self.seen = PNG_END in window
+            self._carry = window[-(len(PNG_END) - 1) :]
+
+
+def looks_complete(kind: ImageKind, head: bytes, tail: bytes, size: int, png_end: bool) -> bool:
+    """Whether a file of this kind ends the way a whole one does (a body cut short does not).
+
+    PNG has passed its IEND chunk (`png_end`, from an EndMarker); JPEG ends
+    with the EOI marker (trailing padding is tolerated, as decoders do); WebP's
+    RIFF header states its size. `head` and `tail` are the file's first and
+    last bytes (up to TAIL_BYTES).
+    """
+    if kind is PNG:
+        return png_end
+    if kind is JPEG:
+        return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    return size >= int.from_bytes(head[4:8], "little") + 8
+
+
 def kind_for_extension(extension: str) -> ImageKind | None:
     """The image kind stored under a file extension (``png``, ``jpg``, ``jpeg``, ``webp``)."""
     ext = extension.lower().lstrip(".")

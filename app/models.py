@@ -1,5 +1,5 @@
-"""The SQL tables: tasks (which are also the download and poll queues),
-callback deliveries and idempotency records."""
+"""The SQL tables: tasks (which are also the poll queue), their images (which
+are the download queue), callback deliveries and idempotency records."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _ts(*, nullable: bool = True, index: bool = False) -> Any:
 
 
 class Task(SQLModel, table=True):
-    """One image generation, from the caller's request to the stored image."""
+    """One image generation, from the caller's request to the stored images."""
 
     __tablename__ = "tasks"
     __table_args__ = (
@@ -78,7 +78,6 @@ class Task(SQLModel, table=True):
         Index("ix_tasks_status_created", "status", "created_at", "id"),
         Index("ix_tasks_image_status_created", "image_status", "created_at", "id"),
         Index("ix_tasks_next_poll_at", "next_poll_at"),
-        Index("ix_tasks_image_next_attempt_at", "image_status", "image_next_attempt_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -88,11 +87,17 @@ class Task(SQLModel, table=True):
     model: str = Field(max_length=64)
     size: str | None = Field(default=None, max_length=16)
     quality: str | None = Field(default=None, max_length=16)
+    resolution: str | None = Field(default=None, max_length=8)
+    n: int = 1
     image_urls: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    mask_url: str | None = Field(default=None, sa_column=Column(Text))
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON))
     owner: str = Field(max_length=64)
     upstream_task_id: str | None = Field(default=None, max_length=128, unique=True)
     estimated_time: int | None = None
+    # What the provider last said: whether it would still cancel, and what it bills.
+    can_cancel: bool | None = None
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_column=Column(Text))
     submit_outcome_unknown: bool = False
@@ -107,24 +112,41 @@ class Task(SQLModel, table=True):
     poll_attempts: int = 0
     poll_lease_until: datetime | None = _ts()
 
-    # Download queue and the stored copy.
+    # All of the task's images at a glance (for filters): pending until every
+    # image is settled, then stored when all are stored, else failed.
     image_status: str | None = Field(default=None, max_length=16)
-    image_source_url: str | None = Field(default=None, sa_column=Column(Text))
-    image_source_expires_at: datetime | None = _ts()
-    image_renewed: bool = False
-    image_attempts: int = 0
-    image_next_attempt_at: datetime | None = _ts()
-    image_lease_owner: str | None = Field(default=None, max_length=64)
-    image_lease_until: datetime | None = _ts()
-    image_key: str | None = Field(default=None, max_length=255)
-    image_content_type: str | None = Field(default=None, max_length=32)
-    image_size_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
-    image_sha256: str | None = Field(default=None, max_length=64)
-    image_width: int | None = None
-    image_height: int | None = None
-    image_stored_at: datetime | None = _ts()
-    image_error_code: str | None = Field(default=None, max_length=64)
-    image_error_message: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Image(SQLModel, table=True):
+    """One image of a completed task: its provider link, download state and stored copy.
+
+    The table is the download queue: a pending image is claimed with a lease.
+    """
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_status_next_attempt", "status", "next_attempt_at"),)
+
+    task_id: str = Field(foreign_key="tasks.id", primary_key=True, max_length=40)
+    position: int = Field(primary_key=True)
+    status: str = Field(max_length=16)
+    source_url: str | None = Field(default=None, sa_column=Column(Text))
+    source_expires_at: datetime | None = _ts()
+    renewed: bool = False
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts()
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = _ts()
+    key: str | None = Field(default=None, max_length=255)
+    content_type: str | None = Field(default=None, max_length=32)
+    size_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    sha256: str | None = Field(default=None, max_length=64)
+    width: int | None = None
+    height: int | None = None
+    stored_at: datetime | None = _ts()
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class CallbackDelivery(SQLModel, table=True):

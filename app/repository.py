@@ -3,6 +3,7 @@ they never commit (the caller's unit of work does)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,6 +14,8 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
+    delete,
     func,
     insert,
     or_,
@@ -28,6 +31,7 @@ from sqlmodel import col
 from app.db import metadata
 from app.models import (
     IdempotencyRecord,
+    Image,
     ImageStatus,
     Task,
     TaskStatus,
@@ -70,6 +74,19 @@ async def claim_idempotency_key(session: AsyncSession, record: IdempotencyRecord
     )
     result = await session.execute(statement)
     return bool(_rowcount(result))
+
+
+async def release_idempotency_key(
+    session: AsyncSession, owner: str, key: str, task_id: str
+) -> None:
+    """Forget a key whose request certainly never reached the provider (a retry submits)."""
+    await session.execute(
+        delete(IdempotencyRecord).where(
+            col(IdempotencyRecord.owner) == owner,
+            col(IdempotencyRecord.key) == key,
+            col(IdempotencyRecord.task_id) == task_id,
+        )
+    )
 
 
 async def get_idempotency_record(
@@ -213,29 +230,6 @@ async def claim_poll(
     return await get_task(session, task_id) if claimed else None
 
 
-async def claim_due_downloads(
-    session: AsyncSession, *, now: datetime, owner: str, lease: timedelta, limit: int
-) -> Sequence[Task]:
-    """Lease queued downloads that are due and not held by a live worker."""
-    due = (
-        select(col(Task.id))
-        .where(
-            col(Task.image_status) == ImageStatus.PENDING,
-            col(Task.image_next_attempt_at) <= now,
-            or_(col(Task.image_lease_until).is_(None), col(Task.image_lease_until) < now),
-        )
-        .order_by(col(Task.image_next_attempt_at))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    values = {
-        "image_lease_owner": owner,
-        "image_lease_until": now + lease,
-        "image_attempts": col(Task.image_attempts) + 1,
-    }
-    return await _lease(session, due, values)
-
-
 async def _lease(session: AsyncSession, due: Any, values: dict[str, Any]) -> Sequence[Task]:
     ids = (await session.execute(due)).scalars().all()
     if not ids:
@@ -250,32 +244,231 @@ async def _lease(session: AsyncSession, due: Any, values: dict[str, Any]) -> Seq
     return (await session.execute(statement)).scalars().all()
 
 
-async def update_download(
-    session: AsyncSession, task_id: str, owner: str, values: dict[str, Any]
-) -> bool:
-    """Write a download's result, but only while this worker still holds the lease."""
-    condition = and_(
-        col(Task.image_lease_owner) == owner,
-        col(Task.image_status) == ImageStatus.PENDING,
+# Downloads: the images table is the queue.
+IMAGES: Table = metadata.tables["images"]
+
+
+@dataclass(frozen=True)
+class DownloadJob:
+    """A leased image and the few task columns its download needs."""
+
+    task_id: str
+    position: int
+    lease_owner: str
+    source_url: str | None
+    source_expires_at: datetime | None
+    renewed: bool
+    attempts: int
+    upstream_task_id: str | None
+    task_created_at: datetime
+    completed_at: datetime | None
+
+
+async def queue_images(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert a completed task's images, each pending its download."""
+    if rows:
+        await db.execute(insert(IMAGES), list(rows))
+
+
+def _image_is(task_id: str, position: int) -> ColumnElement[bool]:
+    return and_(IMAGES.c.task_id == task_id, IMAGES.c.position == position)
+
+
+async def claim_due_downloads(
+    db: AsyncConnection,
+    *,
+    now: datetime,
+    owner: str,
+    lease: timedelta,
+    limit: int,
+    running: Sequence[tuple[str, int]] = (),
+) -> list[DownloadJob]:
+    """Lease pending images that are due and not held by a live worker.
+
+    Each image gets its own lease token (`owner` plus the image), so a job that
+    lost its lease cannot write over the job that took it over, even in the
+    same process; `running` are images this worker still runs, never claimed twice.
+    """
+    conditions = [
+        IMAGES.c.status == ImageStatus.PENDING.value,
+        IMAGES.c.next_attempt_at <= now,
+        or_(IMAGES.c.lease_until.is_(None), IMAGES.c.lease_until < now),
+    ]
+    if running:
+        conditions.append(tuple_(IMAGES.c.task_id, IMAGES.c.position).not_in(list(running)))
+    due = (
+        select(IMAGES.c.task_id, IMAGES.c.position)
+        .where(*conditions)
+        .order_by(IMAGES.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    return await update_task_where(session, task_id, condition, values)
+    keys = [(row.task_id, row.position) for row in (await db.execute(due)).all()]
+    jobs: list[DownloadJob] = []
+    for task_id, position in keys:
+        token = f"{owner}/{position}/{secrets.token_hex(3)}"
+        await db.execute(
+            update(IMAGES)
+            .where(_image_is(task_id, position))
+            .values(lease_owner=token, lease_until=now + lease, attempts=IMAGES.c.attempts + 1)
+        )
+        row = (
+            await db.execute(
+                select(
+                    IMAGES.c.source_url,
+                    IMAGES.c.source_expires_at,
+                    IMAGES.c.renewed,
+                    IMAGES.c.attempts,
+                    TASKS.c.upstream_task_id,
+                    TASKS.c.created_at,
+                    TASKS.c.completed_at,
+                )
+                .join(TASKS, TASKS.c.id == IMAGES.c.task_id)
+                .where(_image_is(task_id, position))
+            )
+        ).one()
+        jobs.append(
+            DownloadJob(
+                task_id=task_id,
+                position=position,
+                lease_owner=token,
+                source_url=row.source_url,
+                source_expires_at=row.source_expires_at,
+                renewed=row.renewed,
+                attempts=row.attempts,
+                upstream_task_id=row.upstream_task_id,
+                task_created_at=row.created_at,
+                completed_at=row.completed_at,
+            )
+        )
+    return jobs
 
 
-async def release_download_leases(session: AsyncSession, owner: str) -> int:
+def _summary(task_id: str) -> ColumnElement[Any]:
+    """The task's image status from its images: pending, else failed if any, else stored."""
+
+    def having(status: ImageStatus) -> Any:
+        return (
+            select(IMAGES.c.position)
+            .where(IMAGES.c.task_id == task_id, IMAGES.c.status == status.value)
+            .exists()
+        )
+
+    return case(
+        (having(ImageStatus.PENDING), ImageStatus.PENDING.value),
+        (having(ImageStatus.FAILED), ImageStatus.FAILED.value),
+        else_=ImageStatus.STORED.value,
+    )
+
+
+async def refresh_image_summary(db: AsyncConnection, task_id: str, now: datetime) -> None:
+    """Recompute `tasks.image_status` after one of its images changed (same transaction)."""
+    await db.execute(
+        update(TASKS)
+        .where(TASKS.c.id == task_id)
+        .values(image_status=_summary(task_id), updated_at=now)
+    )
+
+
+async def update_download(
+    db: AsyncConnection,
+    job: DownloadJob,
+    values: dict[str, Any],
+    *,
+    settles: bool = False,
+    now: datetime | None = None,
+) -> bool:
+    """Write a download's progress or result, only while this job still holds the lease.
+
+    `settles` (stored or failed) also refreshes the task's image summary.
+    """
+    statement = (
+        update(IMAGES)
+        .where(
+            _image_is(job.task_id, job.position),
+            IMAGES.c.lease_owner == job.lease_owner,
+            IMAGES.c.status == ImageStatus.PENDING.value,
+        )
+        .values(**values)
+    )
+    held = bool(_rowcount(await db.execute(statement)))
+    if held and settles:
+        assert now is not None
+        await refresh_image_summary(db, job.task_id, now)
+    return held
+
+
+async def requeue_failed_images(
+    db: AsyncConnection, task_id: str, now: datetime, position: int | None = None
+) -> int:
+    """Queue a task's failed downloads again (all, or one); how many were queued."""
+    conditions = [IMAGES.c.task_id == task_id, IMAGES.c.status == ImageStatus.FAILED.value]
+    if position is not None:
+        conditions.append(IMAGES.c.position == position)
+    result = await db.execute(
+        update(IMAGES)
+        .where(*conditions)
+        .values(
+            status=ImageStatus.PENDING.value,
+            attempts=0,
+            renewed=False,
+            next_attempt_at=now,
+            error_code=None,
+            error_message=None,
+            lease_owner=None,
+            lease_until=None,
+            updated_at=now,
+        )
+    )
+    queued = _rowcount(result)
+    if queued:
+        await refresh_image_summary(db, task_id, now)
+    return queued
+
+
+async def release_download_leases(db: AsyncConnection, owner: str) -> int:
     """Give back every lease a stopping worker holds, so another starts at once."""
-    result = await session.execute(
-        update(Task)
-        .where(col(Task.image_lease_owner) == owner, col(Task.image_status) == ImageStatus.PENDING)
-        .values(image_lease_until=None, image_lease_owner=None)
-        .execution_options(synchronize_session=False)
+    result = await db.execute(
+        update(IMAGES)
+        .where(
+            IMAGES.c.lease_owner.startswith(f"{owner}/", autoescape=True),
+            IMAGES.c.status == ImageStatus.PENDING.value,
+        )
+        .values(lease_until=None, lease_owner=None)
     )
     return _rowcount(result)
 
 
-async def download_queue_stats(session: AsyncSession) -> tuple[int, datetime | None]:
+async def download_queue_stats(db: AsyncConnection) -> tuple[int, datetime | None]:
     """How many downloads are queued, and since when the oldest has waited."""
-    statement = select(func.count(), func.min(col(Task.completed_at))).where(
-        col(Task.image_status) == ImageStatus.PENDING
+    statement = select(func.count(), func.min(IMAGES.c.created_at)).where(
+        IMAGES.c.status == ImageStatus.PENDING.value
     )
-    count, oldest = (await session.execute(statement)).one()
+    count, oldest = (await db.execute(statement)).one()
     return int(count), oldest
+
+
+async def task_images(session: AsyncSession, task_ids: Sequence[str]) -> dict[str, list[Image]]:
+    """The images of these tasks, by task id, in position order (one query for a page)."""
+    if not task_ids:
+        return {}
+    statement = (
+        select(Image)
+        .where(col(Image.task_id).in_(list(task_ids)))
+        .order_by(col(Image.task_id), col(Image.position))
+        .execution_options(populate_existing=True)
+    )
+    found: dict[str, list[Image]] = {task_id: [] for task_id in task_ids}
+    for image in (await session.execute(statement)).scalars():
+        found[image.task_id].append(image)
+    return found
+
+
+async def get_image(session: AsyncSession, task_id: str, position: int) -> Image | None:
+    """One image of a task."""
+    statement = (
+        select(Image)
+        .where(col(Image.task_id) == task_id, col(Image.position) == position)
+        .execution_options(populate_existing=True)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()

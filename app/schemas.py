@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.models import TaskStatus
 
-MODELS = ("gpt-image-1.5",)
+MODELS = ("gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta")
 SIZES = ("1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024")
 QUALITIES = ("low", "medium", "high")
 # The provider counts 2000 tokens; a token is at least one character and
@@ -64,13 +64,15 @@ class TaskCreate(BaseModel):
     )
 
     prompt: str = Field(min_length=1, description="What to draw; at most 6000 UTF-8 bytes.")
-    model: Literal["gpt-image-1.5"] = "gpt-image-1.5"
+    model: Literal["gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta"] = "gpt-image-1.5"
     size: Literal["1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024"] | None = None
     quality: Literal["low", "medium", "high"] | None = None
     image_urls: list[str] | None = Field(
         default=None, description="1 to 16 HTTPS reference images for editing."
     )
-    n: Literal[1] = 1
+    resolution: str | None = None
+    n: int = 1
+    mask_url: str | None = None
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Your own data, returned as given (≤ 4 KiB as JSON)."
     )
@@ -109,10 +111,19 @@ class TaskCreate(BaseModel):
             raise ValueError(f"is too large: at most {MAX_METADATA_BYTES} bytes as JSON")
         return value
 
+    @field_validator("n")
+    @classmethod
+    def _n_for_model(cls, value: int, info: ValidationInfo) -> int:
+        model = info.data.get("model")
+        limit = 10 if model == "gpt-image-2" else 1
+        if not 1 <= value <= limit:
+            raise ValueError(f"must be 1 to {limit} for {model}")
+        return value
+
     def upstream_body(self) -> dict[str, Any]:
         """The provider's submit body, without the callback URL."""
         body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "n": self.n}
-        for name in ("size", "quality", "image_urls"):
+        for name in ("size", "quality", "resolution", "image_urls", "mask_url"):
             if (value := getattr(self, name)) is not None:
                 body[name] = value
         return body
@@ -121,9 +132,16 @@ class TaskCreate(BaseModel):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    retryable: bool | None = Field(
+        default=None,
+        description="For a failed task: true when the same request is worth resubmitting later "
+        "(the provider had a passing problem), false when the request itself must change "
+        "(for example a content policy refusal), null when unknown.",
+    )
 
 
 class ImagePublic(BaseModel):
+    index: int = 0
     status: str
     url: str | None = None
     content_type: str | None = None
@@ -144,11 +162,17 @@ class TaskPublic(BaseModel):
     model: str
     size: str | None
     quality: str | None
+    resolution: str | None = None
+    n: int = 1
     image_urls: list[str] | None
+    mask_url: str | None = None
     metadata: dict[str, Any]
     upstream_task_id: str | None
+    can_cancel: bool | None = None
+    usage: dict[str, Any] | None = None
     error: ErrorInfo | None
     image: ImagePublic | None
+    images: list[ImagePublic] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
@@ -175,15 +199,29 @@ ErrorBody.model_rebuild()
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotImage:
+    """One finished image as the provider lists it: its link, and when the link dies if said."""
+
+    url: str
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    """One typed view of the provider's task, from a callback or a query."""
+    """One typed view of the provider's task, from a callback, a query or a submit answer."""
 
     status: TaskStatus
     upstream_id: str | None = None
     progress: int | None = None
-    image_url: str | None = None
-    image_expires_at: datetime | None = None
+    images: tuple[SnapshotImage, ...] = ()
     error_code: str | None = None
     error_message: str | None = None
     estimated_time: int | None = None
     completed_at: datetime | None = None
+    can_cancel: bool | None = None
+    usage: dict[str, Any] | None = None
+
+    @property
+    def image_url(self) -> str | None:
+        """The first image's link (most tasks have exactly one)."""
+        return self.images[0].url if self.images else None

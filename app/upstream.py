@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -18,7 +19,7 @@ import structlog
 
 from app import metrics
 from app.models import TaskStatus
-from app.schemas import Snapshot
+from app.schemas import Snapshot, SnapshotImage
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,10 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamNotFound(UpstreamRejected):
     """The provider does not know the task."""
+
+
+class UpstreamCancelUnsupported(UpstreamRejected):
+    """The provider has no cancel route (it answered 404 or 405)."""
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -160,15 +165,19 @@ class StarMagicClient:
 
     def _submitted(self, response: httpx.Response) -> Snapshot:
         status = response.status_code
-        if status in (502, 504):
-            # A gateway lost track: the provider may well have accepted the task.
-            raise UpstreamOutcomeUnknown(
-                f"StarMagic's gateway answered {status}", code="submission_outcome_unknown"
-            )
-        if status >= 400:
+        if 400 <= status < 500:
+            # A client error: the provider looked at the request and did not take it.
             code, message = provider_reason(response)
-            error = UpstreamUnavailable if status >= 500 else UpstreamRejected
-            raise error(message, code=code, status_code=status)
+            raise UpstreamRejected(message, code=code, status_code=status)
+        if status >= 500:
+            # 500, 502, 504…: the provider (or a gateway in front of it) may well have
+            # created the task before failing; only 503 says "not now" (handled above).
+            code, message = provider_reason(response)
+            raise UpstreamOutcomeUnknown(
+                f"StarMagic answered {status} ({message}); the task may exist",
+                code="submission_outcome_unknown",
+                status_code=status,
+            )
         try:
             snapshot = parse_snapshot(response.json())
         except (ValueError, SnapshotError) as exc:
@@ -209,6 +218,34 @@ class StarMagicClient:
                 error = UpstreamUnavailable(f"unreadable task from StarMagic: {exc}")
         raise error
 
+    async def cancel(self, upstream_id: str) -> Snapshot:
+        """Ask the provider to cancel a task (`DELETE /v1/tasks/{id}`, an unpublished draft).
+
+        UpstreamCancelUnsupported when the provider has no such route (404/405),
+        UpstreamRejected when it refuses this task (400), UpstreamUnavailable otherwise.
+        """
+        url = f"{self._base}/v1/tasks/{upstream_id}"
+        try:
+            with _timed("cancel"):
+                response = await self._http.delete(url, headers=self._headers)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"cannot reach StarMagic: {type(exc).__name__}") from exc
+        status = response.status_code
+        if status in (404, 405):
+            code, message = provider_reason(response)
+            raise UpstreamCancelUnsupported(message, code=code, status_code=status)
+        if 400 <= status < 500 and status != 429:
+            code, message = provider_reason(response)
+            raise UpstreamRejected(message, code=code, status_code=status)
+        if status >= 400:
+            code, message = provider_reason(response)
+            raise UpstreamUnavailable(message, code=code, status_code=status)
+        try:
+            snapshot = parse_snapshot(response.json())
+        except (ValueError, SnapshotError) as exc:
+            raise UpstreamUnavailable(f"unreadable cancel answer from StarMagic: {exc}") from exc
+        return snapshot
+
 
 def _unix(value: Any) -> datetime | None:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -245,14 +282,51 @@ def _bounded(value: int | None, low: int, high: int) -> int | None:
     return value if value is not None and low <= value <= high else None
 
 
-def _first_image(result: Any) -> tuple[str | None, datetime | None]:
+MAX_IMAGES = 16
+
+
+def _url_of(value: Any) -> str | None:
+    """An image link given as a string, or as a list whose first string is the link."""
+    if isinstance(value, list):
+        value = next((item for item in value if isinstance(item, str)), None)
+    return _text(value, 4096) if isinstance(value, str) else None
+
+
+def _images(task: dict[str, Any]) -> tuple[SnapshotImage, ...]:
+    """Every image link, from the published `results` or the enveloped `result.images`."""
+    found: list[SnapshotImage] = []
+    results = task.get("results")
+    if isinstance(results, str):
+        results = [results]
+    if isinstance(results, list):
+        for item in results:
+            url = _url_of(item.get("url") if isinstance(item, dict) else item)
+            if url:
+                expires = _unix(item.get("expires_at")) if isinstance(item, dict) else None
+                found.append(SnapshotImage(url, expires))
+    result = task.get("result")
     images = result.get("images") if isinstance(result, dict) else None
-    if not isinstance(images, list) or not images or not isinstance(images[0], dict):
-        return None, None
-    url, expires = images[0].get("url"), _unix(images[0].get("expires_at"))
-    if isinstance(url, list):  # seen both as a string and as a list of strings
-        url = next((item for item in url if isinstance(item, str)), None)
-    return (_text(url, 4096) if isinstance(url, str) else None), expires
+    if not found and isinstance(images, list):
+        for item in images:
+            if isinstance(item, dict) and (url := _url_of(item.get("url"))):
+                found.append(SnapshotImage(url, _unix(item.get("expires_at"))))
+            elif url := _url_of(item):
+                found.append(SnapshotImage(url))
+    return tuple(found[:MAX_IMAGES])
+
+
+def _usage(value: Any) -> dict[str, Any] | None:
+    """What the provider says about billing, kept only in its known, scalar fields."""
+    if not isinstance(value, dict):
+        return None
+    usage: dict[str, Any] = {}
+    for name in ("billing_rule", "user_group"):
+        if (text := _text(value.get(name), 64)) is not None:
+            usage[name] = text
+    credits = value.get("credits_reserved")
+    if isinstance(credits, int | float) and not isinstance(credits, bool):
+        usage.update({"credits_reserved": credits} if math.isfinite(credits) else {})
+    return usage or None
 
 
 def _error(error: Any) -> tuple[str | None, str | None]:
@@ -266,7 +340,12 @@ def _error(error: Any) -> tuple[str | None, str | None]:
 
 
 def parse_snapshot(payload: Any) -> Snapshot:
-    """One typed snapshot from an envelope `{"code","data"}` or a bare task object."""
+    """One typed snapshot from either shape the provider uses.
+
+    The published shape is a bare task object with `results: [url, …]`; the
+    enveloped one is `{"code", "data": {…, "result": {"images": [{"url", "expires_at"}]}}}`.
+    Unknown fields are ignored; a link may be a string or a list of strings.
+    """
     if not isinstance(payload, dict):
         raise SnapshotError("expected a JSON object")
     data = payload.get("data")
@@ -287,20 +366,22 @@ def parse_snapshot(payload: Any) -> Snapshot:
     ):
         raise SnapshotError("task id must be a short string of letters, digits and -_.:")
     progress = _int(task.get("progress"))
-    image_url, expires_at = _first_image(task.get("result"))
+    images = _images(task) if status is TaskStatus.COMPLETED else ()
     error_code, error_message = _error(task.get("error"))
     info = task.get("task_info")
     estimated = task.get("estimated_time")
     if estimated is None and isinstance(info, dict):
         estimated = info.get("estimated_time")
+    can_cancel = info.get("can_cancel") if isinstance(info, dict) else None
     return Snapshot(
         status=status,
         upstream_id=upstream_id or None,
         progress=None if progress is None else max(0, min(100, progress)),
-        image_url=image_url if status is TaskStatus.COMPLETED else None,
-        image_expires_at=expires_at if status is TaskStatus.COMPLETED else None,
+        images=images,
         error_code=error_code,
         error_message=error_message,
         estimated_time=_bounded(_int(estimated), 0, MAX_ESTIMATED_TIME),
         completed_at=_unix(task.get("completed")),
+        can_cancel=can_cancel if isinstance(can_cancel, bool) else None,
+        usage=_usage(task.get("usage") if task is payload else payload.get("usage")),
     )

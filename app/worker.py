@@ -15,7 +15,8 @@ import structlog
 
 from app import metrics, repository
 from app.config import Settings
-from app.models import Task, utcnow
+from app.models import utcnow
+from app.repository import DownloadJob
 from app.runtime import Runtime
 from app.services.downloads import LEASE, Downloader
 
@@ -40,14 +41,15 @@ class BackgroundWorker:
         self._poll_seconds = download_poll_seconds
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
-        self._jobs: set[asyncio.Task[None]] = set()
         self.downloader = Downloader(
-            runtime.sessions, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
+            runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
         )
+        self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
 
     async def start(self) -> None:
         """Clear a crashed run's temp files, then start the loops."""
-        removed = await self._runtime.storage.cleanup_spool(LEASE.total_seconds() * 2)
+        # Live jobs keep their spool files' mtime fresh; anything older is a crash's.
+        removed = await self._runtime.storage.cleanup_spool(max(LEASE.total_seconds() * 8, 120))
         if removed:
             log.info("spool_cleaned", files=removed)
         self._loops = [
@@ -67,14 +69,14 @@ class BackgroundWorker:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._jobs:
-            _, pending = await asyncio.wait(self._jobs, timeout=STOP_GRACE_SECONDS)
+        if self._running:
+            _, pending = await asyncio.wait(list(self._running), timeout=STOP_GRACE_SECONDS)
             for job in pending:
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
-            async with self._runtime.sessions() as session, session.begin():
-                released = await repository.release_download_leases(session, self.downloader.owner)
+            async with self._runtime.engine.begin() as db:
+                released = await repository.release_download_leases(db, self.downloader.owner)
             log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
 
     async def _forever(
@@ -92,37 +94,41 @@ class BackgroundWorker:
 
     async def _download_round(self) -> float:
         """Fill free slots with due downloads; come back at once while work remains."""
-        free = self._settings.download_concurrency - len(self._jobs)
+        free = self._settings.download_concurrency - len(self._running)
         if free <= 0:
             return self._poll_seconds / 4
-        async with self._runtime.sessions() as session, session.begin():
-            tasks = await repository.claim_due_downloads(
-                session, now=utcnow(), owner=self.downloader.owner, lease=LEASE, limit=free
+        async with self._runtime.engine.begin() as db:
+            jobs = await repository.claim_due_downloads(
+                db,
+                now=utcnow(),
+                owner=self.downloader.owner,
+                lease=self.downloader.lease,
+                limit=free,
+                running=list(self._running.values()),
             )
-        for task in tasks:
-            self._spawn(task)
-        return 0.0 if len(tasks) == free else self._poll_seconds
+        for job in jobs:
+            self._spawn(job)
+        return 0.0 if len(jobs) == free else self._poll_seconds
 
-    def _spawn(self, task: Task) -> None:
-        job = asyncio.create_task(self._guarded_download(task))
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+    def _spawn(self, job: DownloadJob) -> None:
+        task = asyncio.create_task(self._guarded_download(job))
+        self._running[task] = (job.task_id, job.position)
+        task.add_done_callback(self._forget)
 
-    async def _guarded_download(self, task: Task) -> None:
-        with structlog.contextvars.bound_contextvars(task_id=task.id):
-            try:
-                await self.downloader.run(task)
-            except Exception:
-                # The lease runs out and another round retries; nothing is lost.
-                log.exception("download_crashed", task_id=task.id)
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+
+    async def _guarded_download(self, job: DownloadJob) -> None:
+        with structlog.contextvars.bound_contextvars(task_id=job.task_id):
+            await self.downloader.run(job)
 
     async def _reconcile_round(self) -> None:
         while await self._runtime.reconciler.run_once() and not self._stopping.is_set():
             pass
 
     async def _queue_stats(self) -> None:
-        async with self._runtime.sessions() as session:
-            depth, oldest = await repository.download_queue_stats(session)
+        async with self._runtime.engine.connect() as db:
+            depth, oldest = await repository.download_queue_stats(db)
         metrics.QUEUE_DEPTH.set(depth)
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
 

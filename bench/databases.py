@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from app.cli import run_migrations
 from app.db import create_engine
-from app.models import Task
+from app.models import Image, Task
 from tests.postgres import dsn, in_thread
 
 POSTGRES_URL = os.environ.get(
@@ -73,14 +73,16 @@ def fresh_database(kind: str, workdir: Path, label: str) -> Iterator[Database]:
         in_thread(lambda: asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
 
 
-async def insert_tasks(url: str, rows: list[dict[str, Any]]) -> None:
-    """Bulk insert task rows (dicts of Task fields) through SQLAlchemy, in batches."""
+async def insert_tasks(
+    url: str, rows: list[dict[str, Any]], images: list[dict[str, Any]] | None = None
+) -> None:
+    """Bulk insert task rows (and image rows), as the tables spell them, in batches."""
     engine = create_engine(url)
-    table = Task.__table__  # type: ignore[attr-defined]
     try:
         async with engine.begin() as connection:
-            for start in range(0, len(rows), INSERT_BATCH):
-                await connection.execute(insert(table), rows[start : start + INSERT_BATCH])
+            for table, batch in ((Task.__table__, rows), (Image.__table__, images or [])):  # type: ignore[attr-defined]
+                for start in range(0, len(batch), INSERT_BATCH):
+                    await connection.execute(insert(table), batch[start : start + INSERT_BATCH])
         # Fresh statistics, as autovacuum would have them on a table this old.
         async with engine.begin() as connection:
             await connection.exec_driver_sql("ANALYZE")
@@ -111,22 +113,11 @@ def task_row(**fields: Any) -> dict[str, Any]:
         "poll_attempts": 0,
         "poll_lease_until": None,
         "image_status": None,
-        "image_source_url": None,
-        "image_source_expires_at": None,
-        "image_renewed": False,
-        "image_attempts": 0,
-        "image_next_attempt_at": None,
-        "image_lease_owner": None,
-        "image_lease_until": None,
-        "image_key": None,
-        "image_content_type": None,
-        "image_size_bytes": None,
-        "image_sha256": None,
-        "image_width": None,
-        "image_height": None,
-        "image_stored_at": None,
-        "image_error_code": None,
-        "image_error_message": None,
+        "resolution": None,
+        "n": 1,
+        "mask_url": None,
+        "can_cancel": None,
+        "usage": None,
     }
     values.update(fields)
     return values

@@ -22,7 +22,8 @@ import structlog
 
 from app.db import create_engine, create_session_factory
 from app.fetch import SafeFetcher
-from app.models import Task, utcnow
+from app.models import Image, Task, utcnow
+from app.repository import DownloadJob
 from app.services.downloads import Downloader
 from app.storage.local import LocalStorage
 from app.upstream import StarMagicClient
@@ -43,7 +44,7 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-async def _job(downloader: Downloader, sessions: Any, url: str) -> dict[str, Any]:
+async def _job(downloader: Downloader, engine: Any, url: str) -> dict[str, Any]:
     now = utcnow()
     task = Task(
         id=task_id_at(now),
@@ -57,15 +58,37 @@ async def _job(downloader: Downloader, sessions: Any, url: str) -> dict[str, Any
         updated_at=now,
         completed_at=now,
         image_status="pending",
-        image_source_url=url,
-        image_source_expires_at=now + timedelta(hours=24),
-        image_attempts=1,
-        image_next_attempt_at=now,
-        image_lease_owner=OWNER,
-        image_lease_until=now + timedelta(minutes=5),
     )
+    image = Image(
+        task_id=task.id,
+        position=0,
+        status="pending",
+        source_url=url,
+        source_expires_at=now + timedelta(hours=24),
+        attempts=1,
+        next_attempt_at=now,
+        lease_owner=f"{OWNER}/0/job",
+        lease_until=now + timedelta(minutes=5),
+        created_at=now,
+        updated_at=now,
+    )
+    sessions = create_session_factory(engine)
     async with sessions() as session, session.begin():
         session.add(task)
+        await session.flush()
+        session.add(image)
+    job = DownloadJob(
+        task_id=task.id,
+        position=0,
+        lease_owner=f"{OWNER}/0/job",
+        source_url=url,
+        source_expires_at=image.source_expires_at,
+        renewed=False,
+        attempts=1,
+        upstream_task_id=None,
+        task_created_at=now,
+        completed_at=now,
+    )
     fetch = downloader._fetcher.fetch_to_file
     fetch_seconds = 0.0
 
@@ -81,21 +104,21 @@ async def _job(downloader: Downloader, sessions: Any, url: str) -> dict[str, Any
     _reset_peak()
     base = _status_kib("VmRSS")
     started = time.perf_counter()
-    await downloader.run(task)
+    await downloader.run(job)
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM")
     downloader._fetcher.fetch_to_file = fetch  # type: ignore[method-assign]
     async with sessions() as session:
-        stored = await session.get(Task, task.id)
+        stored = await session.get(Image, (task.id, 0))
     assert stored is not None
     return {
         "seconds": seconds,
         "fetch_seconds": fetch_seconds,
         "rss_base_kib": base,
         "peak_growth_kib": peak - base,
-        "image_status": stored.image_status,
-        "size_bytes": stored.image_size_bytes,
-        "error": stored.image_error_code,
+        "image_status": stored.status,
+        "size_bytes": stored.size_bytes,
+        "error": stored.error_code,
     }
 
 
@@ -103,18 +126,17 @@ async def main(database_url: str, storage_dir: Path) -> None:
     # The service's log lines go to stderr; stdout carries only the results.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     engine = create_engine(database_url)
-    sessions = create_session_factory(engine)
     fetcher = SafeFetcher(allow_private=True, max_bytes=50 * 1024 * 1024)
     storage = LocalStorage(storage_dir)
     async with httpx.AsyncClient() as http:
         starmagic = StarMagicClient(http, base_url="http://127.0.0.1:9", api_key="unused")
-        downloader = Downloader(sessions, fetcher, storage, starmagic, OWNER)
+        downloader = Downloader(engine, fetcher, storage, starmagic, OWNER)
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
             command, _, url = line.strip().partition(" ")
             if command != "go":
                 break
-            print(json.dumps(await _job(downloader, sessions, url)), flush=True)
+            print(json.dumps(await _job(downloader, engine, url)), flush=True)
     await fetcher.aclose()
     await engine.dispose()
 

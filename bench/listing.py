@@ -38,12 +38,15 @@ STATUS_MIX = {
 }
 
 
-def rows(count: int = TASKS, days: int = 90, seed: int = 7) -> list[dict[str, Any]]:
-    """Tasks with mixed statuses, created at random over the last `days` days."""
+def rows(
+    count: int = TASKS, days: int = 90, seed: int = 7
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tasks with mixed statuses, created at random over the last `days` days, and their images."""
     rng = random.Random(seed)
     now = datetime.now(UTC)
     statuses = rng.choices(list(STATUS_MIX), weights=list(STATUS_MIX.values()), k=count)
     result = []
+    images = []
     for status in statuses:
         created = now - timedelta(seconds=rng.uniform(0, days * 86_400))
         fields: dict[str, Any] = {
@@ -55,17 +58,32 @@ def rows(count: int = TASKS, days: int = 90, seed: int = 7) -> list[dict[str, An
         }
         if status == "completed":
             done = created + timedelta(seconds=90)
-            fields.update(
-                progress=100,
-                completed_at=done,
-                image_status=rng.choices(["stored", "failed", "pending"], [0.96, 0.02, 0.02])[0],
-                image_key=f"{created:%Y/%m/%d}/{fields['id']}.png",
-                image_content_type="image/png",
-                image_size_bytes=rng.randint(500_000, 4_000_000),
-                image_sha256=secrets.token_hex(32),
-                image_width=1024,
-                image_height=1024,
-                image_stored_at=done + timedelta(seconds=3),
+            image_status = rng.choices(["stored", "failed", "pending"], [0.96, 0.02, 0.02])[0]
+            fields.update(progress=100, completed_at=done, image_status=image_status)
+            images.append(
+                {
+                    "task_id": fields["id"],
+                    "position": 0,
+                    "status": image_status,
+                    "source_url": None,
+                    "source_expires_at": done + timedelta(hours=24),
+                    "renewed": False,
+                    "attempts": 1,
+                    "next_attempt_at": None,
+                    "lease_owner": None,
+                    "lease_until": None,
+                    "key": f"{created:%Y/%m/%d}/{fields['id']}.png",
+                    "content_type": "image/png",
+                    "size_bytes": rng.randint(500_000, 4_000_000),
+                    "sha256": secrets.token_hex(32),
+                    "width": 1024,
+                    "height": 1024,
+                    "stored_at": done + timedelta(seconds=3),
+                    "error_code": None,
+                    "error_message": None,
+                    "created_at": done,
+                    "updated_at": done,
+                }
             )
         elif status in ("failed", "cancelled"):
             fields.update(
@@ -76,7 +94,7 @@ def rows(count: int = TASKS, days: int = 90, seed: int = 7) -> list[dict[str, An
         else:
             fields.update(next_poll_at=created + timedelta(seconds=120))
         result.append(task_row(**fields))
-    return result
+    return result, images
 
 
 async def _deep_cursor(url: str) -> str:
@@ -103,8 +121,8 @@ async def _deep_cursor(url: str) -> str:
 def seed(database: Database) -> dict[str, Any]:
     """Insert the tasks; the counts and the seconds taken."""
     started = time.perf_counter()
-    data = rows()
-    asyncio.run(insert_tasks(database.url, data))
+    data, images = rows()
+    asyncio.run(insert_tasks(database.url, data, images))
     counts: dict[str, int] = {}
     for row in data:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import Task, utcnow
+from app.models import Image, Task, utcnow
 from app.services.tasks import new_task_id
 
 
@@ -31,3 +31,25 @@ async def make_task(session: AsyncSession, *, status: str = "pending", **fields:
     session.add(task)
     await session.commit()
     return task
+
+
+async def make_image(
+    session: AsyncSession, task_id: str, position: int = 0, **fields: Any
+) -> Image:
+    """Insert one image of a task (committed); pending and due unless told otherwise."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "task_id": task_id,
+        "position": position,
+        "status": "pending",
+        "source_url": f"https://cdn.example.com/{task_id}-{position}.png",
+        "source_expires_at": now + timedelta(hours=23),
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    values.update(fields)
+    image = Image(**values)
+    session.add(image)
+    await session.commit()
+    return image

@@ -39,15 +39,40 @@ def task_body(
     progress: int | None = None,
     url: str | list[str] | None = "https://cdn.example.com/out.png",
     envelope: bool = True,
+    published: bool = False,
+    urls: list[str] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A provider task snapshot, in either of its shapes."""
+    """A provider task snapshot, in any of its shapes.
+
+    `published` gives the provider's documented shape (a bare task object with
+    `results: [url, …]`, no expiry); otherwise the enveloped `{"code", "data"}`
+    shape (or its bare data object when `envelope` is false).
+    """
+    links = urls if urls is not None else ([] if url is None else [url])
+    if published:
+        body: dict[str, Any] = {
+            "id": upstream_id,
+            "object": "image.generation.task",
+            "type": "image",
+            "model": "gpt-image-1.5",
+            "status": status,
+            "progress": progress if progress is not None else 0,
+            "created": 1757156493,
+            "task_info": {"can_cancel": status in ("pending", "processing")},
+        }
+        if status == "completed":
+            body["progress"] = 100
+            body["results"] = links
+        if error is not None:
+            body["error"] = error
+        return body
     data: dict[str, Any] = {"id": upstream_id, "status": status, "created": 1757156493}
     if progress is not None:
         data["progress"] = progress
     if status == "completed":
         data["progress"] = 100
-        data["result"] = {"images": [{"url": url, "expires_at": 4102444800}]}
+        data["result"] = {"images": [{"url": link, "expires_at": 4102444800} for link in links]}
         data["completed"] = 1757156593
     if error is not None:
         data["error"] = error

@@ -97,6 +97,10 @@ async def route(r: asyncio.StreamReader, w: Writer, path: str) -> None:
         w.write(head(200, {"Content-Length": int(arg)}) + PNG[:16])
         await w.drain()
         await asyncio.wait_for(r.read(), 5)  # until the client hangs up
+    elif name == "cut":  # /cut/<kind>: no Content-Length, connection closed mid-image
+        body = IMAGES[arg]
+        w.write(head(200, {}) + body[: len(body) * 2 // 3])
+        await w.drain()
     elif name in ("sized", "unsized"):
         await padded_png(w, int(arg), length=name == "sized")
     elif name == "slow":  # trickles a byte every `arg` seconds
@@ -264,6 +268,18 @@ async def test_images_are_stored_with_dimensions_and_sha256(
     assert (result.content_type, result.extension) == (content_type, extension)
     assert (result.width, result.height, result.size_bytes) == (37, 23, len(IMAGES[name]))
     assert result.final_url == server.url(f"/{name}")
+
+
+@pytest.mark.parametrize("name", ["png", "jpeg", "webp"])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_truncated_image_is_stored_as_intact_never(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path, name: str
+) -> None:
+    """A body without Content-Length cut short by a closed connection is a retryable failure."""
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file(server.url(f"/cut/{name}"), tmp_path / "out")
+    assert (info.value.code, info.value.retryable) == ("truncated", True)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.asyncio(loop_scope="session")

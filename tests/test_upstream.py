@@ -13,6 +13,7 @@ from app.upstream import (
     RetryPolicy,
     SnapshotError,
     StarMagicClient,
+    UpstreamError,
     UpstreamNotFound,
     UpstreamOutcomeUnknown,
     UpstreamRejected,
@@ -32,8 +33,62 @@ def test_completed_snapshot_in_either_shape(envelope: bool) -> None:
     assert snapshot.upstream_id == "task-unified-1757156493-imcg5zqt"
     assert snapshot.progress == 100
     assert snapshot.image_url == "https://cdn.example.com/out.png"
-    assert snapshot.image_expires_at == datetime(2100, 1, 1, tzinfo=UTC)
+    assert snapshot.images[0].expires_at == datetime(2100, 1, 1, tzinfo=UTC)
     assert snapshot.completed_at == datetime.fromtimestamp(1757156593, UTC)
+
+
+def test_the_published_shape_gives_every_result_and_no_expiry() -> None:
+    """A bare task with `results: [url, …]`: each URL an image, in order, expiry unknown."""
+    links = ["https://cdn.example.com/1.png", "https://cdn.example.com/2.png"]
+    snapshot = parse_snapshot(task_body("completed", urls=links, published=True))
+    assert snapshot.status is TaskStatus.COMPLETED
+    assert [image.url for image in snapshot.images] == links
+    assert [image.expires_at for image in snapshot.images] == [None, None]
+    assert snapshot.can_cancel is False
+
+
+def test_a_realistic_published_callback_parses() -> None:
+    """The provider's documented task object, extra fields and all."""
+    body = {
+        "id": "task-unified-1757156493-k9m2xpvw",
+        "object": "image.generation.task",
+        "type": "image",
+        "model": "gpt-image-1.5",
+        "status": "completed",
+        "progress": 100,
+        "created": 1757156493,
+        "results": ["https://files.example.net/out/k9m2xpvw.png"],
+        "task_info": {"can_cancel": False},
+        "something_new": {"nested": [1, 2]},
+    }
+    snapshot = parse_snapshot(body)
+    assert snapshot.upstream_id == "task-unified-1757156493-k9m2xpvw"
+    assert snapshot.image_url == "https://files.example.net/out/k9m2xpvw.png"
+    assert snapshot.completed_at is None
+
+
+def test_a_published_failure_keeps_its_code() -> None:
+    """`error: {code, message, type: task_error}`: the code is the provider's own."""
+    error = {"code": "content_policy_violation", "message": "refused", "type": "task_error"}
+    snapshot = parse_snapshot(task_body("failed", published=True, error=error))
+    assert (snapshot.error_code, snapshot.error_message) == ("content_policy_violation", "refused")
+    assert snapshot.images == ()
+
+
+def test_usage_is_kept_from_the_submit_answer() -> None:
+    """billing_rule, credits_reserved and user_group survive; junk does not."""
+    body = {
+        "id": "task-unified-1757156493-imcg5zqt",
+        "status": "pending",
+        "usage": {"billing_rule": "per_call", "credits_reserved": 2.5, "user_group": "default"},
+    }
+    assert parse_snapshot(body).usage == {
+        "billing_rule": "per_call",
+        "credits_reserved": 2.5,
+        "user_group": "default",
+    }
+    odd = {"status": "pending", "usage": {"credits_reserved": "lots", "x": 1}}
+    assert parse_snapshot(odd).usage is None
 
 
 def test_image_url_as_a_list_takes_the_first_string() -> None:
@@ -141,7 +196,7 @@ async def test_submit_does_not_wait_out_an_unreasonable_retry_after() -> None:
     assert len(seen) == 1
 
 
-@pytest.mark.parametrize("status", [400, 401, 402, 422])
+@pytest.mark.parametrize("status", [400, 401, 402, 403, 404, 422])
 @on_loop
 async def test_submit_refusals_are_not_retried(status: int) -> None:
     """4xx other than 429 raise at once, keeping the provider's message."""
@@ -157,6 +212,7 @@ async def test_submit_refusals_are_not_retried(status: int) -> None:
 @pytest.mark.parametrize(
     "failure",
     [
+        lambda r, n: httpx.Response(500, json={"error": {"code": "internal_error"}}),
         lambda r, n: httpx.Response(502, text="bad gateway"),
         lambda r, n: httpx.Response(504, text="gateway timeout"),
         lambda r, n: httpx.Response(200, text="<html>not json</html>"),
@@ -165,7 +221,7 @@ async def test_submit_refusals_are_not_retried(status: int) -> None:
 )
 @on_loop
 async def test_submit_outcomes_that_may_have_been_billed_are_never_resent(failure: Any) -> None:
-    """Gateway errors and unreadable 200s mean 'unknown': one request, no retry."""
+    """500, gateway errors and unreadable 200s mean 'unknown': one request, no retry."""
     client, seen = client_for(failure)
     with pytest.raises(UpstreamOutcomeUnknown):
         await client.submit({"prompt": "p"})
@@ -234,3 +290,33 @@ def test_backoff_is_bounded_and_jittered() -> None:
     assert max(delays) <= 4
     assert min(delays) >= 0.25
     assert len(set(delays)) > 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, "UpstreamCancelUnsupported"),
+        (405, "UpstreamCancelUnsupported"),
+        (400, "UpstreamRejected"),
+        (500, "UpstreamUnavailable"),
+        (429, "UpstreamUnavailable"),
+    ],
+)
+@on_loop
+async def test_cancel_errors_say_what_happened(status: int, error: str) -> None:
+    """No route (404/405) is 'unsupported', 400 a refusal, 5xx and 429 'try later'."""
+    client, seen = client_for(lambda r, n: httpx.Response(status, json={"error": {"code": "x"}}))
+    with pytest.raises(UpstreamError) as caught:
+        await client.cancel("task-unified-1-abc")
+    assert type(caught.value).__name__ == error
+    assert [request.method for request in seen] == ["DELETE"]
+
+
+@on_loop
+async def test_cancel_answer_is_a_cancelled_snapshot() -> None:
+    """The draft's answer `{id, object: task.cancelled, status: cancelled}` parses."""
+    answer = {"id": "task-unified-1-abc", "object": "task.cancelled", "status": "cancelled"}
+    client, seen = client_for(lambda r, n: httpx.Response(200, json=answer))
+    snapshot = await client.cancel("task-unified-1-abc")
+    assert snapshot.status is TaskStatus.CANCELLED
+    assert seen[0].url.path == "/v1/tasks/task-unified-1-abc"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Header, Path, Request, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
-from sqlmodel import col
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import repository
 from app.api.deps import CallerDep, RuntimeDep, SessionDep, TaskIdDep
-from app.api.tasks import ERRORS, to_public
+from app.api.tasks import ERRORS, load_public
 from app.errors import Conflict, NotFound, ServiceUnavailable
-from app.models import ImageStatus, Task, utcnow
+from app.models import ImageStatus, utcnow
+from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskPublic
 from app.storage import StorageError
 
@@ -23,17 +24,16 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get(
-    "/{task_id}/image",
-    response_class=Response,
-    responses={
-        **ERRORS,
-        **NOT_FOUND,
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-        304: {"description": "Not modified (If-None-Match)"},
-        307: {"description": "Redirect to a short-lived storage URL (IMAGE_REDIRECT=true)"},
-    },
-)
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    **NOT_FOUND,
+    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+    304: {"description": "Not modified (If-None-Match)"},
+    307: {"description": "Redirect to a short-lived storage URL (IMAGE_REDIRECT=true)"},
+}
+
+
+@router.get("/{task_id}/image", response_class=Response, responses=_IMAGE_RESPONSES)
 async def get_task_image(
     _: CallerDep,
     task_id: TaskIdDep,
@@ -41,25 +41,51 @@ async def get_task_image(
     runtime: RuntimeDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The stored image bytes, immutable once stored."""
+    """The stored bytes of the task's first image, immutable once stored."""
+    return await _serve(session, runtime, task_id, 0, if_none_match)
+
+
+@router.get("/{task_id}/images/{index}", response_class=Response, responses=_IMAGE_RESPONSES)
+async def get_task_image_at(
+    _: CallerDep,
+    task_id: TaskIdDep,
+    index: Annotated[int, Path(ge=0, le=15, description="The image's position, from 0.")],
+    session: SessionDep,
+    runtime: RuntimeDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The stored bytes of one image of the task (tasks with `n` > 1 have several)."""
+    return await _serve(session, runtime, task_id, index, if_none_match)
+
+
+async def _serve(
+    session: AsyncSession,
+    runtime: Runtime,
+    task_id: str,
+    index: int,
+    if_none_match: str | None,
+) -> Response:
     task = await repository.get_task(session, task_id)
     if task is None:
         raise NotFound(f"task {task_id} does not exist")
-    if task.image_status != ImageStatus.STORED or not task.image_key:
-        state = task.image_status or f"none (task is {task.status})"
+    image = await repository.get_image(session, task_id, index)
+    if image is None or image.status != ImageStatus.STORED or not image.key:
+        if image is None and index >= max(task.n, 1):
+            raise NotFound(f"task {task_id} has no image {index}", code="no_such_image")
+        state = image.status if image else f"none (task is {task.status})"
         raise NotFound(
             f"the image is not stored yet (image status: {state})", code="image_not_stored"
         )
-    etag = f'"{task.image_sha256}"'
+    etag = f'"{image.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     if runtime.settings.image_redirect:
-        url = await runtime.storage.presigned_url(task.image_key, PRESIGNED_SECONDS)
+        url = await runtime.storage.presigned_url(image.key, PRESIGNED_SECONDS)
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     try:
-        stored = await runtime.storage.open(task.image_key)
+        stored = await runtime.storage.open(image.key)
     except StorageError as exc:
         # The row says stored, so a missing object means the storage is unwell.
         raise ServiceUnavailable(
@@ -67,7 +93,7 @@ async def get_task_image(
         ) from exc
     headers["Content-Length"] = str(stored.size)
     return StreamingResponse(
-        stored.chunks, media_type=task.image_content_type or stored.content_type, headers=headers
+        stored.chunks, media_type=image.content_type or stored.content_type, headers=headers
     )
 
 
@@ -78,34 +104,20 @@ async def get_task_image(
     responses={
         **ERRORS,
         **NOT_FOUND,
-        409: {"model": ErrorBody, "description": "The download has not failed"},
+        409: {"model": ErrorBody, "description": "No download of this task has failed"},
     },
 )
 async def retry_task_image(
     _: CallerDep, task_id: TaskIdDep, request: Request, session: SessionDep
 ) -> TaskPublic:
-    """Queue a failed download again (the link is renewed from StarMagic if needed)."""
-    now = utcnow()
-    requeued = await repository.update_task_where(
-        session,
-        task_id,
-        col(Task.image_status) == ImageStatus.FAILED.value,
-        {
-            "image_status": ImageStatus.PENDING.value,
-            "image_attempts": 0,
-            "image_renewed": False,
-            "image_next_attempt_at": now,
-            "image_error_code": None,
-            "image_error_message": None,
-            "updated_at": now,
-        },
-    )
-    task = await repository.get_task(session, task_id)
-    if task is None:
-        raise NotFound(f"task {task_id} does not exist")
+    """Queue the task's failed downloads again (links are renewed from StarMagic if needed)."""
+    connection = await session.connection()
+    requeued = await repository.requeue_failed_images(connection, task_id, utcnow())
+    task = await load_public(session, task_id, request)
     if not requeued:
+        shown = task.image.status if task.image else None
         raise Conflict(
-            f"only a failed download can be retried (image status: {task.image_status})",
+            f"only a failed download can be retried (image status: {shown})",
             code="image_not_failed",
         )
-    return to_public(task, request)
+    return task

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import repository
+from app import provider_errors, repository
 from app.api.deps import TASK_ID, CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.errors import NotFound, Unprocessable
-from app.models import Task
+from app.models import Image, ImageStatus, Task, TaskStatus
 from app.schemas import ErrorBody, ErrorInfo, ImagePublic, TaskCreate, TaskPage, TaskPublic
+from app.services import cancel as cancel_service
 from app.services.tasks import submit_task
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -26,26 +29,36 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_public(task: Task, request: Request) -> TaskPublic:
-    """The API's view of a task."""
-    image = None
-    if task.image_status is not None:
-        image = ImagePublic(
-            status=task.image_status,
-            url=str(request.url_for("get_task_image", task_id=task.id))
-            if task.image_status == "stored"
-            else None,
-            content_type=task.image_content_type,
-            size_bytes=task.image_size_bytes,
-            sha256=task.image_sha256,
-            width=task.image_width,
-            height=task.image_height,
-            stored_at=task.image_stored_at,
-            source_expires_at=task.image_source_expires_at,
-            error=ErrorInfo(code=task.image_error_code, message=task.image_error_message or "")
-            if task.image_error_code
-            else None,
+def image_public(task: Task, image: Image, request: Request) -> ImagePublic:
+    """The API's view of one image of a task."""
+    stored = image.status == ImageStatus.STORED
+    url = None
+    if stored:
+        url = str(
+            request.url_for("get_task_image", task_id=task.id)
+            if image.position == 0
+            else request.url_for("get_task_image_at", task_id=task.id, index=image.position)
         )
+    return ImagePublic(
+        index=image.position,
+        status=image.status,
+        url=url,
+        content_type=image.content_type,
+        size_bytes=image.size_bytes,
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        stored_at=image.stored_at,
+        source_expires_at=image.source_expires_at,
+        error=ErrorInfo(code=image.error_code, message=image.error_message or "")
+        if image.error_code
+        else None,
+    )
+
+
+def to_public(task: Task, images: Sequence[Image], request: Request) -> TaskPublic:
+    """The API's view of a task and its images."""
+    shown = [image_public(task, image, request) for image in images]
     return TaskPublic(
         id=task.id,
         status=task.status,
@@ -54,17 +67,36 @@ def to_public(task: Task, request: Request) -> TaskPublic:
         model=task.model,
         size=task.size,
         quality=task.quality,
+        resolution=task.resolution,
+        n=task.n,
         image_urls=task.image_urls,
+        mask_url=task.mask_url,
         metadata=task.meta,
         upstream_task_id=task.upstream_task_id,
-        error=ErrorInfo(code=task.error_code, message=task.error_message or "")
+        can_cancel=task.can_cancel,
+        usage=task.usage,
+        error=ErrorInfo(
+            code=task.error_code,
+            message=task.error_message or "",
+            retryable=provider_errors.retryable(task.error_code),
+        )
         if task.error_code
         else None,
-        image=image,
+        image=shown[0] if shown else None,
+        images=shown,
         created_at=task.created_at,
         updated_at=task.updated_at,
         completed_at=task.completed_at,
     )
+
+
+async def load_public(session: AsyncSession, task_id: str, request: Request) -> TaskPublic:
+    """One task as the API shows it, read now; NotFound if there is none."""
+    task = await repository.get_task(session, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} does not exist")
+    images = await repository.task_images(session, [task_id])
+    return to_public(task, images[task_id], request)
 
 
 def _encode_cursor(task: Task) -> str:
@@ -132,7 +164,10 @@ async def create_task(
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return to_public(result.task, request)
+    if result.replayed or result.task.status == TaskStatus.COMPLETED:
+        async with runtime.sessions() as session:  # it may have images already
+            return await load_public(session, result.task.id, request)
+    return to_public(result.task, [], request)
 
 
 @router.get("", response_model=TaskPage, responses=ERRORS)
@@ -158,7 +193,9 @@ async def list_tasks(
     tasks = await repository.list_tasks(session, filters, limit=limit + 1, after=after)
     page = list(tasks[:limit])
     next_cursor = _encode_cursor(page[-1]) if len(tasks) > limit else None
-    return TaskPage(items=[to_public(task, request) for task in page], next_cursor=next_cursor)
+    images = await repository.task_images(session, [task.id for task in page])
+    items = [to_public(task, images[task.id], request) for task in page]
+    return TaskPage(items=items, next_cursor=next_cursor)
 
 
 @router.get(
@@ -169,8 +206,25 @@ async def list_tasks(
 async def get_task(
     _: CallerDep, task_id: TaskIdDep, request: Request, session: SessionDep
 ) -> TaskPublic:
-    """One task, with its image once stored."""
-    task = await repository.get_task(session, task_id)
-    if task is None:
-        raise NotFound(f"task {task_id} does not exist")
-    return to_public(task, request)
+    """One task, with its images once stored."""
+    return await load_public(session, task_id, request)
+
+
+@router.post(
+    "/{task_id}/cancel",
+    response_model=TaskPublic,
+    responses={
+        **ERRORS,
+        404: {"model": ErrorBody, "description": "No such task"},
+        409: {"model": ErrorBody, "description": "The task can no longer be cancelled"},
+        501: {"model": ErrorBody, "description": "StarMagic does not support cancelling"},
+        503: {"model": ErrorBody, "description": "StarMagic unavailable"},
+    },
+)
+async def cancel_task(
+    _: CallerDep, task_id: TaskIdDep, request: Request, runtime: RuntimeDep
+) -> TaskPublic:
+    """Ask StarMagic to cancel a pending or processing task; `cancelled` once it confirms."""
+    await cancel_service.cancel_task(runtime.sessions, runtime.starmagic, runtime.settings, task_id)
+    async with runtime.sessions() as session:
+        return await load_public(session, task_id, request)

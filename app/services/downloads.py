@@ -1,147 +1,224 @@
-"""One download job: fetch a leased task's image safely, store it once, record it.
+"""One download job: fetch a leased image safely, store it once, record it.
 
-Key layout in storage: `yyyy/mm/dd/<task id>.<ext>`, dated by the task's
-creation (UTC). The key depends only on the task and the image type, so a
-re-run after a crash overwrites the same object with the same bytes.
+Key layout in storage: `yyyy/mm/dd/<task id>.<ext>` for a task's first image and
+`yyyy/mm/dd/<task id>-<n>.<ext>` for the n-th after it, dated by the task's
+creation (UTC). The key depends only on the image and its type, so a re-run
+after a crash overwrites the same object with the same bytes.
+
+A job holds its image's lease for its whole life: a heartbeat renews it while
+the job waits for headers, streams, syncs or uploads, and a job whose renewal
+matches no row (another worker took the image over) stops at once and records
+nothing. Every write checks the lease first (fencing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
+import secrets
+import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics, repository
-from app.db import SessionFactory
 from app.fetch import FetchError, FetchResult, SafeFetcher
-from app.models import ImageStatus, Task, TaskStatus, utcnow
+from app.models import ImageStatus, TaskStatus, utcnow
+from app.repository import DownloadJob
 from app.storage import Storage, StorageError
 from app.storage import image_key as storage_image_key
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError
 
 log = structlog.get_logger(__name__)
 
-LEASE = timedelta(seconds=60)
+# Short, because a heartbeat keeps a live job's lease fresh: a crashed worker's
+# image is picked up by another within about this long.
+LEASE = timedelta(seconds=15)
 MAX_BACKOFF_SECONDS = 300.0
+# No server-supplied delay is believed beyond this (the link is dead by then anyway).
+MAX_RETRY_AFTER_SECONDS = LINK_LIFETIME.total_seconds()
 
 
-def image_key(task: Task, extension: str) -> str:
-    """Where a task's image lives in storage (the layout is the storage's own)."""
-    return storage_image_key(task.id, task.created_at, extension)
+class LeaseLost(Exception):
+    """Another worker holds this image now: stop without recording anything."""
 
 
-def spool_path(storage: Storage, task_id: str) -> Path:
-    """The job's temp file: named by task, so a re-run replaces a crashed run's leftovers."""
-    return storage.spool_dir / f"{task_id}.part"
+def image_key(job: DownloadJob, extension: str) -> str:
+    """Where an image lives in storage (the layout is the storage's own)."""
+    name = job.task_id if job.position == 0 else f"{job.task_id}-{job.position}"
+    return storage_image_key(name, job.task_created_at, extension)
+
+
+def spool_path(storage: Storage, job: DownloadJob) -> Path:
+    """The attempt's own temp file: two attempts never share one."""
+    return storage.spool_dir / f"{job.task_id}-{job.position}-{secrets.token_hex(6)}.part"
 
 
 def retry_delay(attempts: int, retry_after: float | None = None) -> timedelta:
-    """Jittered exponential backoff, or the server's own Retry-After when longer."""
+    """Jittered exponential backoff, or the server's own Retry-After when longer (bounded)."""
     ceiling = min(MAX_BACKOFF_SECONDS, 2.0 * 2 ** min(attempts, 12))
-    delay = random.uniform(ceiling / 2, ceiling)
-    return timedelta(seconds=max(delay, retry_after or 0.0))
+    delay = max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
+    return timedelta(seconds=min(delay, MAX_RETRY_AFTER_SECONDS))
 
 
 class Downloader:
-    """Runs download jobs for leased tasks on behalf of one worker (`owner`)."""
+    """Runs download jobs for leased images on behalf of one worker (`owner`)."""
 
     def __init__(
         self,
-        sessions: SessionFactory,
+        engine: AsyncEngine,
         fetcher: SafeFetcher,
         storage: Storage,
         starmagic: StarMagicClient,
         owner: str,
+        *,
+        lease: timedelta = LEASE,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._fetcher = fetcher
         self._storage = storage
         self._starmagic = starmagic
         self.owner = owner
+        self.lease = lease
 
-    async def run(self, task: Task) -> None:
+    async def run(self, job: DownloadJob) -> None:
         """Fetch, store and record one image; every failure is recorded, never raised."""
-        now = utcnow()
-        expires_at = task.image_source_expires_at or (task.completed_at or now) + LINK_LIFETIME
-        if task.image_source_url is None or now >= expires_at:
-            await self._renew_or_fail(task, "expired", "the image link has expired")
-            return
-        spool: Path | None = None
         try:
-            spool = spool_path(self._storage, task.id)
-            result = await self._fetcher.fetch_to_file(
-                task.image_source_url, spool, on_progress=lambda: self._extend_lease(task.id)
-            )
-            key = image_key(task, result.extension)
-            await self._storage.put_file(
-                key, spool, content_type=result.content_type, sha256=result.sha256
-            )
-        except FetchError as exc:
-            await self._fetch_failed(task, exc, expires_at)
-            return
-        except (StorageError, OSError) as exc:
-            # The disk or bucket is unwell: retry with backoff, the lease given back.
-            log.warning("storage_failed", task_id=task.id, reason=str(exc))
-            await self._retry(task, expires_at, "storage", str(exc) or type(exc).__name__)
-            return
-        finally:
-            if spool is not None:
-                with contextlib.suppress(OSError):
-                    spool.unlink(missing_ok=True)
-        await self._stored(task, key, result)
+            async with self._heartbeat(job):
+                await self._attempt(job)
+        except LeaseLost:
+            metrics.DOWNLOADS.labels(outcome="lease_lost").inc()
+            log.warning("download_lease_lost", task_id=job.task_id, position=job.position)
+        except Exception as exc:
+            # A bug or an outage we did not foresee: retry later, and give the lease back.
+            log.exception("download_crashed", task_id=job.task_id, position=job.position)
+            with contextlib.suppress(Exception):
+                await self._retry(job, self._expires_at(job), "internal_error", repr(exc)[:300])
 
-    async def _stored(self, task: Task, key: str, result: FetchResult) -> None:
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, job: DownloadJob) -> AsyncIterator[None]:
+        """Renew the lease every third of its length while the body runs; stop it if lost."""
+        job_task = asyncio.current_task()
+        assert job_task is not None
+        lost = done = False
+        seconds = self.lease.total_seconds()
+
+        async def beat() -> None:
+            nonlocal lost
+            held_until = time.monotonic() + seconds
+            while True:
+                await asyncio.sleep(seconds / 3)
+                try:
+                    held = await self._renew(job)
+                except Exception as exc:
+                    # The database is away: keep trying while our lease can still be ours.
+                    log.warning("lease_renewal_failed", task_id=job.task_id, reason=repr(exc))
+                    held = time.monotonic() < held_until
+                else:
+                    held_until = time.monotonic() + seconds
+                if not held and not done:
+                    lost = True
+                    job_task.cancel()
+                    return
+
+        beater = asyncio.create_task(beat())
+        try:
+            yield
+        except asyncio.CancelledError:
+            if lost and job_task.uncancel() == 0:
+                raise LeaseLost from None
+            raise
+        finally:
+            done = True
+            beater.cancel()
+            await asyncio.gather(beater, return_exceptions=True)
+
+    def _expires_at(self, job: DownloadJob) -> datetime:
+        return job.source_expires_at or (job.completed_at or utcnow()) + LINK_LIFETIME
+
+    async def _attempt(self, job: DownloadJob) -> None:
+        expires_at = self._expires_at(job)
+        if job.source_url is None or utcnow() >= expires_at:
+            await self._renew_or_fail(job, "expired", "the image link has expired")
+            return
+        spool = spool_path(self._storage, job)
+        try:
+            try:
+                result = await self._fetcher.fetch_to_file(job.source_url, spool)
+            except FetchError as exc:
+                await self._fetch_failed(job, exc, expires_at)
+                return
+            await self._checkpoint(job)
+            key = image_key(job, result.extension)
+            try:
+                await self._storage.put_file(
+                    key, spool, content_type=result.content_type, sha256=result.sha256
+                )
+            except (StorageError, OSError) as exc:
+                # The disk or bucket is unwell: retry with backoff, the lease given back.
+                log.warning("storage_failed", task_id=job.task_id, reason=str(exc))
+                await self._retry(job, expires_at, "storage", str(exc) or type(exc).__name__)
+                return
+        finally:
+            with contextlib.suppress(OSError):
+                spool.unlink(missing_ok=True)
+        await self._stored(job, key, result)
+
+    async def _stored(self, job: DownloadJob, key: str, result: FetchResult) -> None:
         now = utcnow()
         recorded = await self._update(
-            task,
+            job,
             {
-                "image_status": ImageStatus.STORED.value,
-                "image_key": key,
-                "image_content_type": result.content_type,
-                "image_size_bytes": result.size_bytes,
-                "image_sha256": result.sha256,
-                "image_width": result.width,
-                "image_height": result.height,
-                "image_stored_at": now,
-                "image_error_code": None,
-                "image_error_message": None,
-                "image_lease_owner": None,
-                "image_lease_until": None,
-                "image_next_attempt_at": None,
+                "status": ImageStatus.STORED.value,
+                "key": key,
+                "content_type": result.content_type,
+                "size_bytes": result.size_bytes,
+                "sha256": result.sha256,
+                "width": result.width,
+                "height": result.height,
+                "stored_at": now,
+                "error_code": None,
+                "error_message": None,
+                "lease_owner": None,
+                "lease_until": None,
+                "next_attempt_at": None,
                 "updated_at": now,
             },
+            settles=True,
         )
-        if recorded:
-            metrics.DOWNLOADS.labels(outcome="stored").inc()
-            metrics.BYTES_STORED.inc(result.size_bytes)
-            if task.completed_at is not None:
-                metrics.COMPLETION_TO_STORED.observe((now - task.completed_at).total_seconds())
+        if not recorded:
+            raise LeaseLost
+        metrics.DOWNLOADS.labels(outcome="stored").inc()
+        metrics.BYTES_STORED.inc(result.size_bytes)
+        if job.completed_at is not None:
+            metrics.COMPLETION_TO_STORED.observe((now - job.completed_at).total_seconds())
         log.info(
             "image_stored",
-            task_id=task.id,
-            upstream_task_id=task.upstream_task_id,
+            task_id=job.task_id,
+            position=job.position,
+            upstream_task_id=job.upstream_task_id,
             key=key,
             size_bytes=result.size_bytes,
             sha256=result.sha256,
-            recorded=recorded,
         )
 
-    async def _fetch_failed(self, task: Task, exc: FetchError, expires_at: datetime) -> None:
-        log.warning("download_failed", task_id=task.id, code=exc.code, reason=exc.message)
+    async def _fetch_failed(self, job: DownloadJob, exc: FetchError, expires_at: datetime) -> None:
+        log.warning("download_failed", task_id=job.task_id, code=exc.code, reason=exc.message)
         if exc.renew_link:
-            await self._renew_or_fail(task, exc.code, exc.message)
+            await self._renew_or_fail(job, exc.code, exc.message)
         elif exc.retryable:
-            await self._retry(task, expires_at, exc.code, exc.message, exc.retry_after)
+            await self._retry(job, expires_at, exc.code, exc.message, exc.retry_after)
         else:
-            await self._fail(task, exc.code, exc.message)
+            await self._fail(job, exc.code, exc.message)
 
     async def _retry(
         self,
-        task: Task,
+        job: DownloadJob,
         expires_at: datetime,
         code: str,
         message: str,
@@ -149,78 +226,92 @@ class Downloader:
         *,
         renew_at_deadline: bool = True,
     ) -> None:
-        next_attempt = utcnow() + retry_delay(task.image_attempts, retry_after)
+        next_attempt = utcnow() + retry_delay(job.attempts, retry_after)
         if next_attempt >= expires_at:
             message = f"{message}; the link expires before a retry"
             if renew_at_deadline:
-                await self._renew_or_fail(task, code, message)
+                await self._renew_or_fail(job, code, message)
             else:
-                await self._fail(task, "expired", message)
+                await self._fail(job, "expired", message)
             return
         metrics.DOWNLOADS.labels(outcome="retry").inc()
-        await self._update(
-            task,
+        await self._record(
+            job,
             {
-                "image_next_attempt_at": next_attempt,
-                "image_error_code": code[:64],
-                "image_error_message": message,
-                "image_lease_owner": None,
-                "image_lease_until": None,
+                "next_attempt_at": next_attempt,
+                "error_code": code[:64],
+                "error_message": message,
+                "lease_owner": None,
+                "lease_until": None,
             },
         )
 
-    async def _renew_or_fail(self, task: Task, code: str, message: str) -> None:
+    async def _renew_or_fail(self, job: DownloadJob, code: str, message: str) -> None:
         """Ask the provider once for a fresh link; past that, the failure is final."""
-        if task.image_renewed or task.upstream_task_id is None:
-            await self._fail(task, code, message)
+        if job.renewed or job.upstream_task_id is None:
+            await self._fail(job, code, message)
             return
         try:
-            snapshot = await self._starmagic.query(task.upstream_task_id)
+            snapshot = await self._starmagic.query(job.upstream_task_id)
         except UpstreamError as exc:
             # Keep asking while a fresh link could still be of use, then give up.
-            log.warning("renew_failed", task_id=task.id, reason=exc.message)
-            deadline = (task.completed_at or utcnow()) + LINK_LIFETIME
-            await self._retry(task, deadline, "renew_failed", exc.message, renew_at_deadline=False)
+            log.warning("renew_failed", task_id=job.task_id, reason=exc.message)
+            deadline = (job.completed_at or utcnow()) + LINK_LIFETIME
+            await self._retry(job, deadline, "renew_failed", exc.message, renew_at_deadline=False)
             return
-        if snapshot.status is not TaskStatus.COMPLETED or snapshot.image_url is None:
-            await self._fail(task, "no_image", "StarMagic has no image link for this task")
+        fresh = snapshot.images[job.position] if job.position < len(snapshot.images) else None
+        if snapshot.status is not TaskStatus.COMPLETED or fresh is None:
+            await self._fail(job, "no_image", "StarMagic has no image link for this image")
             return
         metrics.DOWNLOADS.labels(outcome="renewed").inc()
-        log.info("image_link_renewed", task_id=task.id, upstream_task_id=task.upstream_task_id)
-        await self._update(
-            task,
+        log.info("image_link_renewed", task_id=job.task_id, position=job.position)
+        now = utcnow()
+        await self._record(
+            job,
             {
-                "image_source_url": snapshot.image_url,
-                "image_source_expires_at": snapshot.image_expires_at,
-                "image_renewed": True,
-                "image_next_attempt_at": utcnow(),
-                "image_lease_owner": None,
-                "image_lease_until": None,
+                "source_url": fresh.url,
+                "source_expires_at": fresh.expires_at or now + LINK_LIFETIME,
+                "renewed": True,
+                "next_attempt_at": now,
+                "lease_owner": None,
+                "lease_until": None,
             },
         )
 
-    async def _fail(self, task: Task, code: str, message: str) -> None:
+    async def _fail(self, job: DownloadJob, code: str, message: str) -> None:
         metrics.DOWNLOADS.labels(outcome="failed").inc()
-        log.warning("image_failed", task_id=task.id, code=code, reason=message)
-        await self._update(
-            task,
+        log.warning("image_failed", task_id=job.task_id, position=job.position, code=code)
+        now = utcnow()
+        await self._record(
+            job,
             {
-                "image_status": ImageStatus.FAILED.value,
-                "image_error_code": code[:64],
-                "image_error_message": message,
-                "image_lease_owner": None,
-                "image_lease_until": None,
-                "image_next_attempt_at": None,
-                "updated_at": utcnow(),
+                "status": ImageStatus.FAILED.value,
+                "error_code": code[:64],
+                "error_message": message,
+                "lease_owner": None,
+                "lease_until": None,
+                "next_attempt_at": None,
+                "updated_at": now,
             },
+            settles=True,
         )
 
-    async def _extend_lease(self, task_id: str) -> None:
-        async with self._sessions() as session, session.begin():
-            await repository.update_download(
-                session, task_id, self.owner, {"image_lease_until": utcnow() + LEASE}
-            )
+    async def _renew(self, job: DownloadJob) -> bool:
+        return await self._update(job, {"lease_until": utcnow() + self.lease})
 
-    async def _update(self, task: Task, values: dict[str, Any]) -> bool:
-        async with self._sessions() as session, session.begin():
-            return await repository.update_download(session, task.id, self.owner, values)
+    async def _checkpoint(self, job: DownloadJob) -> None:
+        """Fencing before a write: the lease must still be ours."""
+        if not await self._renew(job):
+            raise LeaseLost
+
+    async def _record(
+        self, job: DownloadJob, values: dict[str, Any], *, settles: bool = False
+    ) -> None:
+        if not await self._update(job, values, settles=settles):
+            raise LeaseLost
+
+    async def _update(
+        self, job: DownloadJob, values: dict[str, Any], *, settles: bool = False
+    ) -> bool:
+        async with self._engine.begin() as db:
+            return await repository.update_download(db, job, values, settles=settles, now=utcnow())

@@ -21,7 +21,8 @@ from app import repository
 from app.errors import NotFound
 from app.models import ImageStatus, TaskStatus
 from app.repository import TASKS, TaskState
-from app.schemas import Snapshot
+from app.schemas import Snapshot, SnapshotImage
+from app.upstream import LINK_LIFETIME
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,10 @@ def transition(
     """The WHERE that makes this a forward move, and the values it sets."""
     target = snapshot.status
     values: dict[str, Any] = {"status": target.value, "updated_at": now, "last_event_at": now}
+    if snapshot.can_cancel is not None:
+        values["can_cancel"] = snapshot.can_cancel and not target.terminal
+    if snapshot.usage is not None:
+        values["usage"] = snapshot.usage
     if snapshot.upstream_id:
         values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
     if snapshot.estimated_time is not None:
@@ -99,16 +104,10 @@ def transition(
         values["poll_attempts"] = 0
         return condition, values
 
-    values.update(completed_at=now, next_poll_at=None, poll_lease_until=None)
+    values.update(completed_at=now, next_poll_at=None, poll_lease_until=None, can_cancel=False)
     if target is TaskStatus.COMPLETED:
-        values.update(
-            progress=100,
-            image_status=ImageStatus.PENDING.value,
-            image_source_url=snapshot.image_url,
-            image_source_expires_at=snapshot.image_expires_at,
-            image_next_attempt_at=now,
-            image_attempts=0,
-        )
+        # The images themselves are queued by `apply_snapshot` once this move is won.
+        values.update(progress=100, image_status=ImageStatus.PENDING.value)
     elif target is TaskStatus.FAILED:
         values.update(
             error_code=snapshot.error_code or "generation_failed",
@@ -116,10 +115,37 @@ def transition(
         )
     else:
         values.update(
-            error_code="cancelled",
+            error_code=snapshot.error_code or "cancelled",
             error_message=snapshot.error_message or "the task was cancelled at StarMagic",
         )
     return repository.IS_ACTIVE, values
+
+
+def image_rows(task_id: str, snapshot: Snapshot, now: datetime) -> list[dict[str, Any]]:
+    """The download queue entries of a completed snapshot: one per image link.
+
+    A link without its own expiry lives 24 h from the provider's completion or,
+    when that is unknown, from now (the latest moment the 24 h can have started).
+    A completion without any link still gets one entry: its download asks the
+    provider once for the link before failing `no_image`.
+    """
+    start = min(snapshot.completed_at or now, now)
+    links = snapshot.images or (SnapshotImage(""),)
+    return [
+        {
+            "task_id": task_id,
+            "position": position,
+            "status": ImageStatus.PENDING.value,
+            "source_url": image.url or None,
+            "source_expires_at": image.expires_at or start + LINK_LIFETIME,
+            "renewed": False,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for position, image in enumerate(links)
+    ]
 
 
 def _after(state: TaskState, snapshot: Snapshot) -> TaskState:
@@ -166,6 +192,8 @@ async def apply_snapshot(
         if outcome is not Outcome.APPLIED:
             break
         if await repository.update_where(db, task_id, condition, values):
+            if snapshot.status is TaskStatus.COMPLETED:
+                await repository.queue_images(db, image_rows(task_id, snapshot, now))
             state = _after(state, snapshot)
             log.info(
                 "task_transition",

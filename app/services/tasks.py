@@ -105,6 +105,10 @@ async def submit_task(
     idempotency_key: str | None,
 ) -> SubmitResult:
     """Record the task, send it to StarMagic once, and record what came back."""
+    if request.model not in settings.allowed_models:
+        allowed = ", ".join(settings.allowed_models)
+        reason = f"model {request.model!r} is not enabled here (enabled: {allowed})"
+        raise Unprocessable(f"model: {reason}", details=[{"field": "model", "reason": reason}])
     now = utcnow()
     digest = fingerprint(request)
     task = Task(
@@ -114,7 +118,10 @@ async def submit_task(
         model=request.model,
         size=request.size,
         quality=request.quality,
+        resolution=request.resolution,
+        n=request.n,
         image_urls=request.image_urls,
+        mask_url=request.mask_url,
         meta=request.metadata,
         owner=owner,
         created_at=now,
@@ -154,7 +161,10 @@ async def submit_task(
     except UpstreamError as exc:
         outcome = "refused" if isinstance(exc, UpstreamRejected) else "unavailable"
         metrics.SUBMISSIONS.labels(outcome=outcome).inc()
-        await _mark_failed(factory, task.id, exc)
+        # Refused or unreachable: the provider created nothing. A key that only
+        # met "try again later" is released, so the caller's retry submits anew.
+        release = idempotency_key if isinstance(exc, UpstreamUnavailable) else None
+        await _mark_failed(factory, task.id, exc, owner=owner, release_key=release)
         raise _caller_error(task.id, exc) from exc
 
     now = utcnow()
@@ -193,6 +203,10 @@ def _moved(task: Task, state: TaskState, snapshot: Snapshot, now: datetime) -> T
     task.progress = state.progress
     task.upstream_task_id = state.upstream_task_id
     task.estimated_time = task.estimated_time or snapshot.estimated_time
+    if snapshot.can_cancel is not None:
+        task.can_cancel = snapshot.can_cancel and not state.status.terminal
+    if snapshot.usage is not None:
+        task.usage = snapshot.usage
     task.updated_at = task.last_event_at = now
     return task
 
@@ -207,7 +221,14 @@ def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnava
     )
 
 
-async def _mark_failed(factory: SessionFactory, task_id: str, exc: UpstreamError) -> None:
+async def _mark_failed(
+    factory: SessionFactory,
+    task_id: str,
+    exc: UpstreamError,
+    *,
+    owner: str,
+    release_key: str | None,
+) -> None:
     log.warning("submit_failed", task_id=task_id, code=exc.code, reason=exc.message)
     async with factory() as session, session.begin():
         await repository.update_task_where(
@@ -223,6 +244,8 @@ async def _mark_failed(factory: SessionFactory, task_id: str, exc: UpstreamError
                 "next_poll_at": None,
             },
         )
+        if release_key is not None:
+            await repository.release_idempotency_key(session, owner, release_key, task_id)
 
 
 async def _mark_unknown(factory: SessionFactory, task_id: str, exc: UpstreamError) -> None:

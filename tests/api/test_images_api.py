@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
-from app.models import Task, utcnow
+from app.models import Image, Task, utcnow
 from tests.conftest import Service, make_settings
-from tests.factories import make_task
+from tests.factories import make_image, make_task
 from tests.helpers import simulator_transport
 from tests.storage.conftest import S3Server, s3_server  # noqa: F401  (the fixture)
 
@@ -31,22 +31,29 @@ async def stored_task(service: Service, tmp_path: Path) -> Task:
         task = await make_task(session, status="completed", completed_at=utcnow())
     key = f"{task.created_at:%Y/%m/%d}/{task.id}.png"
     await service.runtime.storage.put_file(key, source, content_type="image/png", sha256=digest)
-    await set_columns(
-        service,
-        task.id,
-        image_status="stored",
-        image_key=key,
-        image_sha256=digest,
-        image_content_type="image/png",
-        image_size_bytes=len(IMAGE),
-        image_stored_at=utcnow(),
-    )
+    async with service.runtime.sessions() as session:
+        await make_image(
+            session,
+            task.id,
+            status="stored",
+            key=key,
+            sha256=digest,
+            content_type="image/png",
+            size_bytes=len(IMAGE),
+            stored_at=utcnow(),
+        )
+    await set_columns(service, task.id, image_status="stored")
     return task
 
 
 async def set_columns(service: Service, task_id: str, **values: Any) -> None:
     async with service.runtime.sessions() as session, session.begin():
         await session.execute(update(Task).where(col(Task.id) == task_id).values(**values))
+
+
+async def set_image(service: Service, task_id: str, **values: Any) -> None:
+    async with service.runtime.sessions() as session, session.begin():
+        await session.execute(update(Image).where(col(Image.task_id) == task_id).values(**values))
 
 
 async def test_the_stored_image_is_served_with_cache_headers(
@@ -78,6 +85,7 @@ async def test_no_image_until_stored(service_factory: Any, sqlite_url: str, tmp_
     )
     async with service.runtime.sessions() as session:
         task = await make_task(session, status="completed", image_status="pending")
+        await make_image(session, task.id)
     pending = await service.client.get(f"/tasks/{task.id}/image")
     assert pending.status_code == 404
     assert pending.json()["error"]["code"] == "image_not_stored"
@@ -93,25 +101,28 @@ async def test_only_failed_downloads_can_be_requeued(
     )
     async with service.runtime.sessions() as session:
         task = await make_task(session, status="completed", image_status="pending")
+        await make_image(session, task.id)
     busy = await service.client.post(f"/tasks/{task.id}/image/retry")
     assert busy.status_code == 409
     assert busy.json()["error"]["code"] == "image_not_failed"
-    await set_columns(
+    await set_columns(service, task.id, image_status="failed")
+    await set_image(
         service,
         task.id,
-        image_status="failed",
-        image_error_code="http_403",
-        image_error_message="forbidden",
-        image_renewed=True,
+        status="failed",
+        error_code="http_403",
+        error_message="forbidden",
+        renewed=True,
+        attempts=4,
     )
     retried = await service.client.post(f"/tasks/{task.id}/image/retry")
     assert retried.status_code == 202
     assert retried.json()["image"]["status"] == "pending"
     assert retried.json()["image"]["error"] is None
-    rows = await service.sql(
-        "SELECT image_renewed, image_attempts FROM tasks WHERE id = :id", id=task.id
-    )
+    rows = await service.sql("SELECT renewed, attempts FROM images WHERE task_id = :id", id=task.id)
     assert [(bool(renewed), attempts) for renewed, attempts in rows] == [(False, 0)]
+    summary = await service.sql("SELECT image_status FROM tasks WHERE id = :id", id=task.id)
+    assert summary == [("pending",)]
     assert (await service.client.post("/tasks/tsk_nope/image/retry")).status_code == 404
 
 

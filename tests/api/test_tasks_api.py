@@ -54,7 +54,7 @@ async def test_submit_answers_202_with_location_and_records_the_provider_id(
         ({"prompt": 42}, "prompt"),
         ({"prompt": "p", "size": "999x999"}, "size"),
         ({"prompt": "p", "quality": "ultra"}, "quality"),
-        ({"prompt": "p", "model": "gpt-image-2"}, "model"),
+        ({"prompt": "p", "model": "dall-e-3"}, "model"),
         ({"prompt": "p", "n": 2}, "n"),
         ({"prompt": "p", "image_urls": []}, "image_urls"),
         ({"prompt": "p", "image_urls": ["https://e.com/a.png"] * 17}, "image_urls"),
@@ -191,7 +191,11 @@ async def test_provider_refusal_is_502_with_its_reason_and_the_task_failed(
     task_id = error["details"][0]["task_id"]
     task = (await service.client.get(f"/tasks/{task_id}")).json()
     assert task["status"] == "failed"
-    assert task["error"] == {"code": "content_policy", "message": "prompt refused"}
+    assert task["error"] == {
+        "code": "content_policy",
+        "message": "prompt refused",
+        "retryable": None,
+    }
     assert len(calls) == 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,9 @@ async def test_a_real_completion_applies_the_query_apis_link(stack: Stack) -> No
 
     await wait_for(completed)
     rows = await stack.service.sql(
-        "SELECT image_status, image_source_url FROM tasks WHERE id = :id", id=task["id"]
+        "SELECT status, source_url FROM images WHERE task_id = :id", id=task["id"]
     )
+    assert len(rows) == 1
     assert rows[0][0] == "pending"
     assert rows[0][1].startswith("http://starmagic.test/")
     again = await stack.service.client.post(hook(task["id"]), content=dumps(callback))
@@ -212,26 +214,65 @@ async def test_duplicates_and_late_news_are_recorded_but_change_nothing(trusting
     assert after["image"]["status"] == "pending"
 
 
-@pytest.mark.parametrize("envelope", [True, False])
+@pytest.mark.parametrize("shape", ["published", "envelope", "bare"])
 @pytest.mark.parametrize("url_shape", ["string", "list"])
-async def test_both_body_shapes_and_url_shapes_are_accepted(
-    trusting: Stack, envelope: bool, url_shape: str
+async def test_every_body_shape_and_url_shape_is_accepted(
+    trusting: Stack, shape: str, url_shape: str
 ) -> None:
-    """Envelope or bare, url as a string or a list: the same link is queued."""
+    """Published, enveloped or bare, url as a string or a list: the same link is queued."""
     task = await trusting.submit()
     link = "https://cdn.example.com/out.png"
     body = task_body(
         "completed",
         upstream_id=task["upstream_task_id"],
-        envelope=envelope,
+        envelope=shape == "envelope",
+        published=shape == "published",
         url=link if url_shape == "string" else [link, "https://cdn.example.com/other.png"],
     )
+    if shape == "published" and url_shape == "list":
+        body["results"] = [link]  # published results are a list of strings already
     response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))
     assert response.status_code == 200
     rows = await trusting.service.sql(
-        "SELECT image_source_url FROM tasks WHERE id = :id", id=task["id"]
+        "SELECT source_url FROM images WHERE task_id = :id", id=task["id"]
     )
     assert rows == [(link,)]
+
+
+async def test_a_published_callback_queues_one_download_per_result(trusting: Stack) -> None:
+    """`results` with three links: three images queued in order, expiring 24 h after now."""
+    task = await trusting.submit()
+    links = [f"https://cdn.example.com/{n}.png" for n in range(3)]
+    body = task_body("completed", upstream_id=task["upstream_task_id"], urls=links, published=True)
+    response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))
+    assert response.json()["outcome"] == "applied"
+    shown = await trusting.task(task["id"])
+    assert [image["index"] for image in shown["images"]] == [0, 1, 2]
+    assert {image["status"] for image in shown["images"]} == {"pending"}
+    assert shown["image"] == shown["images"][0]
+    rows = await trusting.service.sql(
+        "SELECT position, source_url FROM images WHERE task_id = :id ORDER BY position",
+        id=task["id"],
+    )
+    assert rows == list(enumerate(links))
+    expiry = datetime.fromisoformat(shown["image"]["source_expires_at"])
+    assert timedelta(hours=23) < expiry - datetime.now(UTC) <= timedelta(hours=24)
+
+
+async def test_a_published_failure_keeps_the_providers_code_and_says_what_to_do(
+    trusting: Stack,
+) -> None:
+    """A content-policy failure is not worth a retry; a timeout is."""
+    for code, retryable in (("content_policy_violation", False), ("generation_timeout", True)):
+        task = await trusting.submit()
+        error = {"code": code, "message": "no", "type": "task_error"}
+        body = task_body(
+            "failed", upstream_id=task["upstream_task_id"], published=True, error=error
+        )
+        response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))
+        assert response.json()["outcome"] == "applied"
+        shown = await trusting.task(task["id"])
+        assert shown["error"] == {"code": code, "message": "no", "retryable": retryable}
 
 
 @pytest.mark.postgres
@@ -256,6 +297,6 @@ async def test_concurrent_identical_deliveries_transition_once(
     )
     assert rows == [(1, 20)]
     queued = await stack.service.sql(
-        "SELECT count(*) FROM tasks WHERE image_status = 'pending' AND id = :id", id=task["id"]
+        "SELECT count(*) FROM images WHERE status = 'pending' AND task_id = :id", id=task["id"]
     )
     assert queued == [(1,)]

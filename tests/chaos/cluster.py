@@ -133,7 +133,7 @@ class Cluster(Stack):
         self.proxy.mark_down(index)
         replica.kill()
         rows = await self.query(
-            "SELECT id FROM tasks WHERE image_status = 'pending' AND image_lease_owner LIKE :owner",
+            "SELECT task_id FROM images WHERE status = 'pending' AND lease_owner LIKE :owner",
             owner=f"%:{pid}:%",
         )
         kill = Kill(index, pid, moment, sorted(row[0] for row in rows))

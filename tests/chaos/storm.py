@@ -222,6 +222,9 @@ async def verify(
     problems: list[str] = []
     rows = {row["id"]: row for row in await cluster.table("tasks")}
     by_index = {storm_index(row): row for row in rows.values()}
+    first_images = {
+        row["task_id"]: row for row in await cluster.table("images") if row["position"] == 0
+    }
     provider = {task["id"]: task for task in await cluster.sim.tasks()}
     stats = await cluster.sim.stats()
 
@@ -266,18 +269,19 @@ async def verify(
         gets[sim_task["image_gets"]] += 1
         if sim_task["image_gets"] != 1 and row["id"] not in refetch_allowed:
             problems.append(f"{where}: {sim_task['image_gets']} image GETs")
+        image = first_images.get(row["id"], {})
         if row["image_status"] != "stored":
-            problems.append(f"{where}: image {row['image_status']} ({row['image_error_code']})")
+            problems.append(f"{where}: image {row['image_status']} ({image.get('error_code')})")
             continue
         expected = await expected_sha256(upstream, task.image_size)
         objects = [p for p in stored_files if p.name == f"{row['id']}.png"]
         if len(objects) != 1:
             problems.append(f"{where}: {len(objects)} stored objects")
             continue
-        if not (row["image_sha256"] == expected == sha256(objects[0].read_bytes())):
+        if not (image["sha256"] == expected == sha256(objects[0].read_bytes())):
             wrong.append(row["id"])
-        if objects[0].relative_to(cluster.storage_dir).as_posix() != row["image_key"]:
-            problems.append(f"{where}: stored at {objects[0]}, recorded as {row['image_key']}")
+        if objects[0].relative_to(cluster.storage_dir).as_posix() != image["key"]:
+            problems.append(f"{where}: stored at {objects[0]}, recorded as {image['key']}")
     completed_ids = {row["id"] for row in rows.values() if row["status"] == "completed"}
     strays = sorted(p.name for p in stored_files if p.stem not in completed_ids)
     if strays:
@@ -287,7 +291,7 @@ async def verify(
         problems.append(f"temp files left in the spool: {[p.name for p in leftovers]}")
 
     recorded_once = Counter(
-        line["task_id"] for line in cluster.service_logs("image_stored") if line.get("recorded")
+        (line["task_id"], line.get("position")) for line in cluster.service_logs("image_stored")
     )
     twice = sorted(task_id for task_id, n in recorded_once.items() if n > 1)
     if twice:
@@ -412,11 +416,10 @@ class ChaosMonkey:
 
         async def downloading() -> bool:
             rows = await self.cluster.query(
-                "SELECT id FROM tasks WHERE image_status = 'pending' "
-                "AND image_lease_owner LIKE :owner",
+                "SELECT task_id FROM images WHERE status = 'pending' AND lease_owner LIKE :owner",
                 owner=f"%:{pid}:%",
             )
-            spooled = {p.stem for p in self.cluster.spool_leftovers()}
+            spooled = {p.name.split("-")[0] for p in self.cluster.spool_leftovers()}
             return any(row[0] in spooled for row in rows)
 
         for _ in range(12):

@@ -250,8 +250,7 @@ async def storage_outage(module_clusters: ClusterPool, figures: Figures) -> Stor
 
     async def all_attempted() -> list[dict[str, Any]] | None:
         rows = await cluster.query(
-            "SELECT id, image_attempts, image_error_code, image_lease_owner FROM tasks "
-            "WHERE status = 'completed' AND image_status = 'pending'"
+            "SELECT task_id, attempts, error_code, lease_owner FROM images WHERE status = 'pending'"
         )
         attempted = [
             {"id": r[0], "attempts": r[1], "error_code": r[2], "leased": r[3] is not None}
@@ -398,8 +397,8 @@ async def disk_full(module_clusters: ClusterPool, figures: Figures) -> DiskFull:
 
         async def all_failed_once() -> list[dict[str, Any]] | None:
             rows = await cluster.query(
-                "SELECT id, image_attempts, image_error_code, image_lease_owner FROM tasks "
-                "WHERE image_status = 'pending' AND image_error_code IS NOT NULL"
+                "SELECT task_id, attempts, error_code, lease_owner FROM images "
+                "WHERE status = 'pending' AND error_code IS NOT NULL"
             )
             attempts = [
                 {"id": r[0], "attempts": r[1], "error_code": r[2], "leased": r[3] is not None}

@@ -265,7 +265,7 @@ async def test_ssrf_table_is_refused_by_the_real_worker(
         assert task["image"]["status"] == "failed", url
         assert outcomes[url] == code, url
     assert canary.connections == 0
-    rows = await cluster.query("SELECT image_attempts FROM tasks")
+    rows = await cluster.query("SELECT attempts FROM images")
     assert {row[0] for row in rows} == {1}, "a refused link is never tried again"
     stats = await cluster.sim.stats()
     assert stats["image_gets"] == 0

@@ -19,14 +19,14 @@ async def download_in_flight(stack: Stack, task_id: str, upstream_id: str) -> No
     async def streaming() -> bool:
         stack.service.check_alive()
         gets = (await stack.sim.task(upstream_id))["image_gets"]
-        return gets >= 1 and bool(stack.spool_files(f"{task_id}.part"))
+        return gets >= 1 and bool(stack.spool_files(f"{task_id}-0-*.part"))
 
     await wait_for(streaming, what="the slow download to start")
 
 
 async def expire_lease(stack: Stack, task_id: str) -> None:
-    """Fast-forward past the dead worker's 60 s download lease (the only thing waited out)."""
-    await stack.sql("UPDATE tasks SET image_lease_until = NULL WHERE id = :id", id=task_id)
+    """Fast-forward past the dead worker's download lease (the only thing waited out)."""
+    await stack.sql("UPDATE images SET lease_until = NULL WHERE task_id = :id", id=task_id)
 
 
 async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) -> None:
@@ -37,10 +37,12 @@ async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) 
     await download_in_flight(stack, task_id, upstream_id)
 
     stack.kill_service()
-    assert stack.spool_files(f"{task_id}.part"), "a crash leaves the partial file behind"
+    assert stack.spool_files(f"{task_id}-0-*.part"), "a crash leaves the partial file behind"
     assert stack.stored_files() == []
     rows = await stack.sql(
-        "SELECT status, image_status, image_lease_owner FROM tasks WHERE id = :id", id=task_id
+        "SELECT tasks.status, tasks.image_status, images.lease_owner FROM tasks"
+        " JOIN images ON images.task_id = tasks.id WHERE tasks.id = :id",
+        id=task_id,
     )
     status, image_status, lease_owner = rows[0]
     assert (status, image_status) == ("completed", "pending")

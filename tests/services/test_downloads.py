@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import update
-from sqlmodel import col
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
-from app.db import SessionFactory, create_engine, create_session_factory
+from app.db import create_engine, create_session_factory
 from app.fetch import FetchError, FetchResult
-from app.models import Task, utcnow
-from app.services.downloads import Downloader, image_key
+from app.models import Image, Task, utcnow
+from app.repository import IMAGES, DownloadJob
+from app.services.downloads import Downloader, image_key, retry_delay
 from app.storage import LocalStorage
 from app.upstream import RetryPolicy, StarMagicClient
 from tests.factories import make_task
@@ -34,18 +36,21 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 class ScriptedFetcher:
     """Stands in for SafeFetcher: each call takes the next scripted outcome."""
 
-    outcomes: list[bytes | FetchError]
+    outcomes: list[bytes | FetchError | BaseException]
     urls: list[str] = field(default_factory=list)
+    destinations: list[Path] = field(default_factory=list)
+    delay: float = 0.0
 
     async def fetch_to_file(
         self, url: str, dest: Path, *, on_progress: Callable[[], Awaitable[None]] | None = None
     ) -> FetchResult:
         self.urls.append(url)
+        self.destinations.append(dest)
         outcome = self.outcomes.pop(0)
-        if isinstance(outcome, FetchError):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(outcome, BaseException):
             raise outcome
-        if on_progress is not None:
-            await on_progress()
         dest.write_bytes(outcome)
         return FetchResult(
             size_bytes=len(outcome),
@@ -61,17 +66,32 @@ class ScriptedFetcher:
         return None
 
 
-class Queue:
-    """A migrated database with one leased download, and the parts of a worker."""
+class CountingStorage(LocalStorage):
+    """Local storage that counts the objects written to it."""
 
-    def __init__(self, sessions: SessionFactory, storage: LocalStorage, root: Path) -> None:
-        self.sessions = sessions
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.puts: list[str] = []
+
+    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+        self.puts.append(key)
+        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+
+
+class Queue:
+    """A migrated database with leased downloads, and the parts of a worker."""
+
+    def __init__(self, engine: AsyncEngine, storage: CountingStorage, root: Path) -> None:
+        self.engine = engine
+        self.sessions = create_session_factory(engine)
         self.storage = storage
         self.root = root
         self.queries: list[str] = []
         self.query_answers: list[httpx.Response] = []
 
-    def downloader(self, fetcher: ScriptedFetcher, owner: str = "worker-a") -> Downloader:
+    def downloader(
+        self, fetcher: ScriptedFetcher, owner: str = "worker-a", lease: float = 60
+    ) -> Downloader:
         def answer(request: httpx.Request) -> httpx.Response:
             self.queries.append(request.url.path)
             return self.query_answers.pop(0)
@@ -80,33 +100,64 @@ class Queue:
         client = StarMagicClient(
             http, base_url="https://sm.test", api_key="k", retry=RetryPolicy(attempts=1)
         )
-        return Downloader(self.sessions, fetcher, self.storage, client, owner)  # type: ignore[arg-type]
+        return Downloader(
+            self.engine,
+            fetcher,  # type: ignore[arg-type]
+            self.storage,
+            client,
+            owner,
+            lease=timedelta(seconds=lease),
+        )
 
-    async def queued(self, **fields: Any) -> Task:
-        """A completed task whose download is due."""
+    async def queued(self, images: int = 1, **fields: Any) -> Task:
+        """A completed task whose downloads (one per image) are due."""
         values: dict[str, Any] = {
             "status": "completed",
             "completed_at": utcnow(),
             "image_status": "pending",
-            "image_source_url": "https://cdn.example.com/a.png",
-            "image_source_expires_at": utcnow() + timedelta(hours=23),
-            "image_next_attempt_at": utcnow() - timedelta(seconds=1),
             "next_poll_at": None,
         }
+        image_fields = {key: fields.pop(key) for key in list(fields) if key.startswith("source_")}
         values.update(fields)
         async with self.sessions() as session:
-            await make_task(session, **values)
-        return await self.claim("worker-a")
+            task = await make_task(session, **values)
+            now = utcnow()
+            for position in range(images):
+                row: dict[str, Any] = {
+                    "task_id": task.id,
+                    "position": position,
+                    "status": "pending",
+                    "source_url": f"https://cdn.example.com/{position}.png",
+                    "source_expires_at": now + timedelta(hours=23),
+                    "next_attempt_at": now - timedelta(seconds=1),
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                row.update(image_fields)
+                session.add(Image(**row))
+            await session.commit()
+        return task
 
-    async def claim(self, owner: str) -> Task:
-        async with self.sessions() as session, session.begin():
-            claimed = await repository.claim_due_downloads(
-                session, now=utcnow(), owner=owner, lease=timedelta(seconds=60), limit=1
+    async def claim(self, owner: str = "worker-a", lease: float = 60, **kw: Any) -> DownloadJob:
+        jobs = await self.claim_all(owner, lease, **kw)
+        assert len(jobs) == 1
+        return jobs[0]
+
+    async def claim_all(
+        self, owner: str = "worker-a", lease: float = 60, limit: int = 1, **kw: Any
+    ) -> list[DownloadJob]:
+        async with self.engine.begin() as db:
+            return await repository.claim_due_downloads(
+                db, now=utcnow(), owner=owner, lease=timedelta(seconds=lease), limit=limit, **kw
             )
-        assert len(claimed) == 1
-        return claimed[0]
 
-    async def load(self, task_id: str) -> Task:
+    async def image(self, task_id: str, position: int = 0) -> Image:
+        async with self.sessions() as session:
+            image = await repository.get_image(session, task_id, position)
+        assert image is not None
+        return image
+
+    async def task(self, task_id: str) -> Task:
         async with self.sessions() as session:
             task = await repository.get_task(session, task_id)
         assert task is not None
@@ -117,116 +168,279 @@ class Queue:
 async def queue(database_url: str, tmp_path: Path) -> AsyncIterator[Queue]:
     """The download queue on both databases, with local storage."""
     engine = create_engine(database_url)
-    yield Queue(create_session_factory(engine), LocalStorage(tmp_path / "images"), tmp_path)
+    yield Queue(engine, CountingStorage(tmp_path / "images"), tmp_path)
     await engine.dispose()
 
 
 async def test_a_download_is_stored_under_its_dated_key(queue: Queue) -> None:
-    """Bytes land at yyyy/mm/dd/<id>.png and the task records every image field."""
+    """Bytes land at yyyy/mm/dd/<id>.png and the image records every field."""
     task = await queue.queued()
-    await queue.downloader(ScriptedFetcher([PNG])).run(task)
-    stored = await queue.load(task.id)
-    assert stored.image_status == "stored"
-    assert stored.image_key == image_key(task, "png")
-    assert stored.image_key == f"{task.created_at:%Y/%m/%d}/{task.id}.png"
-    assert (queue.root / "images" / stored.image_key).read_bytes() == PNG
-    assert stored.image_sha256 == hashlib.sha256(PNG).hexdigest()
-    assert (stored.image_size_bytes, stored.image_width, stored.image_height) == (len(PNG), 8, 8)
-    assert stored.image_lease_owner is None
+    job = await queue.claim()
+    await queue.downloader(ScriptedFetcher([PNG])).run(job)
+    stored = await queue.image(task.id)
+    assert stored.status == "stored"
+    assert stored.key == image_key(job, "png")
+    assert stored.key == f"{task.created_at:%Y/%m/%d}/{task.id}.png"
+    assert (queue.root / "images" / stored.key).read_bytes() == PNG
+    assert stored.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert (stored.size_bytes, stored.width, stored.height) == (len(PNG), 8, 8)
+    assert stored.lease_owner is None
+    assert (await queue.task(task.id)).image_status == "stored"
     assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_each_image_of_a_task_is_stored_once_under_its_own_key(queue: Queue) -> None:
+    """Three images: three keys, three hashes; the task is stored only when all are."""
+    task = await queue.queued(images=3)
+    jobs = await queue.claim_all(limit=5)
+    assert sorted(job.position for job in jobs) == [0, 1, 2]
+    bodies = {job.position: PNG + bytes([job.position]) for job in jobs}
+    for job in sorted(jobs, key=lambda job: job.position)[:2]:
+        await queue.downloader(ScriptedFetcher([bodies[job.position]])).run(job)
+    assert (await queue.task(task.id)).image_status == "pending"
+    last = next(job for job in jobs if job.position == 2)
+    await queue.downloader(ScriptedFetcher([bodies[2]])).run(last)
+    keys = set()
+    for position in range(3):
+        image = await queue.image(task.id, position)
+        assert image.status == "stored"
+        assert image.sha256 == hashlib.sha256(bodies[position]).hexdigest()
+        keys.add(image.key)
+    assert keys == {
+        f"{task.created_at:%Y/%m/%d}/{task.id}.png",
+        f"{task.created_at:%Y/%m/%d}/{task.id}-1.png",
+        f"{task.created_at:%Y/%m/%d}/{task.id}-2.png",
+    }
+    assert sorted(queue.storage.puts) == sorted(keys)
+    assert (await queue.task(task.id)).image_status == "stored"
+
+
+async def test_one_failed_image_makes_the_task_image_status_failed(queue: Queue) -> None:
+    """The summary: pending while any image is, then failed if any failed."""
+    task = await queue.queued(images=2)
+    first, second = sorted(await queue.claim_all(limit=2), key=lambda job: job.position)
+    await queue.downloader(ScriptedFetcher([FetchError("not_an_image", "html")])).run(first)
+    assert (await queue.task(task.id)).image_status == "pending"
+    await queue.downloader(ScriptedFetcher([PNG])).run(second)
+    assert (await queue.task(task.id)).image_status == "failed"
+    assert (await queue.image(task.id, 1)).status == "stored"
 
 
 async def test_transient_failures_are_retried_later(queue: Queue) -> None:
     """A 503 leaves the job queued, lease released, next attempt in the future."""
     task = await queue.queued()
     failure = FetchError("http_503", "busy", retryable=True, status_code=503)
-    await queue.downloader(ScriptedFetcher([failure])).run(task)
-    stored = await queue.load(task.id)
-    assert stored.image_status == "pending"
-    assert stored.image_error_code == "http_503"
-    assert stored.image_lease_owner is None
-    assert stored.image_next_attempt_at is not None
-    assert stored.image_next_attempt_at > utcnow()
+    await queue.downloader(ScriptedFetcher([failure])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.status == "pending"
+    assert stored.error_code == "http_503"
+    assert stored.lease_owner is None
+    assert stored.next_attempt_at is not None
+    assert stored.next_attempt_at > utcnow()
+
+
+async def test_a_huge_retry_after_is_clamped_not_a_crash(queue: Queue) -> None:
+    """Retry-After: 99999999999999 on the link: recorded as a retry or expiry, lease released."""
+    task = await queue.queued()
+    failure = FetchError(
+        "http_503", "busy", retryable=True, status_code=503, retry_after=99999999999999.0
+    )
+    queue.query_answers.append(httpx.Response(503))
+    await queue.downloader(ScriptedFetcher([failure])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.lease_owner is None
+    assert stored.error_code is not None
+    assert retry_delay(3, 99999999999999.0) <= timedelta(hours=24)
+
+
+async def test_an_unexpected_exception_records_a_retry_and_releases_the_lease(
+    queue: Queue,
+) -> None:
+    """A bug inside a job is not silent: the image is retried later with its reason."""
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([RuntimeError("boom")])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert (stored.status, stored.error_code, stored.lease_owner) == (
+        "pending",
+        "internal_error",
+        None,
+    )
+    assert "boom" in (stored.error_message or "")
+    assert stored.next_attempt_at is not None
+    assert stored.next_attempt_at > utcnow()
 
 
 async def test_a_refused_link_is_renewed_once_then_the_failure_is_final(queue: Queue) -> None:
     """403: ask the query API for a fresh link; a second 403 fails with its code."""
     task = await queue.queued()
-    fresh = task_body("completed", upstream_id=task.upstream_task_id or "", url="https://n/b.png")
+    fresh = task_body(
+        "completed", upstream_id=task.upstream_task_id or "", url="https://n/b.png", published=True
+    )
     queue.query_answers.append(httpx.Response(200, json=fresh))
     forbidden = FetchError("http_403", "forbidden", status_code=403)
-    await queue.downloader(ScriptedFetcher([forbidden])).run(task)
-    renewed = await queue.load(task.id)
-    assert (renewed.image_status, renewed.image_renewed) == ("pending", True)
-    assert renewed.image_source_url == "https://n/b.png"
+    await queue.downloader(ScriptedFetcher([forbidden])).run(await queue.claim())
+    renewed = await queue.image(task.id)
+    assert (renewed.status, renewed.renewed) == ("pending", True)
+    assert renewed.source_url == "https://n/b.png"
+    assert renewed.source_expires_at is not None
+    assert renewed.source_expires_at > utcnow() + timedelta(hours=23)
     assert queue.queries == [f"/v1/tasks/{task.upstream_task_id}"]
 
-    again = await queue.claim("worker-a")
-    await queue.downloader(ScriptedFetcher([forbidden])).run(again)
-    final = await queue.load(task.id)
-    assert (final.image_status, final.image_error_code) == ("failed", "http_403")
+    await queue.downloader(ScriptedFetcher([forbidden])).run(await queue.claim())
+    final = await queue.image(task.id)
+    assert (final.status, final.error_code) == ("failed", "http_403")
     assert len(queue.queries) == 1
+
+
+async def test_renewal_takes_the_link_of_the_same_image(queue: Queue) -> None:
+    """The second image of a task is renewed from the provider's second result."""
+    task = await queue.queued(images=2)
+    jobs = await queue.claim_all(limit=2)
+    second = next(job for job in jobs if job.position == 1)
+    fresh = task_body(
+        "completed",
+        upstream_id=task.upstream_task_id or "",
+        urls=["https://n/first.png", "https://n/second.png"],
+        published=True,
+    )
+    queue.query_answers.append(httpx.Response(200, json=fresh))
+    forbidden = FetchError("http_403", "forbidden", status_code=403)
+    await queue.downloader(ScriptedFetcher([forbidden])).run(second)
+    assert (await queue.image(task.id, 1)).source_url == "https://n/second.png"
 
 
 async def test_an_expired_link_is_renewed_before_fetching(queue: Queue) -> None:
     """A link past its expiry is not fetched; a fresh one is asked for."""
-    task = await queue.queued(image_source_expires_at=utcnow() - timedelta(minutes=1))
+    task = await queue.queued(source_expires_at=utcnow() - timedelta(minutes=1))
     fresh = task_body("completed", upstream_id=task.upstream_task_id or "", url="https://n/c.png")
     queue.query_answers.append(httpx.Response(200, json=fresh))
     fetcher = ScriptedFetcher([])
-    await queue.downloader(fetcher).run(task)
+    await queue.downloader(fetcher).run(await queue.claim())
     assert fetcher.urls == []
-    assert (await queue.load(task.id)).image_source_url == "https://n/c.png"
+    assert (await queue.image(task.id)).source_url == "https://n/c.png"
 
 
 async def test_renewal_stops_once_no_link_could_still_be_valid(queue: Queue) -> None:
     """Provider down while renewing a day-old task: the image fails as expired."""
     task = await queue.queued(
         completed_at=utcnow() - timedelta(hours=24),
-        image_source_expires_at=utcnow() - timedelta(minutes=1),
+        source_expires_at=utcnow() - timedelta(minutes=1),
     )
     queue.query_answers.append(httpx.Response(503))
-    await queue.downloader(ScriptedFetcher([])).run(task)
-    stored = await queue.load(task.id)
-    assert (stored.image_status, stored.image_error_code) == ("failed", "expired")
+    await queue.downloader(ScriptedFetcher([])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert (stored.status, stored.error_code) == ("failed", "expired")
 
 
 @pytest.mark.parametrize("code", ["not_an_image", "too_large", "blocked_address", "bad_url"])
 async def test_permanent_refusals_fail_at_once(queue: Queue, code: str) -> None:
     """Refusals that no retry can fix are recorded with their reason code."""
     task = await queue.queued()
-    await queue.downloader(ScriptedFetcher([FetchError(code, "refused")])).run(task)
-    stored = await queue.load(task.id)
-    assert (stored.image_status, stored.image_error_code, stored.image_error_message) == (
-        "failed",
-        code,
-        "refused",
-    )
+    job = await queue.claim()
+    await queue.downloader(ScriptedFetcher([FetchError(code, "refused")])).run(job)
+    stored = await queue.image(task.id)
+    assert (stored.status, stored.error_code, stored.error_message) == ("failed", code, "refused")
     assert queue.queries == []
 
 
 async def test_a_worker_that_lost_its_lease_records_nothing(queue: Queue) -> None:
     """If the lease ran out and another worker took the job, the late result is dropped."""
     task = await queue.queued()
-    async with queue.sessions() as session, session.begin():
-        await session.execute(
-            update(Task)
-            .where(col(Task.id) == task.id)
-            .values(image_lease_until=utcnow() - timedelta(seconds=1))
+    job = await queue.claim("worker-a")
+    async with queue.engine.begin() as db:
+        await db.execute(
+            update(IMAGES)
+            .where(IMAGES.c.task_id == task.id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
         )
-    await queue.claim("worker-b")
-    await queue.downloader(ScriptedFetcher([PNG]), owner="worker-a").run(task)
-    stored = await queue.load(task.id)
-    assert (stored.image_status, stored.image_lease_owner) == ("pending", "worker-b")
+    taken = await queue.claim("worker-b")
+    await queue.downloader(ScriptedFetcher([PNG]), owner="worker-a").run(job)
+    stored = await queue.image(task.id)
+    assert (stored.status, stored.lease_owner) == ("pending", taken.lease_owner)
+    assert queue.storage.puts == []
+
+
+async def test_the_same_worker_cannot_write_with_a_lease_it_lost(queue: Queue) -> None:
+    """Leases are per claim: a re-claim by the same worker fences off its older job."""
+    task = await queue.queued()
+    old = await queue.claim("worker-a")
+    async with queue.engine.begin() as db:
+        await db.execute(
+            update(IMAGES)
+            .where(IMAGES.c.task_id == task.id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    new = await queue.claim("worker-a")
+    assert new.lease_owner != old.lease_owner
+    await queue.downloader(ScriptedFetcher([PNG]), owner="worker-a").run(old)
+    assert (await queue.image(task.id)).status == "pending"
+
+
+async def test_an_image_is_fetched_and_stored_once_when_headers_outlast_the_lease(
+    queue: Queue,
+) -> None:
+    """A job slower than its lease keeps it by heartbeat: another worker never takes it over."""
+    task = await queue.queued()
+    lease = 0.6
+    slow = ScriptedFetcher([PNG], delay=lease * 4)
+    job = await queue.claim("worker-a", lease=lease)
+    running = asyncio.create_task(queue.downloader(slow, "worker-a", lease=lease).run(job))
+    rivals: list[DownloadJob] = []
+    while not running.done():
+        rivals += await queue.claim_all("worker-b", lease=lease)
+        await asyncio.sleep(lease / 4)
+    await running
+    assert rivals == []
+    assert len(slow.urls) == 1
+    assert len(queue.storage.puts) == 1
+    assert (await queue.image(task.id)).status == "stored"
+
+
+async def test_a_job_that_loses_its_lease_stops_at_once(queue: Queue) -> None:
+    """When a renewal matches no row, the job is cancelled before it writes anything."""
+    task = await queue.queued()
+    lease = 0.6
+    slow = ScriptedFetcher([PNG], delay=lease * 6)
+    job = await queue.claim("worker-a", lease=lease)
+    running = asyncio.create_task(queue.downloader(slow, "worker-a", lease=lease).run(job))
+    await asyncio.sleep(lease / 2)
+    async with queue.engine.begin() as db:  # an operator (or a bug) hands the image elsewhere
+        await db.execute(
+            update(IMAGES).where(IMAGES.c.task_id == task.id).values(lease_owner="someone-else")
+        )
+    await asyncio.wait_for(running, timeout=lease * 5)
+    assert queue.storage.puts == []
+    assert (await queue.image(task.id)).lease_owner == "someone-else"
+    assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_every_attempt_spools_to_its_own_file(queue: Queue) -> None:
+    """Two attempts at one image never share a temp file."""
+    await queue.queued()
+    fetcher = ScriptedFetcher([FetchError("timeout", "slow", retryable=True), PNG])
+    downloader = queue.downloader(fetcher)
+    await downloader.run(await queue.claim())
+    async with queue.engine.begin() as db:
+        await db.execute(update(IMAGES).values(next_attempt_at=utcnow()))
+    await downloader.run(await queue.claim())
+    assert len(set(fetcher.destinations)) == 2
+
+
+async def test_a_worker_never_claims_an_image_it_is_running(queue: Queue) -> None:
+    """Even with its lease lapsed, an image this worker still runs is not claimed again."""
+    task = await queue.queued()
+    job = await queue.claim("worker-a", lease=0.01)
+    await asyncio.sleep(0.05)
+    again = await queue.claim_all("worker-a", running=[(job.task_id, job.position)])
+    assert again == []
+    assert [j.task_id for j in await queue.claim_all("worker-a")] == [task.id]
 
 
 async def test_leased_jobs_are_not_claimed_twice_until_released(queue: Queue) -> None:
     """A live lease hides the job; releasing the leases makes it due again."""
     await queue.queued()
-    async with queue.sessions() as session, session.begin():
-        none = await repository.claim_due_downloads(
-            session, now=utcnow(), owner="worker-b", lease=timedelta(seconds=60), limit=5
-        )
-        assert list(none) == []
-        assert await repository.release_download_leases(session, "worker-a") == 1
-    assert (await queue.claim("worker-b")).image_lease_owner == "worker-b"
+    await queue.claim("worker-a")
+    assert await queue.claim_all("worker-b", limit=5) == []
+    async with queue.engine.begin() as db:
+        assert await repository.release_download_leases(db, "worker-a") == 1
+    assert (await queue.claim("worker-b")).lease_owner.startswith("worker-b/")

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import repository
 from app.db import create_engine, create_session_factory
 from app.models import TaskStatus, utcnow
-from app.schemas import Snapshot
+from app.schemas import Snapshot, SnapshotImage
 from app.services.snapshots import Outcome, apply_snapshot, classify, transition
 from tests.factories import make_task
 
@@ -57,7 +57,9 @@ async def test_every_pair_of_states(
         status=reported,
         upstream_id=task.upstream_task_id,
         progress=10,
-        image_url="https://cdn.example.com/a.png" if reported is TaskStatus.COMPLETED else None,
+        images=(SnapshotImage("https://cdn.example.com/a.png"),)
+        if reported is TaskStatus.COMPLETED
+        else (),
         error_code="boom" if reported is TaskStatus.FAILED else None,
         error_message="it broke" if reported is TaskStatus.FAILED else None,
     )
@@ -70,10 +72,13 @@ async def test_every_pair_of_states(
     stored = await repository.get_task(session, task.id)
     assert stored is not None
     assert stored.status == (reported if want is Outcome.APPLIED else current).value
+    images = (await repository.task_images(session, [task.id]))[task.id]
     if want is Outcome.APPLIED and reported is TaskStatus.COMPLETED:
         assert stored.image_status == "pending"
-        assert stored.image_source_url == "https://cdn.example.com/a.png"
+        assert [image.source_url for image in images] == ["https://cdn.example.com/a.png"]
         assert stored.next_poll_at is None
+    else:
+        assert images == []
     if want is Outcome.APPLIED and reported is TaskStatus.FAILED:
         assert (stored.error_code, stored.error_message) == ("boom", "it broke")
     if want is not Outcome.APPLIED:
