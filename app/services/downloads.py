@@ -59,6 +59,14 @@ def spool_path(storage: Storage, job: DownloadJob) -> Path:
     return storage.spool_dir / f"{job.task_id}-{job.position}-{secrets.token_hex(6)}.part"
 
 
+def _remove_leftovers(storage: Storage, job: DownloadJob) -> None:
+    """Remove temp files of earlier attempts at this image (a crash's, or a job that lost
+    its lease): we hold the lease now, so none of them can ever be stored."""
+    for path in storage.spool_dir.glob(f"{job.task_id}-{job.position}-*.part"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def retry_delay(attempts: int, retry_after: float | None = None) -> timedelta:
     """Jittered exponential backoff, or the server's own Retry-After when longer (bounded)."""
     ceiling = min(MAX_BACKOFF_SECONDS, 2.0 * 2 ** min(attempts, 12))
@@ -146,6 +154,7 @@ class Downloader:
         if job.source_url is None or utcnow() >= expires_at:
             await self._renew_or_fail(job, "expired", "the image link has expired")
             return
+        _remove_leftovers(self._storage, job)
         spool = spool_path(self._storage, job)
         try:
             try:

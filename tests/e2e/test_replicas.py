@@ -34,7 +34,6 @@ async def test_two_workers_fetch_every_image_exactly_once(postgres_stacks: Stack
 
     stored = stack.all_logs("image_stored")
     assert len(stored) == TASKS
-    assert all(line["recorded"] for line in stored)
     assert stack.logs("image_stored") == []  # the API process runs no loops
     # Both workers took part: the exactly-once result is not one worker doing it all.
     for worker in workers:
