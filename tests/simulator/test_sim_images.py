@@ -16,16 +16,15 @@ from .helpers import Sim, SimFactory
 
 async def image_url(sim: Sim, prompt: str = "a red fox") -> tuple[str, str]:
     """Submit, wait for completion, and return (task id, image url)."""
-    task = await sim.submit(prompt=prompt)
-    await sim.wait_status(task["id"], "completed")
-    data = await sim.query(task["id"])
-    return task["id"], data["result"]["images"][0]["url"]
+    answer = await sim.completed(prompt)
+    (url,) = answer["results"]
+    return answer["id"], url
 
 
 @pytest.mark.asyncio
 async def test_link_serves_a_deterministic_png(make_sim: SimFactory) -> None:
-    """The link answers a valid PNG of the configured size, the same bytes on every GET."""
-    sim = await make_sim(image_width=40, image_height=30)
+    """With image_size pinned, the link answers a PNG of that size, the same bytes on every GET."""
+    sim = await make_sim(image_size=(40, 30))
     task_id, url = await image_url(sim)
     first = await sim.client.get(url)
     assert first.status_code == 200
@@ -57,15 +56,15 @@ async def test_image_503_then_success(sim: Sim) -> None:
 async def test_image_expired_is_renewed_by_a_query(sim: Sim) -> None:
     """``image_expired``: 403 until refused once; the next query hands out a fresh working link."""
     task_id, url = await image_url(sim, "[sim:image_expired]")
-    assert (await sim.query(task_id))["result"]["images"][0]["url"] == url  # not refused yet
+    assert (await sim.query(task_id))["results"] == [url]  # not refused yet
     refused = await sim.client.get(url)
     assert refused.status_code == 403
-    fresh = (await sim.query(task_id))["result"]["images"][0]
-    assert fresh["url"] != url
-    assert fresh["expires_at"] >= time.time() + 86_000
-    assert (await sim.client.get(fresh["url"])).status_code == 200
+    (fresh,) = (await sim.query(task_id))["results"]
+    assert fresh != url
+    assert sim.state.links[fresh.rsplit("/", 1)[1]].expires_at >= time.time() + 86_000
+    assert (await sim.client.get(fresh)).status_code == 200
     assert (await sim.client.get(url)).status_code == 403
-    assert (await sim.query(task_id))["result"]["images"][0]["url"] == fresh["url"]
+    assert (await sim.query(task_id))["results"] == [fresh]
 
 
 @pytest.mark.asyncio
@@ -74,7 +73,7 @@ async def test_expire_route_revokes_the_current_link(sim: Sim) -> None:
     task_id, url = await image_url(sim)
     assert (await sim.client.post(f"/_sim/tasks/{task_id}/expire")).status_code == 200
     assert (await sim.client.get(url)).status_code == 403
-    renewed = (await sim.query(task_id))["result"]["images"][0]["url"]
+    (renewed,) = (await sim.query(task_id))["results"]
     assert (await sim.client.get(renewed)).status_code == 200
 
 
@@ -148,7 +147,7 @@ async def test_oversize_header_claims_more_than_it_sends(make_sim: SimFactory) -
     task_id, url = await image_url(sim, "[sim:oversize=header]")
     response = await sim.client.get(url)
     assert response.headers["content-length"] == "2000000"
-    assert response.content == images.render_png(task_id, 64, 64)
+    assert response.content == images.render_png(task_id, 1024, 1024)
 
 
 @pytest.mark.asyncio
