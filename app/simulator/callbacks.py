@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from app.simulator.payloads import snapshot
+from app.simulator.payloads import shape_of, snapshot
 from app.simulator.state import CallbackAttempt, SimTask, SimulatorState
 
 HEADERS = {"Content-Type": "application/json", "User-Agent": "StarMagic-Callback/simulator"}
@@ -79,7 +79,7 @@ async def deliver(
 async def send_terminal(state: SimulatorState, task: SimTask) -> None:
     """Deliver the terminal snapshot as the faults say: dup, concurrent_dup, late_processing."""
     faults = task.faults
-    shape = faults.body or state.config.body_shape
+    shape = shape_of(state, task)
     # Built once: every retry and duplicate carries the same bytes, as a real sender would.
     body = snapshot(task, shape)
     for _ in range(faults.dup):

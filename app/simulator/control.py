@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from app.simulator import engine
 from app.simulator.callbacks import deliver
 from app.simulator.faults import FaultError, Outcome, Shape, fault_from_mapping
-from app.simulator.payloads import snapshot
+from app.simulator.payloads import shape_of, snapshot
 from app.simulator.state import SimTask, SimulatorState, Status
 
 
@@ -118,7 +118,7 @@ def control_router(state: SimulatorState) -> APIRouter:
         if body is None:
             if request.status == "completed" and not task.current_links:
                 engine.mint_links(state, task)
-            shape = request.body or engine.shape_of(state, task)
+            shape = request.body or shape_of(state, task)
             body = snapshot(task, shape, status=request.status, progress=request.progress)
         attempts = await deliver(state, task, body, kind="manual", url=url, retry=request.retry)
         return {"body": body, "attempts": [asdict(attempt) for attempt in attempts]}

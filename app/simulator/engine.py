@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from app.simulator.callbacks import send_terminal
-from app.simulator.faults import Fault, Outcome, Shape
-from app.simulator.payloads import failure, snapshot
+from app.simulator.faults import Fault, Outcome
+from app.simulator.payloads import failure, shape_of, snapshot
 from app.simulator.state import Link, SimTask, SimulatorState
 from app.simulator.validation import Submission
 
@@ -89,11 +89,6 @@ def finish(state: SimulatorState, task: SimTask, outcome: Outcome) -> bool:
     if task.submission.callback_url and not task.faults.drop:
         state.spawn(send_terminal(state, task))
     return True
-
-
-def shape_of(state: SimulatorState, task: SimTask) -> Shape:
-    """The shape of the task's query answers and callbacks: its fault, else the config's."""
-    return task.faults.body or state.config.body_shape
 
 
 def query(state: SimulatorState, task: SimTask) -> dict[str, Any]:

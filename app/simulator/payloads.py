@@ -24,11 +24,16 @@ from typing import Any
 
 from app.simulator.faults import DEFAULT_ERROR_CODE, Shape
 from app.simulator.models import MODELS, usage
-from app.simulator.state import SimTask, Status
+from app.simulator.state import SimTask, SimulatorState, Status
 
 FAILURE_MESSAGE = "The simulator failed this task on request."
 STALE_PROGRESS = 50
 OBJECT = "image.generation.task"
+
+
+def shape_of(state: SimulatorState, task: SimTask) -> Shape:
+    """The shape of the task's query answers and callbacks: its fault, else the config's."""
+    return task.faults.body or state.config.body_shape
 
 
 def failure(code: str = DEFAULT_ERROR_CODE) -> dict[str, Any]:

@@ -108,11 +108,6 @@ class SimTask:
             newest[link.index] = link
         return [newest[index] for index in sorted(newest)]
 
-    @property
-    def can_cancel(self) -> bool:
-        """True while the task may still be cancelled (pending or processing)."""
-        return not self.terminal
-
     def to_dict(self) -> dict[str, Any]:
         """The inspection view served by ``GET /_sim/tasks/{id}``."""
         return {
