@@ -117,16 +117,28 @@ def simulator(
     allow_http_callbacks: Annotated[
         bool, typer.Option(help="Accept http:// callback URLs (local testing).")
     ] = True,
+    image_size: Annotated[
+        str | None,
+        typer.Option(help="Serve every image at this WxH (e.g. 64x64), not the requested size."),
+    ] = None,
 ) -> None:
     """Run the StarMagic simulator alone."""
     from app.simulator import SimulatorConfig, run_simulator
+    from app.simulator.sizes import parse_wxh
 
-    config = SimulatorConfig(
-        api_key=api_key,
-        public_base_url=f"http://{host}:{port}",
-        time_scale=time_scale,
-        allow_http_callbacks=allow_http_callbacks,
-    )
+    pinned = parse_wxh(image_size) if image_size is not None else None
+    if image_size is not None and pinned is None:
+        raise typer.BadParameter("expected WxH, e.g. 64x64", param_hint="--image-size")
+    try:
+        config = SimulatorConfig(
+            api_key=api_key,
+            public_base_url=f"http://{host}:{port}",
+            time_scale=time_scale,
+            allow_http_callbacks=allow_http_callbacks,
+            image_size=pinned,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     run_simulator(host, port, config)
 
 

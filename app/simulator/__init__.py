@@ -1,4 +1,10 @@
-"""A StarMagic stand-in: submit, query, callbacks with the real retry policy, image links, faults.
+"""A StarMagic stand-in: submit, query, cancel, callbacks with the real retry policy, image
+links, faults.
+
+It speaks the provider's published API by default: three models with their own
+rules (``app.simulator.models``), the bare task object in query answers and
+callbacks (``app.simulator.payloads``; the enveloped shapes stay available),
+PNGs of the size each request implies, ``n`` images on gpt-image-2.
 
 Run alone with ``run_simulator(host, port, config)``, or mount
 ``create_simulator_app(config)`` under a prefix (and set

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from app.simulator.payloads import task_data, wrap
+from app.simulator.payloads import shape_of, snapshot
 from app.simulator.state import CallbackAttempt, SimTask, SimulatorState
 
 HEADERS = {"Content-Type": "application/json", "User-Agent": "StarMagic-Callback/simulator"}
@@ -79,12 +79,13 @@ async def deliver(
 async def send_terminal(state: SimulatorState, task: SimTask) -> None:
     """Deliver the terminal snapshot as the faults say: dup, concurrent_dup, late_processing."""
     faults = task.faults
+    shape = shape_of(state, task)
     # Built once: every retry and duplicate carries the same bytes, as a real sender would.
-    body = wrap(task_data(task), faults.body)
+    body = snapshot(task, shape)
     for _ in range(faults.dup):
         await asyncio.gather(
             *(deliver(state, task, body, kind="terminal") for _ in range(faults.concurrent_dup))
         )
     if faults.late_processing:
-        stale = wrap(task_data(task, status="processing"), faults.body)
+        stale = snapshot(task, shape, status="processing")
         await deliver(state, task, stale, kind="late_processing")

@@ -7,22 +7,22 @@
 - ``POST /_sim/faults``                  replace them: ``{"dup": 2, "drop": true}`` (``{}`` clears)
 - ``POST /_sim/reset``                   forget everything, restore the configured faults
 - ``POST /_sim/tasks/{id}/complete``     finish now: ``{"outcome": "completed|failed|cancelled"}``
-- ``POST /_sim/tasks/{id}/expire``       revoke the current image link (403 until a query renews it)
+- ``POST /_sim/tasks/{id}/expire``       revoke the current image links (403 until a query renews)
 - ``POST /_sim/tasks/{id}/callback``     send a callback now, see ``CallbackRequest``
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from app.simulator import engine
 from app.simulator.callbacks import deliver
-from app.simulator.faults import FaultError, Outcome, fault_from_mapping
-from app.simulator.payloads import task_data, wrap
+from app.simulator.faults import FaultError, Outcome, Shape, fault_from_mapping
+from app.simulator.payloads import shape_of, snapshot
 from app.simulator.state import SimTask, SimulatorState, Status
 
 
@@ -37,7 +37,7 @@ class CallbackRequest(BaseModel):
 
     status: Status | None = Field(None, description="snapshot as if the task were in this status")
     progress: int | None = Field(None, ge=0, le=100)
-    body: Literal["envelope", "bare"] | None = Field(None, description="default: the task's fault")
+    body: Shape | None = Field(None, description="default: the task's shape")
     payload: dict[str, Any] | None = Field(None, description="sent verbatim instead of a snapshot")
     callback_url: str | None = Field(None, description="default: the task's callback_url")
     retry: bool = Field(False, description="apply the retry policy")
@@ -98,11 +98,13 @@ def control_router(state: SimulatorState) -> APIRouter:
 
     @router.post("/tasks/{task_id}/expire")
     async def expire(task_id: str) -> dict[str, Any]:
-        """Revoke the current image link; the first query after a refused GET mints a new one."""
+        """Revoke every image's current link; the first query after a refused GET renews it."""
         task = get(task_id)
-        if task.link is None:
+        links = task.current_links
+        if not links:
             raise HTTPException(409, f"task {task_id} has no image link")
-        task.link.revoked = True
+        for link in links:
+            link.revoked = True
         return task.to_dict()
 
     @router.post("/tasks/{task_id}/callback")
@@ -114,10 +116,10 @@ def control_router(state: SimulatorState) -> APIRouter:
             raise HTTPException(409, f"task {task_id} has no callback_url; pass one")
         body = request.payload
         if body is None:
-            if request.status == "completed" and task.link is None:
-                engine.mint_link(state, task)
-            data = task_data(task, status=request.status, progress=request.progress)
-            body = wrap(data, request.body or task.faults.body)
+            if request.status == "completed" and not task.current_links:
+                engine.mint_links(state, task)
+            shape = request.body or shape_of(state, task)
+            body = snapshot(task, shape, status=request.status, progress=request.progress)
         attempts = await deliver(state, task, body, kind="manual", url=url, retry=request.retry)
         return {"body": body, "attempts": [asdict(attempt) for attempt in attempts]}
 

@@ -6,10 +6,11 @@ import asyncio
 import secrets
 import string
 import time
+from typing import Any
 
 from app.simulator.callbacks import send_terminal
 from app.simulator.faults import Fault, Outcome
-from app.simulator.payloads import task_data, wrap
+from app.simulator.payloads import failure, shape_of, snapshot
 from app.simulator.state import Link, SimTask, SimulatorState
 from app.simulator.validation import Submission
 
@@ -47,12 +48,15 @@ async def _run_timeline(state: SimulatorState, task: SimTask) -> None:
     finish(state, task, task.faults.outcome)
 
 
-def mint_link(state: SimulatorState, task: SimTask, *, revoked: bool = False) -> Link:
-    """A new image link for ``task``, valid for ``link_ttl_seconds``."""
-    name = f"{task.id}-{secrets.token_hex(4)}.png"
+def mint_link(
+    state: SimulatorState, task: SimTask, index: int = 0, *, revoked: bool = False
+) -> Link:
+    """A new link for image ``index`` of ``task``, valid for ``link_ttl_seconds``."""
+    name = f"{task.id}-{index}-{secrets.token_hex(4)}.png"
     link = Link(
         name=name,
         task_id=task.id,
+        index=index,
         url=f"{state.config.public_base_url}/files/{name}",
         expires_at=int(time.time()) + state.config.link_ttl_seconds,
         revoked=revoked,
@@ -60,6 +64,11 @@ def mint_link(state: SimulatorState, task: SimTask, *, revoked: bool = False) ->
     task.links.append(link)
     state.links[name] = link
     return link
+
+
+def mint_links(state: SimulatorState, task: SimTask, *, revoked: bool = False) -> list[Link]:
+    """A new link for each of the task's ``n`` images, in order."""
+    return [mint_link(state, task, index, revoked=revoked) for index in range(task.submission.n)]
 
 
 def finish(state: SimulatorState, task: SimTask, outcome: Outcome) -> bool:
@@ -73,24 +82,21 @@ def finish(state: SimulatorState, task: SimTask, outcome: Outcome) -> bool:
         task.progress = 100
         task.completed = int(time.time())
         task.actual_time = round((time.monotonic() - task.started) / state.config.time_scale)
-        mint_link(state, task, revoked=task.faults.image_expired)
+        mint_links(state, task, revoked=task.faults.image_expired)
     elif outcome == "failed":
-        task.error = {
-            "code": "generation_failed",
-            "message": "The simulator failed this task on request.",
-            "type": "server_error",
-        }
+        task.error = failure(task.faults.error_code)
     state.counters[outcome] += 1
     if task.submission.callback_url and not task.faults.drop:
         state.spawn(send_terminal(state, task))
     return True
 
 
-def query(state: SimulatorState, task: SimTask) -> dict[str, object]:
-    """The query API's answer; renews a refused or lapsed link first, as the provider does."""
+def query(state: SimulatorState, task: SimTask) -> dict[str, Any]:
+    """The query API's answer; renews refused or lapsed links first, as the provider does."""
     task.queries += 1
     state.counters["queries"] += 1
-    link = task.link
-    if link is not None and ((link.revoked and link.refusals) or time.time() >= link.expires_at):
-        mint_link(state, task)
-    return wrap(task_data(task), "envelope")
+    now = time.time()
+    for link in task.current_links:
+        if (link.revoked and link.refusals) or now >= link.expires_at:
+            mint_link(state, task, link.index)
+    return snapshot(task, shape_of(state, task))

@@ -8,22 +8,30 @@ one prompt are applied left to right, later wins)::
     token     := "[sim:" directive ("," directive)* "]"
     directive := NAME | NAME "=" VALUE     (a bare NAME sets a flag; flags also take true/false)
 
-Callbacks
+Callbacks and query answers
     dup=N                 deliver the terminal callback N times, one after another
     concurrent_dup=N      deliver it N times at once (with dup: dup rounds of N)
     late_processing       after the terminal callback(s), also deliver a stale processing snapshot
     drop                  send no callback at all
-    body=envelope|bare    callback body: {"code", "data"} (default) or the bare data object
+    body=published|envelope|bare
+                          shape of the task's callbacks and query answers (default: the
+                          config's body_shape): the published bare task object with
+                          ``results: [url, ...]``; the {"code", "data"} envelope with
+                          ``result.images[].url`` and ``expires_at``; or that data object alone
 Outcome and timing
     outcome=completed|failed|cancelled
+    error_code=CODE       a failed task's error code, one of the published task error codes
+                          (``TASK_ERROR_CODES``; default generation_failed_no_content)
     eta=SECONDS           estimated_time for this task (simulated seconds, times time_scale)
-    submit_status=CODE    refuse the submission with this status (429 carries Retry-After); no task
+    submit_status=CODE    refuse the submission with this status and its published code
+                          (``SUBMIT_REFUSALS``; others are ``http_<status>``; 429 carries
+                          Retry-After); no task
     submit_delay=SECONDS  accept the task, but answer the submit call SECONDS later (real time)
-Result and image link
-    url=string|list       shape of result.images[].url
+Result and image links (every image of the task)
+    url=string|list       shape of result.images[].url in the envelope and bare shapes
     image_slow=SECONDS    the image body trickles out over SECONDS (real time)
     image_503=N           the task's first N image GETs (on live links) answer 503
-    image_expired         the first link answers 403; a query after a refusal hands out a new link
+    image_expired         the first links answer 403; a query after a refusal hands out new links
     image_size=BYTES      the PNG is padded with a private ancillary chunk to exactly BYTES
     not_image             the link serves an HTML page labelled image/png
     oversize[=V]          stream (bare default): a chunked body of config.oversize_bytes, no
@@ -31,7 +39,7 @@ Result and image link
                           is the small PNG
     redirect_to=URL       the link answers 302 to URL (which cannot contain "," or "]")
 
-Example: ``"a red fox [sim:dup=3,late_processing,url=list]"``. An unknown name
+Example: ``"a red fox [sim:dup=3,late_processing,body=envelope,url=list]"``. An unknown name
 or a bad value makes the submission fail with 400, so a typo never passes silently.
 """
 
@@ -44,6 +52,36 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Outcome = Literal["completed", "failed", "cancelled"]
+Shape = Literal["published", "envelope", "bare"]
+SHAPES: tuple[Shape, ...] = ("published", "envelope", "bare")
+
+# The published task error codes: first those the caller can fix, then the retryable ones.
+TASK_ERROR_CODES = (
+    "content_policy_violation",
+    "invalid_parameters",
+    "image_processing_error",
+    "image_dimension_mismatch",
+    "request_cancelled",
+    "generation_failed_no_content",
+    "service_error",
+    "generation_timeout",
+    "resource_exhausted",
+    "quota_exceeded",
+    "service_unavailable",
+    "resource_not_found",
+    "unknown_error",
+)
+DEFAULT_ERROR_CODE = "generation_failed_no_content"
+
+# Submit refusals by their published HTTP status: (code, type).
+SUBMIT_REFUSALS = {
+    400: ("invalid_parameters", "invalid_request_error"),
+    401: ("unauthorized", "authentication_error"),
+    402: ("quota_exceeded", "insufficient_quota"),
+    403: ("permission_denied", "permission_error"),
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+    500: ("internal_error", "server_error"),
+}
 
 _TOKEN = re.compile(r"\[sim:([^\]]*)\]")
 _TRUE = {"", "1", "true", "yes", "on"}
@@ -62,8 +100,9 @@ class Fault:
     concurrent_dup: int = 1
     late_processing: bool = False
     drop: bool = False
-    body: Literal["envelope", "bare"] = "envelope"
+    body: Shape | None = None  # None: the simulator's configured body_shape
     outcome: Outcome = "completed"
+    error_code: str = DEFAULT_ERROR_CODE
     eta: int | None = None
     submit_status: int | None = None
     submit_delay: float = 0.0
@@ -142,8 +181,9 @@ _PARSERS: dict[str, Callable[[str | None], Any]] = {
     "concurrent_dup": _int(1, 50),
     "late_processing": _flag,
     "drop": _flag,
-    "body": _choice("envelope", "bare"),
+    "body": _choice(*SHAPES),
     "outcome": _choice("completed", "failed", "cancelled"),
+    "error_code": _choice(*TASK_ERROR_CODES),
     "eta": _int(0, 86_400),
     "submit_status": _int(400, 599),
     "submit_delay": _float(0, 600),

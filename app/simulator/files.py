@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from app.simulator import images
-from app.simulator.state import SimTask, SimulatorState
+from app.simulator.state import Link, SimTask, SimulatorState
 
 _EXPIRED = (
     b"<?xml version='1.0' encoding='UTF-8'?>\n"
@@ -16,10 +17,15 @@ _EXPIRED = (
 )
 
 
-def _png(state: SimulatorState, task: SimTask) -> bytes:
-    if task.png is None:
-        task.png = images.render_png(task.id, state.config.image_width, state.config.image_height)
-    return task.png
+def _png(state: SimulatorState, task: SimTask, link: Link) -> asyncio.Future[bytes]:
+    """The image's bytes, rendered once in a worker thread; concurrent GETs share the work."""
+    rendering = task.pngs.get(link.index)
+    if rendering is None:
+        width, height = state.config.image_size or (task.submission.width, task.submission.height)
+        seed = images.image_seed(task.id, link.index)
+        rendering = asyncio.ensure_future(asyncio.to_thread(images.render_png, seed, width, height))
+        task.pngs[link.index] = rendering
+    return rendering
 
 
 def files_router(state: SimulatorState) -> APIRouter:
@@ -52,7 +58,8 @@ def files_router(state: SimulatorState) -> APIRouter:
             return RedirectResponse(faults.redirect_to, status_code=302)
         if faults.not_image:
             return Response(images.NOT_AN_IMAGE, media_type="image/png")
-        png = _png(state, task)
+        # shield: a client hanging up must not cancel the render the cache holds.
+        png = await asyncio.shield(_png(state, task, link))
         if faults.oversize == "header":
             # Claims far more than it sends: the connection breaks after the small body.
             headers = {"Content-Length": str(state.config.oversize_bytes)}

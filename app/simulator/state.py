@@ -54,6 +54,7 @@ class Link:
 
     name: str
     task_id: str
+    index: int  # which of the task's images, from 0
     url: str
     expires_at: int
     revoked: bool = False
@@ -90,7 +91,8 @@ class SimTask:
     queries: int = 0
     image_gets: int = 0
     served_503: int = 0
-    png: bytes | None = None
+    # Each image rendered once, off the event loop; every GET of that image awaits the same work.
+    pngs: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     timeline: asyncio.Task[None] | None = None
 
     @property
@@ -99,9 +101,12 @@ class SimTask:
         return self.status in TERMINAL
 
     @property
-    def link(self) -> Link | None:
-        """The newest image link."""
-        return self.links[-1] if self.links else None
+    def current_links(self) -> list[Link]:
+        """The newest link of each image, in image order; empty before completion."""
+        newest: dict[int, Link] = {}
+        for link in self.links:
+            newest[link.index] = link
+        return [newest[index] for index in sorted(newest)]
 
     def to_dict(self) -> dict[str, Any]:
         """The inspection view served by ``GET /_sim/tasks/{id}``."""
@@ -116,6 +121,7 @@ class SimTask:
             "completed": self.completed,
             "actual_time": self.actual_time,
             "error": self.error,
+            "output_size": [self.submission.width, self.submission.height],
             "links": [link.to_dict() for link in self.links],
             "callback_attempts": [asdict(attempt) for attempt in self.attempts],
             "queries": self.queries,
@@ -196,6 +202,7 @@ class SimulatorState:
                     "completed",
                     "failed",
                     "cancelled",
+                    "cancel_requests",
                 )
             },
             "tasks": len(self.tasks),

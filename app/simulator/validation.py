@@ -1,9 +1,10 @@
 """The provider's request rules and its error shape.
 
 A body that is not a JSON object, or a field of the wrong JSON type, answers
-422; a well-typed value the provider refuses (unknown model, size outside the
-enum, n other than 1, a bad callback URL…) answers 400. Both carry
-``{"error": {"code", "message", "type", "param"}}``.
+422; a well-typed value the model refuses (unknown model, size outside its
+list, n out of range, a field the model does not take, a bad callback URL…)
+answers 400. Both carry ``{"error": {"code", "message", "type", "param"}}``.
+Each model's own limits live in ``app.simulator.models``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-MODELS = ("gpt-image-1.5", "gpt-image-2")
-SIZES = ("1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024")
-QUALITIES = ("low", "medium", "high")
-MAX_PROMPT_TOKENS = 2000
+from app.simulator import sizes
+from app.simulator.models import MODELS, ModelRules, output_size
+
 MAX_CALLBACK_URL = 2048
 MAX_IMAGE_URLS = 16
+CHARS_PER_TOKEN = 4  # a rough token count, close enough to refuse what the provider refuses
 
 
 class ProviderError(Exception):
@@ -52,14 +53,19 @@ class ProviderError(Exception):
 
 @dataclass(frozen=True)
 class Submission:
-    """A submit request that passed the provider's rules."""
+    """A submit request that passed its model's rules, defaults applied."""
 
     model: str
     prompt: str
     size: str | None
-    quality: str
+    quality: str | None  # None where the model has no quality setting
     image_urls: tuple[str, ...]
     callback_url: str | None
+    n: int = 1
+    resolution: str | None = None
+    mask_url: str | None = None  # None as well when ignored for lack of image_urls
+    width: int = 1024  # the output size the request implies
+    height: int = 1024
 
 
 def _bad(param: str, message: str, code: str = "invalid_parameter") -> ProviderError:
@@ -75,6 +81,10 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _wrong_type(name, "a string")
     return value
+
+
+def _not_offered(rules: ModelRules, param: str) -> ProviderError:
+    return _bad(param, f"{param} is not supported by {rules.name}", "unsupported_parameter")
 
 
 def _is_internal(host: str) -> bool:
@@ -96,52 +106,143 @@ def _check_url(param: str, url: str, allow_http: bool, *, public_only: bool) -> 
         raise _bad(param, f"{param} must not point at an internal address", "forbidden_address")
 
 
-def validate_submission(body: object, allow_http: bool) -> Submission:
-    """Apply the provider's rules to a submit body, raising ProviderError on the first breach."""
-    if not isinstance(body, dict):
-        raise ProviderError(422, "invalid_body", "the request body must be a JSON object")
+def _rules(body: dict[str, Any]) -> ModelRules:
     model = _optional_str(body, "model")
     if model is None:
         raise _bad("model", "model is required", "missing_parameter")
     if model not in MODELS:
         raise _bad("model", f"model must be one of {', '.join(MODELS)}", "model_not_found")
+    return MODELS[model]
+
+
+def _prompt(rules: ModelRules, body: dict[str, Any]) -> str:
     prompt = _optional_str(body, "prompt")
     if prompt is None or not prompt.strip():
         raise _bad("prompt", "prompt is required and must not be empty", "missing_parameter")
-    # Roughly four characters a token: close enough to refuse what the provider refuses.
-    if len(prompt) > MAX_PROMPT_TOKENS * 4:
-        raise _bad("prompt", f"prompt is limited to {MAX_PROMPT_TOKENS} tokens")
+    # len() counts code points, the unit the GPT Image 2 pages name.
+    limit = rules.prompt_limit * (CHARS_PER_TOKEN if rules.prompt_unit == "tokens" else 1)
+    if len(prompt) > limit:
+        raise _bad("prompt", f"prompt is limited to {rules.prompt_limit} {rules.prompt_unit}")
+    return prompt
+
+
+def _size(rules: ModelRules, body: dict[str, Any]) -> str | None:
     size = _optional_str(body, "size")
-    if size is not None and size not in SIZES:
-        raise _bad("size", f"size must be one of {', '.join(SIZES)}")
+    if size is None:
+        return "auto" if rules.auto_size else None
+    if (size == "auto" and rules.auto_size) or size in rules.named_sizes or size in rules.ratios:
+        return size
+    if rules.explicit_sizes:
+        explicit = sizes.parse_wxh(size)
+        if explicit is not None:
+            problem = sizes.wxh_problem(*explicit)
+            if problem is not None:
+                raise _bad("size", f"size {size}: {problem}")
+            return size
+    choices = [*(["auto"] if rules.auto_size else []), *rules.named_sizes, *rules.ratios]
+    extra = " or WxH" if rules.explicit_sizes else ""
+    raise _bad("size", f"size must be one of {', '.join(choices)}{extra} for {rules.name}")
+
+
+def _resolution(rules: ModelRules, body: dict[str, Any]) -> str | None:
+    resolution = _optional_str(body, "resolution")
+    if not rules.resolutions:
+        if resolution is not None:
+            raise _not_offered(rules, "resolution")
+        return None
+    if resolution is None:
+        return rules.resolutions[0]
+    if resolution.upper() not in rules.resolutions:
+        allowed = ", ".join(rules.resolutions)
+        raise _bad("resolution", f"resolution must be one of {allowed} for {rules.name}")
+    return resolution.upper()
+
+
+def _quality(rules: ModelRules, body: dict[str, Any]) -> str | None:
     quality = _optional_str(body, "quality")
+    if not rules.qualities:
+        if quality is not None:
+            raise _not_offered(rules, "quality")
+        return None
     if quality is None:
-        quality = "high"
-    if quality not in QUALITIES:
-        raise _bad("quality", f"quality must be one of {', '.join(QUALITIES)}")
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        return rules.default_quality
+    if quality not in rules.qualities:
+        raise _bad("quality", f"quality must be one of {', '.join(rules.qualities)}")
+    return quality
+
+
+def _n(rules: ModelRules, body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int):
         raise _wrong_type("n", "an integer")
-    if n not in (None, 1):
-        raise _bad("n", "n must be 1")
+    if not 1 <= n <= rules.max_n:
+        allowed = "1" if rules.max_n == 1 else f"1 to {rules.max_n}"
+        raise _bad("n", f"n must be {allowed} for {rules.name}")
+    return n
+
+
+def _image_urls(body: dict[str, Any], allow_http: bool) -> tuple[str, ...]:
     urls = body.get("image_urls")
-    if urls is not None:
-        if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
-            raise _wrong_type("image_urls", "a list of strings")
-        if not 1 <= len(urls) <= MAX_IMAGE_URLS:
-            raise _bad("image_urls", f"image_urls takes 1 to {MAX_IMAGE_URLS} URLs")
-        for url in urls:
-            _check_url("image_urls", url, allow_http, public_only=False)
+    if urls is None:
+        return ()
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise _wrong_type("image_urls", "a list of strings")
+    if not 1 <= len(urls) <= MAX_IMAGE_URLS:
+        raise _bad("image_urls", f"image_urls takes 1 to {MAX_IMAGE_URLS} URLs")
+    for url in urls:
+        _check_url("image_urls", url, allow_http, public_only=False)
+    return tuple(urls)
+
+
+def _mask_url(
+    rules: ModelRules, body: dict[str, Any], image_urls: tuple[str, ...], allow_http: bool
+) -> str | None:
+    mask_url = _optional_str(body, "mask_url")
+    if mask_url is None:
+        return None
+    if not rules.masks:
+        raise _not_offered(rules, "mask_url")
+    if not image_urls:
+        return None  # the provider ignores a mask without reference images
+    _check_url("mask_url", mask_url, allow_http, public_only=False)
+    return mask_url
+
+
+def _callback_url(body: dict[str, Any], allow_http: bool) -> str | None:
     callback_url = _optional_str(body, "callback_url")
     if callback_url is not None:
         if len(callback_url) > MAX_CALLBACK_URL:
             raise _bad("callback_url", f"callback_url is limited to {MAX_CALLBACK_URL} characters")
         _check_url("callback_url", callback_url, allow_http, public_only=True)
+    return callback_url
+
+
+def validate_submission(body: object, allow_http: bool) -> Submission:
+    """Apply the model's rules to a submit body, raising ProviderError on the first breach."""
+    if not isinstance(body, dict):
+        raise ProviderError(422, "invalid_body", "the request body must be a JSON object")
+    rules = _rules(body)
+    prompt = _prompt(rules, body)
+    size = _size(rules, body)
+    resolution = _resolution(rules, body)
+    quality = _quality(rules, body)
+    n = _n(rules, body)
+    image_urls = _image_urls(body, allow_http)
+    mask_url = _mask_url(rules, body, image_urls, allow_http)
+    callback_url = _callback_url(body, allow_http)
+    width, height = output_size(rules, size, resolution)
     return Submission(
-        model=model,
+        model=rules.name,
         prompt=prompt,
         size=size,
         quality=quality,
-        image_urls=tuple(urls or ()),
+        image_urls=image_urls,
         callback_url=callback_url,
+        n=n,
+        resolution=resolution,
+        mask_url=mask_url,
+        width=width,
+        height=height,
     )

@@ -23,6 +23,7 @@ from app.simulator.images import padded_png, render_png
 from tests.chaos.proxy import RoundRobinProxy
 from tests.e2e.stack import (
     API_TOKEN,
+    SIM_IMAGE_SIZE,
     Process,
     Stack,
     free_port,
@@ -36,7 +37,6 @@ TABLES = ("tasks", "callback_deliveries", "idempotency_records")
 CHAOS_SIM_KEY = "chaos-sim-key-" + secrets.token_hex(12)
 SECOND_TOKEN = "chaos-second-token-" + secrets.token_hex(12)
 WEBHOOK_SECRET = "chaos-webhook-secret-" + secrets.token_hex(12)
-SIM_IMAGE_SIZE = 64  # the simulator's default image_width and image_height
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
 
 

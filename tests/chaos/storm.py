@@ -55,7 +55,7 @@ def plan(count: int, rng: random.Random, *, slow_share: float = SLOW_SHARE) -> l
         outcome = rng.choices(["completed", "failed", "cancelled"], [85, 10, 5])[0]
         drop = rng.random() < DROP_SHARE
         directives = [f"outcome={outcome}", f"eta={rng.randint(50, 150)}"]
-        directives.append(f"body={rng.choice(['envelope', 'bare'])}")
+        directives.append(f"body={rng.choice(['published', 'envelope', 'bare'])}")
         directives.append(f"url={rng.choice(['string', 'list'])}")
         deliveries, late = 0, False
         if drop:
@@ -152,7 +152,7 @@ async def shuffle(
             choices.append({"status": provider["status"]})  # a duplicate of the outcome
         request = rng.choice(choices)
         answer = await cluster.sim.callback(
-            upstream, body=rng.choice(["envelope", "bare"]), **request
+            upstream, body=rng.choice(["published", "envelope", "bare"]), **request
         )
         result.sent += 1
         for attempt in answer["attempts"]:

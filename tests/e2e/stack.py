@@ -37,6 +37,7 @@ API_TOKEN = "e2e-token-" + "c" * 24
 WEBHOOK_SECRET = "e2e-webhook-secret-0123456789abcdef"
 SIM_KEY = "sim-key"
 TIME_SCALE = 0.02  # the simulator's default estimated_time of 100 s takes 2 s
+SIM_IMAGE_SIZE = 64  # every image pinned small, whatever size the request implies
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 # Every setting the service reads: cleared from the inherited environment so the
@@ -235,6 +236,8 @@ class Stack:
                 str(TIME_SCALE),
                 "--api-key",
                 SIM_KEY,
+                "--image-size",
+                f"{SIM_IMAGE_SIZE}x{SIM_IMAGE_SIZE}",
             ],
             self.env,
             root,

@@ -1,4 +1,4 @@
-"""Both callback body shapes and both image-URL shapes, applied from the callback itself.
+"""Every callback body shape and both enveloped image-URL shapes, applied from the callback.
 
 The stack runs with ``CONFIRM_CALLBACKS=false``, so the snapshot and the image
 link that reach the task are the ones parsed from the callback body, not from a
@@ -17,7 +17,13 @@ from tests.e2e.stack import Stack, sha256, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-SHAPES = [("envelope", "string"), ("envelope", "list"), ("bare", "string"), ("bare", "list")]
+SHAPES = [
+    ("published", "string"),
+    ("envelope", "string"),
+    ("envelope", "list"),
+    ("bare", "string"),
+    ("bare", "list"),
+]
 
 Tasks = dict[tuple[str, str], dict[str, Any]]
 
@@ -42,7 +48,7 @@ async def shaped(trusting_stack: Stack) -> Tasks:
 async def test_callback_shape_is_parsed_and_applied(
     trusting_stack: Stack, shaped: Tasks, body: str, url: str
 ) -> None:
-    """An envelope or bare body, with the URL as a string or a list, completes and stores."""
+    """A published, envelope or bare body (URL a string or a list) completes and stores."""
     stack = trusting_stack
     task = shaped[(body, url)]
     upstream_id = task["upstream_task_id"]

@@ -135,7 +135,10 @@ async def test_late_processing_callback_does_not_move_a_completed_task_back(
     ("scenario", "code", "message"),
     [
         pytest.param(
-            "failed", "generation_failed", "The simulator failed this task on request.", id="failed"
+            "failed",
+            "generation_failed_no_content",
+            "The simulator failed this task on request.",
+            id="failed",
         ),
         pytest.param("cancelled", "cancelled", None, id="cancelled"),
     ],

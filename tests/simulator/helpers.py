@@ -38,11 +38,24 @@ class Sim:
         return result
 
     async def query(self, task_id: str) -> dict[str, Any]:
-        """The query API's data object for ``task_id``."""
+        """The query API's answer for ``task_id``, in whatever shape the task speaks."""
         response = await self.client.get(f"/v1/tasks/{task_id}", headers=AUTH)
         assert response.status_code == 200, response.text
-        data: dict[str, Any] = response.json()["data"]
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    async def query_data(self, task_id: str) -> dict[str, Any]:
+        """The ``data`` object of an enveloped query answer."""
+        answer = await self.query(task_id)
+        assert answer["code"] == 200, answer
+        data: dict[str, Any] = answer["data"]
         return data
+
+    async def completed(self, prompt: str = "a red fox", **fields: Any) -> dict[str, Any]:
+        """Submit, wait for completion, and return the query answer."""
+        task = await self.submit(prompt, **fields)
+        await self.wait_status(task["id"], "completed")
+        return await self.query(task["id"])
 
     async def wait_status(self, task_id: str, status: str, timeout: float = 5.0) -> None:
         """Wait until the task reaches ``status`` (without counting as a query)."""

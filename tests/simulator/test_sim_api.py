@@ -48,9 +48,11 @@ async def test_bad_key_is_refused(sim: Sim, header: str | None) -> None:
     body = {"model": "gpt-image-1.5", "prompt": "x"}
     response = await sim.client.post(SUBMIT, json=body, headers=headers)
     assert response.status_code == 401
+    assert error_of(response)["code"] == "unauthorized"
     assert error_of(response)["type"] == "authentication_error"
     response = await sim.client.get("/v1/tasks/task-unified-1-abcdefgh", headers=headers)
     assert response.status_code == 401
+    assert error_of(response)["code"] == "unauthorized"
     assert sim.state.tasks == {}
 
 
@@ -132,27 +134,52 @@ async def test_strict_mode_accepts_public_https(make_sim: SimFactory) -> None:
 
 @pytest.mark.asyncio
 async def test_unknown_task_is_404(sim: Sim) -> None:
-    """Querying an unknown id answers 404 in the provider's shape."""
+    """Querying an unknown id answers 404 task_not_found in the provider's shape."""
     response = await sim.client.get("/v1/tasks/task-unified-1-zzzzzzzz", headers=AUTH)
     assert response.status_code == 404
     assert error_of(response)["code"] == "task_not_found"
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("task_id", ["1757156493-imcg5zqt", "task-1-abc", "TASK-UNIFIED-1-a"])
+async def test_malformed_task_id_is_400(sim: Sim, task_id: str) -> None:
+    """An id not starting with ``task-unified-`` answers 400 invalid_task_id on task_id."""
+    response = await sim.client.get(f"/v1/tasks/{task_id}", headers=AUTH)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["code"], error["param"]) == ("invalid_task_id", "task_id")
+
+
+@pytest.mark.asyncio
 async def test_timeline_moves_forward_to_completed(make_sim: SimFactory) -> None:
-    """pending, then processing with rising progress, then completed with a result."""
+    """pending, then processing with rising progress, then completed with its results."""
     sim = await make_sim(time_scale=0.005)  # 0.5 s in all
     task = await sim.submit(prompt="[sim:eta=100]")
     first = await sim.query(task["id"])
-    assert first["status"] == "pending"
-    assert first["progress"] == 0
+    assert (first["status"], first["progress"]) == ("pending", 0)
+    assert first["task_info"] == {"can_cancel": True}
     seen: list[tuple[str, int]] = []
-    while (data := await sim.query(task["id"]))["status"] != "completed":
-        seen.append((data["status"], data["progress"]))
+    while (answer := await sim.query(task["id"]))["status"] != "completed":
+        seen.append((answer["status"], answer["progress"]))
         await asyncio.sleep(0.02)
     assert any(status == "processing" for status, _ in seen)
     progresses = [progress for _, progress in seen]
     assert progresses == sorted(progresses)
+    assert answer["progress"] == 100
+    assert answer["task_info"] == {"can_cancel": False}
+    (url,) = answer["results"]
+    assert url.startswith("http://sim/files/")
+    assert "error" not in answer
+
+
+@pytest.mark.asyncio
+async def test_enveloped_timeline_reports_times_and_expiry(make_sim: SimFactory) -> None:
+    """In the enveloped shape a completed task carries completed, actual_time and expires_at."""
+    sim = await make_sim(time_scale=0.005, body_shape="envelope")
+    task = await sim.submit(prompt="[sim:eta=100]")
+    assert (await sim.query_data(task["id"]))["status"] == "pending"
+    await sim.wait_status(task["id"], "completed")
+    data = await sim.query_data(task["id"])
     assert data["progress"] == 100
     assert data["completed"] >= data["created"]
     assert 80 <= data["actual_time"] <= 200  # simulated seconds
@@ -167,44 +194,71 @@ async def test_timeline_moves_forward_to_completed(make_sim: SimFactory) -> None
 @pytest.mark.asyncio
 async def test_eta_directive_overrides_estimated_time(sim: Sim) -> None:
     """``eta`` changes the reported estimated_time and the timeline."""
-    task = await sim.submit(prompt="[sim:eta=7]")
+    task = await sim.submit(prompt="[sim:eta=7,body=envelope]")
     assert task["task_info"]["estimated_time"] == 7
-    assert (await sim.query(task["id"]))["estimated_time"] == 7
+    assert (await sim.query_data(task["id"]))["estimated_time"] == 7
 
 
 @pytest.mark.asyncio
 async def test_url_list_shape(sim: Sim) -> None:
-    """``url=list`` gives images[].url as a list of strings."""
-    task = await sim.submit(prompt="[sim:url=list]")
+    """``url=list`` gives images[].url as a list of strings in the enveloped shapes only."""
+    task = await sim.submit(prompt="[sim:body=envelope,url=list]")
     await sim.wait_status(task["id"], "completed")
-    (image,) = (await sim.query(task["id"]))["result"]["images"]
+    (image,) = (await sim.query_data(task["id"]))["result"]["images"]
     assert isinstance(image["url"], list)
     assert image["url"][0].startswith("http://sim/files/")
+    published = await sim.completed("[sim:url=list]")
+    assert all(isinstance(url, str) for url in published["results"])
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("outcome", ["failed", "cancelled"])
 async def test_outcome_fault(sim: Sim, outcome: str) -> None:
-    """``outcome`` ends the task failed (with an error object) or cancelled, without a result."""
+    """``outcome`` ends the task failed (with a task_error) or cancelled, without results."""
     task = await sim.submit(prompt=f"[sim:outcome={outcome}]")
     await sim.wait_status(task["id"], outcome)
-    data = await sim.query(task["id"])
-    assert data["status"] == outcome
-    assert "result" not in data
-    assert "completed" not in data
-    assert ("error" in data) is (outcome == "failed")
+    answer = await sim.query(task["id"])
+    assert answer["status"] == outcome
+    assert answer["task_info"] == {"can_cancel": False}
+    assert "results" not in answer
+    assert ("error" in answer) is (outcome == "failed")
     if outcome == "failed":
-        assert {"code", "message"} <= data["error"].keys()
+        assert answer["error"] == {
+            "code": "generation_failed_no_content",
+            "message": "The simulator failed this task on request.",
+            "type": "task_error",
+        }
 
 
 @pytest.mark.asyncio
-async def test_submit_status_refuses_without_a_task(sim: Sim) -> None:
-    """``submit_status`` refuses the call; 429 carries Retry-After; no task is made."""
-    body = {"model": "gpt-image-1.5", "prompt": "x [sim:submit_status=429]"}
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "invalid_parameters"),
+        (401, "unauthorized"),
+        (402, "quota_exceeded"),
+        (403, "permission_denied"),
+        (429, "rate_limit_exceeded"),
+        (500, "internal_error"),
+        (503, "http_503"),
+        (418, "http_418"),
+    ],
+)
+async def test_submit_status_refuses_by_published_code(sim: Sim, status: int, code: str) -> None:
+    """``submit_status`` refuses with the published code; only 429 carries Retry-After."""
+    body = {"model": "gpt-image-1.5", "prompt": f"x [sim:submit_status={status}]"}
     response = await sim.client.post(SUBMIT, json=body, headers=AUTH)
-    assert response.status_code == 429
-    assert response.headers["retry-after"] == "1"
-    error_of(response)
+    assert response.status_code == status
+    assert error_of(response)["code"] == code
+    assert response.headers.get("retry-after") == ("1" if status == 429 else None)
+    assert sim.state.tasks == {}
+
+
+@pytest.mark.asyncio
+async def test_refused_submits_are_counted_without_a_task(sim: Sim) -> None:
+    """Refused submissions are counted as requests and refusals, never as tasks."""
+    body = {"model": "gpt-image-1.5", "prompt": "x [sim:submit_status=429]"}
+    assert (await sim.client.post(SUBMIT, json=body, headers=AUTH)).status_code == 429
     body["prompt"] = "x [sim:submit_status=503]"
     assert (await sim.client.post(SUBMIT, json=body, headers=AUTH)).status_code == 503
     assert sim.state.tasks == {}

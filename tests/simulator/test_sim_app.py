@@ -117,8 +117,7 @@ async def test_mounted_under_a_prefix(receiver: Receiver) -> None:
         assert submitted.status_code == 200
         task_id = submitted.json()["id"]
         await wait_for(lambda: len(receiver.requests) == 1)
-        data = (await client.get(f"v1/tasks/{task_id}", headers=AUTH)).json()["data"]
-        url = data["result"]["images"][0]["url"]
+        (url,) = (await client.get(f"v1/tasks/{task_id}", headers=AUTH)).json()["results"]
         assert url.startswith(base + "/files/")
         assert (await client.get(url)).content.startswith(b"\x89PNG")
         assert (await client.get("_sim/stats")).json()["submits"] == 1
@@ -137,15 +136,15 @@ async def test_served_over_real_sockets(receiver: Receiver) -> None:
         body = {"model": "gpt-image-1.5", "prompt": "x", "callback_url": receiver.url()}
         task = (await client.post("/v1/images/generations", json=body)).json()
         await wait_for(lambda: len(receiver.requests) == 1)
-        image = receiver.requests[0].body["data"]["result"]["images"][0]
-        assert image["url"].startswith(base + "/files/")
-        assert (await client.get(image["url"])).content.startswith(b"\x89PNG")
+        (url,) = receiver.requests[0].body["results"]
+        assert url.startswith(base + "/files/")
+        assert (await client.get(url)).content.startswith(b"\x89PNG")
         body["prompt"] = "x [sim:oversize=header]"
         liar = (await client.post("/v1/images/generations", json=body)).json()
         await wait_for(lambda: len(receiver.requests) == 2)
-        url = (await client.get(f"/v1/tasks/{liar['id']}")).json()["data"]["result"]
+        (url,) = (await client.get(f"/v1/tasks/{liar['id']}")).json()["results"]
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(url["images"][0]["url"])
+            await client.get(url)
         assert task["id"] in app.state.simulator.tasks
     assert app.state.simulator.idle  # the lifespan closed it
 
@@ -160,9 +159,9 @@ async def test_slow_image_sends_headers_first() -> None:
         body = {"model": "gpt-image-1.5", "prompt": "x [sim:image_slow=0.5]"}
         task = (await client.post("/v1/images/generations", json=body)).json()
         await asyncio.sleep(0.2)
-        data = (await client.get(f"/v1/tasks/{task['id']}")).json()["data"]
+        (url,) = (await client.get(f"/v1/tasks/{task['id']}")).json()["results"]
         started = time.monotonic()
-        async with client.stream("GET", data["result"]["images"][0]["url"]) as response:
+        async with client.stream("GET", url) as response:
             assert time.monotonic() - started < 0.2
             parts = [part async for part in response.aiter_raw()]
         assert time.monotonic() - started >= 0.45

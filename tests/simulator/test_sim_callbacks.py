@@ -84,15 +84,46 @@ async def test_timeouts_and_connection_errors_are_retried(
 
 
 @pytest.mark.asyncio
-async def test_envelope_body_matches_the_query(sim: Sim, receiver: Receiver) -> None:
-    """By default the callback body is the query API's {"code", "data"} envelope."""
+async def test_published_body_matches_the_query(sim: Sim, receiver: Receiver) -> None:
+    """By default the callback body is the published task object, the same as the query's."""
     task = await sim.submit(callback_url=receiver.url())
     await wait_for(lambda: len(receiver.requests) == 1)
     body = receiver.requests[0].body
+    assert body == await sim.query(task["id"])
+    assert body["object"] == "image.generation.task"
+    assert body["status"] == "completed"
+    assert [type(url) for url in body["results"]] == [str]
+    assert "code" not in body
+    assert "data" not in body
+
+
+@pytest.mark.asyncio
+async def test_envelope_body_matches_the_query(sim: Sim, receiver: Receiver) -> None:
+    """``body=envelope`` posts the query API's {"code", "data"} envelope, as the query answers."""
+    task = await sim.submit(prompt="[sim:body=envelope]", callback_url=receiver.url())
+    await wait_for(lambda: len(receiver.requests) == 1)
+    body = receiver.requests[0].body
     assert body["code"] == 200
-    assert body["data"] == (await sim.query(task["id"]))
+    assert body["data"] == (await sim.query_data(task["id"]))
     assert body["data"]["status"] == "completed"
     assert isinstance(body["data"]["result"]["images"][0]["url"], str)
+
+
+@pytest.mark.asyncio
+async def test_configured_shape_applies_to_callbacks_and_queries(
+    make_sim: SimFactory, receiver: Receiver
+) -> None:
+    """``body_shape="envelope"`` makes the envelope the default; ``body=published`` overrides it."""
+    sim = await make_sim(body_shape="envelope")
+    enveloped = await sim.submit(callback_url=receiver.url("/e"))
+    published = await sim.submit(prompt="[sim:body=published]", callback_url=receiver.url("/p"))
+    await wait_for(lambda: len(receiver.requests) == 2)
+    bodies = {request.path: request.body for request in receiver.requests}
+    assert bodies["/e"]["data"]["id"] == enveloped["id"]
+    assert bodies["/p"]["id"] == published["id"]
+    assert "results" in bodies["/p"]
+    assert (await sim.query(enveloped["id"]))["code"] == 200
+    assert (await sim.query(published["id"]))["object"] == "image.generation.task"
 
 
 @pytest.mark.asyncio
@@ -115,9 +146,10 @@ async def test_terminal_failures_are_called_back(
     """Failed and cancelled tasks are called back too."""
     await sim.submit(prompt=f"[sim:outcome={outcome}]", callback_url=receiver.url())
     await wait_for(lambda: len(receiver.requests) == 1)
-    data = receiver.requests[0].body["data"]
-    assert data["status"] == outcome
-    assert ("error" in data) is (outcome == "failed")
+    body = receiver.requests[0].body
+    assert body["status"] == outcome
+    assert "results" not in body
+    assert ("error" in body) is (outcome == "failed")
 
 
 @pytest.mark.asyncio
@@ -146,9 +178,11 @@ async def test_late_processing_follows_the_terminal_callback(sim: Sim, receiver:
     """``late_processing`` sends a stale processing snapshot after the completed one."""
     task = await sim.submit(prompt="[sim:late_processing]", callback_url=receiver.url())
     await wait_for(lambda: len(attempts(sim, task["id"])) == 2)
-    statuses = [request.body["data"]["status"] for request in receiver.requests]
+    statuses = [request.body["status"] for request in receiver.requests]
     assert statuses == ["completed", "processing"]
-    assert receiver.requests[1].body["data"]["progress"] < 100
+    assert receiver.requests[1].body["progress"] < 100
+    assert receiver.requests[1].body["task_info"] == {"can_cancel": True}
+    assert "results" not in receiver.requests[1].body
     assert [a.kind for a in attempts(sim, task["id"])] == ["terminal", "late_processing"]
 
 
@@ -174,7 +208,10 @@ async def test_global_faults_apply_and_prompts_override(sim: Sim, receiver: Rece
     await asyncio.sleep(0.1)
     paths = sorted(request.path for request in receiver.requests)
     assert paths == ["/a", "/a", "/b"]
+    # The bare data object: neither the envelope nor the published task object.
     assert all("code" not in request.body for request in receiver.requests)
+    assert all("result" in request.body for request in receiver.requests)
+    assert all("object" not in request.body for request in receiver.requests)
     bad = await sim.client.post("/_sim/faults", json={"dupe": 2})
     assert bad.status_code == 400
 

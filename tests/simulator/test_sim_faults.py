@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.simulator import Fault, FaultError, fault_from_mapping, parse_prompt
+from app.simulator.faults import TASK_ERROR_CODES
 
 
 def test_no_directive_means_no_override() -> None:
@@ -64,3 +65,31 @@ def test_mapping_uses_directive_names() -> None:
     assert fault_from_mapping({"dup": 2, "drop": True, "eta": None}) == Fault(dup=2, drop=True)
     with pytest.raises(FaultError):
         fault_from_mapping({"nope": 1})
+
+
+def test_defaults_leave_the_shape_to_the_config() -> None:
+    """A default fault picks no shape (the config's applies) and fails with a published code."""
+    assert Fault().body is None
+    assert Fault().error_code == "generation_failed_no_content" in TASK_ERROR_CODES
+
+
+@pytest.mark.parametrize("shape", ["published", "envelope", "bare"])
+def test_body_takes_every_shape(shape: str) -> None:
+    """``body`` accepts the published, envelope and bare shapes."""
+    assert parse_prompt(f"[sim:body={shape}]") == {"body": shape}
+    assert fault_from_mapping({"body": shape}).body == shape
+
+
+@pytest.mark.parametrize("code", TASK_ERROR_CODES)
+def test_error_code_takes_every_published_code(code: str) -> None:
+    """``error_code`` accepts each published task error code."""
+    assert parse_prompt(f"[sim:error_code={code}]") == {"error_code": code}
+
+
+@pytest.mark.parametrize(
+    "prompt", ["[sim:body=json]", "[sim:error_code=generation_failed]", "[sim:error_code=500]"]
+)
+def test_unpublished_shapes_and_codes_are_refused(prompt: str) -> None:
+    """A shape or error code the provider does not publish is refused."""
+    with pytest.raises(FaultError):
+        parse_prompt(prompt)
