@@ -15,5 +15,5 @@ def test_demo_stores_an_image_and_reports_it(tmp_path: Path) -> None:
     assert stored.is_file()
     assert stored.is_relative_to(tmp_path / "var" / "images")
     assert len(result.field("sha256").split()[0]) == 64
-    assert result.field("dimensions") == "64x64"
+    assert result.field("dimensions") == "1024x1024"  # the requested (default) size
     assert (tmp_path / ".env").is_file()

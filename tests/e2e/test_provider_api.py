@@ -1,0 +1,81 @@
+"""The provider's published API end to end: the simulator answers in the
+published shape (its default), and the service stores what it lists."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.e2e.pool import StackPool
+from tests.e2e.stack import wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_a_published_callback_ends_in_a_stored_image(stacks: StackPool) -> None:
+    """Results-shaped callback and query: the image is stored, intact, with usage kept."""
+    stack = await stacks.start()
+    task = await stack.submit("a harbour at night")
+    assert task["usage"]["billing_rule"] == "per_call"
+    done = await stack.wait_image(task["id"])
+    assert done["image"]["status"] == "stored", done["image"]
+    provider = await stack.sim.task(task["upstream_task_id"])
+    assert provider["callback_attempts"], "the provider called back"
+    body = (await stack.image(task["id"])).content
+    assert hashlib.sha256(body).hexdigest() == done["image"]["sha256"]
+    assert done["can_cancel"] is False
+    delivered = await stack.sql(
+        "SELECT outcome FROM callback_deliveries WHERE task_id = :id", id=task["id"]
+    )
+    assert ("confirming",) in delivered
+
+
+async def test_several_images_are_each_stored_once(stacks: StackPool) -> None:
+    """gpt-image-2 with n=3: three images, three objects, each fetched exactly once."""
+    stack = await stacks.start()
+    task = await stack.submit("three lanterns", model="gpt-image-2", n=3, size="1:1")
+    done = await stack.wait_task(
+        task["id"],
+        lambda t: (
+            len(t["images"]) == 3 and all(image["status"] == "stored" for image in t["images"])
+        ),
+        timeout=60,
+        what="three stored images",
+    )
+    hashes = set()
+    for image in done["images"]:
+        served = await stack.client.get(f"/tasks/{task['id']}/images/{image['index']}")
+        assert served.status_code == 200
+        assert hashlib.sha256(served.content).hexdigest() == image["sha256"]
+        hashes.add(image["sha256"])
+    assert len(hashes) == 3, "each image has its own bytes"
+    assert len(stack.stored_files()) == 3
+    stats = await stack.sim.stats()
+    assert sorted(stats["image_gets_per_link"].values()) == [1, 1, 1]
+    listed = await stack.client.get("/tasks", params={"image_status": "stored"})
+    assert [item["id"] for item in listed.json()["items"]] == [task["id"]]
+
+
+async def test_cancelling_a_running_task_is_confirmed_by_the_provider(stacks: StackPool) -> None:
+    """POST /cancel on a long task: the provider cancels it, the task is cancelled, no image."""
+    stack = await stacks.start()
+    task = await stack.submit("a long wait [sim:eta=1000]")
+    response = await stack.client.post(f"/tasks/{task['id']}/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["error"]["retryable"] is False
+    provider = await stack.sim.task(task["upstream_task_id"])
+    assert provider["status"] == "cancelled"
+
+    async def callback_seen() -> bool:
+        rows = await stack.sql(
+            "SELECT outcome FROM callback_deliveries WHERE task_id = :id", id=task["id"]
+        )
+        return bool(rows)
+
+    await wait_for(callback_seen, what="the provider's cancelled callback")
+    after = await stack.task(task["id"])
+    assert (after["status"], after["images"]) == ("cancelled", [])
+    again = await stack.client.post(f"/tasks/{task['id']}/cancel")
+    assert again.status_code == 409
