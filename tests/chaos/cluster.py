@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.callback_urls import WEBHOOK_PATH, sign
-from app.simulator.images import padded_png, render_png
+from app.simulator.images import image_seed, padded_png, render_png
 from tests.chaos.proxy import RoundRobinProxy
 from tests.e2e.stack import (
     API_TOKEN,
@@ -45,9 +45,11 @@ def expected_png_sha256(upstream_id: str) -> str:
     return sha256(render_png(upstream_id, SIM_IMAGE_SIZE, SIM_IMAGE_SIZE))
 
 
-async def expected_sha256(upstream_id: str, image_size: int | None = None) -> str:
-    """The sha256 of the image served for this task, padded to ``image_size`` if given."""
-    base = render_png(upstream_id, SIM_IMAGE_SIZE, SIM_IMAGE_SIZE)
+async def expected_sha256(
+    upstream_id: str, image_size: int | None = None, position: int = 0
+) -> str:
+    """The sha256 of an image served for this task, padded to ``image_size`` if given."""
+    base = render_png(image_seed(upstream_id, position), SIM_IMAGE_SIZE, SIM_IMAGE_SIZE)
     digest = hashlib.sha256()
     async for chunk in padded_png(base, image_size):
         digest.update(chunk)

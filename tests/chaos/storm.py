@@ -28,6 +28,8 @@ from tests.e2e.stack import sha256, wait_for
 SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 DROP_SHARE = 0.20
 SLOW_SHARE = 0.10
+# Completed tasks that ask gpt-image-2 for several images (n = 2 or 3).
+MULTI_SHARE = 0.15
 SUBMITTERS = 8
 
 
@@ -46,6 +48,7 @@ class Planned:
     task_id: str | None = None
     answers: list[int] = field(default_factory=list)  # POST /tasks statuses, retries included
     image_size: int | None = None  # the image_size directive, if any
+    images: int = 1  # n: how many images the task asks for
 
 
 def plan(count: int, rng: random.Random, *, slow_share: float = SLOW_SHARE) -> list[Planned]:
@@ -73,7 +76,10 @@ def plan(count: int, rng: random.Random, *, slow_share: float = SLOW_SHARE) -> l
         if slow:
             directives.append("image_slow=4")
         prompt = f"storm task {index} [sim:{','.join(directives)}]"
-        tasks.append(Planned(index, prompt, outcome, drop, deliveries, late, slow))
+        planned = Planned(index, prompt, outcome, drop, deliveries, late, slow)
+        if rng.random() < MULTI_SHARE:
+            planned.images = rng.randint(2, 3)
+        tasks.append(planned)
     return tasks
 
 
@@ -82,7 +88,9 @@ async def submit_one(
 ) -> Planned:
     """POST /tasks to one replica, retrying on the others with the same Idempotency-Key."""
     task.key = f"storm-{SEED}-{task.index}"
-    body = {"prompt": task.prompt, "metadata": {"storm": task.index}}
+    body: dict[str, Any] = {"prompt": task.prompt, "metadata": {"storm": task.index}}
+    if task.images > 1:
+        body.update(model="gpt-image-2", n=task.images, size="1:1")
     headers = {"Idempotency-Key": task.key}
     for attempt in range(attempts):
         client = cluster.clients[(replica + attempt) % len(cluster.clients)]
@@ -188,7 +196,9 @@ class Verdict:
 
     tasks: int
     by_status: Counter[str]
-    images_stored: int
+    images_stored: int  # tasks whose every image is stored
+    image_objects: int  # images stored, several per task where n > 1
+    multi_image_tasks: int  # completed tasks that asked for n > 1
     image_gets: Counter[int]  # GETs per completed task -> how many tasks
     callback_attempts: int
     callback_statuses: Counter[int]
@@ -222,9 +232,9 @@ async def verify(
     problems: list[str] = []
     rows = {row["id"]: row for row in await cluster.table("tasks")}
     by_index = {storm_index(row): row for row in rows.values()}
-    first_images = {
-        row["task_id"]: row for row in await cluster.table("images") if row["position"] == 0
-    }
+    images_of: dict[str, dict[int, dict[str, Any]]] = {}
+    for image_row in await cluster.table("images"):
+        images_of.setdefault(image_row["task_id"], {})[image_row["position"]] = image_row
     provider = {task["id"]: task for task in await cluster.sim.tasks()}
     stats = await cluster.sim.stats()
 
@@ -267,23 +277,28 @@ async def verify(
                 problems.append(f"{where} is {row['status']} but its image was fetched")
             continue
         gets[sim_task["image_gets"]] += 1
-        if sim_task["image_gets"] != 1 and row["id"] not in refetch_allowed:
-            problems.append(f"{where}: {sim_task['image_gets']} image GETs")
-        image = first_images.get(row["id"], {})
+        if sim_task["image_gets"] != task.images and row["id"] not in refetch_allowed:
+            problems.append(f"{where}: {sim_task['image_gets']} image GETs for {task.images}")
+        first = images_of.get(row["id"], {}).get(0, {})
         if row["image_status"] != "stored":
-            problems.append(f"{where}: image {row['image_status']} ({image.get('error_code')})")
+            problems.append(f"{where}: image {row['image_status']} ({first.get('error_code')})")
             continue
-        expected = await expected_sha256(upstream, task.image_size)
-        objects = [p for p in stored_files if p.name == f"{row['id']}.png"]
-        if len(objects) != 1:
-            problems.append(f"{where}: {len(objects)} stored objects")
+        if len(images_of.get(row["id"], {})) != task.images:
+            problems.append(f"{where}: {len(images_of.get(row['id'], {}))} images of {task.images}")
             continue
-        if not (image["sha256"] == expected == sha256(objects[0].read_bytes())):
-            wrong.append(row["id"])
-        if objects[0].relative_to(cluster.storage_dir).as_posix() != image["key"]:
-            problems.append(f"{where}: stored at {objects[0]}, recorded as {image['key']}")
+        for position, image in sorted(images_of[row["id"]].items()):
+            name = f"{row['id']}.png" if position == 0 else f"{row['id']}-{position}.png"
+            expected = await expected_sha256(upstream, task.image_size, position)
+            objects = [p for p in stored_files if p.name == name]
+            if len(objects) != 1:
+                problems.append(f"{where}: {len(objects)} stored objects for image {position}")
+                continue
+            if not (image["sha256"] == expected == sha256(objects[0].read_bytes())):
+                wrong.append(f"{row['id']}/{position}")
+            if objects[0].relative_to(cluster.storage_dir).as_posix() != image["key"]:
+                problems.append(f"{where}: stored at {objects[0]}, recorded as {image['key']}")
     completed_ids = {row["id"] for row in rows.values() if row["status"] == "completed"}
-    strays = sorted(p.name for p in stored_files if p.stem not in completed_ids)
+    strays = sorted(p.name for p in stored_files if p.stem.split("-")[0] not in completed_ids)
     if strays:
         problems.append(f"objects of no completed task: {strays}")
     leftovers = cluster.spool_leftovers()
@@ -326,6 +341,12 @@ async def verify(
         tasks=len(rows),
         by_status=Counter(row["status"] for row in rows.values()),
         images_stored=sum(1 for row in rows.values() if row["image_status"] == "stored"),
+        image_objects=len(stored_files),
+        multi_image_tasks=sum(
+            1
+            for task in tasks
+            if task.images > 1 and by_index.get(task.index, {}).get("status") == "completed"
+        ),
         image_gets=gets,
         callback_attempts=len(attempts),
         callback_statuses=statuses,

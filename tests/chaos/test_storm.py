@@ -40,6 +40,8 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "tasks": verdict.tasks,
         "by_status": dict(verdict.by_status),
         "images_stored": verdict.images_stored,
+        "image_objects": verdict.image_objects,
+        "multi_image_tasks": verdict.multi_image_tasks,
         "image_gets_per_completed_task": dict(verdict.image_gets),
         "callback_attempts": verdict.callback_attempts,
         "callback_answers": dict(verdict.callback_statuses),
@@ -90,6 +92,7 @@ async def test_storm_with_both_replicas_up(clusters: ClusterPool, figures: Figur
     assert verdict.problems == []
     assert verdict.stored_twice == []
     assert verdict.wrong_bytes == []
+    assert verdict.multi_image_tasks > 0, "the storm covers tasks with several images"
     assert all(task.task_id for task in tasks), "every POST /tasks got its 202"
     # Both replicas are up the whole time: no callback gets a 5xx, or anything but 200.
     assert set(verdict.callback_statuses) == {200}
@@ -147,6 +150,7 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
     assert verdict.problems == []
     assert verdict.stored_twice == []
     assert verdict.wrong_bytes == []
+    assert verdict.multi_image_tasks > 0, "the storm covers tasks with several images"
     assert [k.moment for k in cluster.kills].count("mid-download") == 2
     assert replica_5xx == [], "a replica itself answered a callback with 5xx"
     assert healthy_5xx == [], "a callback got a 5xx while both replicas were up"
