@@ -361,6 +361,11 @@ def _summary(task_id: str) -> ColumnElement[Any]:
     )
 
 
+async def lock_task(db: AsyncConnection, task_id: str) -> None:
+    """Hold the task's row until the transaction ends (a no-op on SQLite, which has one writer)."""
+    await db.execute(select(TASKS.c.id).where(TASKS.c.id == task_id).with_for_update())
+
+
 async def refresh_image_summary(db: AsyncConnection, task_id: str, now: datetime) -> None:
     """Recompute `tasks.image_status` after one of its images changed (same transaction)."""
     await db.execute(
@@ -380,8 +385,12 @@ async def update_download(
 ) -> bool:
     """Write a download's progress or result, only while this job still holds the lease.
 
-    `settles` (stored or failed) also refreshes the task's image summary.
+    `settles` (stored or failed) also refreshes the task's image summary. The
+    task's row is locked first, so two images of one task settling at once are
+    summarised one after the other: each sees the other's committed status.
     """
+    if settles:
+        await lock_task(db, job.task_id)
     statement = (
         update(IMAGES)
         .where(
@@ -402,6 +411,7 @@ async def requeue_failed_images(
     db: AsyncConnection, task_id: str, now: datetime, position: int | None = None
 ) -> int:
     """Queue a task's failed downloads again (all, or one); how many were queued."""
+    await lock_task(db, task_id)
     conditions = [IMAGES.c.task_id == task_id, IMAGES.c.status == ImageStatus.FAILED.value]
     if position is not None:
         conditions.append(IMAGES.c.position == position)

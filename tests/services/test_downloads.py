@@ -444,3 +444,30 @@ async def test_leased_jobs_are_not_claimed_twice_until_released(queue: Queue) ->
     async with queue.engine.begin() as db:
         assert await repository.release_download_leases(db, "worker-a") == 1
     assert (await queue.claim("worker-b")).lease_owner.startswith("worker-b/")
+
+
+@pytest.mark.postgres
+async def test_two_images_settling_at_once_leave_the_task_stored(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """Both images stored in overlapping transactions: the summary sees both (no write skew)."""
+    engine = create_engine(postgres_database)
+    queue = Queue(engine, CountingStorage(tmp_path / "images"), tmp_path)
+    try:
+        task = await queue.queued(images=2)
+        first, second = sorted(await queue.claim_all(limit=2), key=lambda job: job.position)
+        stored = {"status": "stored", "lease_owner": None, "lease_until": None}
+        async with engine.connect() as a, engine.connect() as b:
+            await a.begin()
+            await b.begin()
+            assert await repository.update_download(a, first, stored, settles=True, now=utcnow())
+            racing = asyncio.create_task(
+                repository.update_download(b, second, stored, settles=True, now=utcnow())
+            )
+            await asyncio.sleep(0.2)  # b waits on the task's row while a is open
+            await a.commit()
+            assert await racing
+            await b.commit()
+        assert (await queue.task(task.id)).image_status == "stored"
+    finally:
+        await engine.dispose()
