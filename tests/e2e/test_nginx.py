@@ -129,7 +129,7 @@ def _listening(port: int) -> bool:
 def nginx_root(tmp_path: Path) -> Path:
     """A directory for nginx; the test is skipped (failed in CI) when nginx is missing."""
     if NGINX is None:
-        message = "nginx is not installed (apt-get install nginx-light); .ci/run installs it"
+        message = "nginx is not installed (apt-get install nginx); .ci/run installs it"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
