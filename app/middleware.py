@@ -156,7 +156,9 @@ _FORWARDED_HOST = re.compile(
     r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
     r"(?::(?P<port>[0-9]{1,5}))?"
 )
+_FORWARDED_PORT = re.compile(r"[0-9]{1,5}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_proxy_log = structlog.get_logger("imagetasks.proxy")
 
 
 class TrustedPeers:
@@ -226,13 +228,13 @@ class ForwardedHostMiddleware:
         match = _FORWARDED_HOST.fullmatch(host if host is not None else host_header)
         if match is None or (match["port"] is not None and not 0 < int(match["port"]) < 65536):
             header = "X-Forwarded-Host" if host is not None else "Host"
-            await _refuse(send, 400, "bad_forwarded_header", f"{header} is not a host[:port]")
+            await self._refuse(send, client[0], header, f"{header} is not a host[:port]")
             return
         authority = match[0]
         if port is not None:
-            if not port.isdigit() or not 0 < int(port) < 65536:
+            if not _FORWARDED_PORT.fullmatch(port) or not 0 < int(port) < 65536:
                 message = "X-Forwarded-Port is not a port number (1-65535)"
-                await _refuse(send, 400, "bad_forwarded_header", message)
+                await self._refuse(send, client[0], "X-Forwarded-Port", message)
                 return
             scheme: str = forwarded.get(b"x-forwarded-proto") or scope["scheme"]
             default = _DEFAULT_PORTS.get(scheme)
@@ -240,3 +242,9 @@ class ForwardedHostMiddleware:
         headers = [(n, v) for n, v in scope["headers"] if n != b"host"]
         headers.append((b"host", authority.encode("latin-1")))
         await self.app({**scope, "headers": headers}, receive, send)
+
+    @staticmethod
+    async def _refuse(send: Send, proxy: str, header: str, message: str) -> None:
+        # Outside the request-context middleware: say here which proxy is misconfigured.
+        _proxy_log.warning("bad_forwarded_header", proxy=proxy, header=header)
+        await _refuse(send, 400, "bad_forwarded_header", message)

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from app.middleware import TrustedPeers
 from tests.conftest import API_TOKEN, Service, make_settings
@@ -100,13 +101,18 @@ async def test_the_forwarded_host_keeps_the_path_prefix(
         ({"X-Forwarded-Host": ""}, "X-Forwarded-Host"),
         ({"X-Forwarded-Port": "http"}, "X-Forwarded-Port"),
         ({"X-Forwarded-Port": "0"}, "X-Forwarded-Port"),
+        ({"X-Forwarded-Port": "8\u00b2".encode("latin-1")}, "X-Forwarded-Port"),
     ],
 )
 @ASYNC
 async def test_a_malformed_forwarded_value_is_refused_and_changes_nothing(
-    service_factory: Any, sqlite_url: str, tmp_path: Path, headers: dict[str, str], named: str
+    service_factory: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    headers: dict[str, str | bytes],
+    named: str,
 ) -> None:
-    """A trusted proxy's bad value is a 400 naming the header, and no task is created."""
+    """A trusted proxy's bad value is a 400 naming the header, logged; no task is created."""
     transport, _ = simulator_transport()
     settings = make_settings(sqlite_url, tmp_path, trusted_proxies="127.0.0.1")
     service: Service = await service_factory(settings, transport)
@@ -116,8 +122,18 @@ async def test_a_malformed_forwarded_value_is_refused_and_changes_nothing(
         headers={"Authorization": f"Bearer {API_TOKEN}", **headers},
     )
     async with client:
-        response = await client.post("/tasks", json={"prompt": "p"})
+        with capture_logs() as logs:
+            response = await client.post("/tasks", json={"prompt": "p"})
     assert response.status_code == 400
+    warned = [line for line in logs if line["event"] == "bad_forwarded_header"]
+    assert warned == [
+        {
+            "event": "bad_forwarded_header",
+            "log_level": "warning",
+            "proxy": "127.0.0.1",
+            "header": named,
+        }
+    ]
     assert response.json()["error"]["code"] == "bad_forwarded_header"
     assert named in response.json()["error"]["message"]
     assert await service.sql("SELECT id FROM tasks") == []
