@@ -56,3 +56,7 @@ lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 
 clean: ## remove the virtual environment and local data
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: container-test
+container-test: $(BIN)/.installed ## build the Dockerfile with buildah and run the image on the local PostgreSQL (root)
+	$(BIN)/python -m tests.container.run

@@ -34,8 +34,13 @@ def run_migrations(database_url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    # A wheel ships the migrations inside the package (see pyproject.toml); a checkout
+    # has them beside it, with alembic.ini.
+    packaged = Path(__file__).resolve().parent / "migrations"
+    ini = ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    scripts = packaged if packaged.is_dir() else ROOT / "migrations"
+    config.set_main_option("script_location", str(scripts))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")

@@ -14,7 +14,12 @@ from app.api import health, images, tasks, webhooks
 from app.config import Settings, SettingsError, get_settings
 from app.errors import install_error_handlers
 from app.logging import configure_logging
-from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RootPathMiddleware
+from app.middleware import (
+    BodyLimitMiddleware,
+    ForwardedHostMiddleware,
+    RequestContextMiddleware,
+    RootPathMiddleware,
+)
 from app.runtime import Runtime
 from app.sandbox import SIMULATOR_PREFIX, banner
 from app.simulator import SimulatorConfig, create_simulator_app
@@ -69,6 +74,8 @@ def create_app(
     app.add_middleware(RootPathMiddleware, root_path=settings.root_path)
     # Forwarded headers are believed only from the proxies named in TRUSTED_PROXIES.
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # Outermost, so that it still sees the proxy's own address, not the forwarded client.
+    app.add_middleware(ForwardedHostMiddleware, trusted_hosts=settings.trusted_proxies)
     app.include_router(tasks.router)
     app.include_router(images.router)
     app.include_router(webhooks.router)

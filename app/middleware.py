@@ -1,8 +1,10 @@
-"""ASGI middleware: a hard cap on request bodies, and a request id for the logs."""
+"""ASGI middleware: a hard cap on request bodies, a request id for the logs, a path
+prefix, and the host and port a trusted proxy says the caller used."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import secrets
@@ -147,3 +149,102 @@ class RootPathMiddleware:
             if not path.startswith(scope["root_path"]):
                 scope["path"] = scope["root_path"] + path
         await self.app(scope, receive, send)
+
+
+# A host name or bracketed IPv6 literal, with an optional port (checked for range below).
+_FORWARDED_HOST = re.compile(
+    r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_FORWARDED_PORT = re.compile(r"[0-9]{1,5}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_proxy_log = structlog.get_logger("imagetasks.proxy")
+
+
+class TrustedPeers:
+    """The peers named in TRUSTED_PROXIES, read as uvicorn reads them: "*" for
+    anyone, IP addresses, CIDR networks, or literal names (e.g. a unix socket)."""
+
+    def __init__(self, entries: list[str] | str) -> None:
+        items = [e.strip() for e in entries.split(",")] if isinstance(entries, str) else entries
+        self.anyone = "*" in items
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.literals: set[str] = set()
+        for item in filter(None, items):
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.literals.add(item)
+
+    def __contains__(self, peer: str) -> bool:
+        if self.anyone or peer in self.literals:
+            return True
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def _last_value(raw: bytes) -> str:
+    # Each proxy appends; the last value is the one our own (trusted) proxy wrote.
+    return raw.decode("latin-1").split(",")[-1].strip()
+
+
+class ForwardedHostMiddleware:
+    """Believe X-Forwarded-Host and X-Forwarded-Port from trusted proxies only.
+
+    Generated URLs (`Location`, image URLs) are built from the Host header. A
+    proxy that rewrites Host (nginx's `$host` drops a non-default port) tells
+    the caller's host and port with these headers; they replace Host for the
+    request. From any other peer they are ignored. A trusted proxy sending a
+    malformed value is misconfigured: the request is refused with a 400 that
+    names the header, rather than answered with wrong URLs.
+
+    It must run before uvicorn's ProxyHeadersMiddleware replaces the peer
+    address with the X-Forwarded-For client.
+    """
+
+    def __init__(self, app: ASGIApp, trusted_hosts: list[str] | str) -> None:
+        self.app = app
+        self.trusted = TrustedPeers(trusted_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] != "http" or client is None or client[0] not in self.trusted:
+            await self.app(scope, receive, send)
+            return
+        forwarded: dict[bytes, str] = {}
+        host_header = ""
+        for name, value in scope["headers"]:
+            if name in (b"x-forwarded-host", b"x-forwarded-port", b"x-forwarded-proto"):
+                forwarded[name] = _last_value(value)
+            elif name == b"host":
+                host_header = value.decode("latin-1")
+        host, port = forwarded.get(b"x-forwarded-host"), forwarded.get(b"x-forwarded-port")
+        if host is None and port is None:
+            await self.app(scope, receive, send)
+            return
+        match = _FORWARDED_HOST.fullmatch(host if host is not None else host_header)
+        if match is None or (match["port"] is not None and not 0 < int(match["port"]) < 65536):
+            header = "X-Forwarded-Host" if host is not None else "Host"
+            await self._refuse(send, client[0], header, f"{header} is not a host[:port]")
+            return
+        authority = match[0]
+        if port is not None:
+            if not _FORWARDED_PORT.fullmatch(port) or not 0 < int(port) < 65536:
+                message = "X-Forwarded-Port is not a port number (1-65535)"
+                await self._refuse(send, client[0], "X-Forwarded-Port", message)
+                return
+            scheme: str = forwarded.get(b"x-forwarded-proto") or scope["scheme"]
+            default = _DEFAULT_PORTS.get(scheme)
+            authority = match["name"] if int(port) == default else f"{match['name']}:{int(port)}"
+        headers = [(n, v) for n, v in scope["headers"] if n != b"host"]
+        headers.append((b"host", authority.encode("latin-1")))
+        await self.app({**scope, "headers": headers}, receive, send)
+
+    @staticmethod
+    async def _refuse(send: Send, proxy: str, header: str, message: str) -> None:
+        # Outside the request-context middleware: say here which proxy is misconfigured.
+        _proxy_log.warning("bad_forwarded_header", proxy=proxy, header=header)
+        await _refuse(send, 400, "bad_forwarded_header", message)
