@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "gpt-image-1.5"
@@ -261,3 +262,32 @@ def check(model: str, fields: RequestFields) -> list[FieldError]:
     if fields.size is not None:
         errors += [FieldError("size", reason) for reason in _size_problems(fields.size, rules)]
     return errors + _option_problems(fields, rules) + _image_problems(fields, rules)
+
+
+def judgeable_fields(raw: object, failed: set[str]) -> tuple[str, RequestFields] | None:
+    """The model and the fields of a raw request body that the rules can still judge
+    when other fields (named in `failed`) were refused for their type or content."""
+    if not isinstance(raw, dict):
+        return None
+    model = raw.get("model", DEFAULT_MODEL)
+    if not isinstance(model, str) or "model" in failed:
+        return None
+
+    def given(name: str, kind: type) -> Any:
+        value = raw.get(name)
+        return value if name not in failed and type(value) is kind else None
+
+    urls = given("image_urls", list)
+    if urls is not None and not all(isinstance(url, str) for url in urls):
+        urls = None
+    fields = RequestFields(
+        prompt=given("prompt", str),
+        size=given("size", str),
+        resolution=given("resolution", str),
+        quality=given("quality", str),
+        n=given("n", int),
+        image_urls=urls,
+        # A mask is judged against its reference images: not without them.
+        mask_url=given("mask_url", str) if "image_urls" not in failed else None,
+    )
+    return model, fields

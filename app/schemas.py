@@ -195,8 +195,8 @@ class TaskCreate(BaseModel):
         except ValidationError as exc:
             known = list(exc.errors())
             failed = {str(error["loc"][0]) for error in known if error["loc"]}
-            rule_check = _raw_rule_fields(data, failed)
-            breaches = model_rules.check(*rule_check) if rule_check else []
+            judgeable = model_rules.judgeable_fields(data, failed)
+            breaches = model_rules.check(*judgeable) if judgeable else []
             raise _validation_error(exc.title, known, breaches) from None
         if breaches := model_rules.check(request.model, request.rule_fields()):
             raise _validation_error(cls.__name__, [], breaches)
@@ -223,33 +223,6 @@ class TaskCreate(BaseModel):
             if (value := getattr(self, name)) is not None:
                 body[name] = value
         return body
-
-
-def _raw_rule_fields(data: Any, failed: set[str]) -> tuple[str, RequestFields] | None:
-    """The fields of a request that failed elsewhere which can still be judged by the rules."""
-    model = data.get("model", DEFAULT_MODEL) if isinstance(data, dict) else None
-    if not isinstance(model, str) or "model" in failed:
-        return None
-
-    def given(name: str, kind: type) -> Any:
-        value = data.get(name)
-        return value if name not in failed and type(value) is kind else None
-
-    urls = given("image_urls", list)
-    if urls is not None and not all(isinstance(url, str) for url in urls):
-        urls = None
-    # A mask is judged against its reference images: not without them.
-    judge_mask = "image_urls" not in failed
-    fields = RequestFields(
-        prompt=given("prompt", str),
-        size=given("size", str),
-        resolution=given("resolution", str),
-        quality=given("quality", str),
-        n=given("n", int),
-        image_urls=urls,
-        mask_url=given("mask_url", str) if judge_mask else None,
-    )
-    return model, fields
 
 
 def _validation_error(

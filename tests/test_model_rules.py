@@ -12,6 +12,7 @@ from app.model_rules import (
     FieldError,
     RequestFields,
     check,
+    judgeable_fields,
     normalise_resolution,
 )
 
@@ -295,3 +296,45 @@ def test_only_models_that_take_n_get_it_sent() -> None:
 def test_resolution_is_kept_in_upper_case(given: str, kept: str) -> None:
     """The provider reads resolution case-insensitively; one spelling is kept."""
     assert normalise_resolution(given) == kept
+
+
+def test_judgeable_fields_keep_only_well_typed_fields_that_did_not_fail() -> None:
+    """Fields refused elsewhere, or of the wrong JSON type, are left out of the rule check."""
+    raw = {
+        "prompt": "   ",
+        "size": "2:1",
+        "resolution": 2,
+        "quality": "high",
+        "n": True,
+        "image_urls": [*REF, 7],
+        "mask_url": MASK,
+    }
+    assert judgeable_fields(raw, {"prompt"}) == (
+        V15,
+        RequestFields(size="2:1", quality="high", mask_url=MASK),
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "failed"),
+    [
+        ([{"model": V2}], set()),
+        ({"model": "gpt-image-2", "prompt": "p"}, {"model"}),
+        ({"model": None, "prompt": "p"}, set()),
+    ],
+)
+def test_nothing_is_judgeable_without_a_known_model_and_an_object(
+    raw: object, failed: set[str]
+) -> None:
+    """A body that is not an object, or whose model failed, is not judged by any model's rules."""
+    assert judgeable_fields(raw, failed) is None
+
+
+def test_a_mask_is_not_judged_when_its_references_failed() -> None:
+    """Without valid image_urls the mask cannot be judged, so it is not called orphaned."""
+    raw = {"model": V2, "image_urls": REF[0], "mask_url": MASK}
+    assert judgeable_fields(raw, {"image_urls"}) == (V2, RequestFields())
+    assert judgeable_fields({"model": V2, "mask_url": MASK}, set()) == (
+        V2,
+        RequestFields(mask_url=MASK),
+    )
