@@ -3,24 +3,48 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from app import model_rules
+from app.model_rules import (
+    DEFAULT_MODEL,
+    KNOWN_MODELS,
+    TOKEN_SAFE_PROMPT_BYTES,
+    FieldError,
+    RequestFields,
+    normalise_resolution,
+)
+from app.model_rules import MAX_IMAGE_URLS as MAX_IMAGE_URLS  # re-exported
+from app.model_rules import MAX_URL_LENGTH as MAX_URL_LENGTH  # re-exported
 from app.models import TaskStatus
 
-MODELS = ("gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta")
-SIZES = ("1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024")
-QUALITIES = ("low", "medium", "high")
-# The provider counts 2000 tokens; a token is at least one character and
-# rarely more than three UTF-8 bytes, so 6000 bytes stays safely inside it.
-MAX_PROMPT_BYTES = 6000
-MAX_IMAGE_URLS = 16
-MAX_URL_LENGTH = 2048
+MODELS = KNOWN_MODELS
+MAX_PROMPT_BYTES = TOKEN_SAFE_PROMPT_BYTES
 MAX_METADATA_BYTES = 4096
+# Metadata is returned as given and hashed to recognise replays; a bounded
+# shape keeps both (and the database's JSON) far from any recursion limit.
+MAX_METADATA_DEPTH = 4
+_METADATA_SCALARS = (str, int, float, bool, type(None))
+
+
+def _unset(value: Any) -> bool:
+    # Fields added after the first release are left out of dumps while unset,
+    # so an older request's fingerprint (its Idempotency-Key) stays the same.
+    return value is None
 
 
 def storable_text(value: str) -> str:
@@ -34,16 +58,38 @@ def storable_text(value: str) -> str:
     return value
 
 
-def _storable_json(value: Any) -> None:
-    if isinstance(value, str):
+def metadata_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """Why metadata cannot be kept as given (naming where inside it), or None."""
+    where = f"at {path[:200]}" if path else "at the top"
+    if isinstance(value, dict | list):
+        if depth >= MAX_METADATA_DEPTH:
+            limit = f"at most {MAX_METADATA_DEPTH} levels of objects and arrays"
+            return f"is nested too deeply {where}: {limit}"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict) and not isinstance(key, str):
+                return f"{where}: keys must be strings"
+            if isinstance(key, str) and (problem := _text_problem(key)):
+                return f"{where}: a key {problem}"
+            inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+            if problem := metadata_problem(item, inner, depth + 1):
+                return problem
+        return None
+    if not isinstance(value, _METADATA_SCALARS):
+        return f"{where}: values must be strings, numbers, booleans, null, objects or arrays"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: numbers must be finite"
+    if isinstance(value, str) and (problem := _text_problem(value)):
+        return f"{where}: {problem}"
+    return None
+
+
+def _text_problem(value: str) -> str | None:
+    try:
         storable_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable_text(str(key))
-            _storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            _storable_json(item)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class TaskCreate(BaseModel):
@@ -58,24 +104,63 @@ class TaskCreate(BaseModel):
                     "size": "1024x1536",
                     "quality": "medium",
                     "metadata": {"order_id": "A-1042"},
-                }
+                },
+                {
+                    "model": "gpt-image-2",
+                    "prompt": "A night market in the rain, cinematic",
+                    "size": "2048x1152",
+                    "quality": "high",
+                    "n": 2,
+                    "metadata": {"order_id": "A-1043"},
+                },
+                {
+                    "model": "gpt-image-2-beta",
+                    "prompt": "A paper boat on a pond, studio photo",
+                    "size": "3:2",
+                    "resolution": "1K",
+                },
             ]
         },
     )
 
-    prompt: str = Field(min_length=1, description="What to draw; at most 6000 UTF-8 bytes.")
-    model: Literal["gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta"] = "gpt-image-1.5"
-    size: Literal["1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024"] | None = None
-    quality: Literal["low", "medium", "high"] | None = None
+    prompt: str = Field(
+        min_length=1, description="What to draw; the length limit depends on the model."
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Which model draws it; each has its own rules (see the README).",
+        json_schema_extra={"enum": list(KNOWN_MODELS)},
+    )
+    size: str | None = Field(default=None, description="A ratio, `auto` or `WxH`, per model.")
+    resolution: str | None = Field(
+        default=None,
+        exclude_if=_unset,
+        description="`1K`, `2K` or `4K` (any case) for ratio sizes.",
+    )
+    quality: str | None = Field(default=None, description="`low`, `medium` or `high`.")
     image_urls: list[str] | None = Field(
         default=None, description="1 to 16 HTTPS reference images for editing."
     )
-    resolution: str | None = None
-    n: int = 1
-    mask_url: str | None = None
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="Your own data, returned as given (≤ 4 KiB as JSON)."
+    mask_url: str | None = Field(
+        default=None,
+        exclude_if=_unset,
+        description="HTTPS PNG whose transparent pixels are redrawn.",
     )
+    n: int = Field(
+        default=1, strict=True, description="How many images (1 to 10 on gpt-image-2, else 1)."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Your own data, returned as given (≤ 4 KiB as JSON, "
+        f"≤ {MAX_METADATA_DEPTH} levels deep, scalar leaves).",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if value not in KNOWN_MODELS:
+            raise ValueError(f"must be one of {', '.join(KNOWN_MODELS)}")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -83,50 +168,78 @@ class TaskCreate(BaseModel):
         storable_text(value)
         if not value.strip():
             raise ValueError("must not be blank")
-        if len(value.encode()) > MAX_PROMPT_BYTES:
-            raise ValueError(f"is too long: at most {MAX_PROMPT_BYTES} UTF-8 bytes")
         return value
 
-    @field_validator("image_urls")
+    @field_validator("resolution")
     @classmethod
-    def _image_urls(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not 1 <= len(value) <= MAX_IMAGE_URLS:
-            raise ValueError(f"must hold 1 to {MAX_IMAGE_URLS} URLs")
-        for url in value:
-            storable_text(url)
-            parts = urlsplit(url)
-            if parts.scheme != "https" or not parts.hostname:
-                raise ValueError(f"must be https:// URLs: {url[:100]!r}")
-            if len(url) > MAX_URL_LENGTH:
-                raise ValueError(f"URLs must be at most {MAX_URL_LENGTH} characters")
-        return value
+    def _resolution(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_resolution(value)
 
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _storable_json(value)
+        if problem := metadata_problem(value):
+            raise ValueError(problem)
         if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
             raise ValueError(f"is too large: at most {MAX_METADATA_BYTES} bytes as JSON")
         return value
 
-    @field_validator("n")
+    @model_validator(mode="wrap")
     @classmethod
-    def _n_for_model(cls, value: int, info: ValidationInfo) -> int:
-        model = info.data.get("model")
-        limit = 10 if model == "gpt-image-2" else 1
-        if not 1 <= value <= limit:
-            raise ValueError(f"must be 1 to {limit} for {model}")
-        return value
+    def _follow_model_rules(
+        cls, data: Any, handler: ModelWrapValidatorHandler[TaskCreate]
+    ) -> TaskCreate:
+        """Apply the model's rules, listing their breaches beside any other field errors."""
+        try:
+            request = handler(data)
+        except ValidationError as exc:
+            known = list(exc.errors())
+            failed = {str(error["loc"][0]) for error in known if error["loc"]}
+            judgeable = model_rules.judgeable_fields(data, failed)
+            breaches = model_rules.check(*judgeable) if judgeable else []
+            raise _validation_error(exc.title, known, breaches) from None
+        if breaches := model_rules.check(request.model, request.rule_fields()):
+            raise _validation_error(cls.__name__, [], breaches)
+        return request
+
+    def rule_fields(self) -> RequestFields:
+        """The fields the model's rules judge."""
+        return RequestFields(
+            prompt=self.prompt,
+            size=self.size,
+            resolution=self.resolution,
+            quality=self.quality,
+            n=self.n,
+            image_urls=self.image_urls,
+            mask_url=self.mask_url,
+        )
 
     def upstream_body(self) -> dict[str, Any]:
         """The provider's submit body, without the callback URL."""
-        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "n": self.n}
-        for name in ("size", "quality", "resolution", "image_urls", "mask_url"):
+        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt}
+        if model_rules.RULES[self.model].sends_n:
+            body["n"] = self.n
+        for name in ("size", "resolution", "quality", "image_urls", "mask_url"):
             if (value := getattr(self, name)) is not None:
                 body[name] = value
         return body
+
+
+def _validation_error(
+    title: str, known: list[ErrorDetails], breaches: list[FieldError]
+) -> ValidationError:
+    """One ValidationError holding pydantic's own errors and the rules' breaches."""
+    details = [
+        InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"], ctx=ctx)
+        if (ctx := error.get("ctx")) is not None
+        else InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+        for error in known
+    ]
+    for breach in breaches:
+        loc = tuple(int(part) if part.isdigit() else part for part in breach.field.split("."))
+        problem = PydanticCustomError("model_rule", "{reason}", {"reason": breach.reason})
+        details.append(InitErrorDetails(type=problem, loc=loc, input=None))
+    return ValidationError.from_exception_data(title, details)
 
 
 class ErrorInfo(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 import pytest_asyncio
 
 from app.config import Settings
+from app.schemas import TaskCreate
+from app.services.tasks import fingerprint
 from tests.conftest import API_TOKEN, Service
 from tests.helpers import scripted_transport, simulator_transport
 
@@ -55,6 +58,7 @@ async def test_submit_answers_202_with_location_and_records_the_provider_id(
         ({"prompt": "p", "size": "999x999"}, "size"),
         ({"prompt": "p", "quality": "ultra"}, "quality"),
         ({"prompt": "p", "model": "dall-e-3"}, "model"),
+        ({"prompt": "p", "model": "gpt-image-2-beta", "quality": "high"}, "quality"),
         ({"prompt": "p", "n": 2}, "n"),
         ({"prompt": "p", "image_urls": []}, "image_urls"),
         ({"prompt": "p", "image_urls": ["https://e.com/a.png"] * 17}, "image_urls"),
@@ -314,11 +318,359 @@ async def test_unknown_or_impossible_task_ids_are_404(service: Service, path: st
 
 
 async def test_openapi_documents_the_routes_with_examples(service: Service, tmp_path: Path) -> None:
-    """The OpenAPI schema lists every public route and the request example."""
+    """The OpenAPI schema lists every public route and a valid request example per model."""
     schema = (await service.client.get("/openapi.json")).json()
     assert {"/tasks", "/tasks/{task_id}", "/tasks/{task_id}/image", "/healthz", "/readyz"} <= set(
         schema["paths"]
     )
     create = schema["components"]["schemas"]["TaskCreate"]
-    assert create["examples"][0]["prompt"]
+    examples = [TaskCreate.model_validate(example) for example in create["examples"]]
+    assert [example.model for example in examples] == list(create["properties"]["model"]["enum"])
     assert API_TOKEN not in str(schema)
+
+
+class RecordingUpstream:
+    """A provider double that accepts every submit and keeps the bodies it got."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        return httpx.Response(
+            200,
+            json={
+                "id": f"task-unified-1757156493-rec{len(self.bodies):05d}",
+                "object": "image.generation.task",
+                "model": body.get("model"),
+                "status": "pending",
+                "progress": 0,
+                "created": 1757156493,
+                "task_info": {"can_cancel": True, "estimated_time": 100},
+            },
+        )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def recorded(service_factory: Any, settings: Settings) -> tuple[Service, RecordingUpstream]:
+    """The service in front of a provider double that records each submit body."""
+    upstream = RecordingUpstream()
+    built: Service = await service_factory(settings, scripted_transport(upstream))
+    return built, upstream
+
+
+REF = "https://images.example.com/ref.png"
+MASK = "https://images.example.com/mask.png"
+
+
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        pytest.param(
+            {"prompt": "p", "size": "1024x1536", "quality": "low", "image_urls": [REF]},
+            {
+                "model": "gpt-image-1.5",
+                "prompt": "p",
+                "n": 1,
+                "size": "1024x1536",
+                "quality": "low",
+                "image_urls": [REF],
+            },
+            id="gpt-image-1.5",
+        ),
+        pytest.param(
+            {
+                "model": "gpt-image-2",
+                "prompt": "p",
+                "size": "16:9",
+                "resolution": "4k",
+                "quality": "high",
+                "n": 10,
+                "image_urls": [REF],
+                "mask_url": MASK,
+            },
+            {
+                "model": "gpt-image-2",
+                "prompt": "p",
+                "n": 10,
+                "size": "16:9",
+                "resolution": "4K",
+                "quality": "high",
+                "image_urls": [REF],
+                "mask_url": MASK,
+            },
+            id="gpt-image-2-ratio-mask",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "prompt": "界" * 32_000, "size": "3840\u00d72160"},
+            {"model": "gpt-image-2", "prompt": "界" * 32_000, "n": 1, "size": "3840\u00d72160"},
+            id="gpt-image-2-pixels",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2-beta", "prompt": "p", "size": "21:9", "resolution": "1k"},
+            {"model": "gpt-image-2-beta", "prompt": "p", "size": "21:9", "resolution": "1K"},
+            id="gpt-image-2-beta",
+        ),
+    ],
+)
+async def test_each_model_accepts_its_rules_and_sends_exactly_its_fields(
+    recorded: tuple[Service, RecordingUpstream], body: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    """A valid body per model is submitted once, with only the fields that model takes."""
+    service, upstream = recorded
+    response = await service.client.post("/tasks", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["model"] == sent["model"]
+    assert len(upstream.bodies) == 1
+    callback = upstream.bodies[0].pop("callback_url")
+    assert callback.startswith("https://imagetasks.test/base/webhooks/starmagic/")
+    assert upstream.bodies[0] == sent
+    assert await service.sql("SELECT model FROM tasks") == [(sent["model"],)]
+
+
+DEEPER_THAN_ALLOWED = {"a": {"b": {"c": {"d": {}}}}}
+
+
+@pytest.mark.parametrize(
+    ("body", "details"),
+    [
+        pytest.param(
+            {"prompt": "p", "size": "auto", "resolution": "1K", "n": 2, "mask_url": MASK},
+            [
+                (
+                    "size",
+                    "must be 1:1, 2:3, 3:2, 1024x1024, 1024x1536 or 1536x1024 for gpt-image-1.5",
+                ),
+                ("resolution", "is not offered by gpt-image-1.5"),
+                ("n", "must be 1 for gpt-image-1.5"),
+                ("mask_url", "is not offered by gpt-image-1.5"),
+            ],
+            id="gpt-image-1.5",
+        ),
+        pytest.param(
+            {"prompt": "x" * 6001, "quality": "High"},
+            [
+                ("prompt", "is too long: at most 6000 UTF-8 bytes"),
+                ("quality", "must be low, medium or high"),
+            ],
+            id="gpt-image-1.5-prompt",
+        ),
+        pytest.param(
+            {
+                "model": "gpt-image-2",
+                "prompt": "p",
+                "size": "1000x5000",
+                "resolution": "8k",
+                "n": 11,
+                "mask_url": "http://images.example.com/mask.png",
+            },
+            [
+                ("size", "width 1000 is not a multiple of 16"),
+                ("size", "height 5000 is outside 16 to 3840"),
+                ("size", "height 5000 is not a multiple of 16"),
+                ("size", "1000x5000 has a long:short side ratio over 3:1"),
+                ("resolution", "must be 1K, 2K or 4K for gpt-image-2"),
+                ("n", "must be from 1 to 10 for gpt-image-2"),
+                ("mask_url", "must be an https:// URL: 'http://images.example.com/mask.png'"),
+                ("mask_url", "needs image_urls: it masks a reference image"),
+            ],
+            id="gpt-image-2",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "prompt": "p", "size": "1024x624", "n": 0},
+            [
+                ("size", "1024x624 is 638,976 pixels, fewer than 655,360"),
+                ("n", "must be from 1 to 10 for gpt-image-2"),
+            ],
+            id="gpt-image-2-pixels",
+        ),
+        pytest.param(
+            {
+                "model": "gpt-image-2-beta",
+                "prompt": "x" * 2001,
+                "size": "1024x1024",
+                "resolution": "2K",
+                "quality": "high",
+                "n": 2,
+                "image_urls": [REF],
+                "mask_url": MASK,
+            },
+            [
+                ("prompt", "is too long: at most 2000 characters"),
+                (
+                    "size",
+                    "gpt-image-2-beta takes no explicit WxH size; use auto, 1:1, 3:2, "
+                    "2:3, 4:3, 3:4, 5:4, 4:5, 16:9, 9:16, 21:9 or 9:21",
+                ),
+                ("resolution", "must be 1K for gpt-image-2-beta"),
+                ("quality", "is not offered by gpt-image-2-beta"),
+                ("n", "must be 1 for gpt-image-2-beta"),
+                ("mask_url", "is not offered by gpt-image-2-beta"),
+            ],
+            id="gpt-image-2-beta",
+        ),
+        pytest.param(
+            {
+                "model": "gpt-image-2-beta",
+                "prompt": "   ",
+                "size": "2:1",
+                "image_urls": ["https://e.com/a.png", "http://e.com/b.png"],
+                "metadata": DEEPER_THAN_ALLOWED,
+            },
+            [
+                ("prompt", "must not be blank"),
+                (
+                    "metadata",
+                    "is nested too deeply at a.b.c.d: at most 4 levels of objects and arrays",
+                ),
+                (
+                    "size",
+                    "must be auto, 1:1, 3:2, 2:3, 4:3, 3:4, 5:4, 4:5, 16:9, 9:16, 21:9 "
+                    "or 9:21 for gpt-image-2-beta",
+                ),
+                ("image_urls.1", "must be an https:// URL: 'http://e.com/b.png'"),
+            ],
+            id="field-errors-beside-rule-breaches",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "prompt": "p", "n": "2", "quality": "best"},
+            [("n", "Input should be a valid integer"), ("quality", "must be low, medium or high")],
+            id="wrong-type-beside-rule-breach",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "prompt": "p", "image_urls": REF, "mask_url": MASK},
+            [("image_urls", "Input should be a valid list")],
+            id="mask-not-judged-without-valid-references",
+        ),
+        pytest.param(
+            {"model": "gpt-image-3", "prompt": "p", "quality": "ultra"},
+            [("model", "must be one of gpt-image-1.5, gpt-image-2, gpt-image-2-beta")],
+            id="unknown-model",
+        ),
+    ],
+)
+async def test_broken_model_rules_get_422_listing_every_field_and_nothing_is_sent(
+    recorded: tuple[Service, RecordingUpstream],
+    body: dict[str, Any],
+    details: list[tuple[str, str]],
+) -> None:
+    """Every broken rule is listed with its field and reason; nothing is stored or sent."""
+    service, upstream = recorded
+    response = await service.client.post("/tasks", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert [(item["field"], item["reason"]) for item in error["details"]] == details
+    assert upstream.bodies == []
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.parametrize("depth", [256, 900])
+async def test_deeply_nested_metadata_is_422_not_a_500_while_fingerprinting(
+    recorded: tuple[Service, RecordingUpstream], depth: int
+) -> None:
+    """Metadata hundreds of levels deep is refused at validation, naming where it is too deep."""
+    service, upstream = recorded
+    metadata = "[" * depth + "1" + "]" * depth  # 256 levels: under 600 bytes in all
+    content = '{"prompt": "p", "metadata": {"k": ' + metadata + "}}"
+    response = await service.client.post(
+        "/tasks",
+        content=content.encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": "deep"},
+    )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert detail == {
+        "field": "metadata",
+        "reason": "is nested too deeply at k[0][0][0]: at most 4 levels of objects and arrays",
+    }
+    assert upstream.bodies == []
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
+    assert await service.sql("SELECT count(*) FROM idempotency_records") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        pytest.param(
+            '{"a": [{"b": {"c": []}}]}',
+            "is nested too deeply at a[0].b.c: at most 4 levels of objects and arrays",
+            id="five-levels",
+        ),
+        pytest.param('{"a": [1, NaN]}', "at a[1]: numbers must be finite", id="nan"),
+        pytest.param('{"a": {"b": -Infinity}}', "at a.b: numbers must be finite", id="infinity"),
+        pytest.param(
+            '{"a": {"b\\u0000": 1}}', "at a: a key must not contain NUL characters", id="nul-key"
+        ),
+        pytest.param(
+            '{"k": "' + "v" * 4089 + '"}',
+            "is too large: at most 4096 bytes as JSON",
+            id="one-byte-over-4-KiB",
+        ),
+    ],
+)
+async def test_metadata_shape_and_size_are_bounded(
+    recorded: tuple[Service, RecordingUpstream], raw: str, reason: str
+) -> None:
+    """Too deep, non-finite numbers, bad keys or over 4 KiB: 422 naming metadata and where."""
+    service, upstream = recorded
+    content = '{"prompt": "p", "metadata": ' + raw + "}"
+    response = await service.client.post(
+        "/tasks", content=content.encode(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [{"field": "metadata", "reason": reason}]
+    assert upstream.bodies == []
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param({"a": [{"b": [1, 2.5, True, None, "x"]}]}, id="four-levels-every-scalar"),
+        pytest.param({"k": "v" * 4088}, id="exactly-4-KiB"),
+    ],
+)
+async def test_metadata_at_the_limits_is_kept_as_given(
+    recorded: tuple[Service, RecordingUpstream], metadata: dict[str, Any]
+) -> None:
+    """Four levels deep with every scalar kind, or exactly 4 KiB: accepted and returned as given."""
+    service, _ = recorded
+    response = await service.client.post("/tasks", json={"prompt": "p", "metadata": metadata})
+    assert response.status_code == 202, response.text
+    shown = await service.client.get(f"/tasks/{response.json()['id']}")
+    assert shown.json()["metadata"] == metadata
+
+
+async def test_idempotency_replays_treat_resolution_case_as_the_same_request(
+    recorded: tuple[Service, RecordingUpstream],
+) -> None:
+    """`2k` and `2K` are one request (one task, one submit); `4K` with the same key is 422."""
+    service, upstream = recorded
+    headers = {"Idempotency-Key": "gpt2-order-7"}
+    body = {"model": "gpt-image-2", "prompt": "p", "size": "1:1", "resolution": "2k"}
+    first = await service.client.post("/tasks", json=body, headers=headers)
+    again = await service.client.post("/tasks", json={**body, "resolution": "2K"}, headers=headers)
+    other = await service.client.post("/tasks", json={**body, "resolution": "4K"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(upstream.bodies) == 1
+
+
+async def test_fingerprints_of_requests_without_the_new_fields_are_unchanged() -> None:
+    """A body without resolution or mask_url hashes as before, so keys sent earlier still replay."""
+    request = TaskCreate.model_validate({"prompt": "a", "size": "1:1", "metadata": {"k": "v"}})
+    before = {
+        "prompt": "a",
+        "model": "gpt-image-1.5",
+        "size": "1:1",
+        "quality": None,
+        "image_urls": None,
+        "n": 1,
+        "metadata": {"k": "v"},
+    }
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert fingerprint(request) == hashlib.sha256(canonical.encode()).hexdigest()

@@ -75,7 +75,7 @@ def test_invalid_size_exits_2_naming_the_field(sandbox: Sandbox) -> None:
     """An invalid --size exits 2 and prints the field and the reason."""
     result = sandbox.run("submit", "a bad size", "--size", "7x7")
     assert result.code == 2
-    assert "size: Input should be '1:1'" in result.stderr
+    assert "size: must be 1:1, 2:3, 3:2, 1024x1024, 1024x1536 or 1536x1024" in result.stderr
 
 
 def test_unreachable_service_exits_4(tmp_path: Path) -> None:
