@@ -32,7 +32,7 @@ from tests.e2e.stack import (
 )
 
 TERMINAL = ("completed", "failed", "cancelled")
-TABLES = ("tasks", "callback_deliveries", "idempotency_records")
+TABLES = ("tasks", "images", "callback_deliveries", "idempotency_records")
 # Long, unique secrets, so a leak in a log line cannot be a coincidence.
 CHAOS_SIM_KEY = "chaos-sim-key-" + secrets.token_hex(12)
 SECOND_TOKEN = "chaos-second-token-" + secrets.token_hex(12)
