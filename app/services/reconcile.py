@@ -142,14 +142,13 @@ class Reconciler:
         if task.upstream_task_id is None:
             await self._settle_unsubmitted(task, now)
             return
-        if now - task.created_at > LINK_LIFETIME:
-            await self._give_up(task, *NO_OUTCOME, now)
-            return
+        # Past any link's lifetime: one last question, then no more waiting.
+        last_chance = now - task.created_at > LINK_LIFETIME
         try:
             snapshot = await self._client.query(task.upstream_task_id)
         except UpstreamNotFound as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
-            if task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
+            if last_chance or task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
                 await self._give_up(task, "upstream_not_found", exc.message, now)
             else:
                 await self._reschedule(task, now)
@@ -157,7 +156,10 @@ class Reconciler:
         except UpstreamError as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
             log.warning("poll_failed", task_id=task.id, reason=exc.message)
-            await self._reschedule(task, now)
+            if last_chance:
+                await self._give_up(task, *NO_OUTCOME, now)
+            else:
+                await self._reschedule(task, now)
             return
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
         async with self._factory() as session, session.begin():
@@ -175,7 +177,11 @@ class Reconciler:
             reported=snapshot.status.value,
             outcome=applied.outcome.value,
         )
-        if not applied.state.status.terminal:
+        if applied.state.status.terminal:
+            return
+        if last_chance:
+            await self._give_up(task, *NO_OUTCOME, now)
+        else:
             await self._reschedule(task, now)
 
     async def _reschedule(self, task: Task, now: datetime) -> None:

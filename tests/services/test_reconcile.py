@@ -16,6 +16,8 @@ from sqlmodel import col
 from app.callback_urls import sign
 from app.config import Settings
 from app.models import Task, utcnow
+from app.simulator.faults import DEFAULT_ERROR_CODE
+from app.simulator.payloads import FAILURE_MESSAGE
 from tests.conftest import WEBHOOK_SECRET, Service, make_settings
 from tests.helpers import GatedQueries, dumps, simulator_transport, task_body
 
@@ -139,13 +141,44 @@ async def test_an_unknown_submission_waits_until_its_deadline(harness: Harness) 
     assert next_poll > utcnow() + timedelta(minutes=30)
 
 
-async def test_a_task_past_any_valid_link_is_given_up(harness: Harness) -> None:
-    """After 24 hours without an outcome the task fails with a clear error."""
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ("completed", ("completed", None, "pending")),
+        ("failed", ("failed", DEFAULT_ERROR_CODE, None)),
+        ("still_running", ("failed", "no_outcome", None)),
+        ("unreachable", ("failed", "no_outcome", None)),
+    ],
+)
+async def test_a_task_past_its_link_lifetime_is_asked_once_before_giving_up(
+    harness: Harness, provider: str, expected: tuple[str, str | None, str | None]
+) -> None:
+    """After 24 hours the provider is asked a last time: its outcome wins, else `no_outcome`."""
     task_id = await harness.submit()
+    (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+    if provider in ("completed", "failed"):
+        finish = await harness.sim.post(
+            f"/_sim/tasks/{upstream_id}/complete", json={"outcome": provider}
+        )
+        assert finish.is_success
+    harness.upstream.unreachable = provider == "unreachable"
     await harness.make_due(task_id, created_at=utcnow() - timedelta(hours=25))
-    await harness.service.runtime.reconciler.run_once()
-    status, code = await harness.row(task_id, "status, error_code")
-    assert (status, code) == ("failed", "no_outcome")
+    assert await harness.reconciler.run_once() == 1
+    assert await harness.row(task_id, "status, error_code, image_status") == expected
+    assert harness.queries[upstream_id] >= 1
+    if provider == "completed":
+        links = await harness.service.sql(
+            "SELECT source_url FROM images WHERE task_id = :id", id=task_id
+        )
+        assert (
+            [link for (link,) in links if link.startswith("http://starmagic.test/")]
+            == [link for (link,) in links]
+            != []
+        )
+    if provider == "failed":
+        (message,) = await harness.row(task_id, "error_message")
+        assert message == FAILURE_MESSAGE
+    assert await harness.reconciler.run_once() == 0  # asked once, settled for good
 
 
 async def test_a_callback_during_a_poll_keeps_the_task_due(harness: Harness) -> None:
