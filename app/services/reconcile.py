@@ -95,8 +95,8 @@ class Reconciler:
     async def _confirm(self, task_id: str) -> None:
         now = utcnow()
         try:
-            # Only while still due and not asked too recently: a duplicate callback
-            # arriving after the first confirmation finished asks nothing.
+            # Only while still due, not leased and not asked too recently; a request
+            # held back by the spacing alone is tried again once the spacing allows.
             async with self._factory() as session, session.begin():
                 task = await repository.claim_poll(
                     session, task_id, now=now, lease=POLL_LEASE, spacing=self.query_spacing
