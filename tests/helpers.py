@@ -51,10 +51,12 @@ class GatedQueries(httpx.AsyncBaseTransport):
         self.unreachable = False
 
     def hold(self) -> None:
+        """Hold the answers of the queries from now on."""
         self.held.clear()
         self._open.clear()
 
     def release(self) -> None:
+        """Let held and later answers through."""
         self._open.set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
