@@ -111,6 +111,12 @@ class Task(SQLModel, table=True):
     next_poll_at: datetime | None = _ts()
     poll_attempts: int = 0
     poll_lease_until: datetime | None = _ts()
+    # When the latest poll was claimed: queries are spaced from it, and it tells
+    # which confirmation requests that poll's answer can settle.
+    poll_claimed_at: datetime | None = _ts()
+    # A terminal callback's request for a confirmation query, until a poll
+    # claimed after it answers (None: nothing is waiting).
+    confirm_requested_at: datetime | None = _ts()
 
     # All of the task's images at a glance (for filters): pending until every
     # image is settled, then stored when all are stored, else failed.

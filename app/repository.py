@@ -18,6 +18,8 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
+    null,
     or_,
     select,
     tuple_,
@@ -35,6 +37,7 @@ from app.models import (
     ImageStatus,
     Task,
     TaskStatus,
+    UTCDateTime,
 )
 
 ACTIVE_STATUSES = tuple(status.value for status in TaskStatus if not status.terminal)
@@ -197,37 +200,119 @@ async def update_task_where(
     return await update_where(await session.connection(), task_id, condition, values)
 
 
-def _poll_due(now: datetime) -> ColumnElement[bool]:
-    """Active, its next poll due, and no live lease on it."""
+def _poll_due(now: datetime, spacing: timedelta) -> ColumnElement[bool]:
+    """Active, its next poll due, no live lease on it, and not asked too recently."""
     return and_(
         col(Task.next_poll_at) <= now,
         IS_ACTIVE,
         or_(col(Task.poll_lease_until).is_(None), col(Task.poll_lease_until) < now),
+        or_(col(Task.poll_claimed_at).is_(None), col(Task.poll_claimed_at) <= now - spacing),
     )
 
 
 async def claim_due_polls(
-    session: AsyncSession, *, now: datetime, lease: timedelta, limit: int
+    session: AsyncSession, *, now: datetime, lease: timedelta, spacing: timedelta, limit: int
 ) -> Sequence[Task]:
     """Lease the active tasks whose next poll is due; replicas skip each other's rows."""
     due = (
         select(col(Task.id))
-        .where(_poll_due(now))
+        .where(_poll_due(now, spacing))
         .order_by(col(Task.next_poll_at))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return await _lease(session, due, {"poll_lease_until": now + lease})
+    return await _lease(session, due, {"poll_lease_until": now + lease, "poll_claimed_at": now})
 
 
 async def claim_poll(
-    session: AsyncSession, task_id: str, *, now: datetime, lease: timedelta
+    session: AsyncSession, task_id: str, *, now: datetime, lease: timedelta, spacing: timedelta
 ) -> Task | None:
     """Lease one task's poll if it is still due (a confirmation); None if it is not."""
     claimed = await update_task_where(
-        session, task_id, _poll_due(now), {"poll_lease_until": now + lease}
+        session,
+        task_id,
+        _poll_due(now, spacing),
+        {"poll_lease_until": now + lease, "poll_claimed_at": now},
     )
     return await get_task(session, task_id) if claimed else None
+
+
+def _at(moment: datetime) -> ColumnElement[datetime]:
+    # Typed, so SQLite stores it in the column's format and comparisons hold.
+    return literal(moment, UTCDateTime())
+
+
+CONFIRMATION_WAITING: ColumnElement[bool] = TASKS.c.confirm_requested_at.is_not(None)
+
+
+def due_unless_confirming(due: datetime) -> ColumnElement[datetime]:
+    """A new due time that leaves alone the one a waiting confirmation request set."""
+    return case((CONFIRMATION_WAITING, TASKS.c.next_poll_at), else_=_at(due))
+
+
+async def request_confirmation(
+    db: AsyncConnection, task_id: str, now: datetime, values: dict[str, Any]
+) -> bool:
+    """Make an active task due for a confirmation query now, unless a request already waits."""
+    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
+    values = {"confirm_requested_at": now, "next_poll_at": now, "last_event_at": now, **values}
+    return await update_where(db, task_id, condition, values)
+
+
+async def renew_confirmation(
+    db: AsyncConnection, task_id: str, now: datetime, values: dict[str, Any]
+) -> bool:
+    """Date the waiting request after the claim of the poll now out, if there is one.
+
+    That poll's answer may predate this news, so it must not settle the request.
+    """
+    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at)
+    return await update_where(
+        db, task_id, condition, {"confirm_requested_at": now, "last_event_at": now, **values}
+    )
+
+
+def _asked_since(claimed_at: datetime) -> ColumnElement[bool]:
+    return TASKS.c.confirm_requested_at >= _at(claimed_at)
+
+
+def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
+    """Active, and no callback asked for a confirmation after this poll was claimed."""
+    return and_(
+        IS_ACTIVE,
+        or_(
+            TASKS.c.confirm_requested_at.is_(None),
+            TASKS.c.confirm_requested_at < _at(claimed_at),
+        ),
+    )
+
+
+async def finish_poll(
+    session: AsyncSession,
+    task_id: str,
+    *,
+    claimed_at: datetime,
+    next_poll_at: datetime,
+    values: dict[str, Any],
+) -> bool:
+    """Release a poll's lease and schedule the next one; True if a confirmation waits.
+
+    A request made before the claim is answered by this poll and cleared; one
+    made since keeps the task due at its own time, since this poll's query may
+    predate the news.
+    """
+    asked = _asked_since(claimed_at)
+    update_values = {
+        **values,
+        "next_poll_at": case((asked, TASKS.c.confirm_requested_at), else_=_at(next_poll_at)),
+        "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
+        "poll_lease_until": None,
+    }
+    db = await session.connection()
+    if not await update_where(db, task_id, IS_ACTIVE, update_values):
+        return False
+    waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
+    return (await db.execute(waiting)).first() is not None
 
 
 async def _lease(session: AsyncSession, due: Any, values: dict[str, Any]) -> Sequence[Task]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,45 @@ def scripted_transport(
 ) -> httpx.MockTransport:
     """An upstream double for the narrow retry-rule tests."""
     return httpx.MockTransport(handler)
+
+
+class GatedQueries(httpx.AsyncBaseTransport):
+    """An upstream wrapper that counts task queries and can hold their answers.
+
+    `hold()` makes the next queries wait, after the provider answered, until
+    `release()`: the answer is fixed while the test acts. `unreachable` makes
+    queries fail to connect.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+        self.queries: Counter[str] = Counter()
+        self.held = asyncio.Event()  # set once a query's answer is being held
+        self._open = asyncio.Event()
+        self._open.set()
+        self.unreachable = False
+
+    def hold(self) -> None:
+        """Hold the answers of the queries from now on."""
+        self.held.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        """Let held and later answers through."""
+        self._open.set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "GET" or not request.url.path.startswith("/v1/tasks/"):
+            return await self._inner.handle_async_request(request)
+        self.queries[request.url.path.rsplit("/", 1)[1]] += 1
+        if self.unreachable:
+            raise httpx.ConnectError("connection refused", request=request)
+        response = await self._inner.handle_async_request(request)
+        if not self._open.is_set():
+            await response.aread()
+            self.held.set()
+            await self._open.wait()
+        return response
 
 
 def task_body(

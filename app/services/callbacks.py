@@ -102,18 +102,25 @@ async def receive_callback(
 async def _queue_confirmation(
     db: AsyncConnection, state: TaskState, snapshot: Snapshot, now: datetime
 ) -> Outcome:
-    """A terminal callback is a hint: make the task due for a query right now."""
+    """A terminal callback is a hint: make the task due for one query, not one per delivery."""
     if not await owns_upstream_id(db, state, snapshot.upstream_id):
         return Outcome.MISMATCH
     if state.status.terminal:
         return Outcome.DUPLICATE if state.status is snapshot.status else Outcome.ANOMALY
-    values: dict[str, Any] = {"next_poll_at": now, "last_event_at": now}
+    values: dict[str, Any] = {}
     if snapshot.upstream_id:
         # A submit whose answer was lost learns the provider's id here.
         values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
-    if await repository.update_where(db, state.id, repository.IS_ACTIVE, values):
+    if await repository.request_confirmation(db, state.id, now, values):
         return Outcome.CONFIRMING
-    # The task settled between our read and our write: this delivery is old news.
-    settled = await repository.task_state(db, state.id)
-    assert settled is not None  # tasks are never deleted
-    return Outcome.DUPLICATE if settled.status is snapshot.status else Outcome.ANOMALY
+    # A request already waits: this delivery adds no query. Only if that request's
+    # poll is already out does it matter, as the poll's answer may predate this news.
+    if await repository.renew_confirmation(db, state.id, now, values):
+        return Outcome.DUPLICATE
+    current = await repository.task_state(db, state.id)
+    assert current is not None  # tasks are never deleted
+    if current.status.terminal:  # settled between our read and our write: old news
+        return Outcome.DUPLICATE if current.status is snapshot.status else Outcome.ANOMALY
+    if values and current.upstream_task_id is None:
+        await repository.update_where(db, state.id, repository.IS_ACTIVE, values)
+    return Outcome.DUPLICATE

@@ -22,9 +22,13 @@ log = structlog.get_logger(__name__)
 
 POLL_LEASE = timedelta(seconds=60)
 MAX_POLL_INTERVAL = timedelta(minutes=15)
+# However many callbacks arrive, a task is not queried again sooner than this.
+QUERY_SPACING = timedelta(seconds=5)
 NOT_FOUND_LIMIT = 3
 BATCH = 20
 CONCURRENCY = 4
+IDLE_WAIT_SECONDS = 15
+NO_OUTCOME = ("no_outcome", "StarMagic gave no outcome within 24 hours")
 
 
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
@@ -37,11 +41,20 @@ def poll_backoff(settings: Settings, attempts: int) -> timedelta:
 class Reconciler:
     """Polls due tasks; `confirm_soon` gives one task its turn right away."""
 
-    def __init__(self, factory: SessionFactory, client: StarMagicClient, settings: Settings):
+    def __init__(
+        self,
+        factory: SessionFactory,
+        client: StarMagicClient,
+        settings: Settings,
+        *,
+        query_spacing: timedelta = QUERY_SPACING,
+    ):
         self._factory = factory
         self._client = client
         self._settings = settings
+        self.query_spacing = query_spacing
         self._running: set[asyncio.Task[None]] = set()
+        self._later: dict[str, asyncio.TimerHandle] = {}
         self._slots = asyncio.Semaphore(CONCURRENCY)
 
     async def run_once(self) -> int:
@@ -49,7 +62,7 @@ class Reconciler:
         now = utcnow()
         async with self._factory() as session, session.begin():
             tasks = await repository.claim_due_polls(
-                session, now=now, lease=POLL_LEASE, limit=BATCH
+                session, now=now, lease=POLL_LEASE, spacing=self.query_spacing, limit=BATCH
             )
         await self._poll_all(tasks)
         return len(tasks)
@@ -67,23 +80,61 @@ class Reconciler:
         self._running.add(job)
         job.add_done_callback(self._running.discard)
 
+    def confirm_later(self, task_id: str, delay: timedelta) -> None:
+        """`confirm_soon` once the query spacing allows; one timer per task."""
+        if task_id in self._later:
+            return
+        loop = asyncio.get_running_loop()
+        seconds = max(delay.total_seconds(), 0.0)
+        self._later[task_id] = loop.call_later(seconds, self._confirm_now, task_id)
+
+    def _confirm_now(self, task_id: str) -> None:
+        del self._later[task_id]
+        self.confirm_soon(task_id)
+
     async def _confirm(self, task_id: str) -> None:
         now = utcnow()
         try:
-            # Only while still due: a duplicate callback arriving after the first
-            # confirmation finished finds the task settled and asks nothing.
+            # Only while still due, not leased and not asked too recently; a request
+            # held back by the spacing alone is tried again once the spacing allows.
             async with self._factory() as session, session.begin():
-                task = await repository.claim_poll(session, task_id, now=now, lease=POLL_LEASE)
+                task = await repository.claim_poll(
+                    session, task_id, now=now, lease=POLL_LEASE, spacing=self.query_spacing
+                )
+                waiting = None if task else await repository.get_task(session, task_id)
             if task is not None:
                 async with self._slots:
                     await self.poll(task)
+            elif waiting is not None and (delay := self._spacing_left(waiting, now)):
+                self.confirm_later(task_id, delay)
         except Exception:
             log.exception("confirm_failed", task_id=task_id)
 
-    async def aclose(self) -> None:
-        """Let in-flight confirmations finish (they are short and bounded)."""
+    def _spacing_left(self, task: Task, now: datetime) -> timedelta | None:
+        """How long a waiting request is held back only by the spacing; None otherwise.
+
+        A live lease is not waited for: the poll holding it sees the request when it ends.
+        """
+        if task.confirm_requested_at is None or TaskStatus(task.status).terminal:
+            return None
+        if task.poll_lease_until is not None and task.poll_lease_until >= now:
+            return None
+        if task.poll_claimed_at is None:
+            return None
+        left = task.poll_claimed_at + self.query_spacing - now
+        return left if left > timedelta(0) else None
+
+    async def wait_idle(self) -> None:
+        """Wait for the confirmations started so far (they are short and bounded)."""
         if self._running:
-            await asyncio.wait(self._running, timeout=15)
+            await asyncio.wait(set(self._running), timeout=IDLE_WAIT_SECONDS)
+
+    async def aclose(self) -> None:
+        """Drop the timers (those rows stay due), let in-flight confirmations finish."""
+        for timer in self._later.values():
+            timer.cancel()
+        self._later.clear()
+        await self.wait_idle()
 
     async def poll(self, task: Task) -> None:
         """Ask the provider about one leased task and apply what it says."""
@@ -91,16 +142,13 @@ class Reconciler:
         if task.upstream_task_id is None:
             await self._settle_unsubmitted(task, now)
             return
-        if now - task.created_at > LINK_LIFETIME:
-            await self._give_up(
-                task, "no_outcome", "StarMagic gave no outcome within 24 hours", now
-            )
-            return
+        # Past any link's lifetime: one last question, then no more waiting.
+        last_chance = now - task.created_at > LINK_LIFETIME
         try:
             snapshot = await self._client.query(task.upstream_task_id)
         except UpstreamNotFound as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
-            if task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
+            if last_chance or task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
                 await self._give_up(task, "upstream_not_found", exc.message, now)
             else:
                 await self._reschedule(task, now)
@@ -108,7 +156,10 @@ class Reconciler:
         except UpstreamError as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
             log.warning("poll_failed", task_id=task.id, reason=exc.message)
-            await self._reschedule(task, now)
+            if last_chance:
+                await self._give_up(task, *NO_OUTCOME, now)
+            else:
+                await self._reschedule(task, now)
             return
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
         async with self._factory() as session, session.begin():
@@ -126,23 +177,45 @@ class Reconciler:
             reported=snapshot.status.value,
             outcome=applied.outcome.value,
         )
-        if not applied.state.status.terminal:
+        if applied.state.status.terminal:
+            return
+        if last_chance:
+            await self._give_up(task, *NO_OUTCOME, now)
+        else:
             await self._reschedule(task, now)
 
     async def _reschedule(self, task: Task, now: datetime) -> None:
-        await self._update_active(
+        await self._finish(
             task,
-            {
-                "next_poll_at": now + poll_backoff(self._settings, task.poll_attempts),
-                "poll_attempts": task.poll_attempts + 1,
-                "poll_lease_until": None,
-            },
+            now,
+            next_poll_at=now + poll_backoff(self._settings, task.poll_attempts),
+            values={"poll_attempts": task.poll_attempts + 1},
         )
+
+    async def _finish(
+        self, task: Task, now: datetime, *, next_poll_at: datetime, values: dict[str, Any]
+    ) -> None:
+        """Release the lease; a callback that asked meanwhile gets its query after the spacing."""
+        async with self._factory() as session, session.begin():
+            waiting = await repository.finish_poll(
+                session,
+                task.id,
+                claimed_at=self._claimed_at(task),
+                next_poll_at=next_poll_at,
+                values=values,
+            )
+        if waiting:
+            self.confirm_later(task.id, self._claimed_at(task) + self.query_spacing - now)
+
+    @staticmethod
+    def _claimed_at(task: Task) -> datetime:
+        assert task.poll_claimed_at is not None  # set by every claim
+        return task.poll_claimed_at
 
     async def _settle_unsubmitted(self, task: Task, now: datetime) -> None:
         deadline = task.created_at + timedelta(seconds=self._settings.submit_unknown_after_seconds)
         if now < deadline:
-            await self._update_active(task, {"next_poll_at": deadline, "poll_lease_until": None})
+            await self._finish(task, now, next_poll_at=deadline, values={})
             return
         await self._give_up(
             task,
@@ -152,20 +225,21 @@ class Reconciler:
         )
 
     async def _give_up(self, task: Task, code: str, message: str, now: datetime) -> None:
-        log.warning("task_given_up", task_id=task.id, code=code, reason=message)
-        await self._update_active(
-            task,
-            {
-                "status": TaskStatus.FAILED.value,
-                "error_code": code,
-                "error_message": message,
-                "completed_at": now,
-                "updated_at": now,
-                "next_poll_at": None,
-                "poll_lease_until": None,
-            },
-        )
-
-    async def _update_active(self, task: Task, values: dict[str, Any]) -> None:
+        values = {
+            "status": TaskStatus.FAILED.value,
+            "error_code": code,
+            "error_message": message,
+            "completed_at": now,
+            "updated_at": now,
+            "next_poll_at": None,
+            "poll_lease_until": None,
+            "confirm_requested_at": None,
+        }
+        # Not while a callback's news is newer than this poll: ask once more first.
+        condition = repository.no_confirmation_asked_since(self._claimed_at(task))
         async with self._factory() as session, session.begin():
-            await repository.update_task_where(session, task.id, repository.IS_ACTIVE, values)
+            gave_up = await repository.update_task_where(session, task.id, condition, values)
+        if gave_up:
+            log.warning("task_given_up", task_id=task.id, code=code, reason=message)
+        else:
+            await self._reschedule(task, now)

@@ -100,11 +100,18 @@ def transition(
             and_(TASKS.c.status == target.value, TASKS.c.progress < progress),
         )
         values["progress"] = case((TASKS.c.progress < progress, progress), else_=TASKS.c.progress)
-        values["next_poll_at"] = now + poll_after
+        # A waiting confirmation keeps the due time its callback set.
+        values["next_poll_at"] = repository.due_unless_confirming(now + poll_after)
         values["poll_attempts"] = 0
         return condition, values
 
-    values.update(completed_at=now, next_poll_at=None, poll_lease_until=None, can_cancel=False)
+    values.update(
+        completed_at=now,
+        next_poll_at=None,
+        poll_lease_until=None,
+        can_cancel=False,
+        confirm_requested_at=None,
+    )
     if target is TaskStatus.COMPLETED:
         # The images themselves are queued by `apply_snapshot` once this move is won.
         values.update(progress=100, image_status=ImageStatus.PENDING.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest_asyncio
 from app.callback_urls import sign
 from app.config import Settings
 from tests.conftest import WEBHOOK_SECRET, Service, make_settings
-from tests.helpers import dumps, simulator_transport, task_body
+from tests.helpers import GatedQueries, dumps, simulator_transport, task_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -38,9 +39,12 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 class Stack:
     """The service and its in-process simulator."""
 
-    def __init__(self, service: Service, simulator: httpx.AsyncClient) -> None:
+    def __init__(
+        self, service: Service, simulator: httpx.AsyncClient, upstream: GatedQueries
+    ) -> None:
         self.service = service
         self.sim = simulator
+        self.upstream = upstream
 
     async def submit(self, prompt: str = "a cat") -> dict[str, Any]:
         response = await self.service.client.post("/tasks", json={"prompt": prompt})
@@ -62,8 +66,10 @@ class Stack:
 
 async def build_stack(service_factory: Any, settings: Settings) -> Stack:
     transport, _ = simulator_transport(estimated_time=100, time_scale=10.0)
-    service: Service = await service_factory(settings, transport)
-    return Stack(service, httpx.AsyncClient(transport=transport, base_url="http://starmagic.test"))
+    upstream = GatedQueries(transport)
+    service: Service = await service_factory(settings, upstream)
+    simulator = httpx.AsyncClient(transport=transport, base_url="http://starmagic.test")
+    return Stack(service, simulator, upstream)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -187,6 +193,59 @@ async def test_a_real_completion_applies_the_query_apis_link(stack: Stack) -> No
         "confirming",
         "duplicate",
     ]
+
+
+async def flood(stack: Stack, task_id: str, raw: bytes, count: int = 50) -> list[str]:
+    """Deliver one callback body `count` times at once, then `count` times in a row."""
+    at_once = await asyncio.gather(
+        *(stack.service.client.post(hook(task_id), content=raw) for _ in range(count))
+    )
+    in_a_row = [await stack.service.client.post(hook(task_id), content=raw) for _ in range(count)]
+    assert {response.status_code for response in at_once + in_a_row} == {200}
+    return [response.json()["outcome"] for response in at_once + in_a_row]
+
+
+async def test_fifty_terminal_callbacks_cause_one_query(stack: Stack) -> None:
+    """50 completions at once and 50 in a row: one confirmation query, 99 duplicates."""
+    task = await stack.submit()
+    upstream_id = task["upstream_task_id"]
+    assert (await stack.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+    completed = dumps(task_body("completed", upstream_id=upstream_id))
+    outcomes = await flood(stack, task["id"], completed)
+    await stack.service.runtime.reconciler.wait_idle()
+    assert (await stack.task(task["id"]))["status"] == "completed"
+    assert stack.upstream.queries[upstream_id] == 1
+    assert Counter(outcomes) == {"confirming": 1, "duplicate": 99}
+    assert Counter(outcome for outcome, _ in await stack.deliveries(task["id"])) == Counter(
+        outcomes
+    )
+
+
+async def test_a_leaked_callback_url_buys_one_query_per_spacing(stack: Stack) -> None:
+    """False completions, 100 while the query is out and 50 after: one query until the spacing."""
+    reconciler = stack.service.runtime.reconciler
+    reconciler.query_spacing = timedelta(hours=1)  # nothing may query again within the test
+    task = await stack.submit()
+    upstream_id = task["upstream_task_id"]
+    forged = dumps(task_body("completed", upstream_id=upstream_id))
+
+    stack.upstream.hold()
+    first = await stack.service.client.post(hook(task["id"]), content=forged)
+    assert first.json()["outcome"] == "confirming"
+    await stack.upstream.held.wait()  # the confirmation's query is out; the provider said pending
+    during = await flood(stack, task["id"], forged)
+    stack.upstream.release()
+    await reconciler.wait_idle()
+    after = await flood(stack, task["id"], forged)
+    await reconciler.wait_idle()
+
+    assert stack.upstream.queries[upstream_id] == 1
+    assert set(during) == set(after) == {"duplicate"}
+    assert (await stack.task(task["id"]))["status"] == "pending"
+    assert await reconciler.run_once() == 0  # due again, but not before the spacing
+    reconciler.query_spacing = timedelta(0)
+    assert await reconciler.run_once() == 1  # the hint is still asked about, once
+    assert stack.upstream.queries[upstream_id] == 2
 
 
 async def test_duplicates_and_late_news_are_recorded_but_change_nothing(trusting: Stack) -> None:

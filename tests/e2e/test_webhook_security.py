@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -148,3 +149,28 @@ async def test_duplicate_callbacks_cost_one_confirmation_query(quiet_stack: Stac
     # fix, 30 tasks with 3 deliveries each hit a double query on several tasks every run.
     queries = (await stack.sim.stats())["queries_per_task"]
     assert [queries[task["upstream_task_id"]] for task in tasks] == [1] * DUPLICATED
+
+
+async def test_a_flood_of_one_tasks_callbacks_costs_one_query(quiet_stack: Stack) -> None:
+    """50 completions of one task at once and 50 in a row: one query, one image, 99 duplicates."""
+    stack = quiet_stack
+    task = await stack.submit("a lighthouse [sim:drop]")
+    upstream_id = task["upstream_task_id"]
+
+    async def finished() -> dict[str, Any] | None:
+        provider = await stack.sim.task(upstream_id)
+        return provider if provider["status"] == "completed" else None
+
+    provider = await wait_for(finished, what="the simulator to finish the task")
+    body = forged_completion(upstream_id, provider["links"][-1]["url"])
+    at_once = await asyncio.gather(*(stack.post_callback(task["id"], body) for _ in range(50)))
+    in_a_row = [await stack.post_callback(task["id"], body) for _ in range(50)]
+    assert {response.status_code for response in at_once + in_a_row} == {200}
+
+    assert (await stack.wait_image(task["id"]))["image"]["status"] == "stored"
+    outcomes = Counter(response.json()["outcome"] for response in at_once + in_a_row)
+    assert outcomes == {"confirming": 1, "duplicate": 99}
+    assert Counter(outcome for _, outcome in await deliveries(stack, task["id"])) == outcomes
+    provider = await stack.sim.task(upstream_id)
+    assert provider["queries"] == 1
+    assert provider["image_gets"] == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,13 @@ import pytest_asyncio
 from sqlalchemy import update
 from sqlmodel import col
 
+from app.callback_urls import sign
 from app.config import Settings
 from app.models import Task, utcnow
-from tests.conftest import Service, make_settings
-from tests.helpers import simulator_transport
+from app.simulator.faults import DEFAULT_ERROR_CODE
+from app.simulator.payloads import FAILURE_MESSAGE
+from tests.conftest import WEBHOOK_SECRET, Service, make_settings
+from tests.helpers import GatedQueries, dumps, simulator_transport, task_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -25,10 +27,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 class Harness:
     """The service (background loops off), its simulator, and a query counter."""
 
-    def __init__(self, service: Service, sim: httpx.AsyncClient, queries: Counter[str]) -> None:
+    def __init__(self, service: Service, sim: httpx.AsyncClient, upstream: GatedQueries) -> None:
         self.service = service
         self.sim = sim
-        self.queries = queries
+        self.upstream = upstream
+        self.queries = upstream.queries
+        self.reconciler = service.runtime.reconciler
 
     async def submit(self, prompt: str = "a fox") -> str:
         response = await self.service.client.post("/tasks", json={"prompt": prompt})
@@ -38,7 +42,11 @@ class Harness:
 
     async def make_due(self, task_id: str, **columns: Any) -> None:
         """Pretend the task has been quiet long enough (and set other columns)."""
-        values = {"next_poll_at": utcnow() - timedelta(seconds=1), **columns}
+        values = {
+            "next_poll_at": utcnow() - timedelta(seconds=1),
+            "poll_claimed_at": None,
+            **columns,
+        }
         async with self.service.runtime.sessions() as session, session.begin():
             await session.execute(update(Task).where(col(Task.id) == task_id).values(**values))
 
@@ -49,22 +57,31 @@ class Harness:
         assert task is not None
         return tuple(getattr(task, name.strip()) for name in columns.split(","))
 
+    async def callback(self, task_id: str, body: dict[str, Any]) -> str:
+        """Deliver a provider callback to the webhook; the outcome it was recorded with."""
+        path = f"/webhooks/starmagic/{task_id}/{sign(task_id, WEBHOOK_SECRET)}"
+        response = await self.service.client.post(path, content=dumps(body))
+        assert response.status_code == 200, response.text
+        outcome: str = response.json()["outcome"]
+        return outcome
+
+    async def wait_status(self, task_id: str, status: str, timeout: float = 20.0) -> None:
+        """Poll the row until the task reaches `status` (bounded)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (await self.row(task_id, "status"))[0] != status:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"task {task_id} never became {status}")
+            await asyncio.sleep(0.05)
+
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def harness(service_factory: Any, settings: Settings) -> Harness:
     """Callbacks dropped by the simulator, so only the reconciler can learn outcomes."""
     transport, _ = simulator_transport(estimated_time=100, time_scale=10.0)
-    queries: Counter[str] = Counter()
-
-    class Counting(httpx.AsyncBaseTransport):
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            if request.method == "GET" and request.url.path.startswith("/v1/tasks/"):
-                queries[request.url.path.rsplit("/", 1)[1]] += 1
-            return await transport.handle_async_request(request)
-
-    service: Service = await service_factory(settings, Counting())
+    upstream = GatedQueries(transport)
+    service: Service = await service_factory(settings, upstream)
     sim = httpx.AsyncClient(transport=transport, base_url="http://starmagic.test")
-    return Harness(service, sim, queries)
+    return Harness(service, sim, upstream)
 
 
 async def test_a_lost_callback_is_recovered_by_querying(harness: Harness) -> None:
@@ -124,13 +141,91 @@ async def test_an_unknown_submission_waits_until_its_deadline(harness: Harness) 
     assert next_poll > utcnow() + timedelta(minutes=30)
 
 
-async def test_a_task_past_any_valid_link_is_given_up(harness: Harness) -> None:
-    """After 24 hours without an outcome the task fails with a clear error."""
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ("completed", ("completed", None, "pending")),
+        ("failed", ("failed", DEFAULT_ERROR_CODE, None)),
+        ("still_running", ("failed", "no_outcome", None)),
+        ("unreachable", ("failed", "no_outcome", None)),
+    ],
+)
+async def test_a_task_past_its_link_lifetime_is_asked_once_before_giving_up(
+    harness: Harness, provider: str, expected: tuple[str, str | None, str | None]
+) -> None:
+    """After 24 hours the provider is asked a last time: its outcome wins, else `no_outcome`."""
     task_id = await harness.submit()
+    (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+    if provider in ("completed", "failed"):
+        finish = await harness.sim.post(
+            f"/_sim/tasks/{upstream_id}/complete", json={"outcome": provider}
+        )
+        assert finish.is_success
+    harness.upstream.unreachable = provider == "unreachable"
     await harness.make_due(task_id, created_at=utcnow() - timedelta(hours=25))
-    await harness.service.runtime.reconciler.run_once()
-    status, code = await harness.row(task_id, "status, error_code")
-    assert (status, code) == ("failed", "no_outcome")
+    assert await harness.reconciler.run_once() == 1
+    assert await harness.row(task_id, "status, error_code, image_status") == expected
+    assert harness.queries[upstream_id] >= 1
+    if provider == "completed":
+        links = await harness.service.sql(
+            "SELECT source_url FROM images WHERE task_id = :id", id=task_id
+        )
+        assert (
+            [link for (link,) in links if link.startswith("http://starmagic.test/")]
+            == [link for (link,) in links]
+            != []
+        )
+    if provider == "failed":
+        (message,) = await harness.row(task_id, "error_message")
+        assert message == FAILURE_MESSAGE
+    assert await harness.reconciler.run_once() == 0  # asked once, settled for good
+
+
+async def test_a_callback_during_a_poll_keeps_the_task_due(harness: Harness) -> None:
+    """A completion reported while the reconciler's query is out is not pushed back by backoff."""
+    # No query may start on its own while the due time is checked; the next round then asks.
+    harness.reconciler.query_spacing = timedelta(hours=1)
+    task_id = await harness.submit()
+    (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+    await harness.make_due(task_id)
+    harness.upstream.hold()
+    polling = asyncio.create_task(harness.reconciler.run_once())
+    await harness.upstream.held.wait()  # the provider answered "pending"; the answer is held
+
+    assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+    completed = task_body("completed", upstream_id=upstream_id)
+    assert await harness.callback(task_id, completed) == "confirming"
+    await harness.reconciler.wait_idle()  # the immediate confirmation met the poll's lease
+    harness.upstream.release()
+    assert await polling == 1
+
+    status, next_poll = await harness.row(task_id, "status, next_poll_at")
+    assert status in ("pending", "processing")
+    assert next_poll <= utcnow()  # still due: the callback's request survived the reschedule
+    harness.reconciler.query_spacing = timedelta(0)
+    assert await harness.reconciler.run_once() == 1
+    assert await harness.row(task_id, "status, image_status") == ("completed", "pending")
+    assert harness.queries[upstream_id] == 2
+
+
+async def test_a_callback_during_a_poll_is_confirmed_when_the_poll_ends(harness: Harness) -> None:
+    """Without waiting for the next round: the poll that ends with a request pending confirms."""
+    harness.reconciler.query_spacing = timedelta(0)  # scaled down from seconds
+    task_id = await harness.submit()
+    (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+    await harness.make_due(task_id)
+    harness.upstream.hold()
+    polling = asyncio.create_task(harness.reconciler.run_once())
+    await harness.upstream.held.wait()
+
+    assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+    completed = task_body("completed", upstream_id=upstream_id)
+    assert await harness.callback(task_id, completed) == "confirming"
+    await harness.reconciler.wait_idle()
+    harness.upstream.release()
+    assert await polling == 1
+    await harness.wait_status(task_id, "completed")
+    assert harness.queries[upstream_id] == 2
 
 
 async def test_a_task_the_provider_does_not_know_fails_after_repeated_404s(
@@ -152,18 +247,18 @@ async def test_replicas_never_poll_the_same_task_at_once(
     """Two reconcilers racing over 30 due tasks query each task exactly once."""
     settings = make_settings(postgres_database, tmp_path)
     transport, _ = simulator_transport(estimated_time=100, time_scale=10.0)
-    queries: Counter[str] = Counter()
 
-    class Counting(httpx.AsyncBaseTransport):
+    class Slow(httpx.AsyncBaseTransport):
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             if request.method == "GET":
-                queries[request.url.path] += 1
                 await asyncio.sleep(0.01)  # keep the batches overlapping
             return await transport.handle_async_request(request)
 
-    first: Service = await service_factory(settings, Counting())
-    second: Service = await service_factory(settings, Counting())
-    harness = Harness(first, httpx.AsyncClient(transport=transport), queries)
+    upstream = GatedQueries(Slow())
+    queries = upstream.queries
+    first: Service = await service_factory(settings, upstream)
+    second: Service = await service_factory(settings, upstream)
+    harness = Harness(first, httpx.AsyncClient(transport=transport), upstream)
     ids = [await harness.submit(f"p{index}") for index in range(30)]
     for task_id in ids:
         await harness.make_due(task_id)
