@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.callback_urls import callback_url, sign, verify
+from tests.helpers import NEAR_MISS_KINDS, near_miss_token
 
 OLD, NEW = "old-secret-0123456789", "new-secret-9876543210"
 
@@ -42,3 +43,15 @@ def test_overlong_callback_urls_are_refused() -> None:
     """The provider takes at most 2048 characters."""
     with pytest.raises(ValueError, match="2048"):
         callback_url("https://h.example.com/" + "p" * 2100, "tsk_1", OLD)
+
+
+@pytest.mark.parametrize("kind", NEAR_MISS_KINDS)
+def test_near_miss_tokens_never_verify(kind: str) -> None:
+    """Every character of the token counts, under every configured secret."""
+    valid = sign("tsk_1", NEW)
+    token = near_miss_token(
+        kind, valid, other_task=sign("tsk_2", NEW), retired=sign("tsk_1", "retired-secret-0000")
+    )
+    assert token != valid
+    assert not verify("tsk_1", token, [NEW, OLD])
+    assert verify("tsk_1", valid, [NEW, OLD])
