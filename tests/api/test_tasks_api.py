@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import pytest
 import pytest_asyncio
 
 from app.config import Settings
+from app.models import utcnow
 from app.schemas import TaskCreate
 from app.services.tasks import fingerprint
 from tests.conftest import API_TOKEN, Service
+from tests.factories import make_task
 from tests.helpers import scripted_transport, simulator_transport
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -284,6 +287,26 @@ async def test_list_is_newest_first_with_filters_and_a_cursor(service: Service) 
     assert len(pending["items"]) == 7
     failed = (await service.client.get("/tasks", params={"status": "failed"})).json()
     assert failed == {"items": [], "next_cursor": None}
+
+
+async def test_tasks_created_in_the_same_instant_page_once_each_in_order(
+    service: Service,
+) -> None:
+    """Six tasks sharing one created_at, two a page: each exactly once, newest id first."""
+    instant = utcnow() - timedelta(minutes=5)
+    async with service.runtime.sessions() as session:
+        ids = [(await make_task(session, created_at=instant)).id for _ in range(6)]
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):  # bounded: a cursor that loops fails the test instead of hanging
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await service.client.get("/tasks", params=params)).json()
+        assert len(page["items"]) <= 2
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
 
 
 @pytest.mark.parametrize(
