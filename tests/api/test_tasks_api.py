@@ -158,11 +158,13 @@ async def test_idempotency_keys_are_scoped_per_caller(service: Service) -> None:
 
 async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Settings) -> None:
     """While the first submit waits on the provider, a retry with its key gets 409."""
+    reached = asyncio.Event()
     release = asyncio.Event()
     sim, _ = simulator_transport()
 
     class SlowUpstream(httpx.AsyncBaseTransport):
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            reached.set()  # the first request owns its key and waits on the provider
             await release.wait()
             return await sim.handle_async_request(request)
 
@@ -171,7 +173,7 @@ async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Se
     first = asyncio.create_task(
         service.client.post("/tasks", json={"prompt": "a"}, headers=headers)
     )
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(reached.wait(), timeout=60)
     second = await service.client.post("/tasks", json={"prompt": "a"}, headers=headers)
     release.set()
     assert second.status_code == 409
