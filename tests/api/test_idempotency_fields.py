@@ -41,7 +41,8 @@ def _candidates(schema: dict[str, Any]) -> list[Any]:
     for branch in [*schema.get("anyOf", []), *schema.get("oneOf", [])]:
         values.extend(_candidates(branch))
     guesses: dict[str, list[Any]] = {
-        "string": ["another lighthouse, at dusk"],
+        # Short first: a free-text field may be bounded by its column, not by the model.
+        "string": ["2K", "https://images.example.com/mask.png", "another lighthouse, at dusk"],
         "array": [["https://images.example.com/reference-1.png"]],
         "object": [{"order_id": "A-1042"}],
         "integer": [1, 2, 3, 4],
