@@ -239,8 +239,36 @@ async def test_names_resolving_inside_are_blocked(tmp_path: Path, addresses: lis
         await fetcher.fetch_to_file("https://images.example.com/a.png", tmp_path / "out")
     await fetcher.aclose()
     assert info.value.code == "blocked_address"
+    blocked = next(a for a in addresses if not address_allowed(a, allow_private=False))
+    assert f"images.example.com resolves to {blocked}" in info.value.message
     assert resolver.calls == ["images.example.com"]
     assert not (tmp_path / "out").exists()
+
+
+class HangingResolver:
+    """A DNS server that never answers."""
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """Wait forever."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_lookup_that_never_answers_ends_at_the_connect_timeout(tmp_path: Path) -> None:
+    """Name resolution is bounded by the connect timeout, not only by the whole download's."""
+    fetcher = SafeFetcher(
+        allow_private=False,
+        max_bytes=MB,
+        resolver=HangingResolver(),
+        connect_timeout=0.2,
+        total_timeout=30,
+    )
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file("https://images.example.com/a.png", tmp_path / "out")
+    await fetcher.aclose()
+    assert (info.value.code, info.value.retryable) == ("timeout", True)
+    assert "resolving images.example.com timed out" in info.value.message
 
 
 # --- downloads from a real local server ---------------------------------------------------
