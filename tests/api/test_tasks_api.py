@@ -178,6 +178,7 @@ async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Se
     release.set()
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "idempotency_in_flight"
+    assert "still in flight" in second.json()["error"]["message"]
     assert (await first).status_code == 202
 
 
@@ -198,6 +199,8 @@ async def test_provider_refusal_is_502_with_its_reason_and_the_task_failed(
     error = response.json()["error"]
     assert "prompt refused" in error["message"]
     task_id = error["details"][0]["task_id"]
+    assert error["details"][0]["provider_status"] == 400
+    assert error["details"][0]["provider_code"] is not None
     task = (await service.client.get(f"/tasks/{task_id}")).json()
     assert task["status"] == "failed"
     assert task["error"] == {
@@ -221,7 +224,12 @@ async def test_provider_outage_is_503_after_bounded_retries(
     service: Service = await service_factory(settings, scripted_transport(busy))
     response = await service.client.post("/tasks", json={"prompt": "a"})
     assert response.status_code == 503
-    assert "maintenance" in response.json()["error"]["message"]
+    assert response.headers["retry-after"] == "5"
+    error = response.json()["error"]
+    assert "maintenance" in error["message"]
+    (detail,) = error["details"]
+    assert detail["provider_status"] == 503
+    assert detail["task_id"].startswith("tsk_")
     assert len(calls) == 3
     rows = await service.sql("SELECT status FROM tasks")
     assert rows == [("failed",)]
