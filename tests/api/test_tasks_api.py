@@ -179,6 +179,7 @@ async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Se
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "idempotency_in_flight"
     assert "still in flight" in second.json()["error"]["message"]
+    assert second.headers["retry-after"] == "1"
     assert (await first).status_code == 202
 
 
