@@ -7,6 +7,7 @@ the model's JSON schema and the model's own validation.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -38,11 +39,19 @@ def _candidates(schema: dict[str, Any]) -> list[Any]:
     if "const" in schema:
         values.append(schema["const"])
     values.extend(schema.get("enum", []))
+    # Values the field documents (`low`, `medium` or `high`), for rules the schema cannot say.
+    values.extend(re.findall(r"`([^`]+)`", schema.get("description", "")))
     for branch in [*schema.get("anyOf", []), *schema.get("oneOf", [])]:
         values.extend(_candidates(branch))
     guesses: dict[str, list[Any]] = {
         # Short first: a free-text field may be bounded by its column, not by the model.
-        "string": ["2K", "https://images.example.com/mask.png", "another lighthouse, at dusk"],
+        "string": [
+            "2K",
+            "1:1",
+            "1024x1024",
+            "https://images.example.com/mask.png",
+            "another lighthouse, at dusk",
+        ],
         "array": [["https://images.example.com/reference-1.png"]],
         "object": [{"order_id": "A-1042"}],
         "integer": [1, 2, 3, 4],
