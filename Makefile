@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# `make mutate MUTATE='app.callback_urls*'` runs one module's mutants; empty runs them all.
+MUTATE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve demo test test-chaos lint typecheck check migrate bench lock clean
+.PHONY: help run serve demo test test-chaos lint typecheck check migrate bench lock mutate clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,12 +52,16 @@ migrate: $(BIN)/.installed ## apply the database migrations to DATABASE_URL
 bench: $(BIN)/.installed ## run the benchmark; results in bench/results/ and docs/performance.md
 	$(BIN)/python -m bench
 
+mutate: $(BIN)/.installed ## mutation testing of the promise modules ([tool.mutmut] in pyproject.toml)
+	$(BIN)/mutmut run $(if $(MUTATE),"$(MUTATE)")
+	$(BIN)/mutmut results
+
 lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --group build --generate-hashes --python-version 3.11 --universal --no-header -q -o requirements.lock
 	uv pip compile pyproject.toml --group build --group dev --generate-hashes --python-version 3.11 --universal --no-header -q -o requirements-dev.lock
 
 clean: ## remove the virtual environment and local data
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var mutants .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: container-test
 container-test: $(BIN)/.installed ## build the Dockerfile with buildah and run the image on the local PostgreSQL (root)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -21,6 +23,10 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode]
+
+# Shown as "***" by repr(), str() and rich: tracebacks and debug prints must not leak them.
+SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 
 
 class Settings(BaseSettings):
@@ -55,6 +61,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     root_path: str = ""
     trusted_proxies: CsvList = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    callback_retention_days: float = Field(default=30, gt=0)
+    idempotency_retention_days: float = Field(default=7, gt=0)
 
     @field_validator(
         "webhook_secret", "api_tokens", "trusted_proxies", "allowed_models", mode="before"
@@ -120,6 +128,14 @@ class Settings(BaseSettings):
         if not self.api_tokens and not self.auth_disabled:
             raise ValueError("API_TOKENS is required (or AUTH_DISABLED=true, for local use only)")
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name in SECRET_FIELDS and value:
+                value = "***"
+            elif name == "database_url":
+                value = _URL_PASSWORD.sub(r"\1***@", value)
+            yield name, value
 
     @property
     def signing_secret(self) -> str:

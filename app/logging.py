@@ -1,7 +1,9 @@
 """Structured logs: JSON lines in production, readable in a terminal.
 
 Every line, uvicorn's access log included, passes the redactor, so callback
-tokens and bearer tokens never reach the log.
+tokens, bearer tokens and the configured secrets never reach the log. An
+exception is rendered as a plain traceback (file, line, code) in every format,
+never with its frames' local variables, and that text is redacted too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def _redact(_: Any, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _redact_values(secrets: list[str]) -> Processor:
+    """Replace the literal secret values wherever they appear in a rendered line."""
+    known = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
+
+    def redact(_: Any, __: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if isinstance(value, str):
+                for secret in known:
+                    value = value.replace(secret, "***")
+                event[key] = value
+        return event
+
+    return redact
+
+
 def _render_stdlib_message(_: Any, __: str, event: EventDict) -> EventDict:
     # uvicorn's access log formats its message from args; render it, then redact.
     record = event.get("_record")
@@ -62,7 +79,10 @@ def configure_logging(settings: Settings) -> None:
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # plain_traceback: rich's default shows every frame's locals, secrets included.
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -74,7 +94,13 @@ def configure_logging(settings: Settings) -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if use_json else _identity,
+            # Tracebacks become text first (no locals), so the redactors see them.
+            structlog.processors.format_exc_info,
+            structlog.processors.StackInfoRenderer(),
+            _redact,
+            _redact_values(
+                [*settings.webhook_secret, *settings.api_tokens, settings.starmagic_api_key]
+            ),
             renderer,
         ],
     )
@@ -91,10 +117,6 @@ def configure_logging(settings: Settings) -> None:
         logger.disabled = False
         logger.setLevel(logging.NOTSET)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def _identity(_: Any, __: str, event: EventDict) -> EventDict:
-    return event
 
 
 def uvicorn_log_config() -> dict[str, Any]:

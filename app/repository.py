@@ -4,7 +4,7 @@ they never commit (the caller's unit of work does)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -567,3 +567,40 @@ async def get_image(session: AsyncSession, task_id: str, position: int) -> Image
         .execution_options(populate_existing=True)
     )
     return (await session.execute(statement)).scalar_one_or_none()
+
+
+# Retention: small batches, each its own short statement, so no lock is held for long.
+IDEMPOTENCY: Table = metadata.tables["idempotency_records"]
+Pruner = Callable[..., Awaitable[int]]
+
+
+async def prune_callback_deliveries(db: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` deliveries received before `before`; how many went."""
+    doomed = (
+        select(DELIVERIES.c.id)
+        .where(DELIVERIES.c.received_at < before)
+        .order_by(DELIVERIES.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    result = await db.execute(
+        delete(DELIVERIES).where(DELIVERIES.c.id.in_(doomed.scalar_subquery()))
+    )
+    return _rowcount(result)
+
+
+async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` records created before `before`, keeping any whose task is
+    still submitting (a retry must still find it); how many went."""
+    still_submitting = select(TASKS.c.id).where(
+        TASKS.c.id == IDEMPOTENCY.c.task_id, TASKS.c.status == TaskStatus.SUBMITTING.value
+    )
+    doomed = (
+        select(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
+        .where(IDEMPOTENCY.c.created_at < before, ~still_submitting.exists())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    key = tuple_(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
+    result = await db.execute(delete(IDEMPOTENCY).where(key.in_(doomed)))
+    return _rowcount(result)

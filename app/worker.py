@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -25,6 +26,10 @@ log = structlog.get_logger(__name__)
 DOWNLOAD_POLL_SECONDS = 1.0
 STATS_SECONDS = 15.0
 STOP_GRACE_SECONDS = 20.0
+# Retention: one pass an hour, in batches small enough to hold locks only briefly.
+PRUNE_INTERVAL_SECONDS = 3600.0
+PRUNE_BATCH_ROWS = 1000
+PRUNE_PAUSE_SECONDS = 0.5
 
 
 def worker_name() -> str:
@@ -35,10 +40,19 @@ def worker_name() -> str:
 class BackgroundWorker:
     """Claims queued downloads and due polls until told to stop."""
 
-    def __init__(self, runtime: Runtime, *, download_poll_seconds: float = DOWNLOAD_POLL_SECONDS):
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        download_poll_seconds: float = DOWNLOAD_POLL_SECONDS,
+        prune_batch_rows: int = PRUNE_BATCH_ROWS,
+        prune_pause_seconds: float = PRUNE_PAUSE_SECONDS,
+    ):
         self._runtime = runtime
         self._settings = runtime.settings
         self._poll_seconds = download_poll_seconds
+        self._prune_batch = prune_batch_rows
+        self._prune_pause = prune_pause_seconds
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.downloader = Downloader(
@@ -60,6 +74,7 @@ class BackgroundWorker:
                 )
             ),
             asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
+            asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
         ]
         log.info("worker_started", owner=self.downloader.owner)
 
@@ -131,6 +146,34 @@ class BackgroundWorker:
             depth, oldest = await repository.download_queue_stats(db)
         metrics.QUEUE_DEPTH.set(depth)
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
+
+    async def _prune(self) -> None:
+        """Delete callback deliveries and idempotency records past their retention."""
+        now = utcnow()
+        pruned = {
+            "callback_deliveries": await self._prune_table(
+                repository.prune_callback_deliveries,
+                now - timedelta(days=self._settings.callback_retention_days),
+            ),
+            "idempotency_records": await self._prune_table(
+                repository.prune_idempotency_records,
+                now - timedelta(days=self._settings.idempotency_retention_days),
+            ),
+        }
+        if any(pruned.values()):
+            log.info("retention_pruned", **pruned)
+
+    async def _prune_table(self, prune: repository.Pruner, before: datetime) -> int:
+        """Batch after batch, each in its own short transaction, with a pause between."""
+        total = 0
+        while not self._stopping.is_set():
+            async with self._runtime.engine.begin() as db:
+                deleted = await prune(db, before=before, limit=self._prune_batch)
+            total += deleted
+            if deleted < self._prune_batch:
+                break
+            await asyncio.sleep(self._prune_pause)
+        return total
 
 
 async def run_worker(settings: Settings) -> None:

@@ -123,3 +123,36 @@ def task_body(
 def dumps(body: Any) -> bytes:
     """JSON bytes for a raw request body."""
     return json.dumps(body).encode()
+
+
+def _flip(token: str, index: int) -> str:
+    """The token with one hex character changed."""
+    swapped = "0" if token[index] != "0" else "1"
+    return token[:index] + swapped + token[index + 1 :]
+
+
+NEAR_MISS_KINDS = (
+    "first_char_flipped",
+    "middle_char_flipped",
+    "last_char_flipped",
+    "truncated_by_one",
+    "truncated_to_half",
+    "one_extra_char",
+    "other_tasks_token",
+    "rotated_out_secret",
+)
+
+
+def near_miss_token(kind: str, valid: str, *, other_task: str, retired: str) -> str:
+    """A token that is almost the valid one; `other_task` and `retired` are valid elsewhere."""
+    middle = len(valid) // 2 + 1  # in the second half: a half-length compare misses it
+    return {
+        "first_char_flipped": lambda: _flip(valid, 0),
+        "middle_char_flipped": lambda: _flip(valid, middle),
+        "last_char_flipped": lambda: _flip(valid, len(valid) - 1),
+        "truncated_by_one": lambda: valid[:-1],
+        "truncated_to_half": lambda: valid[: len(valid) // 2],
+        "one_extra_char": lambda: valid + "0",
+        "other_tasks_token": lambda: other_task,
+        "rotated_out_secret": lambda: retired,
+    }[kind]()

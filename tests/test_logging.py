@@ -15,7 +15,7 @@ import structlog
 from app.callback_urls import sign
 from app.config import Settings
 from app.logging import configure_logging, redact_text
-from tests.conftest import WEBHOOK_SECRET, Service, make_settings
+from tests.conftest import API_TOKEN, WEBHOOK_SECRET, Service, make_settings
 from tests.helpers import simulator_transport
 
 
@@ -91,3 +91,20 @@ async def test_access_lines_carry_the_request_id_and_no_callback_token(
     hook = next(line for line in access if str(line["path"]).startswith("/webhooks/"))
     assert hook["status"] == 404
     assert token not in log_stream.getvalue()
+
+
+def test_configured_secret_values_are_redacted_wherever_they_appear(
+    log_stream: io.StringIO,
+) -> None:
+    """A secret quoted in a message or an exception text is replaced, whatever its field."""
+    log = structlog.get_logger("tests")
+    try:
+        raise ValueError(f"upstream refused key {API_TOKEN}")
+    except ValueError:
+        log.exception("odd_failure", detail=f"secret was {WEBHOOK_SECRET}")
+    (line,) = lines(log_stream)
+    text = json.dumps(line)
+    assert "upstream refused key ***" in str(line["exception"])
+    assert line["detail"] == "secret was ***"
+    assert API_TOKEN not in text
+    assert WEBHOOK_SECRET not in text

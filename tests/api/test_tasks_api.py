@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import pytest
 import pytest_asyncio
 
 from app.config import Settings
+from app.models import utcnow
 from app.schemas import TaskCreate
 from app.services.tasks import fingerprint
 from tests.conftest import API_TOKEN, Service
+from tests.factories import make_task
 from tests.helpers import scripted_transport, simulator_transport
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -155,11 +158,13 @@ async def test_idempotency_keys_are_scoped_per_caller(service: Service) -> None:
 
 async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Settings) -> None:
     """While the first submit waits on the provider, a retry with its key gets 409."""
+    reached = asyncio.Event()
     release = asyncio.Event()
     sim, _ = simulator_transport()
 
     class SlowUpstream(httpx.AsyncBaseTransport):
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            reached.set()  # the first request owns its key and waits on the provider
             await release.wait()
             return await sim.handle_async_request(request)
 
@@ -168,11 +173,13 @@ async def test_a_key_still_in_flight_gets_409(service_factory: Any, settings: Se
     first = asyncio.create_task(
         service.client.post("/tasks", json={"prompt": "a"}, headers=headers)
     )
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(reached.wait(), timeout=60)
     second = await service.client.post("/tasks", json={"prompt": "a"}, headers=headers)
     release.set()
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "idempotency_in_flight"
+    assert "still in flight" in second.json()["error"]["message"]
+    assert second.headers["retry-after"] == "1"
     assert (await first).status_code == 202
 
 
@@ -193,6 +200,8 @@ async def test_provider_refusal_is_502_with_its_reason_and_the_task_failed(
     error = response.json()["error"]
     assert "prompt refused" in error["message"]
     task_id = error["details"][0]["task_id"]
+    assert error["details"][0]["provider_status"] == 400
+    assert error["details"][0]["provider_code"] is not None
     task = (await service.client.get(f"/tasks/{task_id}")).json()
     assert task["status"] == "failed"
     assert task["error"] == {
@@ -216,7 +225,12 @@ async def test_provider_outage_is_503_after_bounded_retries(
     service: Service = await service_factory(settings, scripted_transport(busy))
     response = await service.client.post("/tasks", json={"prompt": "a"})
     assert response.status_code == 503
-    assert "maintenance" in response.json()["error"]["message"]
+    assert response.headers["retry-after"] == "5"
+    error = response.json()["error"]
+    assert "maintenance" in error["message"]
+    (detail,) = error["details"]
+    assert detail["provider_status"] == 503
+    assert detail["task_id"].startswith("tsk_")
     assert len(calls) == 3
     rows = await service.sql("SELECT status FROM tasks")
     assert rows == [("failed",)]
@@ -284,6 +298,26 @@ async def test_list_is_newest_first_with_filters_and_a_cursor(service: Service) 
     assert len(pending["items"]) == 7
     failed = (await service.client.get("/tasks", params={"status": "failed"})).json()
     assert failed == {"items": [], "next_cursor": None}
+
+
+async def test_tasks_created_in_the_same_instant_page_once_each_in_order(
+    service: Service,
+) -> None:
+    """Six tasks sharing one created_at, two a page: each exactly once, newest id first."""
+    instant = utcnow() - timedelta(minutes=5)
+    async with service.runtime.sessions() as session:
+        ids = [(await make_task(session, created_at=instant)).id for _ in range(6)]
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):  # bounded: a cursor that loops fails the test instead of hanging
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await service.client.get("/tasks", params=params)).json()
+        assert len(page["items"]) <= 2
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
 
 
 @pytest.mark.parametrize(

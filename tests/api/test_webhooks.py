@@ -17,7 +17,14 @@ import pytest_asyncio
 from app.callback_urls import sign
 from app.config import Settings
 from tests.conftest import WEBHOOK_SECRET, Service, make_settings
-from tests.helpers import GatedQueries, dumps, simulator_transport, task_body
+from tests.helpers import (
+    NEAR_MISS_KINDS,
+    GatedQueries,
+    dumps,
+    near_miss_token,
+    simulator_transport,
+    task_body,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -95,6 +102,36 @@ async def test_bad_tokens_and_unknown_tasks_get_the_same_404(stack: Stack) -> No
     assert wrong.json() == unknown.json()
     assert (await stack.task(task["id"]))["status"] == "pending"
     assert await stack.deliveries(task["id"]) == []
+
+
+async def test_near_miss_tokens_are_refused_and_change_nothing(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Each near miss of a valid token gets the unknown-callback 404; the real ones work."""
+    previous = "previous-webhook-secret-0123"
+    settings = make_settings(database_url, tmp_path, webhook_secret=f"{WEBHOOK_SECRET},{previous}")
+    stack = await build_stack(service_factory, settings)
+    task, other = await stack.submit(), await stack.submit("a dog")
+    body = dumps(task_body("processing", upstream_id=task["upstream_task_id"], progress=30))
+    valid = sign(task["id"], WEBHOOK_SECRET)
+    for kind in NEAR_MISS_KINDS:
+        token = near_miss_token(
+            kind,
+            valid,
+            other_task=sign(other["id"], WEBHOOK_SECRET),
+            retired=sign(task["id"], "retired-webhook-secret-0000"),
+        )
+        response = await stack.service.client.post(hook(task["id"], token), content=body)
+        assert response.status_code == 404, kind
+        assert response.json()["error"]["code"] == "not_found", kind
+    assert (await stack.task(task["id"]))["status"] == "pending"
+    assert await stack.deliveries(task["id"]) == []
+    # The control: the same body under the still-configured previous secret is applied.
+    accepted = await stack.service.client.post(
+        hook(task["id"], sign(task["id"], previous)), content=body
+    )
+    assert accepted.status_code == 200, accepted.text
+    assert (await stack.task(task["id"]))["status"] == "processing"
 
 
 @pytest.mark.parametrize(

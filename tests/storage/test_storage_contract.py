@@ -99,8 +99,15 @@ async def test_cleanup_removes_only_old_spool_files(storage: Storage) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_check_passes_on_a_usable_location(storage: Storage) -> None:
-    """A reachable, writable location is ready."""
-    await storage.check()
+    """A writable location is ready, every time, and the probe leaves no trace behind."""
+    data = os.urandom(3000)
+    await storage.put_file(KEY, spool(storage, data), content_type="image/png", sha256=sha(data))
+    for _ in range(2):
+        await storage.check()
+    assert await read_all(storage, KEY) == data
+    assert list(storage.spool_dir.iterdir()) == []
+    with pytest.raises(ObjectNotFoundError):
+        await storage.open("2025/01/31/never-stored.png")
 
 
 @pytest.mark.asyncio(loop_scope="session")

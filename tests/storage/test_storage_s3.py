@@ -41,19 +41,41 @@ async def test_large_upload_round_trip_with_metadata(make_s3: MakeS3, s3_server:
     assert received == data
 
 
-@pytest.mark.asyncio(loop_scope="session")
-async def test_identical_re_put_does_not_upload_again(make_s3: MakeS3, s3_server: S3Server) -> None:
-    """The stored sha256 makes a retried put a no-op: the object keeps its first version."""
-    storage = make_s3()
+def mark_server_side(s3_server: S3Server, bucket: str, key: str) -> None:
+    """Tag the stored object in place (same bytes and sha256): any later upload drops the tag."""
     client = s3_server.client()
-    for name in ("first", "second"):
-        source = storage.spool_dir / name
-        source.write_bytes(b"same bytes")
-        await storage.put_file(KEY, source, content_type="image/png", sha256=sha(b"same bytes"))
-        modified = client.head_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{KEY}")
-        if name == "first":
-            first = modified["LastModified"], modified["ETag"]
-    assert (modified["LastModified"], modified["ETag"]) == first
+    head = client.head_object(Bucket=bucket, Key=key)
+    client.copy_object(
+        Bucket=bucket,
+        Key=key,
+        CopySource={"Bucket": bucket, "Key": key},
+        Metadata={**head["Metadata"], "marker": "first-upload"},
+        ContentType=head["ContentType"],
+        MetadataDirective="REPLACE",
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    ("second", "uploads_again"), [(b"same bytes", False), (b"new bytes", True)]
+)
+async def test_identical_re_put_does_not_upload_again(
+    make_s3: MakeS3, s3_server: S3Server, second: bytes, uploads_again: bool
+) -> None:
+    """A retried put of identical bytes leaves the stored object alone; other bytes replace it."""
+    storage = make_s3()
+    stored_key = f"{storage.prefix}/{KEY}"
+    first = storage.spool_dir / "first"
+    first.write_bytes(b"same bytes")
+    await storage.put_file(KEY, first, content_type="image/png", sha256=sha(b"same bytes"))
+    mark_server_side(s3_server, storage.bucket, stored_key)
+    again = storage.spool_dir / "again"
+    again.write_bytes(second)
+    await storage.put_file(KEY, again, content_type="image/png", sha256=sha(second))
+    assert not again.exists()
+    head = s3_server.client().head_object(Bucket=storage.bucket, Key=stored_key)
+    assert head["Metadata"]["sha256"] == sha(second)
+    assert ("marker" not in head["Metadata"]) is uploads_again
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -1,0 +1,159 @@
+"""Bounded growth: callback deliveries and idempotency records go after their retention.
+
+Run on both databases: the deletes are batched by a subquery with a limit, which
+each dialect must accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import repository
+from app.config import Settings, SettingsError
+from app.models import IdempotencyRecord, utcnow
+from app.worker import BackgroundWorker
+from tests.conftest import Service, make_settings
+from tests.factories import make_task
+from tests.helpers import simulator_transport
+
+
+async def seed(service: Service, now: datetime) -> dict[str, str]:
+    """Tasks with old and recent deliveries and idempotency records; their ids by role."""
+    async with service.runtime.sessions() as session:
+        settled = await make_task(session, status="completed")
+        submitting = await make_task(session, status="submitting", upstream_task_id=None)
+        recent = await make_task(session, status="pending")
+    async with service.runtime.engine.begin() as db:
+        for age_days, task_id in [(31, settled.id)] * 5 + [(29, recent.id)] * 2:
+            await repository.insert_delivery(
+                db,
+                {
+                    "task_id": task_id,
+                    "body_sha256": hashlib.sha256(str(age_days).encode()).hexdigest(),
+                    "upstream_status": "completed",
+                    "outcome": "applied",
+                    "changed": True,
+                    "received_at": now - timedelta(days=age_days),
+                },
+            )
+    async with service.runtime.sessions() as session:
+        for key, task_id, age_days in [
+            ("old-settled", settled.id, 8),
+            ("old-submitting", submitting.id, 8),
+            ("recent", recent.id, 6),
+        ]:
+            session.add(
+                IdempotencyRecord(
+                    owner="tests",
+                    key=key,
+                    request_sha256="0" * 64,
+                    task_id=task_id,
+                    created_at=now - timedelta(days=age_days),
+                )
+            )
+        await session.commit()
+    return {"settled": settled.id, "submitting": submitting.id, "recent": recent.id}
+
+
+async def remaining(service: Service) -> tuple[list[str], list[str]]:
+    """Task ids of the deliveries left, and the idempotency keys left."""
+    deliveries = await service.sql("SELECT task_id FROM callback_deliveries ORDER BY id")
+    keys = await service.sql("SELECT key FROM idempotency_records ORDER BY key")
+    return [row[0] for row in deliveries], [row[0] for row in keys]
+
+
+async def build(service_factory: Any, settings: Settings) -> Service:
+    transport, _ = simulator_transport()
+    service: Service = await service_factory(settings, transport)
+    return service
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_pruning_goes_in_batches_and_keeps_recent_and_submitting_rows(
+    service_factory: Any, settings: Settings
+) -> None:
+    """Each call deletes at most its limit; old rows go, recent and still-submitting stay."""
+    service = await build(service_factory, settings)
+    now = utcnow()
+    ids = await seed(service, now)
+    cutoff = now - timedelta(days=30)
+    batches = []
+    while True:
+        async with service.runtime.engine.begin() as db:
+            deleted = await repository.prune_callback_deliveries(db, before=cutoff, limit=2)
+        batches.append(deleted)
+        if deleted == 0:
+            break
+    assert batches == [2, 2, 1, 0]
+    async with service.runtime.engine.begin() as db:
+        assert (
+            await repository.prune_idempotency_records(
+                db, before=now - timedelta(days=7), limit=1000
+            )
+            == 1
+        )
+    deliveries, keys = await remaining(service)
+    assert deliveries == [ids["recent"]] * 2
+    assert keys == ["old-submitting", "recent"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_worker_prunes_after_the_configured_retention(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """The background worker's retention loop applies the settings, batch after batch."""
+    settings = make_settings(
+        database_url, tmp_path, callback_retention_days=30, idempotency_retention_days=7
+    )
+    service = await build(service_factory, settings)
+    ids = await seed(service, utcnow())
+    worker = BackgroundWorker(service.runtime, prune_batch_rows=2, prune_pause_seconds=0)
+    await worker.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await remaining(service))[0] != [ids["recent"]] * 2:
+            assert asyncio.get_running_loop().time() < deadline, await remaining(service)
+            await asyncio.sleep(0.1)
+    finally:
+        await worker.stop()
+    deliveries, keys = await remaining(service)
+    assert deliveries == [ids["recent"]] * 2
+    assert keys == ["old-submitting", "recent"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_shorter_retention_setting_prunes_more(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """IDEMPOTENCY_RETENTION_DAYS and CALLBACK_RETENTION_DAYS are what the loop uses."""
+    settings = make_settings(
+        database_url, tmp_path, callback_retention_days=1, idempotency_retention_days=1
+    )
+    service = await build(service_factory, settings)
+    await seed(service, utcnow())
+    worker = BackgroundWorker(service.runtime, prune_batch_rows=1000, prune_pause_seconds=0)
+    await worker.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await remaining(service)) != ([], ["old-submitting"]):
+            assert asyncio.get_running_loop().time() < deadline, await remaining(service)
+            await asyncio.sleep(0.1)
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.parametrize("name", ["callback_retention_days", "idempotency_retention_days"])
+def test_retention_settings_have_defaults_and_refuse_zero(
+    name: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    """30 and 7 days unless set; zero or less is refused with a one-line reason."""
+    settings = make_settings(sqlite_url, tmp_path)
+    assert (settings.callback_retention_days, settings.idempotency_retention_days) == (30, 7)
+    with pytest.raises(SettingsError, match=name.upper()):
+        make_settings(sqlite_url, tmp_path, **{name: 0})
