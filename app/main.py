@@ -48,7 +48,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         current = runtime or Runtime.build(settings)
         app.state.runtime = current
-        worker = BackgroundWorker(current) if settings.run_background else None
+        worker = (
+            BackgroundWorker(current, database_outage=app.state.database_outage)
+            if settings.run_background
+            else None
+        )
         if worker is not None:
             await worker.start()
         if simulator_app is not None:
@@ -89,7 +93,8 @@ def _from_environment() -> FastAPI:
     try:
         settings = get_settings()
     except SettingsError as exc:
-        print(f"imagetasks: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"imagetasks: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
     return create_app(settings)
