@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,42 +17,43 @@ cli = typer.Typer(
     add_completion=False,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _settings_or_exit(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
     except SettingsError as exc:
-        typer.echo(f"imagetasks: {exc}", err=True)
+        report_settings_error(exc)
         raise typer.Exit(2) from None
 
 
-def run_migrations(database_url: str) -> None:
-    """`alembic upgrade head` on DATABASE_URL (safe to run from any thread)."""
-    from alembic import command
-    from alembic.config import Config
+def report_settings_error(exc: SettingsError) -> None:
+    """Every problem on its own line on stderr, so one restart shows them all."""
+    for problem in exc.problems:
+        typer.echo(f"imagetasks: {problem}", err=True)
 
-    # A wheel ships the migrations inside the package (see pyproject.toml); a checkout
-    # has them beside it, with alembic.ini.
-    packaged = Path(__file__).resolve().parent / "migrations"
-    ini = ROOT / "alembic.ini"
-    config = Config(str(ini)) if ini.is_file() else Config()
-    scripts = packaged if packaged.is_dir() else ROOT / "migrations"
-    config.set_main_option("script_location", str(scripts))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+
+def run_migrations(database_url: str) -> str:
+    """`alembic upgrade head` on DATABASE_URL; returns what it did (call it off the event loop)."""
+    from app.schema_version import migrate as upgrade
+
+    return upgrade(database_url)
 
 
 @cli.command()
 def migrate() -> None:
-    """Apply the database migrations to DATABASE_URL."""
+    """Apply the database migrations to DATABASE_URL and say what changed."""
+    from sqlalchemy.exc import DBAPIError
+
     from app.config import DatabaseSettings
 
     url = DatabaseSettings().database_url
-    run_migrations(url)
-    typer.echo("database is at the latest schema")
+    try:
+        done = run_migrations(url)
+    except (OSError, DBAPIError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        typer.echo(f"imagetasks: cannot migrate the database: {reason}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"imagetasks: {done}")
 
 
 @cli.command()
@@ -82,7 +82,11 @@ def serve(
     if sandbox:
         from app.sandbox import prepare_sandbox
 
-        settings, simulator = prepare_sandbox(host, port)
+        try:
+            settings, simulator = prepare_sandbox(host, port)
+        except SettingsError as exc:  # e.g. a LOG_LEVEL the sandbox cannot use either
+            report_settings_error(exc)
+            raise typer.Exit(2) from None
         run_migrations(settings.database_url)
     else:
         overrides = {} if background is None else {"run_background": background}
