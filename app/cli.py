@@ -4,10 +4,12 @@ simulator, the demo, and talk to a running service."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from typing import Annotated
 
 import typer
+import uvicorn
 
 from app.config import Settings, SettingsError, load_settings
 
@@ -73,14 +75,12 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP service (and, by default, its background worker)."""
-    import uvicorn
-
     from app.logging import configure_logging, uvicorn_log_config
     from app.main import create_app
 
-    simulator = None
+    simulator, announcement = None, None
     if sandbox:
-        from app.sandbox import prepare_sandbox
+        from app.sandbox import banner, prepare_sandbox
 
         try:
             settings, simulator = prepare_sandbox(host, port)
@@ -88,12 +88,13 @@ def serve(
             report_settings_error(exc)
             raise typer.Exit(2) from None
         run_migrations(settings.database_url)
+        announcement = banner(settings)
     else:
         overrides = {} if background is None else {"run_background": background}
         settings = _settings_or_exit(**overrides)
     configure_logging(settings)
     app = create_app(settings, simulator=simulator)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -102,6 +103,37 @@ def serve(
         access_log=False,  # the app writes its own, with the request id
         timeout_graceful_shutdown=30,
     )
+    server = _AnnouncingServer(config, announcement)
+    try:
+        server.run()
+    except SystemExit:
+        if server.started or server.lifespan_failed:
+            raise
+    if not server.started and not server.lifespan_failed:
+        typer.echo(
+            f"imagetasks: could not listen on {host}:{port} (is another process using it? "
+            "choose another with --port, or `make run PORT=8010`)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn that prints the sandbox's banner only once the socket is bound."""
+
+    def __init__(self, config: uvicorn.Config, announcement: str | None) -> None:
+        super().__init__(config)
+        self._announcement = announcement
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._announcement:
+            print(self._announcement, file=sys.stderr, flush=True)
+
+    @property
+    def lifespan_failed(self) -> bool:
+        """The app's own startup failed (it logged why); not a socket problem."""
+        return bool(getattr(getattr(self, "lifespan", None), "should_exit", False))
 
 
 @cli.command()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
@@ -21,7 +22,7 @@ from app.middleware import (
     RootPathMiddleware,
 )
 from app.runtime import Runtime
-from app.sandbox import SIMULATOR_PREFIX, banner
+from app.sandbox import SIMULATOR_PREFIX
 from app.simulator import SimulatorConfig, create_simulator_app
 from app.worker import BackgroundWorker
 
@@ -55,8 +56,6 @@ def create_app(
         )
         if worker is not None:
             await worker.start()
-        if simulator_app is not None:
-            print(banner(settings), file=sys.stderr, flush=True)
         try:
             yield
         finally:
@@ -66,7 +65,9 @@ def create_app(
             if simulator_app is not None:
                 await simulator_app.state.simulator.aclose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc load their scripts from the package, not a CDN: /docs
+    # works on a network without internet access.
+    app = FastAPIOffline(
         title="imagetasks",
         version=__version__,
         description=DESCRIPTION,
