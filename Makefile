@@ -14,15 +14,16 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # Two stamps: running needs only requirements.lock; testing and linting add the dev lock.
+# The run install skips byte-compiling (a third of its time): Python compiles on first import.
 define install
 	@$(PYTHON) -c 'import sys; sys.exit("imagetasks needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes -r $(1)
+	$(BIN)/python -m pip install --quiet $(2) --require-hashes -r $(1)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 endef
 
 $(BIN)/.installed-run: requirements.lock pyproject.toml
-	$(call install,requirements.lock)
+	$(call install,requirements.lock,--no-compile)
 	@touch $@
 
 $(BIN)/.installed: requirements-dev.lock pyproject.toml
