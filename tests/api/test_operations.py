@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from app.callback_urls import sign
 from app.schema_version import head_revisions
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET, LogLines, Service, make_settings
 from tests.helpers import dumps, simulator_transport, task_body
+from tests.postgres import admin, postgres_reachable, run_async, server_database_url
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -149,13 +153,30 @@ async def test_an_unreachable_database_is_a_503_not_a_500(
     assert ready.json()["checks"]["database"].startswith("unavailable")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database nobody migrated: an empty SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        empty = tmp_path / "empty.db"
+        empty.touch()
+        yield f"sqlite+aiosqlite:///{empty}"
+        return
+    problem = run_async(postgres_reachable)
+    if problem:
+        pytest.skip(f"PostgreSQL is unreachable ({problem})")
+    name = f"imagetasks_unmigrated_{os.getpid()}_{secrets.token_hex(3)}"
+    run_async(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield server_database_url(name)
+    finally:
+        run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 async def test_an_unmigrated_database_is_not_ready_and_says_to_migrate(
-    service_factory: Any, tmp_path: Path, capture_logs: LogLines
+    service_factory: Any, empty_database: str, tmp_path: Path, capture_logs: LogLines
 ) -> None:
-    """An empty database file: /readyz and every request say `imagetasks migrate`, logged once."""
-    empty = tmp_path / "empty.db"
-    empty.touch()
-    settings = make_settings(f"sqlite+aiosqlite:///{empty}", tmp_path)
+    """An empty database: /readyz and every request say `imagetasks migrate`, logged once."""
+    settings = make_settings(empty_database, tmp_path)
     service: Service = await service_factory(settings, simulator_transport()[0])
     ready = await service.client.get("/readyz")
     assert ready.status_code == 503
