@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 PORT   ?= 8000
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help run serve demo test test-fast test-chaos lint typecheck check migrate bench lock clean
