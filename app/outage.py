@@ -43,24 +43,33 @@ def _lost_connection(exc: BaseException) -> bool:
     )
 
 
+def _missing_schema(exc: BaseException) -> bool:
+    """A statement that failed because a table or column does not exist (SQLite, PostgreSQL)."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if "no such table" in text or "no such column" in text:
+        return True
+    return "does not exist" in text and ("relation" in text or "column" in text)
+
+
 async def diagnose_database_error(engine: AsyncEngine, exc: BaseException) -> Diagnosis | None:
     """Classify a failed database operation; None when it is neither outage nor schema (a bug).
 
-    A statement that failed on a live connection may mean the tables are missing: one
-    look at `alembic_version` tells. Lost connections are not probed (the probe would
-    only wait for the same dead server).
+    Only a statement that failed for a missing table or column costs a look at
+    `alembic_version` (to tell an unmigrated database from a bug); lost connections
+    and busy databases are not probed: the probe would only wait on the same server.
     """
     if not isinstance(exc, DBAPIError | OSError | TimeoutError):
         return None
     reason = short_reason(exc)
     if _lost_connection(exc):
         return Diagnosis(UNREACHABLE, reason)
-    try:
-        status = await asyncio.wait_for(schema_status(engine), PROBE_TIMEOUT)
-    except Exception:  # the probe cannot connect either: the database is down
-        return Diagnosis(UNREACHABLE, reason)
-    if not status.current:
-        return Diagnosis(SCHEMA, status.describe())
+    if _missing_schema(exc):
+        try:
+            status = await asyncio.wait_for(schema_status(engine), PROBE_TIMEOUT)
+        except Exception:  # the probe cannot connect either: the database is down
+            return Diagnosis(UNREACHABLE, reason)
+        if not status.current:
+            return Diagnosis(SCHEMA, status.describe())
     if isinstance(exc, OperationalError):  # locked, out of connections, shutting down...
         return Diagnosis(UNREACHABLE, reason)
     return None
