@@ -43,8 +43,10 @@ async def readyz(runtime: RuntimeDep, request: Request) -> JSONResponse:
         try:
             await asyncio.wait_for(check(), READY_TIMEOUT)
             checks[name] = "ok"
-        except (NotReady, StorageError) as exc:
+        except NotReady as exc:
             checks[name] = str(exc)
+        except StorageError as exc:
+            checks[name] = f"unavailable: {exc}"
         except TimeoutError:
             checks[name] = f"unavailable: no answer within {READY_TIMEOUT:g} s"
         except Exception as exc:

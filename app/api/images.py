@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import structlog
@@ -21,6 +22,7 @@ from app.storage import ObjectNotFoundError, StorageError
 router = APIRouter(prefix="/tasks", tags=["images"])
 log = structlog.get_logger(__name__)
 PRESIGNED_SECONDS = 300
+STORAGE_CHECK_SECONDS = 5.0
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such task, or no stored image yet"}
 }
@@ -87,7 +89,13 @@ async def _serve(
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     try:
-        stored = await runtime.storage.open(image.key)
+        try:
+            stored = await runtime.storage.open(image.key)
+        except ObjectNotFoundError:
+            # A storage that is gone (directory unmounted, bucket missing) also reports
+            # "not found": only a storage that answers its check has really lost the object.
+            await _check_storage(runtime)
+            raise
     except ObjectNotFoundError as exc:
         # The row says stored but the object is gone: data loss, not an outage.
         metrics.IMAGES_MISSING.inc()
@@ -108,6 +116,14 @@ async def _serve(
     return StreamingResponse(
         stored.chunks, media_type=image.content_type or stored.content_type, headers=headers
     )
+
+
+async def _check_storage(runtime: Runtime) -> None:
+    """StorageError unless the storage answers its readiness check."""
+    try:
+        await asyncio.wait_for(runtime.storage.check(), STORAGE_CHECK_SECONDS)
+    except TimeoutError as exc:
+        raise StorageError("the storage did not answer its check") from exc
 
 
 @router.post(

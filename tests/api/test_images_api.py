@@ -193,3 +193,21 @@ async def test_an_unreachable_storage_is_still_503(
     response = await service.client.get(f"/tasks/{task.id}/image")
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "storage_unavailable"
+
+
+async def test_a_vanished_storage_directory_is_503_not_image_missing(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The whole image directory gone (a file in its place) is an outage: 503, nothing counted."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    images = tmp_path / "images"
+    images.rename(tmp_path / "images.away")
+    images.write_text("the storage volume is gone\n")
+    before = REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert (REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0) == before

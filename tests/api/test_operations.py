@@ -93,6 +93,7 @@ async def test_readyz_reports_each_dependency(
     broken = await service.client.get("/readyz")
     assert broken.status_code == 503
     assert broken.json()["checks"]["database"] == "ok"
+    assert broken.json()["checks"]["storage"].startswith("unavailable: storage directory ")
     assert "is not writable" in broken.json()["checks"]["storage"]
 
 

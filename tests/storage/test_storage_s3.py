@@ -101,7 +101,7 @@ async def test_readyz_names_a_missing_bucket(
     assert ready.status_code == 503
     assert ready.json()["checks"] == {
         "database": "ok",
-        "storage": 'bucket "absent-bucket" does not exist (create it first)',
+        "storage": 'unavailable: bucket "absent-bucket" does not exist (create it first)',
     }
 
 
