@@ -20,12 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATE_HINT = "run `imagetasks migrate`"
 
 
+def migrations_dir() -> Path:
+    """The migration scripts: inside the package in a wheel, beside it in a checkout."""
+    packaged = Path(__file__).resolve().parent / "migrations"
+    return packaged if packaged.is_dir() else ROOT / "migrations"
+
+
 @lru_cache(maxsize=1)
 def head_revisions() -> frozenset[str]:
     """The revision(s) the code expects, from the migration scripts (read once)."""
     from alembic.script import ScriptDirectory
 
-    return frozenset(ScriptDirectory(str(ROOT / "migrations")).get_heads())
+    return frozenset(ScriptDirectory(str(migrations_dir())).get_heads())
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,9 @@ def migrate(database_url: str) -> str:
     from alembic.config import Config
 
     before = asyncio.run(_status_at(database_url))
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    ini = ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
