@@ -4,11 +4,12 @@ simulator, the demo, and talk to a running service."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvicorn
 
 from app.config import Settings, SettingsError, load_settings
 
@@ -18,42 +19,43 @@ cli = typer.Typer(
     add_completion=False,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _settings_or_exit(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
     except SettingsError as exc:
-        typer.echo(f"imagetasks: {exc}", err=True)
+        report_settings_error(exc)
         raise typer.Exit(2) from None
 
 
-def run_migrations(database_url: str) -> None:
-    """`alembic upgrade head` on DATABASE_URL (safe to run from any thread)."""
-    from alembic import command
-    from alembic.config import Config
+def report_settings_error(exc: SettingsError) -> None:
+    """Every problem on its own line on stderr, so one restart shows them all."""
+    for problem in exc.problems:
+        typer.echo(f"imagetasks: {problem}", err=True)
 
-    # A wheel ships the migrations inside the package (see pyproject.toml); a checkout
-    # has them beside it, with alembic.ini.
-    packaged = Path(__file__).resolve().parent / "migrations"
-    ini = ROOT / "alembic.ini"
-    config = Config(str(ini)) if ini.is_file() else Config()
-    scripts = packaged if packaged.is_dir() else ROOT / "migrations"
-    config.set_main_option("script_location", str(scripts))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+
+def run_migrations(database_url: str) -> str:
+    """`alembic upgrade head` on DATABASE_URL; returns what it did (call it off the event loop)."""
+    from app.schema_version import migrate as upgrade
+
+    return upgrade(database_url)
 
 
 @cli.command()
 def migrate() -> None:
-    """Apply the database migrations to DATABASE_URL."""
+    """Apply the database migrations to DATABASE_URL and say what changed."""
+    from sqlalchemy.exc import DBAPIError
+
     from app.config import DatabaseSettings
 
     url = DatabaseSettings().database_url
-    run_migrations(url)
-    typer.echo("database is at the latest schema")
+    try:
+        done = run_migrations(url)
+    except (OSError, DBAPIError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        typer.echo(f"imagetasks: cannot migrate the database: {reason}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"imagetasks: {done}")
 
 
 @cli.command()
@@ -73,23 +75,26 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP service (and, by default, its background worker)."""
-    import uvicorn
-
     from app.logging import configure_logging, uvicorn_log_config
     from app.main import create_app
 
-    simulator = None
+    simulator, announcement = None, None
     if sandbox:
-        from app.sandbox import prepare_sandbox
+        from app.sandbox import banner, prepare_sandbox
 
-        settings, simulator = prepare_sandbox(host, port)
+        try:
+            settings, simulator = prepare_sandbox(host, port)
+        except SettingsError as exc:  # e.g. a LOG_LEVEL the sandbox cannot use either
+            report_settings_error(exc)
+            raise typer.Exit(2) from None
         run_migrations(settings.database_url)
+        announcement = banner(settings)
     else:
         overrides = {} if background is None else {"run_background": background}
         settings = _settings_or_exit(**overrides)
     configure_logging(settings)
     app = create_app(settings, simulator=simulator)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -98,6 +103,37 @@ def serve(
         access_log=False,  # the app writes its own, with the request id
         timeout_graceful_shutdown=30,
     )
+    server = _AnnouncingServer(config, announcement)
+    try:
+        server.run()
+    except SystemExit:
+        if server.started or server.lifespan_failed:
+            raise
+    if not server.started and not server.lifespan_failed:
+        typer.echo(
+            f"imagetasks: could not listen on {host}:{port} (is another process using it? "
+            "choose another with --port, or `make run PORT=8010`)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn that prints the sandbox's banner only once the socket is bound."""
+
+    def __init__(self, config: uvicorn.Config, announcement: str | None) -> None:
+        super().__init__(config)
+        self._announcement = announcement
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._announcement:
+            print(self._announcement, file=sys.stderr, flush=True)
+
+    @property
+    def lifespan_failed(self) -> bool:
+        """The app's own startup failed (it logged why); not a socket problem."""
+        return bool(getattr(getattr(self, "lifespan", None), "should_exit", False))
 
 
 @cli.command()

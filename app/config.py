@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class SettingsError(Exception):
-    """A setting that cannot work; the message is one line for the operator."""
+    """Settings that cannot work: one line per problem, each naming its variable."""
+
+    problems: list[str]
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def _split_csv(value: object) -> object:
@@ -27,26 +35,45 @@ CsvList = Annotated[list[str], NoDecode]
 # Shown as "***" by repr(), str() and rich: tracebacks and debug prints must not leak them.
 SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Hosts reserved for documentation (RFC 2606): a URL on one is a copied example.
+_EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org")
+# Words that mark a value as a template's stand-in rather than a real secret.
+_PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replace-me")
+
+
+def _is_placeholder(value: str) -> bool:
+    lowered = value.lower()
+    return any(word in lowered for word in _PLACEHOLDER_WORDS)
+
+
+def _on_example_domain(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    return any(host == domain or host.endswith("." + domain) for domain in _EXAMPLE_DOMAINS)
 
 
 class Settings(BaseSettings):
-    """The environment table of DESIGN.md, plus a few operational extras."""
+    """The environment table of DESIGN.md, plus a few operational extras.
+
+    Every check is a field validator, so one load reports every problem at once.
+    Fields that another check reads (the opt-ins) come before the fields they govern.
+    """
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./var/imagetasks.db"
     storage_url: str = "file://./var/images"
     starmagic_base_url: str = "https://api.starmagic.ai"
-    starmagic_api_key: str = ""
-    public_base_url: str = ""
-    webhook_secret: CsvList = Field(default_factory=list)
-    api_tokens: CsvList = Field(default_factory=list)
+    starmagic_api_key: str = Field(default="", validate_default=True)
+    allow_insecure_callbacks: bool = False
+    public_base_url: str = Field(default="", validate_default=True)
+    webhook_secret: CsvList = Field(default_factory=list, validate_default=True)
     auth_disabled: bool = False
+    api_tokens: CsvList = Field(default_factory=list, validate_default=True)
     max_image_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     reconcile_interval_seconds: float = Field(default=30, gt=0)
     reconcile_after_seconds: float = Field(default=120, gt=0)
     confirm_callbacks: bool = True
-    allow_insecure_callbacks: bool = False
     download_allow_private_networks: bool = False
     allowed_models: CsvList = Field(
         default_factory=lambda: ["gpt-image-1.5", "gpt-image-2", "gpt-image-2-beta"]
@@ -92,13 +119,11 @@ class Settings(BaseSettings):
             return value
         raise ValueError("must be file://<directory> or s3://<bucket>[/prefix]")
 
-    @field_validator("starmagic_base_url", "public_base_url")
+    @field_validator("starmagic_base_url")
     @classmethod
     def _origin(cls, value: str) -> str:
         value = value.rstrip("/")
-        if value and (
-            urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc
-        ):
+        if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
             raise ValueError("must be an http(s) URL")
         return value
 
@@ -112,22 +137,83 @@ class Settings(BaseSettings):
             raise ValueError(f"must list some of {', '.join(MODELS)} (unknown: {unknown})")
         return value
 
-    @model_validator(mode="after")
-    def _coherent(self) -> Settings:
-        if not self.webhook_secret:
-            raise ValueError("WEBHOOK_SECRET is required (it signs the callback URLs)")
-        if any(len(secret) < 16 for secret in self.webhook_secret):
-            raise ValueError("WEBHOOK_SECRET: every secret needs at least 16 characters")
-        if not self.public_base_url:
-            raise ValueError("PUBLIC_BASE_URL is required (the provider calls back there)")
-        if self.public_base_url.startswith("http://") and not self.allow_insecure_callbacks:
+    @field_validator("starmagic_api_key")
+    @classmethod
+    def _api_key(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is required: every submission would fail without it")
+        if _is_placeholder(value):
+            raise ValueError("is a placeholder; set the key StarMagic gave you")
+        return value.strip()
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().rstrip("/")
+        if not value:
+            raise ValueError("is required: StarMagic calls back there")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL")
+        if _on_example_domain(value):
             raise ValueError(
-                "PUBLIC_BASE_URL must be https:// "
-                "(set ALLOW_INSECURE_CALLBACKS=true for local tests)"
+                f"{parts.hostname} is the example's placeholder; set the public HTTPS origin "
+                "StarMagic can reach"
             )
-        if not self.api_tokens and not self.auth_disabled:
-            raise ValueError("API_TOKENS is required (or AUTH_DISABLED=true, for local use only)")
-        return self
+        if parts.scheme == "http" and not info.data.get("allow_insecure_callbacks", True):
+            raise ValueError("must be https:// (set ALLOW_INSECURE_CALLBACKS=true for local tests)")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("is required: it signs the callback URLs")
+        if any(len(secret) < 16 for secret in value):
+            raise ValueError("every secret needs at least 16 characters")
+        if any(_is_placeholder(secret) for secret in value):
+            raise ValueError("is a placeholder; generate one (e.g. openssl rand -hex 32)")
+        return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _api_tokens(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value and not info.data.get("auth_disabled", True):
+            raise ValueError("is required (or AUTH_DISABLED=true, for local use only)")
+        if any(_is_placeholder(token) for token in value):
+            raise ValueError("holds a placeholder; generate tokens (e.g. openssl rand -hex 24)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith("/"):
+            raise ValueError(f"must start with a slash (/{value}), not {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        bad = []
+        for entry in value:
+            if entry == "*":  # uvicorn's "trust everyone"
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                bad.append(entry)
+        if bad:
+            raise ValueError(f"not IP addresses or networks: {', '.join(repr(b) for b in bad)}")
+        return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
@@ -147,15 +233,18 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
+def _problem_line(error: ErrorDetails) -> str:
+    field = ".".join(str(part) for part in error["loc"]).upper()
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    return f"{field}: {reason}" if field else reason
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build the settings, turning a validation failure into a one-line reason."""
+    """Build the settings; SettingsError lists every problem, one line each."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]).upper()
-        reason = str(error["msg"]).removeprefix("Value error, ")
-        raise SettingsError(f"{field}: {reason}" if field else reason) from None
+        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None
 
 
 @lru_cache(maxsize=1)

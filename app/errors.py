@@ -3,14 +3,17 @@ error, ours and the framework's, in the same JSON shape."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.outage import SCHEMA, UNREACHABLE, OutageLog, diagnose_database_error
 
 log = structlog.get_logger(__name__)
 
@@ -85,24 +88,84 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status_code, headers=headers)
 
 
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+def field_path(location: Sequence[str | int]) -> str:
+    """One spelling of a field everywhere: names joined by dots, list indices in brackets.
+
+    ``("body", "image_urls", 2)`` is ``image_urls[2]``; ``("query", "limit")`` is ``limit``.
+    """
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     details = []
     for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        location = list(error.get("loc", ()))
+        if location and location[0] in _LOCATIONS:
+            location = location[1:]
         reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        details.append({"field": ".".join(location) or "body", "reason": reason})
+        details.append({"field": field_path(location) or "body", "reason": reason})
     return details
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error through the one shape."""
+def _json_syntax_error(exc: RequestValidationError) -> str | None:
+    """Where the body stops being JSON ("line 3, column 7: ..."), if that is the problem."""
+    for error in exc.errors():
+        if error.get("type") != "json_invalid":
+            continue
+        location = error.get("loc", ())
+        position = location[-1] if location and isinstance(location[-1], int) else 0
+        document = exc.body if isinstance(exc.body, str) else ""
+        line = document.count("\n", 0, position) + 1
+        column = position - (document.rfind("\n", 0, position) + 1) + 1
+        cause = (error.get("ctx") or {}).get("error") or "JSON decode error"
+        return f"the body is not valid JSON: {cause} at line {line}, column {column}"
+    return None
+
+
+def _not_json_content_type(request: Request, exc: RequestValidationError) -> str | None:
+    """The declared type of a body that FastAPI would not parse as JSON, if that is the problem."""
+    declared = request.headers.get("content-type", "")
+    media_type = declared.split(";")[0].strip().lower()
+    if not media_type or media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    about_the_body = any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors())
+    return media_type if about_the_body else None
+
+
+def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = None) -> None:
+    """Route every error through the one shape.
+
+    `database_outage` is shared with the process's background loops, which see the
+    database recover; the request path only ever sees it fail.
+    """
+    app.state.database_outage = database_outage or OutageLog("database")
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media_type = _not_json_content_type(request, exc)
+        if media_type is not None:
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON sent with `Content-Type: application/json` "
+                f"(this request said {media_type})",
+            )
+        syntax = _json_syntax_error(exc)
+        if syntax is not None:
+            return error_response(422, "invalid_json", syntax)
         details = _field_errors(exc)
         first = details[0] if details else {"field": "body", "reason": "invalid"}
         message = f"{first['field']}: {first['reason']}"
@@ -117,14 +180,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ConnectionError)
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: Exception) -> JSONResponse:
-        # A database that cannot be reached is a passing outage, not a bug: say
-        # so, so that callers (and the provider, for callbacks) retry.
-        reachable = isinstance(exc, DBAPIError) and not (
-            exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-        )
-        if reachable:
+        # A database that cannot be reached, or that was never migrated, is not a
+        # bug: say what it is, so that callers (and the provider) retry, and log
+        # it as one outage rather than a traceback per request.
+        runtime = request.app.state.runtime
+        diagnosis = await diagnose_database_error(runtime.engine, exc)
+        if diagnosis is None:
             return await _unexpected(request, exc)
-        log.warning("database_unavailable", path=request.url.path, reason=type(exc).__name__)
+        outage: OutageLog = request.app.state.database_outage
+        if diagnosis.kind == SCHEMA:
+            outage.failed(SCHEMA, diagnosis.reason, repeat=False)
+            return error_response(
+                503,
+                "schema_not_current",
+                f"the database {diagnosis.reason}",
+                headers={"Retry-After": "30"},
+            )
+        outage.failed(UNREACHABLE, diagnosis.reason)
         return error_response(
             503,
             "database_unavailable",

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
@@ -21,7 +22,7 @@ from app.middleware import (
     RootPathMiddleware,
 )
 from app.runtime import Runtime
-from app.sandbox import SIMULATOR_PREFIX, banner
+from app.sandbox import SIMULATOR_PREFIX
 from app.simulator import SimulatorConfig, create_simulator_app
 from app.worker import BackgroundWorker
 
@@ -48,11 +49,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         current = runtime or Runtime.build(settings)
         app.state.runtime = current
-        worker = BackgroundWorker(current) if settings.run_background else None
+        worker = (
+            BackgroundWorker(current, database_outage=app.state.database_outage)
+            if settings.run_background
+            else None
+        )
         if worker is not None:
             await worker.start()
-        if simulator_app is not None:
-            print(banner(settings), file=sys.stderr, flush=True)
         try:
             yield
         finally:
@@ -62,7 +65,9 @@ def create_app(
             if simulator_app is not None:
                 await simulator_app.state.simulator.aclose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc load their scripts from the package, not a CDN: /docs
+    # works on a network without internet access.
+    app = FastAPIOffline(
         title="imagetasks",
         version=__version__,
         description=DESCRIPTION,
@@ -89,7 +94,8 @@ def _from_environment() -> FastAPI:
     try:
         settings = get_settings()
     except SettingsError as exc:
-        print(f"imagetasks: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"imagetasks: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
     return create_app(settings)

@@ -45,3 +45,7 @@ RECONCILER_QUERIES = Counter(
     "Query API calls made by the reconciler, by outcome (ok, not_found, error).",
     ["outcome"],
 )
+IMAGES_MISSING = Counter(
+    "imagetasks_images_missing_total",
+    "Images recorded as stored whose object is missing from the storage (data loss).",
+)

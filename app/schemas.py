@@ -30,7 +30,7 @@ from app.model_rules import (
 )
 from app.model_rules import MAX_IMAGE_URLS as MAX_IMAGE_URLS  # re-exported
 from app.model_rules import MAX_URL_LENGTH as MAX_URL_LENGTH  # re-exported
-from app.models import TaskStatus
+from app.models import ImageStatus, TaskStatus
 
 MODELS = KNOWN_MODELS
 MAX_PROMPT_BYTES = TOKEN_SAFE_PROMPT_BYTES
@@ -242,9 +242,22 @@ def _validation_error(
     return ValidationError.from_exception_data(title, details)
 
 
+_TASK_ID = "tsk_01JD3ZQ8W4Y9K2M7N5P6R8S0TV"
+_SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
 class ErrorInfo(BaseModel):
-    code: str
-    message: str
+    """Why a task or its image failed."""
+
+    code: str = Field(
+        description="A stable, machine-readable reason: the provider's code for a task, "
+        "or the download's (`too_large`, `not_an_image`, `blocked_address`, `expired`, "
+        "`http_<status>`, …) for an image.",
+        examples=["content_policy_violation", "too_large"],
+    )
+    message: str = Field(
+        description="What happened, for people.", examples=["the prompt was refused"]
+    )
     retryable: bool | None = Field(
         default=None,
         description="For a failed task: true when the same request is worth resubmitting later "
@@ -254,58 +267,230 @@ class ErrorInfo(BaseModel):
 
 
 class ImagePublic(BaseModel):
-    index: int = 0
-    status: str
-    url: str | None = None
-    content_type: str | None = None
-    size_bytes: int | None = None
-    sha256: str | None = None
-    width: int | None = None
-    height: int | None = None
-    stored_at: datetime | None = None
-    source_expires_at: datetime | None = None
-    error: ErrorInfo | None = None
+    """The task's image as imagetasks keeps it (our copy, not the provider's link)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "stored",
+                    "url": f"https://imagetasks.internal/tasks/{_TASK_ID}/image",
+                    "content_type": "image/png",
+                    "size_bytes": 1843221,
+                    "sha256": _SHA256,
+                    "width": 1024,
+                    "height": 1536,
+                    "stored_at": "2025-05-06T10:00:12Z",
+                    "source_expires_at": "2025-05-07T10:00:05Z",
+                    "error": None,
+                }
+            ]
+        }
+    )
+
+    index: int = Field(
+        default=0,
+        description="Which of the task's images this is (0 for the first; tasks with `n` > 1 "
+        "have several).",
+        examples=[0],
+    )
+    status: ImageStatus = Field(
+        description="`pending` while the download is queued or retrying, then `stored` "
+        "(final) or `failed` (see `error`; `POST /tasks/{id}/image/retry` queues it again)."
+    )
+    url: str | None = Field(
+        default=None,
+        description="Where to GET the stored bytes from this service; null until stored.",
+        examples=[f"https://imagetasks.internal/tasks/{_TASK_ID}/image"],
+    )
+    content_type: str | None = Field(
+        default=None,
+        description="The type sniffed from the bytes: image/png, image/jpeg or image/webp.",
+        examples=["image/png"],
+    )
+    size_bytes: int | None = Field(
+        default=None, description="Size of the stored image in bytes.", examples=[1843221]
+    )
+    sha256: str | None = Field(
+        default=None,
+        description="Hex sha256 of the stored bytes (also the image's ETag).",
+        examples=[_SHA256],
+    )
+    width: int | None = Field(default=None, description="Width in pixels.", examples=[1024])
+    height: int | None = Field(default=None, description="Height in pixels.", examples=[1536])
+    stored_at: datetime | None = Field(
+        default=None,
+        description="When the image was stored (UTC).",
+        examples=["2025-05-06T10:00:12Z"],
+    )
+    source_expires_at: datetime | None = Field(
+        default=None,
+        description="When the provider's own link stops working (about 24 h after completion).",
+        examples=["2025-05-07T10:00:05Z"],
+    )
+    error: ErrorInfo | None = Field(
+        default=None, description="Why the download failed; null unless `status` is `failed`."
+    )
 
 
 class TaskPublic(BaseModel):
-    id: str
-    status: str
-    progress: int
-    prompt: str
-    model: str
-    size: str | None
-    quality: str | None
-    resolution: str | None = None
-    n: int = 1
-    image_urls: list[str] | None
-    mask_url: str | None = None
-    metadata: dict[str, Any]
-    upstream_task_id: str | None
-    can_cancel: bool | None = None
-    usage: dict[str, Any] | None = None
-    error: ErrorInfo | None
-    image: ImagePublic | None
-    images: list[ImagePublic] = Field(default_factory=list)
-    created_at: datetime
-    updated_at: datetime
-    completed_at: datetime | None
+    """One image generation, as callers see it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _TASK_ID,
+                    "status": "completed",
+                    "progress": 100,
+                    "prompt": "A lighthouse at dawn, watercolor",
+                    "model": "gpt-image-1.5",
+                    "size": "1024x1536",
+                    "quality": "medium",
+                    "image_urls": None,
+                    "metadata": {"order_id": "A-1042"},
+                    "upstream_task_id": "task-unified-1757165031-uyujaw3d",
+                    "error": None,
+                    "image": {
+                        "status": "stored",
+                        "url": f"https://imagetasks.internal/tasks/{_TASK_ID}/image",
+                        "content_type": "image/png",
+                        "size_bytes": 1843221,
+                        "sha256": _SHA256,
+                        "width": 1024,
+                        "height": 1536,
+                        "stored_at": "2025-05-06T10:00:12Z",
+                        "source_expires_at": "2025-05-07T10:00:05Z",
+                        "error": None,
+                    },
+                    "created_at": "2025-05-06T09:59:40Z",
+                    "updated_at": "2025-05-06T10:00:12Z",
+                    "completed_at": "2025-05-06T10:00:05Z",
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="The task's id, ours (sortable by creation).", examples=[_TASK_ID])
+    status: TaskStatus = Field(
+        description="`submitting` → `pending` → `processing` → `completed`, `failed` or "
+        "`cancelled` (the last three are final; a task never moves backwards)."
+    )
+    progress: int = Field(
+        description="Percent done as the provider last reported it (0 to 100).", examples=[100]
+    )
+    prompt: str = Field(description="The prompt as submitted.", examples=["A lighthouse at dawn"])
+    model: str = Field(description="The provider's model.", examples=["gpt-image-1.5"])
+    size: str | None = Field(
+        description="Requested size or aspect ratio; null for the provider's default.",
+        examples=["1024x1536"],
+    )
+    quality: str | None = Field(
+        description="Requested quality; null for the provider's default.", examples=["medium"]
+    )
+    resolution: str | None = Field(
+        default=None,
+        description="Requested resolution, for the models that take one; null otherwise.",
+        examples=["2k"],
+    )
+    n: int = Field(default=1, description="How many images were asked for.", examples=[1])
+    image_urls: list[str] | None = Field(
+        description="Reference images for editing, as submitted; null for none.",
+        examples=[None],
+    )
+    mask_url: str | None = Field(
+        default=None, description="The editing mask, as submitted; null for none."
+    )
+    metadata: dict[str, Any] = Field(
+        description="The caller's own data, returned exactly as given.",
+        examples=[{"order_id": "A-1042"}],
+    )
+    upstream_task_id: str | None = Field(
+        description="The provider's id for the task; null until the provider accepted it.",
+        examples=["task-unified-1757165031-uyujaw3d"],
+    )
+    can_cancel: bool | None = Field(
+        default=None,
+        description="Whether the provider says the task can still be cancelled; null if unsaid.",
+    )
+    usage: dict[str, Any] | None = Field(
+        default=None, description="What the provider reports the task cost, as it reports it."
+    )
+    error: ErrorInfo | None = Field(
+        description="Why the task failed or was cancelled; null otherwise."
+    )
+    image: ImagePublic | None = Field(
+        description="The first (usually only) image; null until the task is completed."
+    )
+    images: list[ImagePublic] = Field(
+        default_factory=list,
+        description="Every image of the task, by `index` (one unless `n` > 1).",
+    )
+    created_at: datetime = Field(
+        description="When the task was created (UTC).", examples=["2025-05-06T09:59:40Z"]
+    )
+    updated_at: datetime = Field(
+        description="When anything about it last changed (UTC).",
+        examples=["2025-05-06T10:00:12Z"],
+    )
+    completed_at: datetime | None = Field(
+        description="When the provider finished it (UTC); null until then.",
+        examples=["2025-05-06T10:00:05Z"],
+    )
 
 
 class TaskPage(BaseModel):
-    items: list[TaskPublic]
-    next_cursor: str | None
+    """One page of tasks, newest first."""
+
+    items: list[TaskPublic] = Field(description="At most `limit` tasks, newest first.")
+    next_cursor: str | None = Field(
+        description="Pass back as `cursor` for the next page; null on the last page.",
+        examples=["WyIyMDI1LTA1LTA2VDA5OjU5OjQwKzAwOjAwIiwgInRzayJd"],
+    )
 
 
 class ErrorBody(BaseModel):
     """The one error shape of the whole API."""
 
-    error: ErrorDetail
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_request",
+                        "message": "image_urls[2]: Input should be a valid string",
+                        "details": [
+                            {"field": "image_urls[2]", "reason": "Input should be a valid string"}
+                        ],
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorDetail = Field(description="What went wrong.")
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: list[dict[str, Any]] | None = None
+    """An error: a stable code, a message for people, and for 422 each field's reason."""
+
+    code: str = Field(
+        description="Stable and machine-readable: `invalid_request`, `invalid_json`, "
+        "`unauthorized`, `not_found`, `image_not_stored`, `image_missing`, "
+        "`idempotency_in_flight`, `provider_refused`, `provider_unavailable`, "
+        "`database_unavailable`, `schema_not_current`, `storage_unavailable`, …",
+        examples=["invalid_request"],
+    )
+    message: str = Field(
+        description="What happened and what to do, for people.",
+        examples=["prompt: must not be blank"],
+    )
+    details: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="For validation errors: one `{field, reason}` per problem; field paths "
+        "read like `metadata.order` or `image_urls[2]`.",
+        examples=[[{"field": "prompt", "reason": "must not be blank"}]],
+    )
 
 
 ErrorBody.model_rebuild()

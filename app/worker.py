@@ -17,6 +17,7 @@ import structlog
 from app import metrics, repository
 from app.config import Settings
 from app.models import utcnow
+from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
 from app.runtime import Runtime
 from app.services.downloads import LEASE, Downloader
@@ -47,8 +48,11 @@ class BackgroundWorker:
         download_poll_seconds: float = DOWNLOAD_POLL_SECONDS,
         prune_batch_rows: int = PRUNE_BATCH_ROWS,
         prune_pause_seconds: float = PRUNE_PAUSE_SECONDS,
+        database_outage: OutageLog | None = None,
     ):
         self._runtime = runtime
+        # Shared with the request path when given: one outage story per process.
+        self.database_outage = database_outage or OutageLog("database")
         self._settings = runtime.settings
         self._poll_seconds = download_poll_seconds
         self._prune_batch = prune_batch_rows
@@ -102,9 +106,11 @@ class BackgroundWorker:
                 wait = await round_()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("loop_failed", loop=name)
+            except Exception as exc:
+                await self._failed(exc, "loop_failed", loop=name)
                 wait = max(interval, 1.0)
+            else:
+                self.database_outage.recovered()
             await asyncio.sleep(interval if wait is None else wait)
 
     async def _download_round(self) -> float:
@@ -136,6 +142,15 @@ class BackgroundWorker:
     async def _guarded_download(self, job: DownloadJob) -> None:
         with structlog.contextvars.bound_contextvars(task_id=job.task_id):
             await self.downloader.run(job)
+
+    async def _failed(self, exc: Exception, event: str, **context: object) -> None:
+        """A database outage or missing schema joins the outage story; anything else is a bug."""
+        diagnosis = await diagnose_database_error(self._runtime.engine, exc)
+        if diagnosis is None:
+            log.error(event, exc_info=exc, **context)
+        else:
+            repeat = diagnosis.kind != SCHEMA
+            self.database_outage.failed(diagnosis.kind, diagnosis.reason, repeat=repeat)
 
     async def _reconcile_round(self) -> None:
         while await self._runtime.reconciler.run_once() and not self._stopping.is_set():

@@ -3,6 +3,9 @@ PostgreSQL server), settings, and the service app over ASGI."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -14,11 +17,13 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+import structlog
 from fastapi import FastAPI
 from sqlalchemy import text
 
 from app.cli import run_migrations
 from app.config import Settings, load_settings
+from app.logging import configure_logging
 from app.main import create_app
 from app.runtime import Runtime
 from app.upstream import RetryPolicy
@@ -174,3 +179,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> Iterator[None] | 
         if "chaos" in parts:
             item.add_marker(pytest.mark.chaos)
     return None
+
+
+LogLines = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def capture_logs(tmp_path: Path) -> Iterator[LogLines]:
+    """The app's JSON log lines so far, parsed; call it after acting."""
+    configure_logging(
+        make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", tmp_path, log_format="json")
+    )
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    logging.getLogger().handlers.clear()
+    structlog.reset_defaults()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from app.api.deps import RuntimeDep
+from app.outage import OutageLog, short_reason
+from app.schema_version import schema_status
+from app.storage import StorageError
 
 router = APIRouter(tags=["health"])
 log = structlog.get_logger(__name__)
@@ -23,23 +25,38 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+class NotReady(Exception):
+    """A dependency answers but cannot be used as it is; the message says why."""
+
+
 @router.get("/readyz", responses={503: {"description": "A dependency is unreachable"}})
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """The database and the storage are reachable."""
+async def readyz(runtime: RuntimeDep, request: Request) -> JSONResponse:
+    """The database answers at the current schema, and the storage is reachable."""
     checks: dict[str, str] = {}
 
     async def database() -> None:
-        async with runtime.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        status = await schema_status(runtime.engine)
+        if not status.current:
+            raise NotReady(status.describe())
 
     for name, check in (("database", database), ("storage", runtime.storage.check)):
         try:
             await asyncio.wait_for(check(), READY_TIMEOUT)
             checks[name] = "ok"
+        except NotReady as exc:
+            checks[name] = str(exc)
+        except StorageError as exc:
+            checks[name] = f"unavailable: {exc}"
+        except TimeoutError:
+            checks[name] = f"unavailable: no answer within {READY_TIMEOUT:g} s"
         except Exception as exc:
-            log.warning("not_ready", dependency=name, reason=repr(exc))
-            checks[name] = f"unavailable: {type(exc).__name__}"
+            checks[name] = f"unavailable: {short_reason(exc)}"
+    outage: OutageLog | None = getattr(request.app.state, "database_outage", None)
+    if outage is not None and checks["database"] == "ok":
+        outage.recovered()
     ready = all(value == "ok" for value in checks.values())
+    if not ready:
+        log.warning("not_ready", **{k: v for k, v in checks.items() if v != "ok"})
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,

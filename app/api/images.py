@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Header, Path, Request, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import repository
+from app import metrics, repository
 from app.api.deps import CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.api.tasks import ERRORS, load_public
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.models import ImageStatus, utcnow
 from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskPublic
-from app.storage import StorageError
+from app.storage import ObjectNotFoundError, StorageError
 
 router = APIRouter(prefix="/tasks", tags=["images"])
+log = structlog.get_logger(__name__)
 PRESIGNED_SECONDS = 300
+STORAGE_CHECK_SECONDS = 5.0
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such task, or no stored image yet"}
 }
@@ -85,16 +89,41 @@ async def _serve(
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     try:
-        stored = await runtime.storage.open(image.key)
+        try:
+            stored = await runtime.storage.open(image.key)
+        except ObjectNotFoundError:
+            # A storage that is gone (directory unmounted, bucket missing) also reports
+            # "not found": only a storage that answers its check has really lost the object.
+            await _check_storage(runtime)
+            raise
+    except ObjectNotFoundError as exc:
+        # The row says stored but the object is gone: data loss, not an outage.
+        metrics.IMAGES_MISSING.inc()
+        log.error("image_missing", task_id=task.id, index=index, key=image.key)
+        raise NotFound(
+            f"image {index} of task {task.id} was stored but is missing from the storage; "
+            "this has been logged for the operators",
+            code="image_missing",
+        ) from exc
     except StorageError as exc:
-        # The row says stored, so a missing object means the storage is unwell.
+        log.warning("storage_unavailable", task_id=task.id, index=index, reason=str(exc))
         raise ServiceUnavailable(
-            "the image storage is unavailable; try again later", code="storage_unavailable"
+            "the image storage is unavailable; try again later",
+            code="storage_unavailable",
+            headers={"Retry-After": "5"},
         ) from exc
     headers["Content-Length"] = str(stored.size)
     return StreamingResponse(
         stored.chunks, media_type=image.content_type or stored.content_type, headers=headers
     )
+
+
+async def _check_storage(runtime: Runtime) -> None:
+    """StorageError unless the storage answers its readiness check."""
+    try:
+        await asyncio.wait_for(runtime.storage.check(), STORAGE_CHECK_SECONDS)
+    except TimeoutError as exc:
+        raise StorageError("the storage did not answer its check") from exc
 
 
 @router.post(

@@ -175,12 +175,38 @@ async def list_tasks(
     _: CallerDep,
     request: Request,
     session: SessionDep,
-    status_filter: Annotated[TaskStatusName | None, Query(alias="status")] = None,
-    image_status: ImageStatusName | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    status_filter: Annotated[
+        TaskStatusName | None,
+        Query(alias="status", description="Only tasks in this state.", examples=["completed"]),
+    ] = None,
+    image_status: Annotated[
+        ImageStatusName | None,
+        Query(description="Only tasks whose image is in this state.", examples=["stored"]),
+    ] = None,
+    created_after: Annotated[
+        datetime | None,
+        Query(
+            description="Only tasks created at or after this instant (ISO 8601; UTC if no offset).",
+            examples=["2025-05-06T00:00:00Z"],
+        ),
+    ] = None,
+    created_before: Annotated[
+        datetime | None,
+        Query(
+            description="Only tasks created before this instant (ISO 8601; UTC if no offset).",
+            examples=["2025-05-07T00:00:00Z"],
+        ),
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=1, le=200, description="Tasks per page (1 to 200).", examples=[50])
+    ] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=512,
+            description="The `next_cursor` of the previous page; omit for the first page.",
+        ),
+    ] = None,
 ) -> TaskPage:
     """Tasks, newest first, a page at a time (pass `next_cursor` back as `cursor`)."""
     filters = repository.TaskFilter(

@@ -7,13 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from app.client.api import ApiClient
 from app.client.errors import EXIT_CODES, FAILED, CliError, reporting
-from app.client.output import err, image_rows, out, print_fields
+from app.client.output import err, image_rows, out, print_fields, print_task_table
 from app.client.progress import wait_for_image
 
 UrlOption = Annotated[
@@ -89,15 +86,7 @@ def list_tasks(
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
-    table = Table("id", "status", "image", "created (UTC)", "prompt", box=box.SIMPLE_HEAD)
-    for column in table.columns:
-        column.no_wrap, column.overflow = True, "ellipsis"
-    for task in page["items"]:
-        image = (task.get("image") or {}).get("status") or "-"
-        progress = f" {task['progress']}%" if task["status"] == "processing" else ""
-        created = str(task["created_at"])[:16].replace("T", " ")
-        table.add_row(task["id"], task["status"] + progress, image, created, task["prompt"][:40])
-    Console(highlight=False).print(table)
+    print_task_table(page["items"])
     if page.get("next_cursor"):
         err.print(f"more: --cursor {page['next_cursor']}", markup=False)
 

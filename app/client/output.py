@@ -34,3 +34,31 @@ def image_rows(task: Task) -> list[Row]:
         ("sha256", image.get("sha256")),
         ("image err", f"{error.get('code')}: {error.get('message')}") if error else None,
     ]
+
+
+_COLUMNS = ("id", "status", "image", "created (UTC)", "prompt")
+_GAP = "  "
+_MIN_PROMPT = 4  # "a b…": the prompt yields its room first
+
+
+def _task_cells(task: Task) -> tuple[str, ...]:
+    image = (task.get("image") or {}).get("status") or "-"
+    progress = f" {task['progress']}%" if task["status"] == "processing" else ""
+    created = str(task["created_at"])[:16].replace("T", " ")
+    prompt = " ".join(str(task["prompt"]).split())  # one line per task
+    return (task["id"], task["status"] + progress, image, created, prompt)
+
+
+def print_task_table(tasks: list[Task]) -> None:
+    """Aligned columns on stdout. Ids are never shortened, so they can be copied into
+    `show`; on a terminal only the prompt is cut to fit, and piped output keeps it whole."""
+    rows = [_COLUMNS, *(_task_cells(task) for task in tasks)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
+    fixed = sum(widths) + len(_GAP) * len(widths)
+    room = max(out.width - fixed, _MIN_PROMPT) if out.is_terminal else None
+    for row in rows:
+        prompt = row[-1]
+        if room is not None and len(prompt) > room:
+            prompt = prompt[: room - 1] + "…"
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        out.print(_GAP.join([*cells, prompt]).rstrip(), markup=False, soft_wrap=True)

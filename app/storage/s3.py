@@ -9,6 +9,7 @@ and S3 only shows an object once its PUT or multipart upload has completed.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -39,6 +40,9 @@ _CHECK_TIMEOUT = 10.0
 # obstore reports a missing object as its NotFoundError or as FileNotFoundError.
 _MISSING = (NotFoundError, FileNotFoundError)
 _FAILURES = (BaseError, OSError)
+# S3 names its errors in the XML body, which obstore passes on in the message.
+_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 
 
 class S3Storage:
@@ -58,6 +62,7 @@ class S3Storage:
             bucket, prefix=self.prefix or None, client_options=client, retry_config=retry
         )
         self._spool = spool_dir or Path(tempfile.gettempdir()) / "imagetasks-spool"
+        self._write_checked = False
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -122,14 +127,39 @@ class S3Storage:
         return await obstore.sign_async(self._store, "GET", key, timedelta(seconds=expires_in))
 
     async def check(self) -> None:
-        """Write a tiny probe object: proves the bucket is reachable and writable."""
+        """List the bucket (no write): proves it exists and the credentials can read it.
+
+        The first successful check also writes a tiny probe object, once per process,
+        so a bucket that can be read but not written is caught at startup.
+        """
         try:
             with anyio.fail_after(_CHECK_TIMEOUT):
-                await obstore.put_async(self._store, _CHECK_KEY, b"ok")
+                await obstore.list_with_delimiter_async(self._store, _CHECK_KEY)
+                if not self._write_checked:
+                    await obstore.put_async(self._store, _CHECK_KEY, b"ok")
+                    self._write_checked = True
         except TimeoutError as exc:
-            raise StorageError(f"bucket {self.bucket} did not answer in time") from exc
+            raise StorageError(
+                f'bucket "{self.bucket}" did not answer within {_CHECK_TIMEOUT:g} s'
+            ) from exc
         except _FAILURES as exc:
-            raise StorageError(f"bucket {self.bucket} is not writable: {exc}") from exc
+            raise StorageError(self._explain(exc)) from exc
+
+    def _explain(self, exc: Exception) -> str:
+        """One line naming the bucket and what S3 said (its error code, when it sent one)."""
+        text = str(exc)
+        code = _S3_CODE.search(text)
+        if code and code.group(1) == "NoSuchBucket":
+            return f'bucket "{self.bucket}" does not exist (create it first)'
+        if code and code.group(1) in _DENIED:
+            return (
+                f'bucket "{self.bucket}": access denied ({code.group(1)}); check the '
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+            )
+        if code:
+            return f'bucket "{self.bucket}": S3 answered {code.group(1)}'
+        first_line = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        return f'bucket "{self.bucket}" is unreachable: {first_line}'
 
     async def cleanup_spool(self, older_than_seconds: float) -> int:
         """Remove orphaned spool files older than this."""

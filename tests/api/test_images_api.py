@@ -8,13 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import update
 from sqlmodel import col
 
 from app.models import Image, Task, utcnow
-from tests.conftest import Service, make_settings
+from tests.conftest import LogLines, Service, make_settings
 from tests.factories import make_image, make_task
 from tests.helpers import simulator_transport
+from tests.ports import free_port
 from tests.storage.conftest import S3Server, s3_server  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -149,3 +151,63 @@ async def test_s3_images_can_redirect_to_a_presigned_url(
     async with httpx.AsyncClient() as plain:
         fetched = await plain.get(location)
     assert fetched.content == IMAGE
+
+
+async def test_an_image_gone_from_storage_is_404_image_missing_logged_and_counted(
+    service_factory: Any, database_url: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """A stored image whose file was deleted is data loss: 404 image_missing, an error, a count."""
+    service: Service = await service_factory(
+        make_settings(database_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    (tmp_path / "images" / f"{task.created_at:%Y/%m/%d}/{task.id}.png").unlink()
+    before = REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "image_missing"
+    assert REGISTRY.get_sample_value("imagetasks_images_missing_total") == before + 1
+    errors = [e for e in capture_logs() if e["event"] == "image_missing"]
+    assert [(e["level"], e["task_id"]) for e in errors] == [("error", task.id)]
+
+
+async def test_an_unreachable_storage_is_still_503(
+    service_factory: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    s3_server: S3Server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the bucket cannot be reached at all (not a missing object), the answer stays 503."""
+    for name, value in {
+        **s3_server.env,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(sqlite_url, tmp_path, storage_url="s3://imagetasks-test/api-test")
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed", completed_at=utcnow())
+        await make_image(session, task.id, status="stored", key="2025/01/01/x.png", sha256="0" * 64)
+    await set_columns(service, task.id, image_status="stored")
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+
+
+async def test_a_vanished_storage_directory_is_503_not_image_missing(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The whole image directory gone (a file in its place) is an outage: 503, nothing counted."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    images = tmp_path / "images"
+    images.rename(tmp_path / "images.away")
+    images.write_text("the storage volume is gone\n")
+    before = REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0
+    response = await service.client.get(f"/tasks/{task.id}/image")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert (REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0) == before

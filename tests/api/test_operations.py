@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from app.callback_urls import sign
-from tests.conftest import API_TOKEN, WEBHOOK_SECRET, Service, make_settings
+from app.schema_version import head_revisions
+from tests.conftest import API_TOKEN, WEBHOOK_SECRET, LogLines, Service, make_settings
 from tests.helpers import dumps, simulator_transport, task_body
+from tests.postgres import admin, postgres_reachable, run_async, server_database_url
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -87,7 +93,8 @@ async def test_readyz_reports_each_dependency(
     broken = await service.client.get("/readyz")
     assert broken.status_code == 503
     assert broken.json()["checks"]["database"] == "ok"
-    assert broken.json()["checks"]["storage"].startswith("unavailable")
+    assert broken.json()["checks"]["storage"].startswith("unavailable: storage directory ")
+    assert "is not writable" in broken.json()["checks"]["storage"]
 
 
 @pytest.mark.parametrize(("trusted", "scheme"), [("10.9.9.9", "http"), ("127.0.0.1", "https")])
@@ -145,3 +152,60 @@ async def test_an_unreachable_database_is_a_503_not_a_500(
     ready = await service.client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"].startswith("unavailable")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database nobody migrated: an empty SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        empty = tmp_path / "empty.db"
+        empty.touch()
+        yield f"sqlite+aiosqlite:///{empty}"
+        return
+    problem = run_async(postgres_reachable)
+    if problem:
+        pytest.skip(f"PostgreSQL is unreachable ({problem})")
+    name = f"imagetasks_unmigrated_{os.getpid()}_{secrets.token_hex(3)}"
+    run_async(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield server_database_url(name)
+    finally:
+        run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_an_unmigrated_database_is_not_ready_and_says_to_migrate(
+    service_factory: Any, empty_database: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """An empty database: /readyz and every request say `imagetasks migrate`, logged once."""
+    settings = make_settings(empty_database, tmp_path)
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] == (
+        f"no schema (expected revision {', '.join(head_revisions())}): run `imagetasks migrate`"
+    )
+    for method, path in (("POST", "/tasks"), ("GET", "/tasks"), ("GET", "/tasks/tsk_x")):
+        response = await service.client.request(method, path, json={"prompt": "p"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "schema_not_current"
+        assert "run `imagetasks migrate`" in response.json()["error"]["message"]
+    started = [e for e in capture_logs() if e["event"].startswith("database_outage")]
+    assert [(e["event"], e["kind"]) for e in started] == [
+        ("database_outage_started", "schema_not_current")
+    ]
+    assert not any("exception" in e for e in capture_logs())
+
+
+async def test_a_database_at_another_revision_is_not_ready(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A schema at a revision the code does not expect names both revisions."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    async with service.runtime.engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = 'older0001'"))
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] == (
+        f"schema at revision older0001, expected {', '.join(head_revisions())}: "
+        "run `imagetasks migrate`"
+    )

@@ -563,7 +563,7 @@ DEEPER_THAN_ALLOWED = {"a": {"b": {"c": {"d": {}}}}}
                     "must be auto, 1:1, 3:2, 2:3, 4:3, 3:4, 5:4, 4:5, 16:9, 9:16, 21:9 "
                     "or 9:21 for gpt-image-2-beta",
                 ),
-                ("image_urls.1", "must be an https:// URL: 'http://e.com/b.png'"),
+                ("image_urls[1]", "must be an https:// URL: 'http://e.com/b.png'"),
             ],
             id="field-errors-beside-rule-breaches",
         ),

@@ -84,3 +84,28 @@ def test_unreachable_service_exits_4(tmp_path: Path) -> None:
     result = run_cli("list", "--url", url, "--token", "x", env=clean_env(), cwd=tmp_path)
     assert result.code == 4
     assert f"cannot reach imagetasks at {url}" in result.stderr
+
+
+@pytest.mark.parametrize("terminal", ["0", "1"])
+def test_list_never_shortens_ids_in_80_columns(sandbox: Sandbox, terminal: str) -> None:
+    """Piped or on an 80-column terminal, every id is whole and works with `show`."""
+    long_prompt = "a very long prompt about a lighthouse at dawn " * 4
+    submitted = sandbox.run("submit", long_prompt)
+    assert submitted.code == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    env = clean_env(
+        IMAGETASKS_URL=sandbox.url,
+        IMAGETASKS_TOKEN=sandbox.token,
+        COLUMNS="80",
+        TTY_COMPATIBLE=terminal,
+    )
+    listed = run_cli("list", "--limit", "200", env=env, cwd=sandbox.directory)
+    assert listed.code == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:] if line.strip()}
+    assert task_id in rows
+    if terminal == "1":
+        assert all(len(line) <= 80 for line in listed.stdout.splitlines())
+        assert rows[task_id].endswith("…")
+    else:
+        assert rows[task_id].endswith(long_prompt.strip())
+    assert sandbox.run("show", task_id).field("task") == task_id

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.storage import S3Storage, StorageError, storage_from_url
+from tests.conftest import Service, make_settings
+from tests.helpers import simulator_transport
 from tests.ports import free_port
 
 from .conftest import MakeS3, S3Server
@@ -80,9 +83,48 @@ async def test_identical_re_put_does_not_upload_again(
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_missing_bucket_fails_check(make_s3: MakeS3) -> None:
-    """A bucket that does not exist is not ready."""
-    with pytest.raises(StorageError, match="not writable"):
+    """A bucket that does not exist is not ready, and the reason says so."""
+    with pytest.raises(StorageError) as caught:
         await make_s3(bucket="no-such-bucket").check()
+    assert str(caught.value) == 'bucket "no-such-bucket" does not exist (create it first)'
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_checks_write_nothing_after_the_first(make_s3: MakeS3, s3_server: S3Server) -> None:
+    """Readiness probes only list the bucket: one probe write per process, however many checks."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="imagetasks-versioned")
+    client.put_bucket_versioning(
+        Bucket="imagetasks-versioned", VersioningConfiguration={"Status": "Enabled"}
+    )
+    first, second = make_s3(bucket="imagetasks-versioned"), make_s3(bucket="imagetasks-versioned")
+    for _ in range(5):
+        await first.check()
+    await second.check()  # another process checks once at its own start
+    versions = client.list_object_versions(Bucket="imagetasks-versioned").get("Versions", [])
+    # Versioning keeps every PUT, overwrites of the same key included.
+    assert len(versions) == 2
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_readyz_names_a_missing_bucket(
+    service_factory: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/readyz says which bucket is missing rather than an exception's class name."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(sqlite_url, tmp_path, storage_url="s3://absent-bucket/prefix")
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"] == {
+        "database": "ok",
+        "storage": 'unavailable: bucket "absent-bucket" does not exist (create it first)',
+    }
 
 
 @pytest.mark.asyncio(loop_scope="session")
