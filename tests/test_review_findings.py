@@ -3,7 +3,11 @@ cancellation and submit classification. Each test is xfail(strict) until fixed."
 
 from __future__ import annotations
 
+import io
 import json
+import random
+import struct
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,11 +17,13 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from PIL import Image as PILImage
 
 from app.callback_urls import sign
 from app.cli import ROOT
 from app.db import create_engine
 from app.fetch_errors import status_error
+from app.images import PNG, SNIFF_BYTES, TAIL_BYTES, EndMarker, looks_complete
 from app.models import utcnow
 from app.schemas import Snapshot
 from app.services.snapshots import image_rows
@@ -291,3 +297,64 @@ def test_odd_retry_after_does_not_hide_the_status() -> None:
     error = status_error(httpx.Response(404, headers=[(b"retry-after", "²".encode())]))
     assert error.renew_link
     assert error.retry_after is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a completed snapshot listing more links than the task's n queues all of them "
+    "(up to 16): unrequested downloads and storage",
+)
+@ASYNC
+async def test_links_beyond_n_are_not_downloaded(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """A task that asked for one image stores one, however many links come back."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=task_body("pending", upstream_id=UPSTREAM_ID, url=None))
+
+    settings = make_settings(database_url, tmp_path, confirm_callbacks=False)
+    service = await service_factory(settings, httpx.MockTransport(handler))
+    created = await service.client.post("/tasks", json={"prompt": "one cat"})
+    assert created.status_code == 202, created.text
+    task_id = created.json()["id"]
+    links = [f"https://cdn.example.com/{i}.png" for i in range(16)]
+    hook = f"/webhooks/starmagic/{task_id}/{sign(task_id, WEBHOOK_SECRET)}"
+    done = await service.client.post(
+        hook, json=task_body("completed", upstream_id=UPSTREAM_ID, urls=links, published=True)
+    )
+    assert done.status_code < 300, done.text
+    rows = await service.sql("SELECT position FROM images WHERE task_id = :id", id=task_id)
+    assert [row[0] for row in rows] == [0]
+
+
+def _png(width: int, height: int, pixels: bytes | None = None) -> bytes:
+    image = (
+        PILImage.frombytes("RGB", (width, height), pixels)
+        if pixels
+        else PILImage.new("RGB", (width, height), "red")
+    )
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EndMarker takes any IEND bytes for the end: a PNG carrying an embedded PNG "
+    "(a C2PA thumbnail in an ancillary chunk) cut short in its IDAT is stored as complete",
+)
+def test_png_with_embedded_png_cut_short_is_truncated() -> None:
+    """Only the PNG's own closing IEND chunk makes a body complete."""
+    main = _png(64, 64, random.Random(7).randbytes(64 * 64 * 3))
+    after_ihdr = 8 + 25  # the signature, then the IHDR chunk
+    whole = main[:after_ihdr] + _chunk(b"caBX", _png(4, 4)) + main[after_ihdr:]
+    cut = whole[: len(whole) // 2]
+    end = EndMarker()
+    end.feed(cut)
+    assert not looks_complete(PNG, cut[:SNIFF_BYTES], cut[-TAIL_BYTES:], len(cut), end.seen)
