@@ -315,6 +315,14 @@ def _images(task: dict[str, Any]) -> tuple[SnapshotImage, ...]:
     return tuple(found[:MAX_IMAGES])
 
 
+def _finite(number: float) -> bool:
+    """A number a float can hold (JSON integers may be far larger: they overflow)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
 def _usage(value: Any) -> dict[str, Any] | None:
     """What the provider says about billing, kept only in its known, scalar fields."""
     if not isinstance(value, dict):
@@ -324,8 +332,8 @@ def _usage(value: Any) -> dict[str, Any] | None:
         if (text := _text(value.get(name), 64)) is not None:
             usage[name] = text
     credits = value.get("credits_reserved")
-    if isinstance(credits, int | float) and not isinstance(credits, bool):
-        usage.update({"credits_reserved": credits} if math.isfinite(credits) else {})
+    if isinstance(credits, int | float) and not isinstance(credits, bool) and _finite(credits):
+        usage["credits_reserved"] = credits
     return usage or None
 
 
