@@ -132,11 +132,6 @@ async def test_submit_answer_with_huge_credits_is_accepted(
     assert response.json()["upstream_task_id"] == UPSTREAM_ID
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 503 after a callback already proved the task exists still releases the "
-    "Idempotency-Key, so the caller's retry submits (and is billed) a second time",
-)
 @ASYNC
 async def test_unavailable_submit_keeps_key_of_a_task_that_exists(
     service_factory: Any, database_url: str, tmp_path: Path
@@ -242,11 +237,6 @@ def test_past_expiry_still_gets_a_fetch() -> None:
     assert row["source_expires_at"] > now
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cancel answer about another provider task is a snapshot MISMATCH, yet "
-    "POST /tasks/{id}/cancel answers 200 as if StarMagic had taken the request",
-)
 @ASYNC
 async def test_cancel_answer_about_another_task_is_an_error(
     service_factory: Any, database_url: str, tmp_path: Path
