@@ -82,11 +82,6 @@ async def _count_images(url: str) -> int:
     return int(count)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLite upgrade 0001->0002 fails with FOREIGN KEY constraint failed once tasks "
-    "have images or deliveries (batch mode drops `tasks` with PRAGMA foreign_keys=ON)",
-)
 @ASYNC
 async def test_sqlite_upgrade_moves_existing_images(tmp_path: Path) -> None:
     """Upgrading a SQLite database that already holds tasks with images must not fail."""
