@@ -25,6 +25,17 @@ log = structlog.get_logger(__name__)
 
 # The provider's image links (and so any hope of fetching an image) last this long.
 LINK_LIFETIME = timedelta(hours=24)
+
+
+def link_expiry(claimed: datetime | None, start: datetime, now: datetime) -> datetime:
+    """When a link stops working: the provider's own expiry when it is plausible (still
+    ahead, within the link lifetime), else the lifetime counted from `start`."""
+    latest = start + LINK_LIFETIME
+    if claimed is None or claimed <= now or claimed > latest:
+        return latest
+    return claimed
+
+
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=5.0)
 
 

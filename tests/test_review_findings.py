@@ -206,11 +206,6 @@ def _completed(expires_at: datetime) -> Snapshot:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an expires_at centuries ahead is believed: the download retries a failing "
-    "link forever and the task's image_status stays pending",
-)
 def test_far_future_expiry_is_capped_at_the_link_lifetime() -> None:
     """No link outlives the published 24 hours, whatever expires_at claims."""
     now = utcnow()
@@ -219,11 +214,6 @@ def test_far_future_expiry_is_capped_at_the_link_lifetime() -> None:
     assert row["source_expires_at"] <= now + LINK_LIFETIME
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an expires_at in the past (provider clock skew) is believed: the image fails "
-    "'expired' without one fetch, even after renewal returns the same expiry",
-)
 def test_past_expiry_still_gets_a_fetch() -> None:
     """An expiry already past when the link arrives is not trusted over the 24 h rule."""
     now = utcnow()

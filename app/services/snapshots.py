@@ -22,7 +22,7 @@ from app.errors import NotFound
 from app.models import ImageStatus, TaskStatus
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot, SnapshotImage
-from app.upstream import LINK_LIFETIME
+from app.upstream import link_expiry
 
 log = structlog.get_logger(__name__)
 
@@ -131,8 +131,9 @@ def transition(
 def image_rows(task_id: str, snapshot: Snapshot, now: datetime) -> list[dict[str, Any]]:
     """The download queue entries of a completed snapshot: one per image link.
 
-    A link without its own expiry lives 24 h from the provider's completion or,
-    when that is unknown, from now (the latest moment the 24 h can have started).
+    A link without its own expiry (or with one already past or beyond 24 h, which
+    no link has) lives 24 h from the provider's completion or, when that is
+    unknown, from now (the latest moment the 24 h can have started).
     A completion without any link still gets one entry: its download asks the
     provider once for the link before failing `no_image`.
     """
@@ -144,7 +145,7 @@ def image_rows(task_id: str, snapshot: Snapshot, now: datetime) -> list[dict[str
             "position": position,
             "status": ImageStatus.PENDING.value,
             "source_url": image.url or None,
-            "source_expires_at": image.expires_at or start + LINK_LIFETIME,
+            "source_expires_at": link_expiry(image.expires_at, start, now),
             "renewed": False,
             "attempts": 0,
             "next_attempt_at": now,
