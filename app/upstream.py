@@ -303,27 +303,31 @@ def _url_of(value: Any) -> str | None:
     return _text(value, 4096) if isinstance(value, str) else None
 
 
+def _image(item: Any) -> SnapshotImage:
+    """One entry of a link list; one without a usable link keeps its place, link-less."""
+    if isinstance(item, dict):
+        return SnapshotImage(_url_of(item.get("url")) or "", _unix(item.get("expires_at")))
+    return SnapshotImage(_url_of(item) or "")
+
+
 def _images(task: dict[str, Any]) -> tuple[SnapshotImage, ...]:
-    """Every image link, from the published `results` or the enveloped `result.images`."""
-    found: list[SnapshotImage] = []
-    results = task.get("results")
-    if isinstance(results, str):
-        results = [results]
-    if isinstance(results, list):
-        for item in results:
-            url = _url_of(item.get("url") if isinstance(item, dict) else item)
-            if url:
-                expires = _unix(item.get("expires_at")) if isinstance(item, dict) else None
-                found.append(SnapshotImage(url, expires))
-    result = task.get("result")
-    images = result.get("images") if isinstance(result, dict) else None
-    if not found and isinstance(images, list):
-        for item in images:
-            if isinstance(item, dict) and (url := _url_of(item.get("url"))):
-                found.append(SnapshotImage(url, _unix(item.get("expires_at"))))
-            elif url := _url_of(item):
-                found.append(SnapshotImage(url))
-    return tuple(found[:MAX_IMAGES])
+    """Every image link, from the published `results` or the enveloped `result.images`.
+
+    Positions are the provider's: an unusable entry stays as a link-less image, so
+    a later answer (a renewal) lines up with the same images.
+    """
+    for entries in (task.get("results"), _nested_images(task.get("result"))):
+        if isinstance(entries, str):
+            entries = [entries]
+        if isinstance(entries, list):
+            found = tuple(_image(item) for item in entries[:MAX_IMAGES])
+            if any(image.url for image in found):
+                return found
+    return ()
+
+
+def _nested_images(result: Any) -> Any:
+    return result.get("images") if isinstance(result, dict) else None
 
 
 def _finite(number: float) -> bool:

@@ -318,3 +318,15 @@ def test_png_with_embedded_png_cut_short_is_truncated() -> None:
     end = EndMarker()
     end.feed(cut)
     assert not looks_complete(PNG, cut[:SNIFF_BYTES], cut[-TAIL_BYTES:], len(cut), end.seen)
+
+
+def test_unusable_result_entry_keeps_the_positions() -> None:
+    """Each link keeps the provider's position, so renewals fetch the same image again."""
+    snapshot = parse_snapshot(
+        {
+            "id": UPSTREAM_ID,
+            "status": "completed",
+            "results": ["https://cdn.example.com/0.png", None, "https://cdn.example.com/2.png"],
+        }
+    )
+    assert [image.url for image in snapshot.images][2:] == ["https://cdn.example.com/2.png"]

@@ -269,7 +269,7 @@ class Downloader:
             await self._retry(job, deadline, "renew_failed", exc.message, renew_at_deadline=False)
             return
         fresh = snapshot.images[job.position] if job.position < len(snapshot.images) else None
-        if snapshot.status is not TaskStatus.COMPLETED or fresh is None:
+        if snapshot.status is not TaskStatus.COMPLETED or fresh is None or not fresh.url:
             await self._fail(job, "no_image", "StarMagic has no image link for this image")
             return
         metrics.DOWNLOADS.labels(outcome="renewed").inc()
