@@ -159,11 +159,6 @@ async def test_unavailable_submit_keeps_key_of_a_task_that_exists(
     assert len(submitted) == 1, f"submitted {len(submitted)} tasks; retry answered {retry.text}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a completed snapshot without links queues one image row even for n=3; "
-    "positions 1 and 2 are never queued, so they can never be stored",
-)
 @ASYNC
 async def test_completed_without_links_queues_every_requested_image(
     service_factory: Any, database_url: str, tmp_path: Path

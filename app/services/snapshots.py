@@ -128,17 +128,21 @@ def transition(
     return repository.IS_ACTIVE, values
 
 
-def image_rows(task_id: str, snapshot: Snapshot, now: datetime) -> list[dict[str, Any]]:
-    """The download queue entries of a completed snapshot: one per image link.
+def image_rows(
+    task_id: str, snapshot: Snapshot, now: datetime, requested: int = 1
+) -> list[dict[str, Any]]:
+    """The download queue entries of a completed snapshot: one per image link, and at
+    least as many as the task asked for (`requested`, its n).
 
     A link without its own expiry (or with one already past or beyond 24 h, which
     no link has) lives 24 h from the provider's completion or, when that is
     unknown, from now (the latest moment the 24 h can have started).
-    A completion without any link still gets one entry: its download asks the
-    provider once for the link before failing `no_image`.
+    An entry without a link (fewer links than asked for, or none) asks the provider
+    once for its link before failing `no_image`.
     """
     start = min(snapshot.completed_at or now, now)
-    links = snapshot.images or (SnapshotImage(""),)
+    missing = max(requested, 1) - len(snapshot.images)
+    links = [*snapshot.images, *[SnapshotImage("")] * missing]
     return [
         {
             "task_id": task_id,
@@ -201,7 +205,8 @@ async def apply_snapshot(
             break
         if await repository.update_where(db, task_id, condition, values):
             if snapshot.status is TaskStatus.COMPLETED:
-                await repository.queue_images(db, image_rows(task_id, snapshot, now))
+                requested = await repository.requested_images(db, task_id)
+                await repository.queue_images(db, image_rows(task_id, snapshot, now, requested))
             state = _after(state, snapshot)
             log.info(
                 "task_transition",
