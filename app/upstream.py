@@ -28,12 +28,11 @@ LINK_LIFETIME = timedelta(hours=24)
 
 
 def link_expiry(claimed: datetime | None, start: datetime, now: datetime) -> datetime:
-    """When a link stops working: the provider's own expiry when it is plausible (still
-    ahead, within the link lifetime), else the lifetime counted from `start`."""
-    latest = start + LINK_LIFETIME
-    if claimed is None or claimed <= now or claimed > latest:
-        return latest
-    return claimed
+    """When a link stops working: the provider's own expiry while it is still ahead (but
+    never more than a link lifetime from now), else the lifetime counted from `start`."""
+    if claimed is None or claimed <= now:
+        return start + LINK_LIFETIME
+    return min(claimed, now + LINK_LIFETIME)
 
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=5.0)
