@@ -134,9 +134,9 @@ def image_rows(
     """The download queue entries of a completed snapshot: one per image link, and at
     least as many as the task asked for (`requested`, its n).
 
-    A link without its own expiry (or with one already past or beyond 24 h, which
-    no link has) lives 24 h from the provider's completion or, when that is
-    unknown, from now (the latest moment the 24 h can have started).
+    A link without its own expiry (or with one already past) lives 24 h from the
+    provider's completion or, when that is unknown, from now (the latest moment
+    the 24 h can have started); no expiry counts beyond 24 h from now.
     An entry without a link (fewer links than asked for, or none) asks the provider
     once for its link before failing `no_image`.
     """
