@@ -68,7 +68,7 @@ def _retry_after(value: str | None) -> float | None:
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # "²".isdigit() holds too
         return float(value.strip())
     try:
         when = parsedate_to_datetime(value)

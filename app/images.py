@@ -42,25 +42,42 @@ def sniff(head: bytes) -> ImageKind | None:
     return None
 
 
-# An empty IEND chunk: type and CRC. The chance of these 8 bytes inside the
-# compressed data of a cut-off file is negligible (2^-64 per position).
-PNG_END = b"IEND\xaeB`\x82"
+PNG_SIGNATURE_BYTES = 8
 TAIL_BYTES = 64
 
 
 class EndMarker:
-    """Watches a stream for PNG's end chunk, across the boundaries of its pieces."""
+    """Walks a PNG's chunks as the stream passes, to see its own closing IEND chunk.
+
+    Only the chunk structure counts (each chunk's length says where the next one
+    starts): IEND bytes inside another chunk (an embedded thumbnail, say) do not.
+    Fed anything that is not a PNG it wanders harmlessly; it is only asked of PNGs.
+    """
 
     def __init__(self) -> None:
         self.seen = False
-        self._carry = b""
+        self._skip = PNG_SIGNATURE_BYTES
+        self._header = b""
+        self._ending = False  # inside the IEND chunk, waiting for its CRC
 
     def feed(self, chunk: bytes) -> None:
         """Look at the next piece of the stream."""
-        if not self.seen:
-            window = self._carry + chunk
-            self.seen = PNG_END in window
-            self._carry = window[-(len(PNG_END) - 1) :]
+        at, size = 0, len(chunk)
+        while at < size and not self.seen:
+            if self._skip:
+                step = min(self._skip, size - at)
+                self._skip -= step
+                at += step
+                self.seen = self._ending and not self._skip
+                continue
+            wanted = 8 - len(self._header)
+            self._header += chunk[at : at + wanted]
+            at += min(wanted, size - at)
+            if len(self._header) == 8:
+                length, kind = int.from_bytes(self._header[:4], "big"), self._header[4:]
+                self._header = b""
+                self._skip = length + 4  # the data, then its CRC
+                self._ending = kind == b"IEND"
 
 
 def looks_complete(kind: ImageKind, head: bytes, tail: bytes, size: int, png_end: bool) -> bool:

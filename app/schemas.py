@@ -522,4 +522,4 @@ class Snapshot:
     @property
     def image_url(self) -> str | None:
         """The first image's link (most tasks have exactly one)."""
-        return self.images[0].url if self.images else None
+        return (self.images[0].url or None) if self.images else None

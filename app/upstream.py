@@ -25,6 +25,16 @@ log = structlog.get_logger(__name__)
 
 # The provider's image links (and so any hope of fetching an image) last this long.
 LINK_LIFETIME = timedelta(hours=24)
+
+
+def link_expiry(claimed: datetime | None, start: datetime, now: datetime) -> datetime:
+    """When a link stops working: the provider's own expiry while it is still ahead (but
+    never more than a link lifetime from now), else the lifetime counted from `start`."""
+    if claimed is None or claimed <= now:
+        return start + LINK_LIFETIME
+    return min(claimed, now + LINK_LIFETIME)
+
+
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=5.0)
 
 
@@ -292,27 +302,39 @@ def _url_of(value: Any) -> str | None:
     return _text(value, 4096) if isinstance(value, str) else None
 
 
+def _image(item: Any) -> SnapshotImage:
+    """One entry of a link list; one without a usable link keeps its place, link-less."""
+    if isinstance(item, dict):
+        return SnapshotImage(_url_of(item.get("url")) or "", _unix(item.get("expires_at")))
+    return SnapshotImage(_url_of(item) or "")
+
+
 def _images(task: dict[str, Any]) -> tuple[SnapshotImage, ...]:
-    """Every image link, from the published `results` or the enveloped `result.images`."""
-    found: list[SnapshotImage] = []
-    results = task.get("results")
-    if isinstance(results, str):
-        results = [results]
-    if isinstance(results, list):
-        for item in results:
-            url = _url_of(item.get("url") if isinstance(item, dict) else item)
-            if url:
-                expires = _unix(item.get("expires_at")) if isinstance(item, dict) else None
-                found.append(SnapshotImage(url, expires))
-    result = task.get("result")
-    images = result.get("images") if isinstance(result, dict) else None
-    if not found and isinstance(images, list):
-        for item in images:
-            if isinstance(item, dict) and (url := _url_of(item.get("url"))):
-                found.append(SnapshotImage(url, _unix(item.get("expires_at"))))
-            elif url := _url_of(item):
-                found.append(SnapshotImage(url))
-    return tuple(found[:MAX_IMAGES])
+    """Every image link, from the published `results` or the enveloped `result.images`.
+
+    Positions are the provider's: an unusable entry stays as a link-less image, so
+    a later answer (a renewal) lines up with the same images.
+    """
+    for entries in (task.get("results"), _nested_images(task.get("result"))):
+        if isinstance(entries, str):
+            entries = [entries]
+        if isinstance(entries, list):
+            found = tuple(_image(item) for item in entries[:MAX_IMAGES])
+            if any(image.url for image in found):
+                return found
+    return ()
+
+
+def _nested_images(result: Any) -> Any:
+    return result.get("images") if isinstance(result, dict) else None
+
+
+def _finite(number: float) -> bool:
+    """A number a float can hold (JSON integers may be far larger: they overflow)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def _usage(value: Any) -> dict[str, Any] | None:
@@ -324,8 +346,8 @@ def _usage(value: Any) -> dict[str, Any] | None:
         if (text := _text(value.get(name), 64)) is not None:
             usage[name] = text
     credits = value.get("credits_reserved")
-    if isinstance(credits, int | float) and not isinstance(credits, bool):
-        usage.update({"credits_reserved": credits} if math.isfinite(credits) else {})
+    if isinstance(credits, int | float) and not isinstance(credits, bool) and _finite(credits):
+        usage["credits_reserved"] = credits
     return usage or None
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import models  # noqa: F401  (registers the tables on the metadata)
 from app.config import DatabaseSettings
@@ -41,10 +44,28 @@ def _run_sync(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()
+        if connection.dialect.name == "sqlite":
+            # Enforcement was off while tables were copied; the result must still hold.
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
+
+
+def _sqlite_foreign_keys_off(engine: AsyncEngine) -> None:
+    """Batch mode alters a SQLite table by copying it and dropping the original, which
+    enforced foreign keys refuse while other tables point at its rows."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _off(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=OFF")
+        cursor.close()
 
 
 async def run_migrations_online() -> None:
     engine = create_engine(_url())
+    if engine.dialect.name == "sqlite":
+        _sqlite_foreign_keys_off(engine)  # runs after the engine's own connect hook
     async with engine.connect() as connection:
         await connection.run_sync(_run_sync)
         await connection.commit()

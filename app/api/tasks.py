@@ -244,6 +244,7 @@ async def get_task(
         404: {"model": ErrorBody, "description": "No such task"},
         409: {"model": ErrorBody, "description": "The task can no longer be cancelled"},
         501: {"model": ErrorBody, "description": "StarMagic does not support cancelling"},
+        502: {"model": ErrorBody, "description": "StarMagic answered about another task"},
         503: {"model": ErrorBody, "description": "StarMagic unavailable"},
     },
 )

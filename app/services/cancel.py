@@ -9,9 +9,9 @@ import structlog
 from app import repository
 from app.config import Settings
 from app.db import SessionFactory
-from app.errors import Conflict, DomainError, NotFound, ServiceUnavailable
+from app.errors import BadGateway, Conflict, DomainError, NotFound, ServiceUnavailable
 from app.models import TaskStatus, utcnow
-from app.services.snapshots import Applied, apply_snapshot
+from app.services.snapshots import Applied, Outcome, apply_snapshot
 from app.upstream import (
     StarMagicClient,
     UpstreamCancelUnsupported,
@@ -63,10 +63,17 @@ async def cancel_task(
         ) from exc
     log.info("cancel_answered", task_id=task_id, reported=snapshot.status.value)
     async with factory() as session, session.begin():
-        return await apply_snapshot(
+        applied = await apply_snapshot(
             await session.connection(),
             task_id,
             snapshot,
             now=utcnow(),
             poll_after=timedelta(seconds=settings.reconcile_after_seconds),
         )
+    if applied.outcome is Outcome.MISMATCH:
+        raise BadGateway(
+            f"StarMagic answered the cancel with another task ({snapshot.upstream_id}); "
+            "nothing was changed",
+            code="task_mismatch",
+        )
+    return applied

@@ -32,7 +32,7 @@ from app.models import ImageStatus, TaskStatus, utcnow
 from app.repository import DownloadJob
 from app.storage import Storage, StorageError
 from app.storage import image_key as storage_image_key
-from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError
+from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, link_expiry
 
 log = structlog.get_logger(__name__)
 
@@ -269,7 +269,7 @@ class Downloader:
             await self._retry(job, deadline, "renew_failed", exc.message, renew_at_deadline=False)
             return
         fresh = snapshot.images[job.position] if job.position < len(snapshot.images) else None
-        if snapshot.status is not TaskStatus.COMPLETED or fresh is None:
+        if snapshot.status is not TaskStatus.COMPLETED or fresh is None or not fresh.url:
             await self._fail(job, "no_image", "StarMagic has no image link for this image")
             return
         metrics.DOWNLOADS.labels(outcome="renewed").inc()
@@ -279,7 +279,7 @@ class Downloader:
             job,
             {
                 "source_url": fresh.url,
-                "source_expires_at": fresh.expires_at or now + LINK_LIFETIME,
+                "source_expires_at": link_expiry(fresh.expires_at, now, now),
                 "renewed": True,
                 "next_attempt_at": now,
                 "lease_owner": None,

@@ -22,7 +22,7 @@ from app.errors import NotFound
 from app.models import ImageStatus, TaskStatus
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot, SnapshotImage
-from app.upstream import LINK_LIFETIME
+from app.upstream import link_expiry
 
 log = structlog.get_logger(__name__)
 
@@ -128,23 +128,28 @@ def transition(
     return repository.IS_ACTIVE, values
 
 
-def image_rows(task_id: str, snapshot: Snapshot, now: datetime) -> list[dict[str, Any]]:
-    """The download queue entries of a completed snapshot: one per image link.
+def image_rows(
+    task_id: str, snapshot: Snapshot, now: datetime, requested: int = 1
+) -> list[dict[str, Any]]:
+    """The download queue entries of a completed snapshot: one per image link, and at
+    least as many as the task asked for (`requested`, its n).
 
-    A link without its own expiry lives 24 h from the provider's completion or,
-    when that is unknown, from now (the latest moment the 24 h can have started).
-    A completion without any link still gets one entry: its download asks the
-    provider once for the link before failing `no_image`.
+    A link without its own expiry (or with one already past) lives 24 h from the
+    provider's completion or, when that is unknown, from now (the latest moment
+    the 24 h can have started); no expiry counts beyond 24 h from now.
+    An entry without a link (fewer links than asked for, or none) asks the provider
+    once for its link before failing `no_image`.
     """
     start = min(snapshot.completed_at or now, now)
-    links = snapshot.images or (SnapshotImage(""),)
+    missing = max(requested, 1) - len(snapshot.images)
+    links = [*snapshot.images, *[SnapshotImage("")] * missing]
     return [
         {
             "task_id": task_id,
             "position": position,
             "status": ImageStatus.PENDING.value,
             "source_url": image.url or None,
-            "source_expires_at": image.expires_at or start + LINK_LIFETIME,
+            "source_expires_at": link_expiry(image.expires_at, start, now),
             "renewed": False,
             "attempts": 0,
             "next_attempt_at": now,
@@ -200,7 +205,8 @@ async def apply_snapshot(
             break
         if await repository.update_where(db, task_id, condition, values):
             if snapshot.status is TaskStatus.COMPLETED:
-                await repository.queue_images(db, image_rows(task_id, snapshot, now))
+                requested = await repository.requested_images(db, task_id)
+                await repository.queue_images(db, image_rows(task_id, snapshot, now, requested))
             state = _after(state, snapshot)
             log.info(
                 "task_transition",

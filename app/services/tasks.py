@@ -231,7 +231,7 @@ async def _mark_failed(
 ) -> None:
     log.warning("submit_failed", task_id=task_id, code=exc.code, reason=exc.message)
     async with factory() as session, session.begin():
-        await repository.update_task_where(
+        failed = await repository.update_task_where(
             session,
             task_id,
             col(Task.status) == TaskStatus.SUBMITTING.value,
@@ -244,7 +244,8 @@ async def _mark_failed(
                 "next_poll_at": None,
             },
         )
-        if release_key is not None:
+        # A task a callback already moved exists at the provider: its key stays bound.
+        if release_key is not None and failed:
             await repository.release_idempotency_key(session, owner, release_key, task_id)
 
 
