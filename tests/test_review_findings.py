@@ -20,11 +20,11 @@ from alembic.config import Config
 from PIL import Image as PILImage
 
 from app.callback_urls import sign
-from app.cli import ROOT
 from app.db import create_engine
 from app.fetch_errors import status_error
 from app.images import PNG, SNIFF_BYTES, TAIL_BYTES, EndMarker, looks_complete
 from app.models import utcnow
+from app.schema_version import ROOT
 from app.schemas import Snapshot
 from app.services.snapshots import image_rows
 from app.upstream import LINK_LIFETIME, parse_snapshot
@@ -254,11 +254,6 @@ def test_odd_retry_after_does_not_hide_the_status() -> None:
     assert error.retry_after is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a completed snapshot listing more links than the task's n queues all of them "
-    "(up to 16): unrequested downloads and storage",
-)
 @ASYNC
 async def test_links_beyond_n_are_not_downloaded(
     service_factory: Any, database_url: str, tmp_path: Path

@@ -131,8 +131,10 @@ def transition(
 def image_rows(
     task_id: str, snapshot: Snapshot, now: datetime, requested: int = 1
 ) -> list[dict[str, Any]]:
-    """The download queue entries of a completed snapshot: one per image link, and at
-    least as many as the task asked for (`requested`, its n).
+    """The download queue entries of a completed snapshot: exactly as many as the task
+    asked for (`requested`, its n), taken from the provider's links in order.
+    Links beyond n were never asked for (and would be stored unbilled to anyone's
+    request): they are ignored.
 
     A link without its own expiry (or with one already past) lives 24 h from the
     provider's completion or, when that is unknown, from now (the latest moment
@@ -141,8 +143,12 @@ def image_rows(
     once for its link before failing `no_image`.
     """
     start = min(snapshot.completed_at or now, now)
-    missing = max(requested, 1) - len(snapshot.images)
-    links = [*snapshot.images, *[SnapshotImage("")] * missing]
+    wanted = max(requested, 1)
+    if len(snapshot.images) > wanted:
+        log.warning(
+            "extra_image_links_ignored", task_id=task_id, links=len(snapshot.images), n=wanted
+        )
+    links = [*snapshot.images[:wanted], *[SnapshotImage("")] * (wanted - len(snapshot.images))]
     return [
         {
             "task_id": task_id,

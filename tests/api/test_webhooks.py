@@ -53,8 +53,8 @@ class Stack:
         self.sim = simulator
         self.upstream = upstream
 
-    async def submit(self, prompt: str = "a cat") -> dict[str, Any]:
-        response = await self.service.client.post("/tasks", json={"prompt": prompt})
+    async def submit(self, prompt: str = "a cat", **fields: Any) -> dict[str, Any]:
+        response = await self.service.client.post("/tasks", json={"prompt": prompt, **fields})
         assert response.status_code == 202, response.text
         task: dict[str, Any] = response.json()
         return task
@@ -336,8 +336,8 @@ async def test_every_body_shape_and_url_shape_is_accepted(
 
 
 async def test_a_published_callback_queues_one_download_per_result(trusting: Stack) -> None:
-    """`results` with three links: three images queued in order, expiring 24 h after now."""
-    task = await trusting.submit()
+    """`results` with three links for n=3: three images queued in order, expiring in 24 h."""
+    task = await trusting.submit(model="gpt-image-2", n=3)
     links = [f"https://cdn.example.com/{n}.png" for n in range(3)]
     body = task_body("completed", upstream_id=task["upstream_task_id"], urls=links, published=True)
     response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))

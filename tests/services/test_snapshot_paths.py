@@ -63,7 +63,7 @@ async def test_the_reconciler_applies_every_shape(
     api = QueryAPI()
     service: Service = await service_factory(settings, scripted_transport(api))
     async with service.runtime.sessions() as session:
-        task = await make_task(session, status="processing", next_poll_at=utcnow())
+        task = await make_task(session, status="processing", next_poll_at=utcnow(), n=len(LINKS))
     api.body = completed(shape, task.upstream_task_id or "")
     assert await service.runtime.reconciler.run_once() == 1
     assert api.queries == 1
@@ -79,9 +79,8 @@ async def test_a_callback_is_confirmed_in_every_shape(
     api = QueryAPI()
     service: Service = await service_factory(settings, scripted_transport(api))
     async with service.runtime.sessions() as session:
-        task = await make_task(
-            session, status="pending", next_poll_at=utcnow() + timedelta(hours=1)
-        )
+        later = utcnow() + timedelta(hours=1)
+        task = await make_task(session, status="pending", next_poll_at=later, n=len(LINKS))
     api.body = completed(shape, task.upstream_task_id or "")
     hook = f"/webhooks/starmagic/{task.id}/{sign(task.id, WEBHOOK_SECRET)}"
     answer = await service.client.post(hook, content=json.dumps(api.body))
