@@ -154,8 +154,14 @@ class Downloader:
         if job.source_url is None or utcnow() >= expires_at:
             await self._renew_or_fail(job, "expired", "the image link has expired")
             return
-        _remove_leftovers(self._storage, job)
-        spool = spool_path(self._storage, job)
+        try:
+            _remove_leftovers(self._storage, job)
+            spool = spool_path(self._storage, job)
+        except OSError as exc:
+            # No usable spool directory: the storage is unwell, not the job.
+            log.warning("storage_failed", task_id=job.task_id, reason=str(exc))
+            await self._retry(job, expires_at, "storage", str(exc) or type(exc).__name__)
+            return
         try:
             try:
                 result = await self._fetcher.fetch_to_file(job.source_url, spool)

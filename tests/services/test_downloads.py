@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -471,3 +472,20 @@ async def test_two_images_settling_at_once_leave_the_task_stored(
         assert (await queue.task(task.id)).image_status == "stored"
     finally:
         await engine.dispose()
+
+
+async def test_a_storage_without_a_usable_spool_is_a_storage_retry_not_a_crash(
+    queue: Queue,
+) -> None:
+    """The storage root replaced by a file: the job records `storage` and gives its lease back."""
+    task = await queue.queued()
+    job = await queue.claim()
+    root = queue.storage.root
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.write_text("the storage volume is gone\n")
+    fetcher = ScriptedFetcher([PNG])
+    await queue.downloader(fetcher).run(job)
+    stored = await queue.image(task.id)
+    assert (stored.status, stored.error_code, stored.lease_owner) == ("pending", "storage", None)
+    assert fetcher.urls == []
