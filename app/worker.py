@@ -16,6 +16,7 @@ import structlog
 
 from app import metrics, repository
 from app.config import Settings
+from app.events import repository as event_repository
 from app.models import utcnow
 from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
@@ -31,6 +32,8 @@ STOP_GRACE_SECONDS = 20.0
 PRUNE_INTERVAL_SECONDS = 3600.0
 PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.5
+EVENT_PRUNE_SECONDS = 60.0
+EVENT_PRUNE_BATCH = 500
 
 
 def worker_name() -> str:
@@ -63,6 +66,11 @@ class BackgroundWorker:
             runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
+        # A completed task (in any process) wakes the download loop before its next poll.
+        self._completions = contextlib.ExitStack()
+        self._completed = self._completions.enter_context(
+            runtime.events.subscribe(lambda notice: notice.type == "task.completed")
+        )
 
     async def start(self) -> None:
         """Clear a crashed run's temp files, then start the loops."""
@@ -71,7 +79,9 @@ class BackgroundWorker:
         if removed:
             log.info("spool_cleaned", files=removed)
         self._loops = [
-            asyncio.create_task(self._forever("downloads", self._download_round, 0)),
+            asyncio.create_task(
+                self._forever("downloads", self._download_round, 0, self._completed.wait)
+            ),
             asyncio.create_task(
                 self._forever(
                     "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
@@ -79,12 +89,16 @@ class BackgroundWorker:
             ),
             asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
             asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
+            asyncio.create_task(
+                self._forever("event_pruning", self._prune_events, EVENT_PRUNE_SECONDS)
+            ),
         ]
         log.info("worker_started", owner=self.downloader.owner)
 
     async def stop(self) -> None:
         """Stop claiming, let running downloads finish (bounded), give back the leases."""
         self._stopping.set()
+        self._completions.close()
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -99,7 +113,11 @@ class BackgroundWorker:
             log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
 
     async def _forever(
-        self, name: str, round_: Callable[[], Awaitable[float | None]], interval: float
+        self,
+        name: str,
+        round_: Callable[[], Awaitable[float | None]],
+        interval: float,
+        pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         while not self._stopping.is_set():
             try:
@@ -111,7 +129,7 @@ class BackgroundWorker:
                 wait = max(interval, 1.0)
             else:
                 self.database_outage.recovered()
-            await asyncio.sleep(interval if wait is None else wait)
+            await pause(interval if wait is None else wait)
 
     async def _download_round(self) -> float:
         """Fill free slots with due downloads; come back at once while work remains."""
@@ -156,6 +174,15 @@ class BackgroundWorker:
         while await self._runtime.reconciler.run_once() and not self._stopping.is_set():
             pass
 
+    async def _prune_events(self) -> float | None:
+        """Delete events past retention, a small batch at a time (again at once while full)."""
+        cutoff = utcnow() - timedelta(days=self._settings.event_retention_days)
+        async with self._runtime.engine.begin() as db:
+            pruned = await event_repository.prune_events(db, before=cutoff, batch=EVENT_PRUNE_BATCH)
+        if pruned:
+            log.info("events_pruned", count=pruned)
+        return 0.0 if pruned == EVENT_PRUNE_BATCH else None
+
     async def _queue_stats(self) -> None:
         async with self._runtime.engine.connect() as db:
             depth, oldest = await repository.download_queue_stats(db)
@@ -194,6 +221,7 @@ class BackgroundWorker:
 async def run_worker(settings: Settings) -> None:
     """`imagetasks worker`: the loops alone, until SIGTERM or SIGINT."""
     runtime = Runtime.build(settings)
+    await runtime.events.start(runtime.engine)
     worker = BackgroundWorker(runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
