@@ -83,7 +83,8 @@ async def test_progress_events_are_throttled_and_completion_lists_the_queued_ima
     completed = told[-1][1]
     assert [image["status"] for image in completed["images"]] == ["pending", "pending"]
     assert completed["settled"] is False
-    assert completed["id"] == task.id and completed["status"] == "completed"
+    assert completed["id"] == task.id
+    assert completed["status"] == "completed"
 
 
 @pytest.mark.parametrize(
