@@ -15,8 +15,10 @@ from app.events.schemas import EventPublic
 
 PAGE = 100
 RETRY_MILLISECONDS = 2000
-# A change was announced but an older transaction still runs: look again this soon, then later.
+# A change was announced but an older transaction still runs (PostgreSQL serves an event
+# only once every transaction older than it has ended): look again soon, then less often.
 RECHECK_FIRST_SECONDS = 0.05
+RECHECK_MAX_SECONDS = 0.5
 
 
 def sse_frame(cursor: str, event: EventPublic) -> str:
@@ -61,7 +63,7 @@ async def event_stream(
             until_heartbeat = max(0.0, last_sent + heartbeat_seconds - loop.time())
             if held_back:
                 timeout = min(recheck, until_heartbeat)
-                recheck = min(recheck * 2, heartbeat_seconds)
+                recheck = min(recheck * 2, RECHECK_MAX_SECONDS)
             else:
                 timeout, recheck = until_heartbeat, RECHECK_FIRST_SECONDS
             if not await bell.wait(timeout) and loop.time() - last_sent >= heartbeat_seconds:
