@@ -197,7 +197,7 @@ class EventBus:
             finally:
                 self.listening.clear()
                 if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(connection.close(), 5)
+                    # Nothing to flush on a listening connection: drop it without a round trip.
+                    connection.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RECONNECT_SECONDS)
