@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from datetime import datetime
 from typing import Any
@@ -87,3 +88,23 @@ async def test_a_waiter_on_one_process_is_woken_by_a_change_on_another(
     lags = {event["type"]: round(lag(event, at) * 1000, 1) for event, at in received}
     wait_lag = round((answered - settled_at.timestamp()) * 1000, 1)
     print(f"\nwake-up latency ms: wait={wait_lag} stream={lags}")
+
+
+async def test_open_streams_end_cleanly_when_the_service_stops(stacks: StackPool) -> None:
+    """SIGTERM ends a live stream with a complete response, and the service stops gracefully."""
+    stack = await stacks.start()
+    task = await stack.submit("a short story")
+    lines: list[str] = []
+    async with stack.client.stream(
+        "GET", "/events/stream", headers={"Accept": "text/event-stream"}, timeout=60
+    ) as response:
+        stream = response.aiter_lines()
+        async for line in stream:
+            lines.append(line)
+            if line.startswith("data: ") and task["id"] in line:
+                break
+        stopping = asyncio.create_task(stack.stop_service())
+        # A stream cut off mid-response would raise here instead of ending.
+        lines += [line async for line in stream]
+    assert await stopping == -signal.SIGTERM  # uvicorn re-raises the signal it handled
+    assert any(task["id"] in line for line in lines)
