@@ -3,6 +3,7 @@ cursor under concurrent transactions, and retention."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -158,6 +159,7 @@ async def test_feed_pages_follow_the_cursor_without_repeats(engine: AsyncEngine)
             await events.record(db, events.EventType.TASK_CREATED, task, [], now=utcnow())
             for _ in range(5)
         ]
+    await visible(engine, EventScope(task_id=task.id), 5)
     seen: list[str] = []
     after = None
     for _ in range(4):
@@ -166,6 +168,17 @@ async def test_feed_pages_follow_the_cursor_without_repeats(engine: AsyncEngine)
         after = decode_cursor(page.next_cursor) if page.next_cursor else None
     assert seen == ids
     assert not page.has_more
+
+
+async def visible(engine: AsyncEngine, scope: EventScope, count: int) -> None:
+    """Wait until `count` events are served: on PostgreSQL an event is held back while any
+    older transaction on the server (another test's, say) is still running."""
+    for _ in range(600):
+        page = await read_page(engine, scope, after=None, limit=count, base="")
+        if len(page.items) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} events became visible")
 
 
 @pytest.mark.postgres
@@ -194,9 +207,15 @@ async def test_the_cursor_never_passes_an_event_that_commits_late(
         page = await read_page(engine, scope, after=None, limit=10, base="")
         served = [event.id for event in page.items]
         await last.commit()
-        position = decode_cursor(page.next_cursor) if page.next_cursor else None
-        page = await read_page(engine, scope, after=position, limit=10, base="")
-        served += [event.id for event in page.items]
+        # Follow the cursor until both are served (another test's transaction on the same
+        # server may hold them back a while): neither may be skipped or repeated.
+        for _ in range(600):
+            position = decode_cursor(page.next_cursor) if page.next_cursor else None
+            page = await read_page(engine, scope, after=position, limit=10, base="")
+            served += [event.id for event in page.items]
+            if len(served) >= 2:
+                break
+            await asyncio.sleep(0.05)
         assert sorted(served) == sorted([earlier_id, later_id])
         if first_to_commit == "later_started":
             assert served == [earlier_id, later_id]  # held back until the older one ended
