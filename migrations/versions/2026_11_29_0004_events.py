@@ -1,7 +1,7 @@
 """the event log: one row per change a caller cares about
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-29 10:40:00
 
 On PostgreSQL, `events.txid` defaults to the writing transaction's id (readers
@@ -17,8 +17,8 @@ from alembic import op
 
 import app.models
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
