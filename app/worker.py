@@ -32,8 +32,6 @@ STOP_GRACE_SECONDS = 20.0
 PRUNE_INTERVAL_SECONDS = 3600.0
 PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.5
-EVENT_PRUNE_SECONDS = 60.0
-EVENT_PRUNE_BATCH = 500
 
 
 def worker_name() -> str:
@@ -89,9 +87,6 @@ class BackgroundWorker:
             ),
             asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
             asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
-            asyncio.create_task(
-                self._forever("event_pruning", self._prune_events, EVENT_PRUNE_SECONDS)
-            ),
         ]
         log.info("worker_started", owner=self.downloader.owner)
 
@@ -174,15 +169,6 @@ class BackgroundWorker:
         while await self._runtime.reconciler.run_once() and not self._stopping.is_set():
             pass
 
-    async def _prune_events(self) -> float | None:
-        """Delete events past retention, a small batch at a time (again at once while full)."""
-        cutoff = utcnow() - timedelta(days=self._settings.event_retention_days)
-        async with self._runtime.engine.begin() as db:
-            pruned = await event_repository.prune_events(db, before=cutoff, batch=EVENT_PRUNE_BATCH)
-        if pruned:
-            log.info("events_pruned", count=pruned)
-        return 0.0 if pruned == EVENT_PRUNE_BATCH else None
-
     async def _queue_stats(self) -> None:
         async with self._runtime.engine.connect() as db:
             depth, oldest = await repository.download_queue_stats(db)
@@ -190,7 +176,7 @@ class BackgroundWorker:
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
 
     async def _prune(self) -> None:
-        """Delete callback deliveries and idempotency records past their retention."""
+        """Delete callback deliveries, idempotency records and events past their retention."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
@@ -200,6 +186,10 @@ class BackgroundWorker:
             "idempotency_records": await self._prune_table(
                 repository.prune_idempotency_records,
                 now - timedelta(days=self._settings.idempotency_retention_days),
+            ),
+            "events": await self._prune_table(
+                event_repository.prune_events,
+                now - timedelta(days=self._settings.event_retention_days),
             ),
         }
         if any(pruned.values()):

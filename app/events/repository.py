@@ -77,13 +77,13 @@ async def read_events(
     return (await db.execute(statement)).all()
 
 
-async def prune_events(db: AsyncConnection, *, before: datetime, batch: int) -> int:
-    """Delete up to `batch` events created before `before`; how many went."""
+async def prune_events(db: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` events created before `before`; how many went."""
     oldest = (
         select(EVENTS.c.seq)
         .where(EVENTS.c.created_at < before)
         .order_by(EVENTS.c.created_at)
-        .limit(batch)
+        .limit(limit)
     )
     result = await db.execute(delete(EVENTS).where(EVENTS.c.seq.in_(oldest)))
     return int(cast(CursorResult[Any], result).rowcount)

@@ -145,9 +145,9 @@ async def test_pruning_deletes_old_events_in_batches_and_keeps_recent_ones(
         await events.record(db, events.EventType.TASK_FAILED, task, [], now=utcnow())
     cutoff = utcnow() - timedelta(days=30)
     async with engine.begin() as db:
-        assert await event_repository.prune_events(db, before=cutoff, batch=2) == 2
+        assert await event_repository.prune_events(db, before=cutoff, limit=2) == 2
     async with engine.begin() as db:
-        assert await event_repository.prune_events(db, before=cutoff, batch=2) == 1
+        assert await event_repository.prune_events(db, before=cutoff, limit=2) == 1
     assert [kind for kind, _ in await story(engine, task.id)] == ["task.failed"]
 
 
