@@ -60,7 +60,7 @@ async def test_progress_events_are_throttled_and_completion_lists_the_queued_ima
     engine: AsyncEngine,
 ) -> None:
     """pending→processing tells; more progress within the interval does not; later it does."""
-    task = await new_task(engine)
+    task = await new_task(engine, n=2, model="gpt-image-2")
     start = utcnow()
     await apply(engine, task.id, Snapshot(TaskStatus.PROCESSING, progress=10), now=start)
     later = start + timedelta(seconds=1)
