@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -129,6 +130,13 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self._announcement:
             print(self._announcement, file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Event streams never end by themselves: end them, so shutdown need not wait.
+        runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
+        if runtime is not None:
+            runtime.events.shut_down()
+        super().handle_exit(sig, frame)
 
     @property
     def lifespan_failed(self) -> bool:

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     trusted_proxies: CsvList = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     callback_retention_days: float = Field(default=30, gt=0)
     idempotency_retention_days: float = Field(default=7, gt=0)
+    event_retention_days: float = Field(default=30, gt=0)
 
     @field_validator(
         "webhook_secret", "api_tokens", "trusted_proxies", "allowed_models", mode="before"

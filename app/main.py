@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
-from app.api import health, images, tasks, webhooks
+from app.api import events, health, images, tasks, webhooks
 from app.config import Settings, SettingsError, get_settings
 from app.errors import install_error_handlers
 from app.logging import configure_logging
@@ -49,6 +49,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         current = runtime or Runtime.build(settings)
         app.state.runtime = current
+        await current.events.start(current.engine)
         worker = (
             BackgroundWorker(current, database_outage=app.state.database_outage)
             if settings.run_background
@@ -82,6 +83,7 @@ def create_app(
     # Outermost, so that it still sees the proxy's own address, not the forwarded client.
     app.add_middleware(ForwardedHostMiddleware, trusted_hosts=settings.trusted_proxies)
     app.include_router(tasks.router)
+    app.include_router(events.router)
     app.include_router(images.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)

@@ -1,5 +1,6 @@
 """The SQL tables: tasks (which are also the poll queue), their images (which
-are the download queue), callback deliveries and idempotency records."""
+are the download queue), callback deliveries, idempotency records and the
+event log."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -121,6 +132,8 @@ class Task(SQLModel, table=True):
     # All of the task's images at a glance (for filters): pending until every
     # image is settled, then stored when all are stored, else failed.
     image_status: str | None = Field(default=None, max_length=16)
+    # When the last task.processing event was written: progress events are throttled.
+    progress_event_at: datetime | None = _ts()
 
 
 class Image(SQLModel, table=True):
@@ -179,3 +192,35 @@ class IdempotencyRecord(SQLModel, table=True):
     request_sha256: str = Field(max_length=64)
     task_id: str = Field(foreign_key="tasks.id", max_length=40)
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class Event(SQLModel, table=True):
+    """One change a caller cares about, with the task as it was shown at that moment.
+
+    Readers follow the log in (`txid`, `seq`) order: `seq` is insertion order,
+    and on PostgreSQL `txid` (the writing transaction, set by the database) lets
+    a reader serve only events of transactions that have ended, so a cursor
+    never passes an event that commits late. On SQLite `txid` stays 0.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_order", "txid", "seq"),
+        Index("ix_events_owner_order", "owner", "txid", "seq"),
+        Index("ix_events_task", "task_id", "seq"),
+        Index("ix_events_created_at", "created_at"),
+    )
+
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    id: str = Field(max_length=32, unique=True)
+    type: str = Field(max_length=32)
+    task_id: str = Field(max_length=40)
+    owner: str = Field(max_length=64)
+    txid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

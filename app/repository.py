@@ -188,6 +188,24 @@ async def update_where(
     return bool(_rowcount(await db.execute(statement)))
 
 
+def task_from_row(row: Any) -> Task:
+    """A Core row of the tasks table as a Task object (not attached to any session)."""
+    values = dict(row._mapping)
+    values["meta"] = values.pop("metadata")
+    return Task(**values)
+
+
+async def update_returning(
+    db: AsyncConnection, task_id: str, condition: ColumnElement[bool], values: dict[str, Any]
+) -> Task | None:
+    """`update_where` that also answers the row as it now is (None: it did not match)."""
+    statement = (
+        update(TASKS).where(TASKS.c.id == task_id, condition).values(**values).returning(*TASKS.c)
+    )
+    row = (await db.execute(statement)).first()
+    return task_from_row(row) if row is not None else None
+
+
 async def insert_delivery(db: AsyncConnection, values: dict[str, Any]) -> None:
     """Keep one row per accepted webhook delivery."""
     await db.execute(_INSERT_DELIVERY, values)
@@ -465,6 +483,23 @@ async def refresh_image_summary(db: AsyncConnection, task_id: str, now: datetime
     )
 
 
+async def settle_image_summary(
+    db: AsyncConnection, task_id: str, now: datetime
+) -> tuple[Task, list[Image]]:
+    """Recompute the image summary after an image settled; the task and all its images now."""
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id)
+        .values(image_status=_summary(task_id), updated_at=now)
+        .returning(*TASKS.c)
+    )
+    task = task_from_row((await db.execute(statement)).one())
+    rows = await db.execute(
+        select(IMAGES).where(IMAGES.c.task_id == task_id).order_by(IMAGES.c.position)
+    )
+    return task, [Image(**row._mapping) for row in rows]
+
+
 async def update_download(
     db: AsyncConnection,
     job: DownloadJob,
@@ -478,6 +513,8 @@ async def update_download(
     `settles` (stored or failed) also refreshes the task's image summary. The
     task's row is locked first, so two images of one task settling at once are
     summarised one after the other: each sees the other's committed status.
+    Callers that need the task afterwards use `settle_image_summary` (after
+    `lock_task`) instead.
     """
     if settles:
         await lock_task(db, job.task_id)

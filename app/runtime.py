@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.db import SessionFactory, create_engine, create_session_factory
+from app.events.bus import EventBus
 from app.fetch import SafeFetcher
 from app.services.reconcile import Reconciler
 from app.storage import Storage, storage_from_url
@@ -25,6 +26,7 @@ class Runtime:
     storage: Storage
     fetcher: SafeFetcher
     reconciler: Reconciler
+    events: EventBus = field(default_factory=EventBus)
     closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -65,6 +67,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         """Close everything in the reverse order of use."""
+        await self.events.aclose()
         await self.reconciler.aclose()
         await self.fetcher.aclose()
         await self.storage.aclose()

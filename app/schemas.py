@@ -343,6 +343,7 @@ class TaskPublic(BaseModel):
                     "id": _TASK_ID,
                     "status": "completed",
                     "progress": 100,
+                    "settled": True,
                     "prompt": "A lighthouse at dawn, watercolor",
                     "model": "gpt-image-1.5",
                     "size": "1024x1536",
@@ -378,6 +379,12 @@ class TaskPublic(BaseModel):
     )
     progress: int = Field(
         description="Percent done as the provider last reported it (0 to 100).", examples=[100]
+    )
+    settled: bool = Field(
+        default=False,
+        description="Nothing more will happen to it: failed, cancelled, or completed with "
+        "every image stored or failed.",
+        examples=[True],
     )
     prompt: str = Field(description="The prompt as submitted.", examples=["A lighthouse at dawn"])
     model: str = Field(description="The provider's model.", examples=["gpt-image-1.5"])

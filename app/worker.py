@@ -16,6 +16,7 @@ import structlog
 
 from app import metrics, repository
 from app.config import Settings
+from app.events import repository as event_repository
 from app.models import utcnow
 from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
@@ -63,6 +64,11 @@ class BackgroundWorker:
             runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
+        # A completed task (in any process) wakes the download loop before its next poll.
+        self._completions = contextlib.ExitStack()
+        self._completed = self._completions.enter_context(
+            runtime.events.subscribe(lambda notice: notice.type == "task.completed")
+        )
 
     async def start(self) -> None:
         """Clear a crashed run's temp files, then start the loops."""
@@ -71,7 +77,9 @@ class BackgroundWorker:
         if removed:
             log.info("spool_cleaned", files=removed)
         self._loops = [
-            asyncio.create_task(self._forever("downloads", self._download_round, 0)),
+            asyncio.create_task(
+                self._forever("downloads", self._download_round, 0, self._completed.wait)
+            ),
             asyncio.create_task(
                 self._forever(
                     "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
@@ -85,6 +93,7 @@ class BackgroundWorker:
     async def stop(self) -> None:
         """Stop claiming, let running downloads finish (bounded), give back the leases."""
         self._stopping.set()
+        self._completions.close()
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -99,7 +108,11 @@ class BackgroundWorker:
             log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
 
     async def _forever(
-        self, name: str, round_: Callable[[], Awaitable[float | None]], interval: float
+        self,
+        name: str,
+        round_: Callable[[], Awaitable[float | None]],
+        interval: float,
+        pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         while not self._stopping.is_set():
             try:
@@ -111,7 +124,7 @@ class BackgroundWorker:
                 wait = max(interval, 1.0)
             else:
                 self.database_outage.recovered()
-            await asyncio.sleep(interval if wait is None else wait)
+            await pause(interval if wait is None else wait)
 
     async def _download_round(self) -> float:
         """Fill free slots with due downloads; come back at once while work remains."""
@@ -163,7 +176,7 @@ class BackgroundWorker:
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
 
     async def _prune(self) -> None:
-        """Delete callback deliveries and idempotency records past their retention."""
+        """Delete callback deliveries, idempotency records and events past their retention."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
@@ -173,6 +186,10 @@ class BackgroundWorker:
             "idempotency_records": await self._prune_table(
                 repository.prune_idempotency_records,
                 now - timedelta(days=self._settings.idempotency_retention_days),
+            ),
+            "events": await self._prune_table(
+                event_repository.prune_events,
+                now - timedelta(days=self._settings.event_retention_days),
             ),
         }
         if any(pruned.values()):
@@ -194,6 +211,7 @@ class BackgroundWorker:
 async def run_worker(settings: Settings) -> None:
     """`imagetasks worker`: the loops alone, until SIGTERM or SIGINT."""
     runtime = Runtime.build(settings)
+    await runtime.events.start(runtime.engine)
     worker = BackgroundWorker(runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

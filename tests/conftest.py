@@ -41,7 +41,7 @@ from tests.postgres import (
 API_TOKEN = "test-token-" + "a" * 20
 WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 FAST_RETRY = RetryPolicy(base_delay=0.0, max_delay=0.0)
-TABLES = ("callback_deliveries", "idempotency_records", "tasks")
+TABLES = ("callback_deliveries", "idempotency_records", "tasks", "events")
 
 
 @pytest.fixture(scope="session")

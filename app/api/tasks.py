@@ -11,13 +11,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import provider_errors, repository
+from app import repository
 from app.api.deps import TASK_ID, CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.errors import NotFound, Unprocessable
-from app.models import Image, ImageStatus, Task, TaskStatus
-from app.schemas import ErrorBody, ErrorInfo, ImagePublic, TaskCreate, TaskPage, TaskPublic
+from app.events.waiting import requested_wait, wait_until_settled
+from app.models import Image, Task, TaskStatus
+from app.runtime import Runtime
+from app.schemas import ErrorBody, TaskCreate, TaskPage, TaskPublic
 from app.services import cancel as cancel_service
 from app.services.tasks import submit_task
+from app.task_view import task_view
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -29,65 +32,40 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def image_public(task: Task, image: Image, request: Request) -> ImagePublic:
-    """The API's view of one image of a task."""
-    stored = image.status == ImageStatus.STORED
-    url = None
-    if stored:
-        url = str(
-            request.url_for("get_task_image", task_id=task.id)
-            if image.position == 0
-            else request.url_for("get_task_image_at", task_id=task.id, index=image.position)
-        )
-    return ImagePublic(
-        index=image.position,
-        status=image.status,
-        url=url,
-        content_type=image.content_type,
-        size_bytes=image.size_bytes,
-        sha256=image.sha256,
-        width=image.width,
-        height=image.height,
-        stored_at=image.stored_at,
-        source_expires_at=image.source_expires_at,
-        error=ErrorInfo(code=image.error_code, message=image.error_message or "")
-        if image.error_code
-        else None,
-    )
+def base_url(request: Request) -> str:
+    """The origin and path prefix this request reached us at, without a trailing slash."""
+    return str(request.base_url).rstrip("/")
 
 
 def to_public(task: Task, images: Sequence[Image], request: Request) -> TaskPublic:
     """The API's view of a task and its images."""
-    shown = [image_public(task, image, request) for image in images]
-    return TaskPublic(
-        id=task.id,
-        status=task.status,
-        progress=task.progress,
-        prompt=task.prompt,
-        model=task.model,
-        size=task.size,
-        quality=task.quality,
-        resolution=task.resolution,
-        n=task.n,
-        image_urls=task.image_urls,
-        mask_url=task.mask_url,
-        metadata=task.meta,
-        upstream_task_id=task.upstream_task_id,
-        can_cancel=task.can_cancel,
-        usage=task.usage,
-        error=ErrorInfo(
-            code=task.error_code,
-            message=task.error_message or "",
-            retryable=provider_errors.retryable(task.error_code),
-        )
-        if task.error_code
-        else None,
-        image=shown[0] if shown else None,
-        images=shown,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        completed_at=task.completed_at,
-    )
+    return task_view(task, images, base_url(request))
+
+
+PreferHeader = Annotated[
+    str | None,
+    Header(
+        max_length=200,
+        description="`wait=N` (1 to 60 seconds): answer as soon as the task is settled, "
+        "or with its state after N seconds; `Preference-Applied` confirms it.",
+    ),
+]
+
+
+async def _answer(
+    runtime: Runtime, task_id: str, request: Request, response: Response, wait: int | None
+) -> TaskPublic:
+    """The task now, or (with a wait preference) once settled or when the wait runs out."""
+
+    async def read() -> TaskPublic:
+        async with runtime.sessions() as session:
+            return await load_public(session, task_id, request)
+
+    if wait is None:
+        return await read()
+    response.headers["Preference-Applied"] = f"wait={wait}"
+    response.headers["Vary"] = "Prefer"
+    return await wait_until_settled(runtime.events, task_id, wait, read)
 
 
 async def load_public(session: AsyncSession, task_id: str, request: Request) -> TaskPublic:
@@ -151,8 +129,10 @@ async def create_task(
             description="Retry with the same key to get the same task, never a second one.",
         ),
     ] = None,
+    prefer: PreferHeader = None,
 ) -> TaskPublic:
-    """Submit an image generation; answers at once with the task to poll."""
+    """Submit an image generation; answers at once, or when settled with `Prefer: wait=N`."""
+    wait = requested_wait(prefer)
     result = await submit_task(
         runtime.sessions,
         runtime.starmagic,
@@ -164,9 +144,9 @@ async def create_task(
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    if result.replayed or result.task.status == TaskStatus.COMPLETED:
-        async with runtime.sessions() as session:  # it may have images already
-            return await load_public(session, result.task.id, request)
+    if wait is not None or result.replayed or result.task.status == TaskStatus.COMPLETED:
+        # It may have images already, or the caller waits for them.
+        return await _answer(runtime, result.task.id, request, response, wait)
     return to_public(result.task, [], request)
 
 
@@ -230,10 +210,16 @@ async def list_tasks(
     responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such task"}},
 )
 async def get_task(
-    _: CallerDep, task_id: TaskIdDep, request: Request, session: SessionDep
+    _: CallerDep,
+    task_id: TaskIdDep,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    prefer: PreferHeader = None,
 ) -> TaskPublic:
-    """One task, with its images once stored."""
-    return await load_public(session, task_id, request)
+    """One task, with its images once stored; `Prefer: wait=N` waits for it to settle."""
+    # No request-long transaction: a wait must not hold one (SQLite's is a write lock).
+    return await _answer(runtime, task_id, request, response, requested_wait(prefer))
 
 
 @router.post(

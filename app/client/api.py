@@ -1,11 +1,14 @@
-"""The service's /tasks API for the client: requests, and its answers as CliErrors."""
+"""The service's /tasks and /events API for the client: requests, and its answers as
+CliErrors."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
@@ -69,14 +72,52 @@ class ApiClient:
         except ValueError as exc:
             raise CliError(f"{self.url} did not answer like imagetasks", FAILED) from exc
 
-    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> Task:
+    def submit(
+        self, body: dict[str, Any], idempotency_key: str | None = None, *, wait: int | None = None
+    ) -> Task:
+        """POST /tasks; with `wait`, the answer comes once the task settles (or after wait s)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        task: Task = self.request("POST", "/tasks", json=body, headers=headers)
+        task: Task = self.request("POST", "/tasks", json=body, **_waiting(wait, headers))
         return task
 
-    def task(self, task_id: str) -> Task:
-        task: Task = self.request("GET", f"/tasks/{quote(task_id, safe='')}")
+    def task(self, task_id: str, *, wait: int | None = None) -> Task:
+        """GET /tasks/{id}; with `wait`, the answer comes once the task settles (or in wait s)."""
+        path = f"/tasks/{quote(task_id, safe='')}"
+        task: Task = self.request("GET", path, **_waiting(wait, {}))
         return task
+
+    def events(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One page of GET /events."""
+        page: dict[str, Any] = self.request("GET", "/events", params=params)
+        return page
+
+    def stream_events(
+        self, params: dict[str, Any], last_event_id: str | None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """GET /events/stream: (cursor, event) pairs as they come, until the stream ends."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        # Heartbeats come every 15 s: a minute of silence means the connection is gone.
+        timeout = httpx.Timeout(30.0, read=60.0)
+        try:
+            with self.http.stream(
+                "GET", "/events/stream", params=params, headers=headers, timeout=timeout
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    raise api_error(response)
+                cursor, data = "", ""
+                for line in response.iter_lines():
+                    if line.startswith("id: "):
+                        cursor = line.removeprefix("id: ")
+                    elif line.startswith("data: "):
+                        data = line.removeprefix("data: ")
+                    elif line == "" and data:
+                        yield cursor, json.loads(data)
+                        data = ""
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
 
     def tasks(self, params: dict[str, Any]) -> dict[str, Any]:
         page: dict[str, Any] = self.request("GET", "/tasks", params=params)
@@ -114,6 +155,13 @@ class ApiClient:
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
+
+
+def _waiting(wait: int | None, headers: dict[str, str]) -> dict[str, Any]:
+    """Request options for a `Prefer: wait` call: the header, and a timeout beyond the wait."""
+    if wait is None:
+        return {"headers": headers}
+    return {"headers": {**headers, "Prefer": f"wait={wait}"}, "timeout": wait + 30.0}
 
 
 def _same_sha256(got: str, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""The typer commands `submit`, `list`, `show` and `image`, and their registration."""
+"""The typer commands `submit`, `list`, `show`, `image` and `events`, and their
+registration."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import typer
 
 from app.client.api import ApiClient
 from app.client.errors import EXIT_CODES, FAILED, CliError, reporting
+from app.client.events import events
 from app.client.output import err, image_rows, out, print_fields, print_task_table
-from app.client.progress import wait_for_image
+from app.client.progress import MAX_WAIT_SECONDS, wait_until_settled
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="IMAGETASKS_URL", help="The service's base URL.")
@@ -50,7 +52,10 @@ def submit(
         str | None, typer.Option(help="Retrying with the same key returns the same task.")
     ] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Follow it until the image is stored.")
+        bool,
+        typer.Option(
+            "--wait", help="Wait until it is settled (the service answers then: Prefer: wait)."
+        ),
     ] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: give up after seconds.")] = 600,
     url: UrlOption = DEFAULT_URL,
@@ -62,11 +67,12 @@ def submit(
         if value:
             body[name] = value
     with reporting(), ApiClient(url, token) as client:
-        task = client.submit(body, idempotency_key)
         if not wait:
-            out.print(task["id"], markup=False)
+            out.print(client.submit(body, idempotency_key)["id"], markup=False)
             return
-        task = wait_for_image(client, task["id"], timeout=timeout)
+        first_wait = max(1, min(MAX_WAIT_SECONDS, int(timeout)))
+        task = client.submit(body, idempotency_key, wait=first_wait)
+        task = wait_until_settled(client, task, timeout=timeout)
         print_fields([("task", task["id"]), ("status", task["status"]), *image_rows(task)])
 
 
@@ -142,7 +148,13 @@ def image(
 
 def register(cli: typer.Typer) -> None:
     """Add the client commands to the `imagetasks` app."""
-    commands = (("submit", submit), ("list", list_tasks), ("show", show), ("image", image))
+    commands = (
+        ("submit", submit),
+        ("list", list_tasks),
+        ("show", show),
+        ("image", image),
+        ("events", events),
+    )
     known = {info.name for info in cli.registered_commands}
     for name, command in commands:
         if name not in known:  # main() may run more than once in one process (tests)

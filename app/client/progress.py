@@ -1,4 +1,5 @@
-"""Waiting for a task's image, with a live progress bar on stderr."""
+"""Waiting for a task's image, with a live progress bar on stderr: by polling (the
+demo, which also peeks at the provider) or by `Prefer: wait` (`submit --wait`)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,41 @@ def wait_for_image(
                     FAILED,
                 )
             time.sleep(interval)
+
+
+def wait_until_settled(client: ApiClient, task: Task, *, timeout: float) -> Task:
+    """Ask the service to answer once the task settles (`Prefer: wait`), a minute at a
+    time, with a bar on stderr; the settled task, or CliError on failure or timeout."""
+    deadline = time.monotonic() + timeout
+    columns = (TextColumn("{task.description:<30}"), BarColumn(), TaskProgressColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=err) as progress:
+        bar = progress.add_task("submitted", total=100)
+        while True:
+            label, percent, _ = _phase(task, None)
+            progress.update(bar, description=label, completed=percent)
+            if task.get("settled"):
+                _phase_of_every_image(task)
+                return task
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CliError(
+                    f"gave up after {timeout:g} s: task {task['id']} is still {label} "
+                    f"(see `imagetasks show {task['id']}`)",
+                    FAILED,
+                )
+            task = client.task(task["id"], wait=max(1, min(MAX_WAIT_SECONDS, int(left))))
+
+
+MAX_WAIT_SECONDS = 60
+
+
+def _phase_of_every_image(task: Task) -> None:
+    """CliError naming the first image that could not be stored."""
+    for image in task.get("images") or []:
+        if image.get("status") == "failed":
+            error = image.get("error") or {}
+            raise CliError(
+                f"task {task['id']} completed but image {image.get('index', 0)} could not be "
+                f"stored: {error.get('code')}: {error.get('message')}",
+                FAILED,
+            )

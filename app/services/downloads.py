@@ -30,6 +30,8 @@ from app import metrics, repository
 from app.fetch import FetchError, FetchResult, SafeFetcher
 from app.models import ImageStatus, TaskStatus, utcnow
 from app.repository import DownloadJob
+from app.services import events
+from app.services.events import EventType
 from app.storage import Storage, StorageError
 from app.storage import image_key as storage_image_key
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, link_expiry
@@ -204,7 +206,7 @@ class Downloader:
                 "next_attempt_at": None,
                 "updated_at": now,
             },
-            settles=True,
+            settles=EventType.IMAGE_STORED,
         )
         if not recorded:
             raise LeaseLost
@@ -308,7 +310,7 @@ class Downloader:
                 "next_attempt_at": None,
                 "updated_at": now,
             },
-            settles=True,
+            settles=EventType.IMAGE_FAILED,
         )
 
     async def _renew(self, job: DownloadJob) -> bool:
@@ -320,13 +322,23 @@ class Downloader:
             raise LeaseLost
 
     async def _record(
-        self, job: DownloadJob, values: dict[str, Any], *, settles: bool = False
+        self, job: DownloadJob, values: dict[str, Any], *, settles: EventType | None = None
     ) -> None:
         if not await self._update(job, values, settles=settles):
             raise LeaseLost
 
     async def _update(
-        self, job: DownloadJob, values: dict[str, Any], *, settles: bool = False
+        self, job: DownloadJob, values: dict[str, Any], *, settles: EventType | None = None
     ) -> bool:
+        """Write while the lease holds; a settled image also updates its task and tells."""
         async with self._engine.begin() as db:
-            return await repository.update_download(db, job, values, settles=settles, now=utcnow())
+            if settles is None:
+                return await repository.update_download(db, job, values)
+            # The task's row first: its images settle one at a time, each seeing the others.
+            await repository.lock_task(db, job.task_id)
+            if not await repository.update_download(db, job, values):
+                return False
+            now = utcnow()
+            task, images = await repository.settle_image_summary(db, job.task_id, now)
+            await events.record(db, settles, task, images, now=now, image_index=job.position)
+            return True

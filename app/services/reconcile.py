@@ -15,6 +15,7 @@ from app import metrics, repository
 from app.config import Settings
 from app.db import SessionFactory
 from app.models import Task, TaskStatus, utcnow
+from app.services import events
 from app.services.snapshots import apply_snapshot
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, UpstreamNotFound
 
@@ -238,8 +239,11 @@ class Reconciler:
         # Not while a callback's news is newer than this poll: ask once more first.
         condition = repository.no_confirmation_asked_since(self._claimed_at(task))
         async with self._factory() as session, session.begin():
-            gave_up = await repository.update_task_where(session, task.id, condition, values)
-        if gave_up:
+            db = await session.connection()
+            failed = await repository.update_returning(db, task.id, condition, values)
+            if failed is not None:
+                await events.record(db, events.EventType.TASK_FAILED, failed, [], now=now)
+        if failed is not None:
             log.warning("task_given_up", task_id=task.id, code=code, reason=message)
         else:
             await self._reschedule(task, now)

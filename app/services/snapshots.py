@@ -2,7 +2,8 @@
 
 The webhook, the reconciler and the submit path all come through here, and
 only here are transitions decided. Every change is a conditional UPDATE, so two
-concurrent deliveries of the same snapshot cannot both win. It works on a
+concurrent deliveries of the same snapshot cannot both win; a won move appends
+its event (app.services.events) in the same transaction. It works on a
 plain connection with Core statements: the webhook's hot path stays cheap.
 """
 
@@ -19,9 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository
 from app.errors import NotFound
-from app.models import ImageStatus, TaskStatus
+from app.models import Image, ImageStatus, Task, TaskStatus
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot, SnapshotImage
+from app.services import events
 from app.upstream import link_expiry
 
 log = structlog.get_logger(__name__)
@@ -40,6 +42,7 @@ class Outcome(enum.StrEnum):
 class Applied:
     outcome: Outcome
     state: TaskState  # the task as it stands after this snapshot
+    task: Task | None = None  # the whole row, when this snapshot moved it
 
     @property
     def changed(self) -> bool:
@@ -92,6 +95,14 @@ def transition(
     if snapshot.estimated_time is not None:
         values["estimated_time"] = func.coalesce(TASKS.c.estimated_time, snapshot.estimated_time)
 
+    if target is TaskStatus.PROCESSING:
+        # Stamped when this move is worth a task.processing event (throttled per task).
+        tell = or_(
+            TASKS.c.status != target.value,
+            TASKS.c.progress_event_at.is_(None),
+            TASKS.c.progress_event_at <= now - events.PROGRESS_EVENT_INTERVAL,
+        )
+        values["progress_event_at"] = case((tell, now), else_=TASKS.c.progress_event_at)
     if not target.terminal:
         progress = snapshot.progress or 0
         earlier = [s for s in TaskStatus if s.rank < target.rank]
@@ -166,18 +177,6 @@ def image_rows(
     ]
 
 
-def _after(state: TaskState, snapshot: Snapshot) -> TaskState:
-    progress = 100 if snapshot.status is TaskStatus.COMPLETED else state.progress
-    if not snapshot.status.terminal:
-        progress = max(state.progress, snapshot.progress or 0)
-    return TaskState(
-        state.id,
-        snapshot.status,
-        progress,
-        state.upstream_task_id or snapshot.upstream_id,
-    )
-
-
 async def apply_snapshot(
     db: AsyncConnection,
     task_id: str,
@@ -209,11 +208,20 @@ async def apply_snapshot(
     for _ in range(3):
         if outcome is not Outcome.APPLIED:
             break
-        if await repository.update_where(db, task_id, condition, values):
+        task = await repository.update_returning(db, task_id, condition, values)
+        if task is not None:
+            images: list[Image] = []
             if snapshot.status is TaskStatus.COMPLETED:
                 requested = await repository.requested_images(db, task_id)
-                await repository.queue_images(db, image_rows(task_id, snapshot, now, requested))
-            state = _after(state, snapshot)
+                rows = image_rows(task_id, snapshot, now, requested)
+                await repository.queue_images(db, rows)
+                images = [Image(**row) for row in rows]
+            kind = events.transition_event(task, now)
+            if kind is not None:
+                await events.record(db, kind, task, images, now=now)
+            state = TaskState(
+                task.id, TaskStatus(task.status), task.progress, task.upstream_task_id
+            )
             log.info(
                 "task_transition",
                 task_id=task_id,
@@ -221,7 +229,7 @@ async def apply_snapshot(
                 status=state.status.value,
                 progress=state.progress,
             )
-            return Applied(Outcome.APPLIED, state)
+            return Applied(Outcome.APPLIED, state, task)
         reread = await repository.task_state(db, task_id)
         assert reread is not None  # tasks are never deleted
         state, outcome = reread, classify(reread, snapshot)

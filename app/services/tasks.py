@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -22,9 +20,11 @@ from app.callback_urls import callback_url
 from app.config import Settings
 from app.db import SessionFactory
 from app.errors import BadGateway, Conflict, ServiceUnavailable, Unprocessable
+from app.ids import ulid
 from app.models import IdempotencyRecord, Task, TaskStatus, utcnow
 from app.repository import TaskState
-from app.schemas import Snapshot, TaskCreate
+from app.schemas import TaskCreate
+from app.services import events
 from app.services.snapshots import apply_snapshot
 from app.upstream import (
     StarMagicClient,
@@ -36,16 +36,13 @@ from app.upstream import (
 
 log = structlog.get_logger(__name__)
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # A key whose first request is younger than this and still submitting is in flight.
 IN_FLIGHT_WINDOW = timedelta(seconds=60)
 
 
 def new_task_id() -> str:
     """`tsk_` and a ULID: sortable by creation time, unguessable in its tail."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    chars = [_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5)]
-    return "tsk_" + "".join(chars)
+    return "tsk_" + ulid()
 
 
 def fingerprint(request: TaskCreate) -> str:
@@ -132,6 +129,9 @@ async def submit_task(
     )
     async with factory() as session, session.begin():
         await repository.add_task(session, task)
+        await events.record(
+            await session.connection(), events.EventType.TASK_CREATED, task, [], now=now
+        )
         if idempotency_key is not None:
             record = IdempotencyRecord(
                 owner=owner,
@@ -179,13 +179,9 @@ async def submit_task(
             # misses and the state machine reads the row and decides again.
             state=TaskState(task.id, TaskStatus.SUBMITTING, 0, None),
         )
-        # Our own answer moved the task: its row is what we hold plus that move,
-        # so skip reading it back. A callback that got there first: read it.
-        current = (
-            _moved(task, applied.state, snapshot, now)
-            if applied.changed
-            else await repository.get_task(session, task.id)
-        )
+        # Our own answer moved the task: the state machine returned its row.
+        # A callback that got there first: read it.
+        current = applied.task or await repository.get_task(session, task.id)
     assert current is not None  # tasks are never deleted
     metrics.SUBMISSIONS.labels(outcome="accepted").inc()
     log.info(
@@ -195,20 +191,6 @@ async def submit_task(
         outcome=applied.outcome.value,
     )
     return SubmitResult(current, replayed=False)
-
-
-def _moved(task: Task, state: TaskState, snapshot: Snapshot, now: datetime) -> Task:
-    """The in-memory task with the columns an applied submit answer changed."""
-    task.status = state.status.value
-    task.progress = state.progress
-    task.upstream_task_id = state.upstream_task_id
-    task.estimated_time = task.estimated_time or snapshot.estimated_time
-    if snapshot.can_cancel is not None:
-        task.can_cancel = snapshot.can_cancel and not state.status.terminal
-    if snapshot.usage is not None:
-        task.usage = snapshot.usage
-    task.updated_at = task.last_event_at = now
-    return task
 
 
 def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnavailable:
@@ -230,22 +212,26 @@ async def _mark_failed(
     release_key: str | None,
 ) -> None:
     log.warning("submit_failed", task_id=task_id, code=exc.code, reason=exc.message)
+    now = utcnow()
     async with factory() as session, session.begin():
-        failed = await repository.update_task_where(
-            session,
+        db = await session.connection()
+        failed = await repository.update_returning(
+            db,
             task_id,
             col(Task.status) == TaskStatus.SUBMITTING.value,
             {
                 "status": TaskStatus.FAILED.value,
                 "error_code": exc.code[:64],
                 "error_message": exc.message,
-                "updated_at": utcnow(),
-                "completed_at": utcnow(),
+                "updated_at": now,
+                "completed_at": now,
                 "next_poll_at": None,
             },
         )
+        if failed is not None:
+            await events.record(db, events.EventType.TASK_FAILED, failed, [], now=now)
         # A task a callback already moved exists at the provider: its key stays bound.
-        if release_key is not None and failed:
+        if release_key is not None and failed is not None:
             await repository.release_idempotency_key(session, owner, release_key, task_id)
 
 

@@ -360,6 +360,15 @@ async def test_openapi_documents_the_routes_with_examples(service: Service, tmp_
     create = schema["components"]["schemas"]["TaskCreate"]
     examples = [TaskCreate.model_validate(example) for example in create["examples"]]
     assert [example.model for example in examples] == list(create["properties"]["model"]["enum"])
+    assert {"/events", "/events/stream", "/tasks/{task_id}/events"} <= set(schema["paths"])
+    events = schema["paths"]["/events"]["get"]["responses"]["200"]["content"]
+    assert events["application/json"]["schema"]["$ref"].endswith("/EventPage")
+    assert schema["components"]["schemas"]["EventPage"]["examples"][0]["items"][0]["id"]
+    assert schema["components"]["schemas"]["EventPublic"]["examples"][0]["type"]
+    stream = schema["paths"]["/events/stream"]["get"]["responses"]["200"]["content"]
+    assert "text/event-stream" in stream
+    waiting = schema["paths"]["/tasks/{task_id}"]["get"]["parameters"]
+    assert "prefer" in {parameter["name"] for parameter in waiting}
     assert API_TOKEN not in str(schema)
 
 

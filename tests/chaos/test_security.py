@@ -46,11 +46,11 @@ def bad_credentials(callback_token: str) -> dict[str, dict[str, str]]:
 
 
 def api_routes(openapi: dict[str, Any]) -> list[tuple[str, str]]:
-    """Every (method, path) of the live schema under /tasks."""
+    """Every (method, path) of the live schema under /tasks and /events."""
     return sorted(
         (method.upper(), path)
         for path, operations in openapi["paths"].items()
-        if path.startswith("/tasks")
+        if path.startswith(("/tasks", "/events"))
         for method in operations
     )
 
@@ -64,7 +64,8 @@ async def guarded(clusters: ClusterPool) -> AsyncIterator[Cluster]:
 async def test_no_api_call_without_a_valid_token_succeeds(
     guarded: Cluster, figures: Figures
 ) -> None:
-    """Every /tasks route, 28 kinds of missing or wrong credentials: 401, and nothing changes."""
+    """Every /tasks and /events route, 28 kinds of missing or wrong credentials: 401, and
+    nothing changes."""
     cluster = guarded
     stored = await cluster.submit("a stored picture")
     broken = await cluster.submit("a broken picture [sim:not_image]")
@@ -73,8 +74,9 @@ async def test_no_api_call_without_a_valid_token_succeeds(
     assert failed["image"]["status"] == "failed"
     openapi = (await cluster.client.get("/openapi.json")).json()
     routes = api_routes(openapi)
-    # Every route under /tasks is attacked, whatever it is; these must be among them.
+    # Every route under /tasks and /events is attacked, whatever it is; these must be among them.
     assert {("POST", "/tasks"), ("GET", "/tasks/{task_id}"), ("GET", "/tasks")} <= set(routes)
+    assert {("GET", "/events"), ("GET", "/events/stream")} <= set(routes)
     before = await cluster.table("tasks")
     submits = (await cluster.sim.stats())["submit_requests"]
     ids = {"stored": stored["id"], "broken": broken["id"]}

@@ -316,6 +316,18 @@ class Stack:
         )
         return worker
 
+    async def start_extra_service(self, **env: str | int | float | bool) -> str:
+        """One more ``imagetasks serve`` on the same database and storage; its base URL."""
+        port = free_port()
+        service_env = {**self.env, **{k.upper(): env_value(v) for k, v in env.items()}}
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        service = Process(f"service{len(self.workers) + 2}", serve, service_env, self.root)
+        self.workers.append(service)
+        service.start()
+        url = f"http://127.0.0.1:{port}"
+        await self._wait_http(service, f"{url}/readyz")
+        return url
+
     async def _worker_started(self, worker: Process) -> bool:
         worker.check_alive()
         return any(line.get("event") == "worker_started" for line in worker.log_lines())

@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
 from app.db import create_engine, create_session_factory
+from app.events import repository as event_repository
+from app.events.repository import EventScope
 from app.fetch import FetchError, FetchResult
 from app.models import Image, Task, utcnow
 from app.repository import IMAGES, DownloadJob
@@ -489,3 +491,39 @@ async def test_a_storage_without_a_usable_spool_is_a_storage_retry_not_a_crash(
     stored = await queue.image(task.id)
     assert (stored.status, stored.error_code, stored.lease_owner) == ("pending", "storage", None)
     assert fetcher.urls == []
+
+
+async def _events(queue: Queue, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    async with queue.engine.connect() as db:
+        rows = await event_repository.read_events(
+            db, EventScope(task_id=task_id), after=None, limit=50, below_txid=None
+        )
+    return [(row.type, row.data) for row in rows]
+
+
+async def test_each_settled_image_appends_one_event_saying_which_image(queue: Queue) -> None:
+    """image.failed then image.stored, each with its index and the task's images as they are."""
+    task = await queue.queued(images=2)
+    first, second = sorted(await queue.claim_all(limit=2), key=lambda job: job.position)
+    await queue.downloader(ScriptedFetcher([FetchError("not_an_image", "html")])).run(first)
+    await queue.downloader(ScriptedFetcher([PNG])).run(second)
+    (failed_type, failed), (stored_type, stored) = await _events(queue, task.id)
+    assert (failed_type, failed["image_index"]) == ("image.failed", 0)
+    assert [image["status"] for image in failed["images"]] == ["failed", "pending"]
+    assert failed["settled"] is False
+    assert (stored_type, stored["image_index"]) == ("image.stored", 1)
+    assert [image["status"] for image in stored["images"]] == ["failed", "stored"]
+    assert stored["images"][1]["url"] == f"/tasks/{task.id}/images/1"
+    assert stored["settled"] is True
+
+
+async def test_a_download_that_lost_its_lease_appends_no_event(queue: Queue) -> None:
+    """No write, no event: the job that took the image over tells instead."""
+    task = await queue.queued()
+    job = await queue.claim()
+    async with queue.engine.begin() as db:
+        await db.execute(
+            update(IMAGES).where(IMAGES.c.task_id == task.id).values(lease_owner="someone-else")
+        )
+    await queue.downloader(ScriptedFetcher([PNG])).run(job)
+    assert await _events(queue, task.id) == []

@@ -1,0 +1,89 @@
+"""Every SQL statement of the event log."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Row, Table, delete, insert, select, text, tuple_
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+import app.models  # noqa: F401  (registers the tables on the metadata)
+from app.db import metadata
+
+EVENTS: Table = metadata.tables["events"]
+_INSERT_EVENT = insert(EVENTS)
+# Every transaction with an id below this one has ended (committed or rolled back).
+_HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+
+
+@dataclass(frozen=True)
+class EventScope:
+    """Whose events a reader sees: one owner's, one task's, or (both None) all."""
+
+    owner: str | None = None
+    task_id: str | None = None
+    types: tuple[str, ...] = ()
+
+
+async def insert_event(db: AsyncConnection, values: dict[str, Any]) -> None:
+    """Append one event (txid comes from the database's default)."""
+    await db.execute(_INSERT_EVENT, values)
+
+
+async def horizon(db: AsyncConnection) -> int | None:
+    """The oldest transaction id still running (PostgreSQL); None where writes are serial."""
+    if db.dialect.name != "postgresql":
+        return None
+    return int((await db.execute(_HORIZON)).scalar_one())
+
+
+async def read_events(
+    db: AsyncConnection,
+    scope: EventScope,
+    *,
+    after: tuple[int, int] | None,
+    limit: int,
+    below_txid: int | None,
+) -> Sequence[Row[Any, Any, Any, Any, Any, Any]]:
+    """Events in log order after the cursor, only of transactions below `below_txid`."""
+    conditions = []
+    if scope.owner is not None:
+        conditions.append(EVENTS.c.owner == scope.owner)
+    if scope.task_id is not None:
+        conditions.append(EVENTS.c.task_id == scope.task_id)
+    if scope.types:
+        conditions.append(EVENTS.c.type.in_(scope.types))
+    if after is not None:
+        conditions.append(tuple_(EVENTS.c.txid, EVENTS.c.seq) > tuple_(*after))
+    if below_txid is not None:
+        conditions.append(EVENTS.c.txid < below_txid)
+    statement = (
+        select(
+            EVENTS.c.seq,
+            EVENTS.c.txid,
+            EVENTS.c.id,
+            EVENTS.c.type,
+            EVENTS.c.created_at,
+            EVENTS.c.data,
+        )
+        .where(*conditions)
+        .order_by(EVENTS.c.txid, EVENTS.c.seq)
+        .limit(limit)
+    )
+    return (await db.execute(statement)).all()
+
+
+async def prune_events(db: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` events created before `before`; how many went."""
+    oldest = (
+        select(EVENTS.c.seq)
+        .where(EVENTS.c.created_at < before)
+        .order_by(EVENTS.c.created_at)
+        .limit(limit)
+    )
+    result = await db.execute(delete(EVENTS).where(EVENTS.c.seq.in_(oldest)))
+    return int(cast(CursorResult[Any], result).rowcount)

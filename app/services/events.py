@@ -1,0 +1,89 @@
+"""The one writer of the event log.
+
+Called inside the transaction that makes the change (the state machine's
+successful moves, a settled download, a new task), so an event exists if and
+only if its change committed. `data` is the task as GET /tasks/{id} shows it,
+with root-relative image URLs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.events import repository as event_repository
+from app.events.bus import Notice, queue_after_commit
+from app.ids import ulid
+from app.models import Image, Task, TaskStatus
+from app.task_view import task_view
+
+# At most one task.processing event per task this often (progress can change every second).
+PROGRESS_EVENT_INTERVAL = timedelta(seconds=5)
+
+
+class EventType(enum.StrEnum):
+    TASK_CREATED = "task.created"
+    TASK_PROCESSING = "task.processing"
+    TASK_COMPLETED = "task.completed"
+    TASK_FAILED = "task.failed"
+    TASK_CANCELLED = "task.cancelled"
+    IMAGE_STORED = "image.stored"
+    IMAGE_FAILED = "image.failed"
+
+
+_TERMINAL_EVENTS = {
+    TaskStatus.COMPLETED: EventType.TASK_COMPLETED,
+    TaskStatus.FAILED: EventType.TASK_FAILED,
+    TaskStatus.CANCELLED: EventType.TASK_CANCELLED,
+}
+
+
+def new_event_id() -> str:
+    """`evt_` and a ULID: sortable by creation time."""
+    return "evt_" + ulid()
+
+
+def transition_event(task: Task, now: datetime) -> EventType | None:
+    """The event a won transition emits, given the row it left (None: not worth telling).
+
+    A processing move tells only when the state machine's throttle stamped
+    `progress_event_at` with this very move's time.
+    """
+    status = TaskStatus(task.status)
+    if status.terminal:
+        return _TERMINAL_EVENTS[status]
+    if status is TaskStatus.PROCESSING and task.progress_event_at == now:
+        return EventType.TASK_PROCESSING
+    return None
+
+
+async def record(
+    db: AsyncConnection,
+    kind: EventType,
+    task: Task,
+    images: Sequence[Image],
+    *,
+    now: datetime,
+    image_index: int | None = None,
+) -> str:
+    """Append one event in the caller's transaction; its id."""
+    data = task_view(task, images, base="").model_dump(mode="json")
+    if image_index is not None:
+        data["image_index"] = image_index
+    event_id = new_event_id()
+    await event_repository.insert_event(
+        db,
+        {
+            "id": event_id,
+            "type": kind.value,
+            "task_id": task.id,
+            "owner": task.owner,
+            "created_at": now,
+            "data": data,
+        },
+    )
+    queue_after_commit(db, Notice(kind.value, task.id, task.owner))
+    return event_id
