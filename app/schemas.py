@@ -266,27 +266,25 @@ class ErrorInfo(BaseModel):
     )
 
 
-class ImagePublic(BaseModel):
-    """The task's image as imagetasks keeps it (our copy, not the provider's link)."""
+_IMAGE_EXAMPLE: dict[str, Any] = {
+    "index": 0,
+    "status": "stored",
+    "url": f"https://imagetasks.internal/tasks/{_TASK_ID}/image",
+    "content_type": "image/png",
+    "size_bytes": 1843221,
+    "sha256": _SHA256,
+    "width": 1024,
+    "height": 1536,
+    "stored_at": "2025-05-06T10:00:12Z",
+    "source_expires_at": "2025-05-07T10:00:05Z",
+    "error": None,
+}
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "status": "stored",
-                    "url": f"https://imagetasks.internal/tasks/{_TASK_ID}/image",
-                    "content_type": "image/png",
-                    "size_bytes": 1843221,
-                    "sha256": _SHA256,
-                    "width": 1024,
-                    "height": 1536,
-                    "stored_at": "2025-05-06T10:00:12Z",
-                    "source_expires_at": "2025-05-07T10:00:05Z",
-                    "error": None,
-                }
-            ]
-        }
-    )
+
+class ImagePublic(BaseModel):
+    """One image of a task as imagetasks keeps it (our copy, not the provider's link)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_IMAGE_EXAMPLE]})
 
     index: int = Field(
         default=0,
@@ -352,18 +350,14 @@ class TaskPublic(BaseModel):
                     "metadata": {"order_id": "A-1042"},
                     "upstream_task_id": "task-unified-1757165031-uyujaw3d",
                     "error": None,
-                    "image": {
-                        "status": "stored",
-                        "url": f"https://imagetasks.internal/tasks/{_TASK_ID}/image",
-                        "content_type": "image/png",
-                        "size_bytes": 1843221,
-                        "sha256": _SHA256,
-                        "width": 1024,
-                        "height": 1536,
-                        "stored_at": "2025-05-06T10:00:12Z",
-                        "source_expires_at": "2025-05-07T10:00:05Z",
-                        "error": None,
+                    "usage": {
+                        "billing_rule": "per_call",
+                        "credits_reserved": 2.5,
+                        "user_group": "default",
                     },
+                    "can_cancel": False,
+                    "image": _IMAGE_EXAMPLE,
+                    "images": [_IMAGE_EXAMPLE],
                     "created_at": "2025-05-06T09:59:40Z",
                     "updated_at": "2025-05-06T10:00:12Z",
                     "completed_at": "2025-05-06T10:00:05Z",
