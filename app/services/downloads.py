@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 # Short, because a heartbeat keeps a live job's lease fresh: a crashed worker's
 # image is picked up by another within about this long.
-LEASE = timedelta(seconds=15)
+LEASE = timedelta(seconds=10)
 MAX_BACKOFF_SECONDS = 300.0
 # No server-supplied delay is believed beyond this (the link is dead by then anyway).
 MAX_RETRY_AFTER_SECONDS = LINK_LIFETIME.total_seconds()
