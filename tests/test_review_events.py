@@ -1,0 +1,64 @@
+"""Defects found by attacking the event log: forged cursors and reused positions."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from app.config import Settings
+from app.events import repository as event_repository
+from app.models import utcnow
+from tests.api.test_events_api import feed, feed_holding
+from tests.api.test_webhooks import Stack, build_stack
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# 19 digits match the cursor pattern but do not fit the BIGINT columns they are compared to.
+OVERFLOWING_CURSOR = "9999999999999999999.9999999999999999999"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(service_factory: Any, database_url: str, tmp_path: Path) -> Stack:
+    """The service and its simulator, callbacks applied as they come, on both databases."""
+    settings: Settings = make_settings(database_url, tmp_path, confirm_callbacks=False)
+    return await build_stack(service_factory, settings)
+
+
+@pytest.mark.xfail(strict=True, reason="a 19-digit cursor overflows BIGINT: 500, not 422")
+async def test_a_forged_overflowing_cursor_is_a_422_on_the_feed(stack: Stack) -> None:
+    """Defect: `after` with 19-digit parts passes the pattern and crashes the query (500)."""
+    response = await stack.service.client.get("/events", params={"after": OVERFLOWING_CURSOR})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "after"
+
+
+@pytest.mark.xfail(strict=True, reason="a 19-digit Last-Event-ID breaks the stream mid-response")
+async def test_a_forged_overflowing_last_event_id_is_a_422_on_the_stream(stack: Stack) -> None:
+    """Defect: the stream accepts the cursor, answers 200, then fails in its first read."""
+    headers = {"Last-Event-ID": OVERFLOWING_CURSOR}
+    async with stack.service.client.stream("GET", "/events/stream", headers=headers) as response:
+        assert response.status_code == 422
+        body = (await response.aread()).decode()
+    assert "Last-Event-ID" in body
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.xfail(strict=True, reason="SQLite reuses rowids once retention empties the log")
+async def test_a_cursor_kept_across_a_full_prune_sees_every_new_event(stack: Stack) -> None:
+    """Defect: on SQLite, pruning every event lets `seq` start again at 1, under old cursors."""
+    await stack.submit("before the quiet month")
+    await stack.submit("also before")
+    cursor = (await feed_holding(stack, 2))["next_cursor"]
+    async with stack.service.runtime.engine.begin() as db:
+        pruned = await event_repository.prune_events(
+            db, before=utcnow() + timedelta(days=1), limit=100
+        )
+    assert pruned == 2
+    fresh = [await stack.submit(f"after the quiet month {n}") for n in range(3)]
+    served = [event["data"]["id"] for event in (await feed(stack, after=cursor))["items"]]
+    assert served == [task["id"] for task in fresh]
