@@ -16,6 +16,7 @@ from app.services.events import EventType
 from app.task_view import absolute_urls
 
 _CURSOR = re.compile(r"(\d{1,19})\.(\d{1,19})")
+_LARGEST = 2**63 - 1  # both parts are compared with BIGINT columns
 EVENT_TYPES = tuple(kind.value for kind in EventType)
 
 
@@ -27,7 +28,7 @@ def encode_cursor(txid: int, seq: int) -> str:
 def decode_cursor(value: str, field: str = "after") -> tuple[int, int]:
     """A cursor this service issued; 422 naming `field` otherwise."""
     match = _CURSOR.fullmatch(value)
-    if match is None:
+    if match is None or max(int(match[1]), int(match[2])) > _LARGEST:
         reason = "not a cursor this service issued"
         raise Unprocessable(f"{field}: {reason}", details=[{"field": field, "reason": reason}])
     return int(match[1]), int(match[2])
