@@ -46,7 +46,6 @@ async def test_a_forged_overflowing_last_event_id_is_a_422_on_the_stream(stack: 
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-@pytest.mark.xfail(strict=True, reason="SQLite reuses rowids once retention empties the log")
 async def test_a_cursor_kept_across_a_full_prune_sees_every_new_event(stack: Stack) -> None:
     """Defect: on SQLite, pruning every event lets `seq` start again at 1, under old cursors."""
     await stack.submit("before the quiet month")
