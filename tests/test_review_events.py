@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from app.models import utcnow
 from tests.api.test_events_api import feed, feed_holding
 from tests.api.test_webhooks import Stack, build_stack
 from tests.conftest import make_settings
+from tests.factories import make_image, make_task
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -59,3 +61,26 @@ async def test_a_cursor_kept_across_a_full_prune_sees_every_new_event(stack: Sta
     fresh = [await stack.submit(f"after the quiet month {n}") for n in range(3)]
     served = [event["data"]["id"] for event in (await feed(stack, after=cursor))["items"]]
     assert served == [task["id"] for task in fresh]
+
+
+@pytest.mark.xfail(strict=True, reason="requeueing a failed image reopens a settled task silently")
+async def test_retrying_a_failed_image_tells_the_log_the_task_is_no_longer_settled(
+    stack: Stack,
+) -> None:
+    """Defect: POST /tasks/{id}/image/retry turns a settled task unsettled with no event."""
+    async with stack.service.runtime.sessions() as session:
+        task = await make_task(session, status="completed", image_status="failed")
+        await make_image(session, task.id, status="failed", error_code="http_403")
+    assert (await stack.task(task.id))["settled"] is True
+    retried = await stack.service.client.post(f"/tasks/{task.id}/image/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["settled"] is False
+    items: list[dict[str, Any]] = []
+    for _ in range(200):
+        response = await stack.service.client.get(f"/tasks/{task.id}/events")
+        items = response.json()["items"]
+        if items:
+            break
+        await asyncio.sleep(0.05)
+    assert items, "no event tells that the task was reopened"
+    assert items[0]["data"]["settled"] is False
