@@ -63,7 +63,6 @@ async def test_a_cursor_kept_across_a_full_prune_sees_every_new_event(stack: Sta
     assert served == [task["id"] for task in fresh]
 
 
-@pytest.mark.xfail(strict=True, reason="requeueing a failed image reopens a settled task silently")
 async def test_retrying_a_failed_image_tells_the_log_the_task_is_no_longer_settled(
     stack: Stack,
 ) -> None:
