@@ -83,3 +83,22 @@ async def test_retrying_a_failed_image_tells_the_log_the_task_is_no_longer_settl
         await asyncio.sleep(0.05)
     assert items, "no event tells that the task was reopened"
     assert items[0]["data"]["settled"] is False
+
+
+def _position(cursor: str) -> tuple[int, int]:
+    txid, seq = cursor.split(".")
+    return int(txid), int(seq)
+
+
+@pytest.mark.xfail(strict=True, reason="a filtered page that matches nothing leaves the cursor")
+async def test_a_filtered_page_moves_the_cursor_past_the_events_it_scanned(stack: Stack) -> None:
+    """Defect: `types=` pages that match nothing hand back the same cursor, so every poll
+    scans again every event since the last match (no index has the type)."""
+    await stack.submit("first")
+    start = (await feed_holding(stack, 1, types="task.created"))["next_cursor"]
+    await stack.submit("second")
+    await stack.submit("third")
+    scanned = (await feed_holding(stack, 2, types="task.created", after=start))["next_cursor"]
+    empty = await feed(stack, types="task.failed", after=start)
+    assert empty["items"] == []
+    assert _position(empty["next_cursor"]) >= _position(scanned)
