@@ -209,6 +209,8 @@ class Event(SQLModel, table=True):
         Index("ix_events_owner_order", "owner", "txid", "seq"),
         Index("ix_events_task", "task_id", "seq"),
         Index("ix_events_created_at", "created_at"),
+        # SQLite: never reuse a seq, even once retention has emptied the table.
+        {"sqlite_autoincrement": True},
     )
 
     seq: int | None = Field(

@@ -536,8 +536,8 @@ async def update_download(
 
 async def requeue_failed_images(
     db: AsyncConnection, task_id: str, now: datetime, position: int | None = None
-) -> int:
-    """Queue a task's failed downloads again (all, or one); how many were queued."""
+) -> list[int]:
+    """Queue a task's failed downloads again (all, or one); the positions queued."""
     await lock_task(db, task_id)
     conditions = [IMAGES.c.task_id == task_id, IMAGES.c.status == ImageStatus.FAILED.value]
     if position is not None:
@@ -556,11 +556,9 @@ async def requeue_failed_images(
             lease_until=None,
             updated_at=now,
         )
+        .returning(IMAGES.c.position)
     )
-    queued = _rowcount(result)
-    if queued:
-        await refresh_image_summary(db, task_id, now)
-    return queued
+    return sorted(result.scalars())
 
 
 async def release_download_leases(db: AsyncConnection, owner: str) -> int:

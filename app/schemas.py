@@ -377,7 +377,7 @@ class TaskPublic(BaseModel):
     settled: bool = Field(
         default=False,
         description="Nothing more will happen to it: failed, cancelled, or completed with "
-        "every image stored or failed.",
+        "every image stored or failed (until a failed image is retried).",
         examples=[True],
     )
     prompt: str = Field(description="The prompt as submitted.", examples=["A lighthouse at dawn"])

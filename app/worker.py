@@ -39,6 +39,10 @@ def worker_name() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+# Events after which a download is due at once.
+_WAKES_DOWNLOADS = ("task.completed", "image.queued")
+
+
 class BackgroundWorker:
     """Claims queued downloads and due polls until told to stop."""
 
@@ -64,10 +68,11 @@ class BackgroundWorker:
             runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
-        # A completed task (in any process) wakes the download loop before its next poll.
+        # A completed task or a retried image (in any process) wakes the download loop
+        # before its next poll.
         self._completions = contextlib.ExitStack()
         self._completed = self._completions.enter_context(
-            runtime.events.subscribe(lambda notice: notice.type == "task.completed")
+            runtime.events.subscribe(lambda notice: notice.type in _WAKES_DOWNLOADS)
         )
 
     async def start(self) -> None:

@@ -55,9 +55,17 @@ def _scope(caller: str, scope: str, types: str | None, task_id: str | None = Non
 
 
 def _stream(
-    runtime: Runtime, request: Request, scope: EventScope, after: str | None
+    runtime: Runtime,
+    request: Request,
+    scope: EventScope,
+    after: str | None,
+    last_event_id: str | None,
 ) -> StreamingResponse:
-    position = decode_cursor(after, "Last-Event-ID") if after else None
+    """The stream from Last-Event-ID (a reconnect) or else `after`; 422 naming the bad one."""
+    if last_event_id:
+        position: tuple[int, int] | None = decode_cursor(last_event_id, "Last-Event-ID")
+    else:
+        position = decode_cursor(after) if after else None
     body = event_stream(
         runtime.engine,
         runtime.events,
@@ -107,7 +115,7 @@ async def stream_events(
     last_event_id: LastEventId = None,
 ) -> StreamingResponse:
     """The events as they happen (Server-Sent Events), resumable with Last-Event-ID."""
-    return _stream(runtime, request, _scope(caller, scope, types), last_event_id or after)
+    return _stream(runtime, request, _scope(caller, scope, types), after, last_event_id)
 
 
 @router.get(
@@ -141,5 +149,5 @@ async def task_events(
         if await repository.task_state(await session.connection(), task_id) is None:
             raise NotFound(f"task {task_id} does not exist")
     if accept and SSE in accept:
-        return _stream(runtime, request, scope, last_event_id or after)
+        return _stream(runtime, request, scope, after, last_event_id)
     return await _page(runtime, request, scope, after, limit)

@@ -17,6 +17,7 @@ from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.models import ImageStatus, utcnow
 from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskPublic
+from app.services import events
 from app.storage import ObjectNotFoundError, StorageError
 
 router = APIRouter(prefix="/tasks", tags=["images"])
@@ -141,7 +142,9 @@ async def retry_task_image(
 ) -> TaskPublic:
     """Queue the task's failed downloads again (links are renewed from StarMagic if needed)."""
     connection = await session.connection()
-    requeued = await repository.requeue_failed_images(connection, task_id, utcnow())
+    now = utcnow()
+    requeued = await repository.requeue_failed_images(connection, task_id, now)
+    await events.record_requeued(connection, task_id, requeued, now=now)
     task = await load_public(session, task_id, request)
     if not requeued:
         shown = task.image.status if task.image else None

@@ -16,6 +16,7 @@ from app.services.events import EventType
 from app.task_view import absolute_urls
 
 _CURSOR = re.compile(r"(\d{1,19})\.(\d{1,19})")
+_LARGEST = 2**63 - 1  # both parts are compared with BIGINT columns
 EVENT_TYPES = tuple(kind.value for kind in EventType)
 
 
@@ -27,7 +28,7 @@ def encode_cursor(txid: int, seq: int) -> str:
 def decode_cursor(value: str, field: str = "after") -> tuple[int, int]:
     """A cursor this service issued; 422 naming `field` otherwise."""
     match = _CURSOR.fullmatch(value)
-    if match is None:
+    if match is None or max(int(match[1]), int(match[2])) > _LARGEST:
         reason = "not a cursor this service issued"
         raise Unprocessable(f"{field}: {reason}", details=[{"field": field, "reason": reason}])
     return int(match[1]), int(match[2])
@@ -78,6 +79,10 @@ async def read_page(
     """
     async with engine.connect() as db:
         below = await repository.horizon(db)
+        # Read before the page (SQLite reads each statement afresh): when the page is not
+        # full, every match up to here was served, and the next read may start here
+        # rather than scan again the events this one skipped (other owners', types).
+        end = await repository.newest_position(db, below_txid=below)
         rows = await repository.read_events(
             db, scope, after=after, limit=limit + 1, below_txid=below
         )
@@ -93,5 +98,9 @@ async def read_page(
         for row in served
     ]
     cursors = [encode_cursor(row.txid, row.seq) for row in served]
-    last = cursors[-1] if cursors else (encode_cursor(*after) if after else None)
+    positions = [(row.txid, row.seq) for row in served]
+    if len(rows) > limit:
+        end = None
+    last_position = max([*positions, *(p for p in (after, end) if p is not None)], default=None)
+    last = encode_cursor(*last_position) if last_position is not None else None
     return Page(items, cursors, last, len(rows) > limit, below)

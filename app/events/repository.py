@@ -77,6 +77,16 @@ async def read_events(
     return (await db.execute(statement)).all()
 
 
+async def newest_position(db: AsyncConnection, *, below_txid: int | None) -> tuple[int, int] | None:
+    """The last position in the log, among transactions below `below_txid` (None: empty)."""
+    statement = select(EVENTS.c.txid, EVENTS.c.seq)
+    if below_txid is not None:
+        statement = statement.where(EVENTS.c.txid < below_txid)
+    statement = statement.order_by(EVENTS.c.txid.desc(), EVENTS.c.seq.desc()).limit(1)
+    row = (await db.execute(statement)).first()
+    return (int(row.txid), int(row.seq)) if row is not None else None
+
+
 async def prune_events(db: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Delete up to `limit` events created before `before`; how many went."""
     oldest = (

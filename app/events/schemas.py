@@ -35,7 +35,7 @@ class EventPublic(BaseModel):
     id: str = Field(description="`evt_` and a sortable id; also the webhook-id of its delivery.")
     type: str = Field(
         description="task.created, task.processing, task.completed, task.failed, "
-        "task.cancelled, image.stored or image.failed."
+        "task.cancelled, image.stored, image.failed or image.queued."
     )
     created_at: datetime
     data: dict[str, Any] = Field(

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app import repository
 from app.events import repository as event_repository
 from app.events.bus import Notice, queue_after_commit
 from app.ids import ulid
@@ -32,6 +33,7 @@ class EventType(enum.StrEnum):
     TASK_CANCELLED = "task.cancelled"
     IMAGE_STORED = "image.stored"
     IMAGE_FAILED = "image.failed"
+    IMAGE_QUEUED = "image.queued"
 
 
 _TERMINAL_EVENTS = {
@@ -58,6 +60,17 @@ def transition_event(task: Task, now: datetime) -> EventType | None:
     if status is TaskStatus.PROCESSING and task.progress_event_at == now:
         return EventType.TASK_PROCESSING
     return None
+
+
+async def record_requeued(
+    db: AsyncConnection, task_id: str, positions: Sequence[int], *, now: datetime
+) -> None:
+    """One image.queued per failed image queued again: the task is no longer settled."""
+    if not positions:
+        return
+    task, images = await repository.settle_image_summary(db, task_id, now)
+    for position in positions:
+        await record(db, EventType.IMAGE_QUEUED, task, images, now=now, image_index=position)
 
 
 async def record(
