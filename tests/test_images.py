@@ -8,7 +8,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.images import JPEG, PNG, WEBP, ImageKind, NotAnImageError, read_dimensions, sniff
+from app.images import (
+    JPEG,
+    PNG,
+    SNIFF_BYTES,
+    TAIL_BYTES,
+    WEBP,
+    EndMarker,
+    ImageKind,
+    NotAnImageError,
+    looks_complete,
+    read_dimensions,
+    sniff,
+)
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (37, 23)) -> bytes:
@@ -60,3 +72,37 @@ def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
     assert path.stat().st_size < 1_000_000
     with pytest.raises(NotAnImageError):
         read_dimensions(path)
+
+
+def complete(data: bytes, kind: ImageKind, piece: int = 7) -> bool:
+    """`looks_complete` over `data`, fed to the end marker in pieces as a download would."""
+    marker = EndMarker()
+    for start in range(0, len(data), piece):
+        marker.feed(data[start : start + piece])
+    return looks_complete(kind, data[:SNIFF_BYTES], data[-TAIL_BYTES:], len(data), marker.seen)
+
+
+@pytest.mark.parametrize(("fmt", "kind"), [("PNG", PNG), ("JPEG", JPEG), ("WEBP", WEBP)])
+def test_a_whole_image_looks_complete_and_one_byte_short_does_not(
+    fmt: str, kind: ImageKind
+) -> None:
+    """The end check accepts each whole format and refuses it cut by even one byte."""
+    data = image_bytes(fmt)
+    assert complete(data, kind)
+    assert not complete(data[:-1], kind)
+    assert not complete(data[: len(data) // 2], kind)
+
+
+def test_a_jpeg_with_trailing_padding_after_its_end_marker_is_complete() -> None:
+    """Padding after EOI (NULs, line ends) still ends whole; other trailing bytes do not."""
+    data = image_bytes("JPEG")
+    assert complete(data + b"\x00\x00\r\n ", JPEG)
+    assert not complete(data + b"\x00junk", JPEG)
+
+
+def test_a_webp_shorter_than_its_riff_size_is_not_complete() -> None:
+    """WebP states its own length: a body shorter by any amount is cut, a longer one is whole."""
+    data = image_bytes("WEBP")
+    for missing in (1, 8, 15, 16):
+        assert not complete(data[:-missing], WEBP), missing
+    assert complete(data + b"\x00", WEBP)
