@@ -98,6 +98,7 @@ def test_a_jpeg_with_trailing_padding_after_its_end_marker_is_complete() -> None
     data = image_bytes("JPEG")
     assert complete(data + b"\x00\x00\r\n ", JPEG)
     assert not complete(data + b"\x00junk", JPEG)
+    assert not complete(data + b"XX", JPEG)
 
 
 def test_a_webp_shorter_than_its_riff_size_is_not_complete() -> None:
