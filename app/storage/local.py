@@ -83,8 +83,12 @@ class LocalStorage:
             # Elsewhere may be another filesystem: copy into the spool, then rename.
             fd, staged_name = tempfile.mkstemp(dir=spool, prefix="put-")
             os.close(fd)
-            shutil.copyfile(source, staged_name)
             staged = Path(staged_name)
+            try:
+                shutil.copyfile(source, staged)
+            except BaseException:
+                staged.unlink(missing_ok=True)  # a full disk must not keep the partial copy
+                raise
         else:
             staged = source
         _fsync_path(staged)
@@ -119,11 +123,17 @@ class LocalStorage:
         return None
 
     def _check(self) -> None:
-        spool = self.spool_dir
-        with tempfile.NamedTemporaryFile(dir=spool, prefix="check-") as probe:
-            probe.write(b"ok")
-            probe.flush()
-            os.fsync(probe.fileno())
+        # By hand, not NamedTemporaryFile: when its close fails on a full disk,
+        # the probe stays until the object is collected.
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="check-")
+        try:
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.unlink(name)
 
     async def check(self) -> None:
         """Prove the root is a writable directory by writing a probe file."""

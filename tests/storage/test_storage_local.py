@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +102,89 @@ async def test_check_fails_when_the_root_cannot_be_a_directory(tmp_path: Path) -
     storage = LocalStorage(tmp_path / "a-file" / "images")
     with pytest.raises(StorageError, match="not writable"):
         await storage.check()
+
+
+def mount_tmpfs(path: Path) -> bool:
+    """A tiny tmpfs at ``path``; False where mounting is not allowed."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return mounted.returncode == 0
+
+
+def fill_up(path: Path) -> None:
+    """Write zeros into a new file in ``path`` until its filesystem is full."""
+    with (path / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(bytes(4096))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_check_on_a_full_disk_fails_and_leaves_no_probe(tmp_path: Path) -> None:
+    """A readiness probe that cannot write reports it and removes its probe file."""
+    root = tmp_path / "images"
+    if not mount_tmpfs(root):
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        storage = LocalStorage(root)
+        fill_up(root)
+        for _ in range(3):
+            with pytest.raises(StorageError, match="not writable"):
+                await storage.check()
+        assert list(storage.spool_dir.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_check_removes_its_probe_whichever_step_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing, syncing or closing the probe may fail on a full disk: the probe still goes."""
+    storage = LocalStorage(tmp_path / "images")
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for step in ("write", "fsync", "close"):
+        with monkeypatch.context() as patch:
+            real = getattr(os, step)
+
+            def fail_then_release(*args: object, _real: Any = real, _step: str = step) -> Any:
+                if _step == "close":  # really close, then report the failure
+                    _real(*args)
+                no_space()
+
+            patch.setattr(os, step, fail_then_release)
+            with pytest.raises(StorageError, match="not writable"):
+                await storage.check()
+        assert list(storage.spool_dir.iterdir()) == [], step
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_copy_that_runs_out_of_room_leaves_no_staged_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source outside the spool is copied in; a failed copy removes its partial file."""
+    storage = LocalStorage(tmp_path / "images")
+    data = os.urandom(10_000)
+    source = tmp_path / "elsewhere.jpg"
+    source.write_bytes(data)
+
+    def no_space(src: object, dst: str) -> None:
+        Path(dst).write_bytes(data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", no_space)
+    with pytest.raises(StorageError, match="cannot store"):
+        await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(data))
+    assert list(storage.spool_dir.iterdir()) == []
+    assert source.read_bytes() == data
 
 
 def test_file_urls_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
