@@ -119,6 +119,11 @@ class TaskCreate(BaseModel):
                     "size": "3:2",
                     "resolution": "1K",
                 },
+                {
+                    "prompt": "A lighthouse at dawn, watercolor",
+                    "webhook_url": "https://orders.internal.example.net/hooks/imagetasks",
+                    "webhook_events": ["image.stored", "image.failed", "task.failed"],
+                },
             ]
         },
     )
@@ -153,6 +158,22 @@ class TaskCreate(BaseModel):
         default_factory=dict,
         description=f"Your own data, returned as given (≤ 4 KiB as JSON, "
         f"≤ {MAX_METADATA_DEPTH} levels deep, scalar leaves).",
+    )
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        exclude_if=_unset,
+        description="Where to POST this task's events, signed with the token's default secret "
+        "(GET /webhook-endpoints/default/secret); https://, or http:// inside "
+        "WEBHOOK_ALLOWED_NETWORKS.",
+    )
+    webhook_events: list[str] | None = Field(
+        default=None,
+        max_length=20,
+        exclude_if=_unset,
+        description="Event types sent to webhook_url (default: the settled ones: task.failed, "
+        "task.cancelled, image.stored, image.failed).",
     )
 
     @field_validator("model")

@@ -21,6 +21,7 @@ from app.schemas import ErrorBody, TaskCreate, TaskPage, TaskPublic
 from app.services import cancel as cancel_service
 from app.services.tasks import submit_task
 from app.task_view import task_view
+from app.webhooks.endpoints import event_types
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -131,8 +132,21 @@ async def create_task(
     ] = None,
     prefer: PreferHeader = None,
 ) -> TaskPublic:
-    """Submit an image generation; answers at once, or when settled with `Prefer: wait=N`."""
+    """Submit an image generation; answers at once, or when settled with `Prefer: wait=N`.
+
+    With `webhook_url`, the task's events (`webhook_events`, default the settled ones)
+    are POSTed there, signed (Standard Webhooks) with the token's default secret.
+    """
     wait = requested_wait(prefer)
+    if body.webhook_url is not None:
+        await runtime.webhooks.check_url(body.webhook_url, "webhook_url")
+    if body.webhook_events is not None:
+        if body.webhook_url is None:
+            reason = "needs a webhook_url to send them to"
+            raise Unprocessable(
+                f"webhook_events: {reason}", details=[{"field": "webhook_events", "reason": reason}]
+            )
+        event_types(body.webhook_events, "webhook_events")
     result = await submit_task(
         runtime.sessions,
         runtime.starmagic,

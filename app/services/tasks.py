@@ -33,6 +33,7 @@ from app.upstream import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from app.webhooks import repository as webhook_repository
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,14 @@ def fingerprint(request: TaskCreate) -> str:
     """A stable hash of what was asked, to tell a replay from a different request."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook_events(request: TaskCreate) -> str | None:
+    """The stored `,a,b,` form of what the task's webhook_url hears (None: no URL)."""
+    if request.webhook_url is None:
+        return None
+    chosen = request.webhook_events or [kind.value for kind in events.SETTLED_EVENTS]
+    return webhook_repository.type_list(list(dict.fromkeys(chosen)))
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ async def submit_task(
         mask_url=request.mask_url,
         meta=request.metadata,
         owner=owner,
+        webhook_url=request.webhook_url,
+        webhook_events=_webhook_events(request),
         created_at=now,
         updated_at=now,
         # A crash before the outcome is recorded leaves the task here; the
