@@ -101,6 +101,8 @@ class EndpointCreated(EndpointPublic):
 class EndpointList(BaseModel):
     """This token's endpoints, oldest first."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_ENDPOINT_EXAMPLE]}]})
+
     items: list[EndpointPublic]
 
 

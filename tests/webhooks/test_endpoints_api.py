@@ -326,3 +326,74 @@ async def test_redeliver_and_recover_send_the_same_event_again(
     assert len(await received(receiver, "/again")) == 5
     story = (await stack.service.client.get(f"/tasks/{task['id']}/events")).json()["items"]
     assert len(story[0]["deliveries"][0]["attempts"]) == 5
+
+
+async def test_a_rotated_secret_signs_alongside_the_old_one(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """After rotation a delivery carries two signatures: the old and the new secret verify."""
+    made = (
+        await create(stack, url=f"{receiver.base_url}/rotated", event_types=["task.created"])
+    ).json()
+    rotated = await stack.service.client.post(f"/webhook-endpoints/{made['id']}/secret/rotate")
+    assert rotated.status_code == 200, rotated.text
+    fresh = rotated.json()["secret"]
+    assert fresh != made["secret"]
+    shown = (await stack.service.client.get(f"/webhook-endpoints/{made['id']}/secret")).json()
+    assert shown["secret"] == fresh
+    await stack.submit()
+    await deliver_due(stack)
+    [request] = await received(receiver, "/rotated")
+    assert len(request["headers"]["webhook-signature"].split(" ")) == 2
+    for secret in (made["secret"], fresh):
+        StandardWebhook(secret).verify(request["body"].encode(), request["headers"])
+        SvixWebhook(secret).verify(request["body"].encode(), request["headers"])
+
+
+async def test_deliveries_and_attempts_go_with_retention(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Pruning before a future instant deletes every delivery and its attempts, in batches."""
+    await create(stack, url=f"{receiver.base_url}/pruned", event_types=["task.created"])
+    for _ in range(3):
+        await stack.submit()
+    await deliver_due(stack)
+    engine = stack.service.runtime.engine
+    future = utcnow() + timedelta(days=1)
+    async with engine.begin() as db:
+        first = await repository.prune_deliveries(db, before=future, limit=2)
+    async with engine.begin() as db:
+        rest = await repository.prune_deliveries(db, before=future, limit=10)
+    assert (first, rest) == (2, 1)
+    assert await stack.service.sql("SELECT id FROM webhook_deliveries") == []
+    assert await stack.service.sql("SELECT id FROM webhook_attempts") == []
+
+
+async def test_an_endpoint_failing_too_long_is_disabled(
+    service_factory: Any, database_url: str, tmp_path: Path, receiver: httpx.AsyncClient
+) -> None:
+    """With WEBHOOK_DISABLE_AFTER_SECONDS scaled down, an endpoint whose deliveries keep
+    failing past it is disabled (reason failing) and endpoint.disabled is written."""
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        webhook_allowed_networks="127.0.0.0/8",
+        webhook_retry_schedule="0,0.3,0.3",
+        webhook_disable_after_seconds=0.2,
+    )
+    failing = await build_stack(service_factory, settings)
+    endpoint = (
+        await create(failing, url=f"{receiver.base_url}/down", event_types=["task.created"])
+    ).json()
+    await script(receiver, "/down", *[{"status": 500}] * 3)
+    await failing.submit()
+    await deliver_due(failing)
+    await asyncio.sleep(0.35)  # the schedule's wait: the next attempt is due
+    await deliver_due(failing)
+    shown = (await failing.service.client.get(f"/webhook-endpoints/{endpoint['id']}")).json()
+    assert shown["enabled"] is False
+    assert shown["disabled_reason"] == "failing"
+    assert shown["failing_since"] is not None
+    feed = await failing.service.client.get("/events", params={"types": "endpoint.disabled"})
+    assert [e["data"]["disabled_reason"] for e in feed.json()["items"]] == ["failing"]
+    assert len(await received(receiver, "/down")) == 2
