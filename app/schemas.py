@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -104,6 +105,7 @@ class TaskCreate(BaseModel):
                     "size": "1024x1536",
                     "quality": "medium",
                     "metadata": {"order_id": "A-1042"},
+                    "webhook_url": "https://orders.internal.example.net/hooks/imagetasks",
                 },
                 {
                     "model": "gpt-image-2",
@@ -118,11 +120,6 @@ class TaskCreate(BaseModel):
                     "prompt": "A paper boat on a pond, studio photo",
                     "size": "3:2",
                     "resolution": "1K",
-                },
-                {
-                    "prompt": "A lighthouse at dawn, watercolor",
-                    "webhook_url": "https://orders.internal.example.net/hooks/imagetasks",
-                    "webhook_events": ["image.stored", "image.failed", "task.failed"],
                 },
             ]
         },
@@ -175,6 +172,23 @@ class TaskCreate(BaseModel):
         description="Event types sent to webhook_url (default: the settled ones: task.failed, "
         "task.cancelled, image.stored, image.failed).",
     )
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        if "webhook_url" in info.data and info.data["webhook_url"] is None:
+            raise ValueError("needs a webhook_url to send them to")
+        from app.services.events import TASK_EVENTS  # the event writer imports this module
+
+        known = [kind.value for kind in TASK_EVENTS]
+        if not value:
+            raise ValueError("choose at least one event type")
+        for kind in value:
+            if kind not in known:
+                raise ValueError(f"unknown event type {kind!r} (known: {', '.join(known)})")
+        return list(dict.fromkeys(value))
 
     @field_validator("model")
     @classmethod

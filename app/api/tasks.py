@@ -21,7 +21,6 @@ from app.schemas import ErrorBody, TaskCreate, TaskPage, TaskPublic
 from app.services import cancel as cancel_service
 from app.services.tasks import submit_task
 from app.task_view import task_view
-from app.webhooks.endpoints import event_types
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -138,15 +137,10 @@ async def create_task(
     are POSTed there, signed (Standard Webhooks) with the token's default secret.
     """
     wait = requested_wait(prefer)
-    if body.webhook_url is not None:
-        await runtime.webhooks.check_url(body.webhook_url, "webhook_url")
-    if body.webhook_events is not None:
-        if body.webhook_url is None:
-            reason = "needs a webhook_url to send them to"
-            raise Unprocessable(
-                f"webhook_events: {reason}", details=[{"field": "webhook_events", "reason": reason}]
-            )
-        event_types(body.webhook_events, "webhook_events")
+
+    async def check_webhook_url(url: str) -> None:
+        await runtime.webhooks.check_url(url, "webhook_url")
+
     result = await submit_task(
         runtime.sessions,
         runtime.starmagic,
@@ -154,6 +148,7 @@ async def create_task(
         body,
         owner=caller,
         idempotency_key=idempotency_key,
+        check_webhook_url=check_webhook_url,
     )
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -109,14 +110,28 @@ async def submit_task(
     *,
     owner: str,
     idempotency_key: str | None,
+    check_webhook_url: Callable[[str], Awaitable[object]] | None = None,
 ) -> SubmitResult:
-    """Record the task, send it to StarMagic once, and record what came back."""
+    """Record the task, send it to StarMagic once, and record what came back.
+
+    `check_webhook_url` refuses a webhook_url the destination policy forbids (before
+    anything is recorded).
+    """
     if request.model not in settings.allowed_models:
         allowed = ", ".join(settings.allowed_models)
         reason = f"model {request.model!r} is not enabled here (enabled: {allowed})"
         raise Unprocessable(f"model: {reason}", details=[{"field": "model", "reason": reason}])
     now = utcnow()
     digest = fingerprint(request)
+    if request.webhook_url is not None and check_webhook_url is not None:
+        # A key already used answers as a replay (or a reuse) whatever the URL is now;
+        # only a new request has its destination checked (which resolves its host).
+        if idempotency_key is not None:
+            async with factory() as session:
+                used = await repository.get_idempotency_record(session, owner, idempotency_key)
+            if used is not None:
+                return await _replay(factory, owner, idempotency_key, digest, now)
+        await check_webhook_url(request.webhook_url)
     task = Task(
         id=new_task_id(),
         status=TaskStatus.SUBMITTING.value,
