@@ -242,6 +242,9 @@ class Deliverer:
                 values.update(status=PENDING, next_attempt_at=now + timedelta(seconds=delay))
                 result = "retry"
         async with self._engine.begin() as db:
+            if job.target != TASK_TARGET:
+                # The endpoint's row before any delivery's: the order every writer keeps.
+                await repository.lock_endpoint(db, job.target)
             await repository.record_attempt(
                 db,
                 {

@@ -159,6 +159,18 @@ async def disable_endpoint(
     return (await db.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id))).first()
 
 
+async def lock_endpoint(db: AsyncConnection, endpoint_id: str) -> None:
+    """Hold the endpoint's row for the transaction (PostgreSQL; SQLite writes one at a time).
+
+    Every transaction that writes an endpoint and its deliveries takes this lock
+    first, so they queue on it instead of deadlocking on each other's rows.
+    """
+    if db.dialect.name == "postgresql":
+        await db.execute(
+            select(ENDPOINTS.c.id).where(ENDPOINTS.c.id == endpoint_id).with_for_update()
+        )
+
+
 async def note_endpoint_result(
     db: AsyncConnection, endpoint_id: str, *, ok: bool, now: datetime
 ) -> datetime | None:
