@@ -397,3 +397,37 @@ async def test_an_endpoint_failing_too_long_is_disabled(
     feed = await failing.service.client.get("/events", params={"types": "endpoint.disabled"})
     assert [e["data"]["disabled_reason"] for e in feed.json()["items"]] == ["failing"]
     assert len(await received(receiver, "/down")) == 2
+
+
+async def test_concurrent_outcomes_for_one_endpoint_are_all_recorded(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Twelve deliveries to one endpoint answered at once (500s and a 410) are each recorded:
+    the endpoint ends disabled and none is left leased and pending."""
+    endpoint = (
+        await create(stack, url=f"{receiver.base_url}/burst", event_types=["task.created"])
+    ).json()
+    # Every answer comes back at about the same moment, so their records race.
+    fail, gone = {"status": 500, "sleep": 0.3}, {"status": 410, "sleep": 0.3}
+    await script(receiver, "/burst", *[fail] * 5, gone, *[fail] * 6)
+    for _ in range(12):
+        await stack.submit()
+    runtime = stack.service.runtime
+    deliverer = Deliverer(
+        runtime.engine,
+        runtime.settings,
+        Sender(runtime.webhooks.policy, runtime.settings.webhook_timeout_seconds),
+    )
+    async with runtime.engine.begin() as db:
+        jobs = await repository.claim_due(
+            db, now=utcnow(), owner="burst", lease=deliverer.lease, limit=20
+        )
+    assert len(jobs) == 12
+    await asyncio.gather(*(deliverer.run(job) for job in jobs))
+    await deliverer.sender.aclose()
+    left = await stack.service.sql(
+        "SELECT id FROM webhook_deliveries WHERE lease_owner IS NOT NULL AND status = 'pending'"
+    )
+    assert left == []
+    shown = (await stack.service.client.get(f"/webhook-endpoints/{endpoint['id']}")).json()
+    assert shown["disabled_reason"] == "gone"
