@@ -22,7 +22,7 @@ from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
 from app.runtime import Runtime
 from app.services.downloads import LEASE, Downloader
-from app.webhooks import repository as webhook_repository
+from app.webhooks import outbox as webhook_outbox
 from app.webhooks.delivery import Deliverer, Sender
 
 log = structlog.get_logger(__name__)
@@ -125,7 +125,7 @@ class BackgroundWorker:
         with contextlib.suppress(Exception):
             async with self._runtime.engine.begin() as db:
                 released = await repository.release_download_leases(db, self.downloader.owner)
-                released += await webhook_repository.release_leases(db, self.downloader.owner)
+                released += await webhook_outbox.release_leases(db, self.downloader.owner)
             log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
 
     async def _forever(
@@ -171,7 +171,7 @@ class BackgroundWorker:
         if free <= 0 or self._stopping.is_set():
             return self._poll_seconds / 4
         async with self._runtime.engine.begin() as db:
-            jobs = await webhook_repository.claim_due(
+            jobs = await webhook_outbox.claim_due(
                 db,
                 now=utcnow(),
                 owner=self.downloader.owner,
@@ -239,7 +239,7 @@ class BackgroundWorker:
             ),
             # Deliveries (and their attempts) are kept as long as their events.
             "webhook_deliveries": await self._prune_table(
-                webhook_repository.prune_deliveries,
+                webhook_outbox.prune_deliveries,
                 now - timedelta(days=self._settings.event_retention_days),
             ),
         }

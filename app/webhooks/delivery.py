@@ -28,10 +28,11 @@ from app.models import utcnow
 from app.netguard import GuardError, Resolver, SystemResolver, guarded_transport
 from app.services import events
 from app.task_view import absolute_urls
-from app.webhooks import repository, signing
+from app.webhooks import outbox, repository, signing
 from app.webhooks.endpoints import public
+from app.webhooks.outbox import DeliveryJob
 from app.webhooks.policy import PolicyError, WebhookPolicy
-from app.webhooks.repository import DELIVERED, FAILED, PENDING, TASK_TARGET, DeliveryJob
+from app.webhooks.repository import DELIVERED, FAILED, PENDING, TASK_TARGET
 
 log = structlog.get_logger(__name__)
 
@@ -204,7 +205,7 @@ class Deliverer:
                 "the task has no webhook_url" if job.target == TASK_TARGET else "endpoint disabled"
             )
             async with self._engine.begin() as db:
-                await repository.finish(
+                await outbox.finish(
                     db, job, {"status": FAILED, "last_error": gone, "next_attempt_at": None}
                 )
             return
@@ -245,7 +246,7 @@ class Deliverer:
             if job.target != TASK_TARGET:
                 # The endpoint's row before any delivery's: the order every writer keeps.
                 await repository.lock_endpoint(db, job.target)
-            await repository.record_attempt(
+            await outbox.record_attempt(
                 db,
                 {
                     "delivery_id": job.id,
@@ -255,7 +256,7 @@ class Deliverer:
                     "error": outcome.error,
                 },
             )
-            if not await repository.finish(db, job, values):
+            if not await outbox.finish(db, job, values):
                 log.warning("webhook_lease_lost", delivery_id=job.id, event_id=job.event_id)
                 return
             await self._after(db, job, outcome, now)

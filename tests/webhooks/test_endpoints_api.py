@@ -19,7 +19,7 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from svix.webhooks import Webhook as SvixWebhook
 
 from app.models import utcnow
-from app.webhooks import repository
+from app.webhooks import outbox
 from app.webhooks.delivery import Deliverer, Sender
 from tests.api.test_webhooks import Stack, build_stack, hook
 from tests.conftest import make_settings
@@ -85,7 +85,7 @@ async def deliver_due(stack: Stack, rounds: int = 20) -> int:
     try:
         for _ in range(rounds):
             async with runtime.engine.begin() as db:
-                jobs = await repository.claim_due(
+                jobs = await outbox.claim_due(
                     db, now=utcnow(), owner="test", lease=deliverer.lease, limit=10
                 )
             if not jobs:
@@ -244,7 +244,7 @@ async def test_a_tasks_events_wait_for_the_earlier_one_to_be_delivered(
     await callback(stack, task, "processing", progress=10)
     await callback(stack, task, "failed")
     async with stack.service.runtime.engine.connect() as db:
-        claimed = await repository.claim_due(
+        claimed = await outbox.claim_due(
             db, now=utcnow(), owner="probe", lease=timedelta(seconds=1), limit=10
         )
         await db.rollback()  # a look only: the claim is undone
@@ -361,9 +361,9 @@ async def test_deliveries_and_attempts_go_with_retention(
     engine = stack.service.runtime.engine
     future = utcnow() + timedelta(days=1)
     async with engine.begin() as db:
-        first = await repository.prune_deliveries(db, before=future, limit=2)
+        first = await outbox.prune_deliveries(db, before=future, limit=2)
     async with engine.begin() as db:
-        rest = await repository.prune_deliveries(db, before=future, limit=10)
+        rest = await outbox.prune_deliveries(db, before=future, limit=10)
     assert (first, rest) == (2, 1)
     assert await stack.service.sql("SELECT id FROM webhook_deliveries") == []
     assert await stack.service.sql("SELECT id FROM webhook_attempts") == []
@@ -419,7 +419,7 @@ async def test_concurrent_outcomes_for_one_endpoint_are_all_recorded(
         Sender(runtime.webhooks.policy, runtime.settings.webhook_timeout_seconds),
     )
     async with runtime.engine.begin() as db:
-        jobs = await repository.claim_due(
+        jobs = await outbox.claim_due(
             db, now=utcnow(), owner="burst", lease=deliverer.lease, limit=20
         )
     assert len(jobs) == 12
