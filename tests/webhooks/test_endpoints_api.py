@@ -431,3 +431,24 @@ async def test_concurrent_outcomes_for_one_endpoint_are_all_recorded(
     assert left == []
     shown = (await stack.service.client.get(f"/webhook-endpoints/{endpoint['id']}")).json()
     assert shown["disabled_reason"] == "gone"
+
+
+async def test_a_task_url_answering_410_gets_nothing_more(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """410 from a task's own webhook_url stops that task's deliveries; other tasks' go on."""
+    url = f"{receiver.base_url}/own-gone"
+    await script(receiver, "/own-gone", {"status": 410})
+    events = ["task.created", "task.processing", "task.failed"]
+    task = await stack.submit(webhook_url=url, webhook_events=events)
+    await callback(stack, task, "processing", progress=10)
+    await callback(stack, task, "failed")
+    await deliver_due(stack)
+    assert len(await received(receiver, "/own-gone")) == 1
+    story = (await stack.service.client.get(f"/tasks/{task['id']}/events")).json()["items"]
+    statuses = [d["status"] for event in story for d in event["deliveries"]]
+    assert statuses == ["failed", "failed", "failed"]
+    other = await stack.submit(webhook_url=url, webhook_events=["task.created"])
+    await deliver_due(stack)
+    got = await received(receiver, "/own-gone")
+    assert json.loads(got[-1]["body"])["data"]["id"] == other["id"]
