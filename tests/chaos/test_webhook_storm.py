@@ -32,6 +32,7 @@ SETTLE_TIMEOUT = 300.0
 SETTLED = ["task.failed", "task.cancelled", "image.stored", "image.failed"]
 TIMEOUT_SECONDS = 2
 DOWN_SECONDS = 8.0
+CONCURRENCY = 8  # WEBHOOK_CONCURRENCY: deliveries one replica has in flight at most
 KILLS = 2
 
 
@@ -126,7 +127,7 @@ async def receiver_outage(receiver: Receiver, timeline: list[str], clock: Clock)
     await asyncio.sleep(DOWN_SECONDS)
     await receiver.start()
     # A restart forgets the script: /gone answers 410 from now on if it has not yet.
-    await receiver.script("/gone", [{"status": 410}] * 50)
+    await receiver.script("/gone", [{"status": 410}] * 100)
     timeline.append(f"{clock()} s: receiver up again")
 
 
@@ -144,6 +145,7 @@ async def test_webhook_storm(clusters: ClusterPool, figures: Figures, tmp_path: 
         WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
         WEBHOOK_RETRY_SCHEDULE="0,0.5,1,2,3,4,5,5,5,5,5,5",
         WEBHOOK_TIMEOUT_SECONDS=TIMEOUT_SECONDS,
+        WEBHOOK_CONCURRENCY=CONCURRENCY,
         # A kill can land while a submission is in flight: settle those soon.
         SUBMIT_UNKNOWN_AFTER_SECONDS=30,
     )
@@ -155,7 +157,8 @@ async def test_webhook_storm(clusters: ClusterPool, figures: Figures, tmp_path: 
         await receiver.script("/flaky", rng.sample(failing, len(failing)))
         # Slow answers keep deliveries in flight long enough to be killed mid-way.
         await receiver.script("/steady", [{"status": 200, "sleep": 0.3}] * 400)
-        await receiver.script("/gone", [{"status": 200}] * 10 + [{"status": 410}])
+        # Gone for good after ten deliveries.
+        await receiver.script("/gone", [{"status": 200}] * 10 + [{"status": 410}] * 100)
         timeline: list[str] = []
         tasks = plan(TASKS, rng)
         results = await asyncio.gather(
@@ -221,8 +224,7 @@ async def test_webhook_storm(clusters: ClusterPool, figures: Figures, tmp_path: 
         figures.record("webhook_storm", **report)
         assert shown["enabled"] is False
         assert shown["disabled_reason"] == "gone"
-        # Nothing more went there after its one 410.
-        assert to_gone.count(410) == 1
-        assert to_gone[-1] == 410
+        # After the first 410 only the deliveries already in flight went there.
+        assert 1 <= to_gone.count(410) <= 2 * CONCURRENCY
     finally:
         receiver.stop()
