@@ -91,9 +91,24 @@ class Settings(BaseSettings):
     callback_retention_days: float = Field(default=30, gt=0)
     idempotency_retention_days: float = Field(default=7, gt=0)
     event_retention_days: float = Field(default=30, gt=0)
+    # Outbound webhooks to callers.
+    webhook_allowed_networks: CsvList = Field(default_factory=list)
+    webhook_retry_schedule: CsvList = Field(
+        default_factory=lambda: ["0", "5", "300", "1800", "7200", "18000", "36000", "36000"]
+    )
+    webhook_timeout_seconds: float = Field(default=15, gt=0, le=60)
+    webhook_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
+    webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)
+    webhook_concurrency: int = Field(default=8, ge=1, le=128)
 
     @field_validator(
-        "webhook_secret", "api_tokens", "trusted_proxies", "allowed_models", mode="before"
+        "webhook_secret",
+        "api_tokens",
+        "trusted_proxies",
+        "allowed_models",
+        "webhook_allowed_networks",
+        "webhook_retry_schedule",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -215,6 +230,30 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not IP addresses or networks: {', '.join(repr(b) for b in bad)}")
         return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _webhook_networks(cls, value: list[str]) -> list[str]:
+        from app.webhooks.policy import parse_allowed
+
+        parse_allowed(value)
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _webhook_schedule(cls, value: list[str]) -> list[str]:
+        try:
+            delays = [float(item) for item in value]
+        except ValueError:
+            raise ValueError(f"must be seconds separated by commas, not {value!r}") from None
+        if not delays or any(delay < 0 or delay != delay for delay in delays):
+            raise ValueError("must list one or more delays of 0 seconds or more")
+        return value
+
+    @property
+    def webhook_delays(self) -> list[float]:
+        """Seconds before each delivery attempt: the first, then each retry."""
+        return [float(item) for item in self.webhook_retry_schedule]
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():

@@ -28,11 +28,13 @@ from app.client.errors import FAILED, CliError
 from app.client.output import err, print_fields
 from app.client.progress import Peek, wait_for_image
 from app.config import Settings, SettingsError
+from app.demo_receiver import DemoReceiver, Received
 from app.logging import configure_logging, uvicorn_log_config
 from app.main import create_app
 from app.sandbox import prepare_sandbox
 
 START_TIMEOUT = 30.0
+WEBHOOK_TIMEOUT = 15.0
 
 
 class SandboxError(Exception):
@@ -139,26 +141,60 @@ def _stored_file(images: Path, task_id: str, sha256: str) -> Path | None:
     return None
 
 
-def _follow(server: SandboxServer, settings: Settings, prompt: str, timeout: float) -> Task:
+def _follow(
+    server: SandboxServer, settings: Settings, prompt: str, timeout: float, receiver: DemoReceiver
+) -> tuple[Task, Received | None, str]:
+    """Submit with a webhook_url on the built-in receiver; the stored task, the signed
+    image.stored webhook it got (None: none came) and the token's default secret."""
     peek_client, peek = _upstream_peek(settings)
     with peek_client, ApiClient(server.origin, settings.api_tokens[0]) as client:
-        task = client.submit({"prompt": prompt, "metadata": {"source": "imagetasks demo"}})
+        task = client.submit(
+            {
+                "prompt": prompt,
+                "metadata": {"source": "imagetasks demo"},
+                "webhook_url": receiver.url,
+                "webhook_events": ["image.stored"],
+            }
+        )
         err.print(f"submitted task {task['id']}: [italic]{escape(prompt)}[/]")
         task = wait_for_image(client, task["id"], timeout=timeout, interval=0.2, peek=peek)
         response = client.http.get(f"/tasks/{task['id']}/image")
         if hashlib.sha256(response.content).hexdigest() != task["image"]["sha256"]:
             raise CliError("the image served by the API does not match its sha256", FAILED)
-    return task
+        secret = str(client.request("GET", "/webhook-endpoints/default/secret")["secret"])
+        webhook = receiver.wait("image.stored", WEBHOOK_TIMEOUT)
+    return task, webhook, secret
+
+
+def _show_webhook(webhook: Received | None, secret: str) -> bool:
+    """The signed webhook as the receiver saw it; whether its signature verified."""
+    if webhook is None:
+        err.print(f"\n[red]no image.stored webhook arrived within {WEBHOOK_TIMEOUT:g} s[/]")
+        return False
+    err.print("\nThe built-in receiver got this signed webhook:", markup=False)
+    for name in ("webhook-id", "webhook-timestamp", "webhook-signature", "content-type"):
+        err.print(f"  {name}: {webhook.headers.get(name, '')}", markup=False)
+    body = webhook.body.decode(errors="replace")
+    err.print(
+        f"  body ({len(webhook.body)} bytes): {body[:300]}{'…' if len(body) > 300 else ''}",
+        markup=False,
+    )
+    if webhook.verified(secret):
+        err.print(f"  signature: [green]verified[/] with the token's default secret {secret}")
+        return True
+    err.print(f"  signature: [red]NOT verified[/] with the token's default secret {secret}")
+    return False
 
 
 def run_demo(prompt: str, timeout: float = 60.0) -> int:
     """Run the demo; returns the process exit code."""
     var = Path.cwd() / "var"
     server = SandboxServer(var)
+    receiver = DemoReceiver().start()
     err.print("Starting the sandbox: the service with a simulated StarMagic, data in ./var")
     try:
         settings = server.start()
-        task = _follow(server, settings, prompt, timeout)
+        task, webhook, secret = _follow(server, settings, prompt, timeout, receiver)
     except SettingsError as exc:  # a ./.env the sandbox cannot use
         err.print(f"demo failed: {exc}", markup=False)
         return 2
@@ -171,6 +207,7 @@ def run_demo(prompt: str, timeout: float = 60.0) -> int:
         return exc.exit_code if isinstance(exc, CliError) else 1
     finally:
         server.stop()
+        receiver.stop()
     image = task["image"]
     stored = _stored_file(var / "images", task["id"], image["sha256"])
     print_fields(
@@ -183,10 +220,11 @@ def run_demo(prompt: str, timeout: float = 60.0) -> int:
             ("sha256", f"{image['sha256']} (verified{' twice' if stored else ''})"),
         ]
     )
+    verified = _show_webhook(webhook, secret)
     err.print(
         "\nNext: `make run` keeps the sandbox up on http://127.0.0.1:8000; then try\n"
         f"  export IMAGETASKS_TOKEN={settings.api_tokens[0]}\n"
         '  imagetasks submit "a red bicycle" --wait && imagetasks list',
         markup=False,
     )
-    return 0
+    return 0 if verified else FAILED

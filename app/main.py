@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
-from app.api import events, health, images, tasks, webhooks
+from app.api import events, health, images, tasks, webhook_endpoints, webhooks
 from app.config import Settings, SettingsError, get_settings
 from app.errors import install_error_handlers
 from app.logging import configure_logging
@@ -84,6 +84,7 @@ def create_app(
     app.add_middleware(ForwardedHostMiddleware, trusted_hosts=settings.trusted_proxies)
     app.include_router(tasks.router)
     app.include_router(events.router)
+    app.include_router(webhook_endpoints.router)
     app.include_router(images.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)

@@ -49,3 +49,13 @@ IMAGES_MISSING = Counter(
     "imagetasks_images_missing_total",
     "Images recorded as stored whose object is missing from the storage (data loss).",
 )
+WEBHOOK_DELIVERIES = Counter(
+    "imagetasks_webhook_attempts_total",
+    "Webhook delivery attempts to callers by outcome (delivered, retry, failed, gone).",
+    ["outcome"],
+)
+WEBHOOK_ENDPOINTS_DISABLED = Counter(
+    "imagetasks_webhook_endpoints_disabled_total",
+    "Webhook endpoints disabled by the service (gone: answered 410; failing: failed too long).",
+    ["reason"],
+)

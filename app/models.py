@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
@@ -134,6 +136,9 @@ class Task(SQLModel, table=True):
     image_status: str | None = Field(default=None, max_length=16)
     # When the last task.processing event was written: progress events are throttled.
     progress_event_at: datetime | None = _ts()
+    # The caller's per-task webhook and the event types it wants, as `,a,b,` (None: none).
+    webhook_url: str | None = Field(default=None, sa_column=Column(Text))
+    webhook_events: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Image(SQLModel, table=True):
@@ -226,3 +231,88 @@ class Event(SQLModel, table=True):
     txid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A caller's standing subscription: where its events go, signed with its secret."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_owner", "owner", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    owner: str = Field(max_length=64)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    # The event types it wants, as `,a,b,` so one LIKE finds the subscribers of a type.
+    event_types: str = Field(sa_column=Column(Text, nullable=False))
+    description: str | None = Field(default=None, sa_column=Column(Text))
+    enabled: bool = Field(default=True, sa_column=Column(Boolean, nullable=False))
+    disabled_reason: str | None = Field(default=None, max_length=32)
+    secret: str = Field(max_length=64)
+    # The secret before the last rotation, still signing until `previous_secret_until`.
+    previous_secret: str | None = Field(default=None, max_length=64)
+    previous_secret_until: datetime | None = _ts()
+    # Since when every delivery has failed (None: the last one succeeded).
+    failing_since: datetime | None = _ts()
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The outbox: one event bound for one target (an endpoint, or the task's own URL).
+
+    Claimed with a lease like a download; of one task's deliveries to one target
+    only the oldest pending one is ever claimable, so they arrive in order.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "target"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_order", "task_id", "target", "id"),
+        Index("ix_webhook_deliveries_target", "target", "status", "created_at"),
+        Index("ix_webhook_deliveries_created_at", "created_at"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    event_id: str = Field(max_length=32)
+    task_id: str = Field(max_length=40)
+    owner: str = Field(max_length=64)
+    # An endpoint's id, or "task" for the task's own webhook_url.
+    target: str = Field(max_length=40)
+    status: str = Field(max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts()
+    lease_owner: str | None = Field(default=None, max_length=96)
+    lease_until: datetime | None = _ts()
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    delivered_at: datetime | None = _ts()
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One try at a delivery: when, what came back, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        Index("ix_webhook_attempts_delivery", "delivery_id", "id"),
+        Index("ix_webhook_attempts_at", "attempted_at"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    delivery_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    attempted_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    status_code: int | None = None
+    duration_ms: int = 0
+    error: str | None = Field(default=None, sa_column=Column(Text))

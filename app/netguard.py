@@ -12,7 +12,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import anyio
@@ -105,11 +105,24 @@ def check_host(host: str, *, allow_private: bool) -> None:
         raise BlockedAddressError(f"{host} is not a public address")
 
 
+# Decides, for a hostname as written in the URL and one address it resolved to,
+# whether a connection may be opened.
+AddressPolicy = Callable[[str, str], bool]
+
+
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, resolver: Resolver, *, allow_private: bool) -> None:
+    def __init__(
+        self, resolver: Resolver, *, allow_private: bool, policy: AddressPolicy | None = None
+    ) -> None:
         self._resolver = resolver
         self._allow_private = allow_private
+        self._policy = policy
         self._inner = httpcore.AnyIOBackend()
+
+    def _allowed(self, host: str, address: str) -> bool:
+        if self._policy is not None:
+            return self._policy(host, address)
+        return address_allowed(address, allow_private=self._allow_private)
 
     async def _addresses(self, host: str, port: int, limit: float | None) -> list[str]:
         try:
@@ -138,7 +151,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         addresses = await self._addresses(host, port, timeout)
         for address in addresses:
-            if not address_allowed(address, allow_private=self._allow_private):
+            if not self._allowed(host, address):
                 raise BlockedAddressError(f"{host} resolves to {address}")
         error: Exception | None = None
         for address in addresses:
@@ -178,11 +191,16 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
 
 
 def guarded_transport(
-    resolver: Resolver, *, allow_private: bool, ssl_context: ssl.SSLContext
+    resolver: Resolver,
+    *,
+    allow_private: bool,
+    ssl_context: ssl.SSLContext,
+    policy: AddressPolicy | None = None,
 ) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose every connection is resolved and checked by the guard.
 
-    A refused address surfaces as BlockedAddressError from the request that connected.
+    `policy` replaces the public-only (or `allow_private`) rule when given. A refused
+    address surfaces as BlockedAddressError from the request that connected.
     """
-    backend = _GuardedBackend(resolver, allow_private=allow_private)
+    backend = _GuardedBackend(resolver, allow_private=allow_private, policy=policy)
     return _GuardedTransport(backend, ssl_context)

@@ -14,6 +14,7 @@ from app.fetch import SafeFetcher
 from app.services.reconcile import Reconciler
 from app.storage import Storage, storage_from_url
 from app.upstream import DEFAULT_TIMEOUT, RetryPolicy, StarMagicClient
+from app.webhooks.endpoints import Endpoints
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Runtime:
     storage: Storage
     fetcher: SafeFetcher
     reconciler: Reconciler
+    webhooks: Endpoints
     events: EventBus = field(default_factory=EventBus)
     closers: list[object] = field(default_factory=list)
 
@@ -63,6 +65,7 @@ class Runtime:
                 max_bytes=settings.max_image_bytes,
             ),
             reconciler=Reconciler(sessions, starmagic, settings),
+            webhooks=Endpoints(engine, settings),
         )
 
     async def aclose(self) -> None:

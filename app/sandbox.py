@@ -46,6 +46,8 @@ def prepare_sandbox(host: str, port: int) -> tuple[Settings, SimulatorConfig]:
         download_allow_private_networks=True,
         reconcile_after_seconds=20,
         reconcile_interval_seconds=5,
+        # Webhooks to a receiver on this machine (the demo's, `imagetasks listen`'s target).
+        webhook_allowed_networks="127.0.0.0/8,::1",
     )
     simulator = SimulatorConfig(
         api_key=SIMULATOR_KEY,

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -104,6 +105,7 @@ class TaskCreate(BaseModel):
                     "size": "1024x1536",
                     "quality": "medium",
                     "metadata": {"order_id": "A-1042"},
+                    "webhook_url": "https://orders.internal.example.net/hooks/imagetasks",
                 },
                 {
                     "model": "gpt-image-2",
@@ -154,6 +156,39 @@ class TaskCreate(BaseModel):
         description=f"Your own data, returned as given (≤ 4 KiB as JSON, "
         f"≤ {MAX_METADATA_DEPTH} levels deep, scalar leaves).",
     )
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        exclude_if=_unset,
+        description="Where to POST this task's events, signed with the token's default secret "
+        "(GET /webhook-endpoints/default/secret); https://, or http:// inside "
+        "WEBHOOK_ALLOWED_NETWORKS.",
+    )
+    webhook_events: list[str] | None = Field(
+        default=None,
+        max_length=20,
+        exclude_if=_unset,
+        description="Event types sent to webhook_url (default: the settled ones: task.failed, "
+        "task.cancelled, image.stored, image.failed).",
+    )
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        if "webhook_url" in info.data and info.data["webhook_url"] is None:
+            raise ValueError("needs a webhook_url to send them to")
+        from app.services.events import TASK_EVENTS  # the event writer imports this module
+
+        known = [kind.value for kind in TASK_EVENTS]
+        if not value:
+            raise ValueError("choose at least one event type")
+        for kind in value:
+            if kind not in known:
+                raise ValueError(f"unknown event type {kind!r} (known: {', '.join(known)})")
+        return list(dict.fromkeys(value))
 
     @field_validator("model")
     @classmethod

@@ -22,6 +22,8 @@ from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
 from app.runtime import Runtime
 from app.services.downloads import LEASE, Downloader
+from app.webhooks import outbox as webhook_outbox
+from app.webhooks.delivery import Deliverer, Sender
 
 log = structlog.get_logger(__name__)
 
@@ -68,12 +70,20 @@ class BackgroundWorker:
             runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
+        self.deliverer = Deliverer(
+            runtime.engine,
+            self._settings,
+            Sender(runtime.webhooks.policy, self._settings.webhook_timeout_seconds),
+        )
+        self._sending: set[asyncio.Task[None]] = set()
         # A completed task or a retried image (in any process) wakes the download loop
         # before its next poll.
         self._completions = contextlib.ExitStack()
         self._completed = self._completions.enter_context(
             runtime.events.subscribe(lambda notice: notice.type in _WAKES_DOWNLOADS)
         )
+        # Any event may have queued webhooks (in any process): look for them at once.
+        self._written = self._completions.enter_context(runtime.events.subscribe(lambda _: True))
 
     async def start(self) -> None:
         """Clear a crashed run's temp files, then start the loops."""
@@ -90,6 +100,9 @@ class BackgroundWorker:
                     "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
                 )
             ),
+            asyncio.create_task(
+                self._forever("webhooks", self._webhook_round, 0, self._written.wait)
+            ),
             asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
             asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
         ]
@@ -102,14 +115,17 @@ class BackgroundWorker:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._running:
-            _, pending = await asyncio.wait(list(self._running), timeout=STOP_GRACE_SECONDS)
+        running = [*self._running, *self._sending]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
             for job in pending:
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.deliverer.sender.aclose()
         with contextlib.suppress(Exception):
             async with self._runtime.engine.begin() as db:
                 released = await repository.release_download_leases(db, self.downloader.owner)
+                released += await webhook_outbox.release_leases(db, self.downloader.owner)
             log.info("worker_stopped", owner=self.downloader.owner, released_leases=released)
 
     async def _forever(
@@ -149,6 +165,30 @@ class BackgroundWorker:
             self._spawn(job)
         return 0.0 if len(jobs) == free else self._poll_seconds
 
+    async def _webhook_round(self) -> float:
+        """Send due webhooks in free slots; come back at once while work remains."""
+        free = self._settings.webhook_concurrency - len(self._sending)
+        if free <= 0 or self._stopping.is_set():
+            return self._poll_seconds / 4
+        async with self._runtime.engine.begin() as db:
+            jobs = await webhook_outbox.claim_due(
+                db,
+                now=utcnow(),
+                owner=self.downloader.owner,
+                lease=self.deliverer.lease,
+                limit=free,
+            )
+        for job in jobs:
+            task = asyncio.create_task(self.deliverer.run(job))
+            self._sending.add(task)
+            # A finished delivery may unblock the next event of its task: look again.
+            task.add_done_callback(self._sent)
+        return 0.0 if len(jobs) == free else self._poll_seconds
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._written.ring(None)
+
     def _spawn(self, job: DownloadJob) -> None:
         task = asyncio.create_task(self._guarded_download(job))
         self._running[task] = (job.task_id, job.position)
@@ -181,7 +221,8 @@ class BackgroundWorker:
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
 
     async def _prune(self) -> None:
-        """Delete callback deliveries, idempotency records and events past their retention."""
+        """Delete callback deliveries, idempotency records, events and webhook deliveries
+        past their retention."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
@@ -194,6 +235,11 @@ class BackgroundWorker:
             ),
             "events": await self._prune_table(
                 event_repository.prune_events,
+                now - timedelta(days=self._settings.event_retention_days),
+            ),
+            # Deliveries (and their attempts) are kept as long as their events.
+            "webhook_deliveries": await self._prune_table(
+                webhook_outbox.prune_deliveries,
                 now - timedelta(days=self._settings.event_retention_days),
             ),
         }

@@ -41,7 +41,15 @@ from tests.postgres import (
 API_TOKEN = "test-token-" + "a" * 20
 WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 FAST_RETRY = RetryPolicy(base_delay=0.0, max_delay=0.0)
-TABLES = ("callback_deliveries", "idempotency_records", "tasks", "events")
+TABLES = (
+    "callback_deliveries",
+    "idempotency_records",
+    "tasks",
+    "events",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from app.events.schemas import EventPage
 from app.events.stream import event_stream
 from app.runtime import Runtime
 from app.schemas import ErrorBody
+from app.webhooks import repository as webhook_repository
+from app.webhooks.schemas import AttemptPublic, DeliveryPublic, TaskEvent, TaskEventPage
 
 router = APIRouter(tags=["events"])
 
@@ -118,15 +120,51 @@ async def stream_events(
     return _stream(runtime, request, _scope(caller, scope, types), after, last_event_id)
 
 
+async def _with_deliveries(runtime: Runtime, page: EventPage, caller: str) -> TaskEventPage:
+    """The page's events, each with the caller's webhook deliveries of it."""
+    async with runtime.engine.connect() as db:
+        found = await webhook_repository.deliveries_of(
+            db, [event.id for event in page.items], caller
+        )
+    items = [
+        TaskEvent(
+            **event.model_dump(),
+            deliveries=[
+                DeliveryPublic(
+                    endpoint_id=None
+                    if row.target == webhook_repository.TASK_TARGET
+                    else row.target,
+                    status=row.status,
+                    next_attempt_at=row.next_attempt_at,
+                    delivered_at=row.delivered_at,
+                    attempts=[
+                        AttemptPublic(
+                            attempted_at=attempt.attempted_at,
+                            status_code=attempt.status_code,
+                            duration_ms=attempt.duration_ms,
+                            error=attempt.error,
+                        )
+                        for attempt in attempts
+                    ],
+                )
+                for row, attempts in found.get(event.id, [])
+            ],
+        )
+        for event in page.items
+    ]
+    return TaskEventPage(items=items, next_cursor=page.next_cursor, has_more=page.has_more)
+
+
 @router.get(
     "/tasks/{task_id}/events",
-    response_model=EventPage,
+    response_model=TaskEventPage,
     responses={
         **_STREAM_RESPONSES,
         200: {
-            "model": EventPage,
+            "model": TaskEventPage,
             "content": {SSE: _STREAM_RESPONSES[200]["content"][SSE]},
-            "description": "The task's events, oldest first; a live stream with "
+            "description": "The task's events, oldest first, each with its webhook "
+            "deliveries (this token's) and every attempt; a live stream with "
             "`Accept: text/event-stream`.",
         },
         404: {"model": ErrorBody, "description": "No such task"},
@@ -142,12 +180,14 @@ async def task_events(
     limit: LimitQuery = 100,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: LastEventId = None,
-) -> EventPage | StreamingResponse:
-    """One task's story, oldest first (or live, with `Accept: text/event-stream`)."""
+) -> TaskEventPage | StreamingResponse:
+    """One task's story, oldest first, with webhook deliveries (or live, with
+    `Accept: text/event-stream`)."""
     scope = _scope(caller, "all", types, task_id)
     async with runtime.sessions() as session:
         if await repository.task_state(await session.connection(), task_id) is None:
             raise NotFound(f"task {task_id} does not exist")
     if accept and SSE in accept:
         return _stream(runtime, request, scope, after, last_event_id)
-    return await _page(runtime, request, scope, after, limit)
+    page = await _page(runtime, request, scope, after, limit)
+    return await _with_deliveries(runtime, page, caller)

@@ -131,8 +131,16 @@ async def create_task(
     ] = None,
     prefer: PreferHeader = None,
 ) -> TaskPublic:
-    """Submit an image generation; answers at once, or when settled with `Prefer: wait=N`."""
+    """Submit an image generation; answers at once, or when settled with `Prefer: wait=N`.
+
+    With `webhook_url`, the task's events (`webhook_events`, default the settled ones)
+    are POSTed there, signed (Standard Webhooks) with the token's default secret.
+    """
     wait = requested_wait(prefer)
+
+    async def check_webhook_url(url: str) -> None:
+        await runtime.webhooks.check_url(url, "webhook_url")
+
     result = await submit_task(
         runtime.sessions,
         runtime.starmagic,
@@ -140,6 +148,7 @@ async def create_task(
         body,
         owner=caller,
         idempotency_key=idempotency_key,
+        check_webhook_url=check_webhook_url,
     )
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:

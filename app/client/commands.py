@@ -1,4 +1,4 @@
-"""The typer commands `submit`, `list`, `show`, `image` and `events`, and their
+"""The typer commands `submit`, `list`, `show`, `image`, `events` and `listen`, and their
 registration."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import typer
 from app.client.api import ApiClient
 from app.client.errors import EXIT_CODES, FAILED, CliError, reporting
 from app.client.events import events
+from app.client.listen import listen
 from app.client.output import err, image_rows, out, print_fields, print_task_table
 from app.client.progress import MAX_WAIT_SECONDS, wait_until_settled
 
@@ -154,6 +155,7 @@ def register(cli: typer.Typer) -> None:
         ("show", show),
         ("image", image),
         ("events", events),
+        ("listen", listen),
     )
     known = {info.name for info in cli.registered_commands}
     for name, command in commands:

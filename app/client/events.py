@@ -18,6 +18,8 @@ RECONNECT_SECONDS = 2.0
 def _line(event: dict[str, Any]) -> str:
     data = event.get("data") or {}
     parts = [str(event["created_at"])[:23].replace("T", " "), f"{event['type']:<16}", data["id"]]
+    if event["type"].startswith("endpoint."):  # about a webhook endpoint, not a task
+        return "  ".join([*parts, str(data.get("url")), f"({data.get('disabled_reason')})"])
     parts.append(f"{data.get('status')} {data.get('progress')}%")
     if "image_index" in data:
         image: dict[str, Any] = next(

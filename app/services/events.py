@@ -20,6 +20,7 @@ from app.events.bus import Notice, queue_after_commit
 from app.ids import ulid
 from app.models import Image, Task, TaskStatus
 from app.task_view import task_view
+from app.webhooks import repository as webhook_repository
 
 # At most one task.processing event per task this often (progress can change every second).
 PROGRESS_EVENT_INTERVAL = timedelta(seconds=5)
@@ -34,6 +35,18 @@ class EventType(enum.StrEnum):
     IMAGE_STORED = "image.stored"
     IMAGE_FAILED = "image.failed"
     IMAGE_QUEUED = "image.queued"
+    ENDPOINT_DISABLED = "endpoint.disabled"
+
+
+# What a task's webhook_url hears unless the caller chose: the events that settle it.
+SETTLED_EVENTS = (
+    EventType.TASK_FAILED,
+    EventType.TASK_CANCELLED,
+    EventType.IMAGE_STORED,
+    EventType.IMAGE_FAILED,
+)
+# The events about tasks (endpoint.disabled is about an endpoint, and is never sent to one).
+TASK_EVENTS = tuple(kind for kind in EventType if kind is not EventType.ENDPOINT_DISABLED)
 
 
 _TERMINAL_EVENTS = {
@@ -82,7 +95,7 @@ async def record(
     now: datetime,
     image_index: int | None = None,
 ) -> str:
-    """Append one event in the caller's transaction; its id."""
+    """Append one event in the caller's transaction, and queue its webhooks; its id."""
     data = task_view(task, images, base="").model_dump(mode="json")
     if image_index is not None:
         data["image_index"] = image_index
@@ -98,5 +111,30 @@ async def record(
             "data": data,
         },
     )
+    # The outbox: one more statement, in the same transaction as the event.
+    await webhook_repository.fan_out(
+        db, event_id=event_id, kind=kind.value, task_id=task.id, owner=task.owner, now=now
+    )
     queue_after_commit(db, Notice(kind.value, task.id, task.owner))
+    return event_id
+
+
+async def record_endpoint_disabled(
+    db: AsyncConnection, endpoint: dict[str, object], *, owner: str, now: datetime
+) -> str:
+    """Append endpoint.disabled (its `data` is the endpoint, its task_id the endpoint's id)."""
+    event_id = new_event_id()
+    endpoint_id = str(endpoint["id"])
+    await event_repository.insert_event(
+        db,
+        {
+            "id": event_id,
+            "type": EventType.ENDPOINT_DISABLED.value,
+            "task_id": endpoint_id,
+            "owner": owner,
+            "created_at": now,
+            "data": endpoint,
+        },
+    )
+    queue_after_commit(db, Notice(EventType.ENDPOINT_DISABLED.value, endpoint_id, owner))
     return event_id

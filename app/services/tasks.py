@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,6 +34,7 @@ from app.upstream import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from app.webhooks import repository as webhook_repository
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,14 @@ def fingerprint(request: TaskCreate) -> str:
     """A stable hash of what was asked, to tell a replay from a different request."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook_events(request: TaskCreate) -> str | None:
+    """The stored `,a,b,` form of what the task's webhook_url hears (None: no URL)."""
+    if request.webhook_url is None:
+        return None
+    chosen = request.webhook_events or [kind.value for kind in events.SETTLED_EVENTS]
+    return webhook_repository.type_list(list(dict.fromkeys(chosen)))
 
 
 @dataclass(frozen=True)
@@ -100,14 +110,28 @@ async def submit_task(
     *,
     owner: str,
     idempotency_key: str | None,
+    check_webhook_url: Callable[[str], Awaitable[object]] | None = None,
 ) -> SubmitResult:
-    """Record the task, send it to StarMagic once, and record what came back."""
+    """Record the task, send it to StarMagic once, and record what came back.
+
+    `check_webhook_url` refuses a webhook_url the destination policy forbids (before
+    anything is recorded).
+    """
     if request.model not in settings.allowed_models:
         allowed = ", ".join(settings.allowed_models)
         reason = f"model {request.model!r} is not enabled here (enabled: {allowed})"
         raise Unprocessable(f"model: {reason}", details=[{"field": "model", "reason": reason}])
     now = utcnow()
     digest = fingerprint(request)
+    if request.webhook_url is not None and check_webhook_url is not None:
+        # A key already used answers as a replay (or a reuse) whatever the URL is now;
+        # only a new request has its destination checked (which resolves its host).
+        if idempotency_key is not None:
+            async with factory() as session:
+                used = await repository.get_idempotency_record(session, owner, idempotency_key)
+            if used is not None:
+                return await _replay(factory, owner, idempotency_key, digest, now)
+        await check_webhook_url(request.webhook_url)
     task = Task(
         id=new_task_id(),
         status=TaskStatus.SUBMITTING.value,
@@ -121,6 +145,8 @@ async def submit_task(
         mask_url=request.mask_url,
         meta=request.metadata,
         owner=owner,
+        webhook_url=request.webhook_url,
+        webhook_events=_webhook_events(request),
         created_at=now,
         updated_at=now,
         # A crash before the outcome is recorded leaves the task here; the

@@ -18,8 +18,10 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from app.api.deps import caller_id
 from app.callback_urls import WEBHOOK_PATH, sign
 from app.simulator.images import image_seed, padded_png, render_png
+from app.webhooks.signing import default_secret
 from tests.chaos.proxy import RoundRobinProxy
 from tests.e2e.stack import (
     API_TOKEN,
@@ -237,7 +239,8 @@ class Cluster(Stack):
 
     async def secrets(self) -> dict[str, str]:
         """Every secret of this cluster, by a label that does not reveal it: the API
-        tokens, the simulator key, the webhook secrets and every task's callback tokens."""
+        tokens, the simulator key, the webhook secrets, every task's callback tokens and
+        the secrets that sign webhooks to callers."""
         found = {
             "API token": API_TOKEN,
             "second API token": SECOND_TOKEN,
@@ -245,6 +248,13 @@ class Cluster(Stack):
         }
         for number, secret in enumerate(sorted(self.webhook_secrets)):
             found[f"webhook secret #{number}"] = secret
+        # Webhook signing secrets: each endpoint's, and each token's default one.
+        for endpoint_id, secret in await self.query("SELECT id, secret FROM webhook_endpoints"):
+            found[f"signing secret of {endpoint_id}"] = secret
+        for label, token in (("API token", API_TOKEN), ("second API token", SECOND_TOKEN)):
+            for number, secret in enumerate(sorted(self.webhook_secrets)):
+                default = default_secret(secret, caller_id(token))
+                found[f"default webhook secret of the {label} under secret #{number}"] = default
         ids = [row[0] for row in await self.query("SELECT id FROM tasks")]
         for task_id in ids:
             for number, secret in enumerate(sorted(self.webhook_secrets)):

@@ -1,0 +1,179 @@
+"""The outbox's SQL: claiming due deliveries with a lease, recording their outcome,
+giving leases back, and retention."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import delete, exists, insert, or_, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.webhooks.repository import (
+    ATTEMPTS,
+    DELIVERIES,
+    ENDPOINTS,
+    EVENTS,
+    PENDING,
+    TASK_TARGET,
+    TASKS,
+)
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """One claimed delivery, with all it needs to be sent."""
+
+    id: int
+    event_id: str
+    task_id: str
+    owner: str
+    target: str
+    attempts: int  # including this one
+    lease_owner: str
+    event_type: str
+    event_created_at: datetime
+    data: dict[str, Any]
+    url: str | None  # None: the endpoint is gone or disabled, the task has no URL
+    secrets: tuple[str, ...]  # endpoint secrets (empty for the task target)
+
+
+async def claim_due(
+    db: AsyncConnection,
+    *,
+    now: datetime,
+    owner: str,
+    lease: timedelta,
+    limit: int,
+) -> list[DeliveryJob]:
+    """Lease due deliveries, each the oldest pending one of its task and target.
+
+    A later event of a task waits while an earlier one to the same target is
+    still pending (being sent or retried): events arrive in order.
+    """
+    earlier = DELIVERIES.alias("earlier")
+    blocked = exists().where(
+        earlier.c.task_id == DELIVERIES.c.task_id,
+        earlier.c.target == DELIVERIES.c.target,
+        earlier.c.status == PENDING,
+        earlier.c.id < DELIVERIES.c.id,
+    )
+    due = (
+        select(DELIVERIES.c.id)
+        .where(
+            DELIVERIES.c.status == PENDING,
+            DELIVERIES.c.next_attempt_at <= now,
+            or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
+            ~blocked,
+        )
+        .order_by(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=DELIVERIES)
+    )
+    ids = [int(row.id) for row in (await db.execute(due)).all()]
+    jobs: list[DeliveryJob] = []
+    for delivery_id in ids:
+        token = f"{owner}/{delivery_id}/{secrets.token_hex(3)}"
+        await db.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery_id)
+            .values(lease_owner=token, lease_until=now + lease, attempts=DELIVERIES.c.attempts + 1)
+        )
+        jobs.append(await _job(db, delivery_id, token, now))
+    return jobs
+
+
+async def _job(db: AsyncConnection, delivery_id: int, token: str, now: datetime) -> DeliveryJob:
+    statement = (
+        select(
+            DELIVERIES,
+            EVENTS.c.type.label("event_type"),
+            EVENTS.c.created_at.label("event_created_at"),
+            EVENTS.c.data,
+            ENDPOINTS.c.url.label("endpoint_url"),
+            ENDPOINTS.c.enabled,
+            ENDPOINTS.c.secret,
+            ENDPOINTS.c.previous_secret,
+            ENDPOINTS.c.previous_secret_until,
+            TASKS.c.webhook_url,
+        )
+        .join(EVENTS, EVENTS.c.id == DELIVERIES.c.event_id)
+        .outerjoin(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.target)
+        .join(TASKS, TASKS.c.id == DELIVERIES.c.task_id)
+        .where(DELIVERIES.c.id == delivery_id)
+    )
+    row = (await db.execute(statement)).one()
+    if row.target == TASK_TARGET:
+        url, keys = row.webhook_url, ()
+    else:
+        url = row.endpoint_url if row.enabled else None
+        keys = tuple(
+            key
+            for key, until in ((row.secret, None), (row.previous_secret, row.previous_secret_until))
+            if key and (until is None or until > now)
+        )
+    return DeliveryJob(
+        id=row.id,
+        event_id=row.event_id,
+        task_id=row.task_id,
+        owner=row.owner,
+        target=row.target,
+        attempts=row.attempts,
+        lease_owner=token,
+        event_type=row.event_type,
+        event_created_at=row.event_created_at,
+        data=row.data,
+        url=url,
+        secrets=keys,
+    )
+
+
+async def finish(db: AsyncConnection, job: DeliveryJob, values: dict[str, Any]) -> bool:
+    """Record the outcome while the lease is still ours (fencing); False if it was lost."""
+    result = await db.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.id == job.id, DELIVERIES.c.lease_owner == job.lease_owner)
+        .values(lease_owner=None, lease_until=None, **values)
+    )
+    return int(cast(CursorResult[Any], result).rowcount) > 0
+
+
+async def record_attempt(db: AsyncConnection, values: dict[str, Any]) -> None:
+    """Append one attempt."""
+    await db.execute(insert(ATTEMPTS), values)
+
+
+async def release_leases(db: AsyncConnection, owner: str) -> int:
+    """Give back this worker's leases (at a clean stop)."""
+    result = await db.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.lease_owner.like(f"{owner}/%"), DELIVERIES.c.status == PENDING)
+        .values(lease_owner=None, lease_until=None, attempts=DELIVERIES.c.attempts - 1)
+    )
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+async def prune_deliveries(db: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` deliveries created before `before`, with their attempts.
+
+    A delivery is as old as its event, and goes with it (its schedule ends within days).
+    """
+    oldest = [
+        row.id
+        for row in (
+            await db.execute(
+                select(DELIVERIES.c.id)
+                .where(DELIVERIES.c.created_at < before)
+                .order_by(DELIVERIES.c.created_at)
+                .limit(limit)
+            )
+        ).all()
+    ]
+    if not oldest:
+        return 0
+    await db.execute(delete(ATTEMPTS).where(ATTEMPTS.c.delivery_id.in_(oldest)))
+    await db.execute(delete(DELIVERIES).where(DELIVERIES.c.id.in_(oldest)))
+    return len(oldest)

@@ -1,0 +1,314 @@
+"""The SQL of webhook endpoints, the fan-out of each event into the outbox, and the
+reading, redelivery and recovery of deliveries (claiming them is `outbox`'s)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    Row,
+    Table,
+    and_,
+    delete,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+import app.models  # noqa: F401  (registers the tables on the metadata)
+from app.db import metadata
+
+ENDPOINTS: Table = metadata.tables["webhook_endpoints"]
+DELIVERIES: Table = metadata.tables["webhook_deliveries"]
+ATTEMPTS: Table = metadata.tables["webhook_attempts"]
+TASKS: Table = metadata.tables["tasks"]
+EVENTS: Table = metadata.tables["events"]
+
+TASK_TARGET = "task"  # the target of a delivery to the task's own webhook_url
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+_DELIVERY_COLUMNS = (
+    "event_id",
+    "task_id",
+    "owner",
+    "target",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+)
+
+
+def type_list(types: Sequence[str]) -> str:
+    """Event types as stored: `,a,b,` (one LIKE finds a type's subscribers)."""
+    return "," + ",".join(types) + ","
+
+
+def parse_type_list(stored: str | None) -> list[str]:
+    """The stored `,a,b,` form back as a list."""
+    return [part for part in (stored or "").split(",") if part]
+
+
+def _wants(column: Any, kind: str) -> Any:
+    return column.like(f"%,{kind},%")
+
+
+async def fan_out(
+    db: AsyncConnection, *, event_id: str, kind: str, task_id: str, owner: str, now: datetime
+) -> None:
+    """One statement: queue the event for each of the owner's enabled endpoints that
+    want its type, and for the task's own webhook_url if it wants it."""
+
+    def columns(target: Any) -> list[Any]:
+        return [
+            literal(event_id),
+            literal(task_id),
+            literal(owner),
+            target,
+            literal(PENDING),
+            literal(0),
+            literal(now, ENDPOINTS.c.created_at.type),
+            literal(now, ENDPOINTS.c.created_at.type),
+            literal(now, ENDPOINTS.c.created_at.type),
+        ]
+
+    endpoints = select(*columns(ENDPOINTS.c.id)).where(
+        ENDPOINTS.c.owner == owner,
+        ENDPOINTS.c.enabled.is_(True),
+        _wants(ENDPOINTS.c.event_types, kind),
+    )
+    own_url = select(*columns(literal(TASK_TARGET))).where(
+        TASKS.c.id == task_id,
+        TASKS.c.webhook_url.is_not(None),
+        _wants(TASKS.c.webhook_events, kind),
+    )
+    await db.execute(
+        insert(DELIVERIES).from_select(list(_DELIVERY_COLUMNS), union_all(endpoints, own_url))
+    )
+
+
+# -- endpoints -----------------------------------------------------------------------
+
+
+async def insert_endpoint(db: AsyncConnection, values: dict[str, Any]) -> None:
+    """Add one endpoint."""
+    await db.execute(insert(ENDPOINTS), values)
+
+
+async def list_endpoints(db: AsyncConnection, owner: str) -> Sequence[Row[Any]]:
+    """The owner's endpoints, oldest first."""
+    statement = (
+        select(ENDPOINTS)
+        .where(ENDPOINTS.c.owner == owner)
+        .order_by(ENDPOINTS.c.created_at, ENDPOINTS.c.id)
+    )
+    return (await db.execute(statement)).all()
+
+
+async def get_endpoint(db: AsyncConnection, owner: str, endpoint_id: str) -> Row[Any] | None:
+    """One of the owner's endpoints (None: not theirs, or none)."""
+    statement = select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.owner == owner)
+    return (await db.execute(statement)).first()
+
+
+async def update_endpoint(
+    db: AsyncConnection, owner: str, endpoint_id: str, values: dict[str, Any]
+) -> bool:
+    """Change one of the owner's endpoints; False when there is none."""
+    result = await db.execute(
+        update(ENDPOINTS)
+        .where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.owner == owner)
+        .values(**values)
+    )
+    return int(cast(CursorResult[Any], result).rowcount) > 0
+
+
+async def delete_endpoint(db: AsyncConnection, owner: str, endpoint_id: str, now: datetime) -> bool:
+    """Remove one of the owner's endpoints; what was still queued for it fails."""
+    result = await db.execute(
+        delete(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.owner == owner)
+    )
+    if not int(cast(CursorResult[Any], result).rowcount):
+        return False
+    await fail_pending(db, now, "endpoint deleted", DELIVERIES.c.target == endpoint_id)
+    return True
+
+
+async def disable_endpoint(
+    db: AsyncConnection, endpoint_id: str, reason: str, now: datetime
+) -> Row[Any] | None:
+    """Disable an enabled endpoint and fail what was queued for it; its row, None if it was not
+    enabled (another worker got there first)."""
+    result = await db.execute(
+        update(ENDPOINTS)
+        .where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.enabled.is_(True))
+        .values(enabled=False, disabled_reason=reason, updated_at=now)
+    )
+    if not int(cast(CursorResult[Any], result).rowcount):
+        return None
+    await fail_pending(db, now, f"endpoint disabled ({reason})", DELIVERIES.c.target == endpoint_id)
+    return (await db.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id))).first()
+
+
+async def lock_endpoint(db: AsyncConnection, endpoint_id: str) -> None:
+    """Hold the endpoint's row for the transaction (PostgreSQL; SQLite writes one at a time).
+
+    Every transaction that writes an endpoint and its deliveries takes this lock
+    first, so they queue on it instead of deadlocking on each other's rows.
+    """
+    if db.dialect.name == "postgresql":
+        await db.execute(
+            select(ENDPOINTS.c.id).where(ENDPOINTS.c.id == endpoint_id).with_for_update()
+        )
+
+
+async def note_endpoint_result(
+    db: AsyncConnection, endpoint_id: str, *, ok: bool, now: datetime
+) -> datetime | None:
+    """A success clears `failing_since`; a failure sets it if unset. Since when it has failed."""
+    if ok:
+        await db.execute(
+            update(ENDPOINTS)
+            .where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.failing_since.is_not(None))
+            .values(failing_since=None)
+        )
+        return None
+    await db.execute(
+        update(ENDPOINTS)
+        .where(ENDPOINTS.c.id == endpoint_id, ENDPOINTS.c.failing_since.is_(None))
+        .values(failing_since=now)
+    )
+    row = (
+        await db.execute(select(ENDPOINTS.c.failing_since).where(ENDPOINTS.c.id == endpoint_id))
+    ).first()
+    return row.failing_since if row is not None else None
+
+
+async def fail_pending(db: AsyncConnection, now: datetime, reason: str, *where: Any) -> int:
+    """Give up the pending deliveries that match `where`; how many."""
+    result = await db.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.status == PENDING, *where)
+        .values(
+            status=FAILED,
+            last_error=reason,
+            next_attempt_at=None,
+            lease_owner=None,
+            lease_until=None,
+            updated_at=now,
+        )
+    )
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+# -- reading, redelivery, recovery ---------------------------------------------------
+
+
+async def deliveries_of(
+    db: AsyncConnection, event_ids: Sequence[str], owner: str
+) -> dict[str, list[tuple[Row[Any], list[Row[Any]]]]]:
+    """Each event's deliveries (the owner's) with their attempts, oldest first."""
+    if not event_ids:
+        return {}
+    rows = (
+        await db.execute(
+            select(DELIVERIES)
+            .where(DELIVERIES.c.event_id.in_(list(event_ids)), DELIVERIES.c.owner == owner)
+            .order_by(DELIVERIES.c.id)
+        )
+    ).all()
+    ids = [row.id for row in rows]
+    attempts: dict[int, list[Row[Any]]] = {delivery_id: [] for delivery_id in ids}
+    if ids:
+        for attempt in (
+            await db.execute(
+                select(ATTEMPTS).where(ATTEMPTS.c.delivery_id.in_(ids)).order_by(ATTEMPTS.c.id)
+            )
+        ).all():
+            attempts[attempt.delivery_id].append(attempt)
+    result: dict[str, list[tuple[Row[Any], list[Row[Any]]]]] = {}
+    for row in rows:
+        result.setdefault(row.event_id, []).append((row, attempts[row.id]))
+    return result
+
+
+def _again(now: datetime) -> dict[str, Any]:
+    return {
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "lease_owner": None,
+        "lease_until": None,
+        "delivered_at": None,
+        "updated_at": now,
+    }
+
+
+async def event_row(db: AsyncConnection, event_id: str, owner: str) -> Row[Any] | None:
+    """One of the owner's events."""
+    statement = select(EVENTS).where(EVENTS.c.id == event_id, EVENTS.c.owner == owner)
+    return (await db.execute(statement)).first()
+
+
+async def redeliver(
+    db: AsyncConnection, *, event_id: str, kind: str, task_id: str, owner: str, now: datetime
+) -> int:
+    """Send the event again to every target it has, and to new subscribers; how many."""
+    result = await db.execute(
+        update(DELIVERIES)
+        .where(
+            DELIVERIES.c.event_id == event_id,
+            # A delivery being sent right now finishes first; it is not sent twice at once.
+            or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
+        )
+        .values(**_again(now))
+    )
+    reset = int(cast(CursorResult[Any], result).rowcount)
+    before = await _count(db, event_id)
+    existing = select(DELIVERIES.c.target).where(DELIVERIES.c.event_id == event_id)
+    endpoints = select(
+        literal(event_id),
+        literal(task_id),
+        literal(owner),
+        ENDPOINTS.c.id,
+        literal(PENDING),
+        literal(0),
+        literal(now, ENDPOINTS.c.created_at.type),
+        literal(now, ENDPOINTS.c.created_at.type),
+        literal(now, ENDPOINTS.c.created_at.type),
+    ).where(
+        ENDPOINTS.c.owner == owner,
+        ENDPOINTS.c.enabled.is_(True),
+        _wants(ENDPOINTS.c.event_types, kind),
+        ENDPOINTS.c.id.not_in(existing),
+    )
+    await db.execute(insert(DELIVERIES).from_select(list(_DELIVERY_COLUMNS), endpoints))
+    return reset + (await _count(db, event_id) - before)
+
+
+async def _count(db: AsyncConnection, event_id: str) -> int:
+    statement = select(DELIVERIES.c.id).where(DELIVERIES.c.event_id == event_id)
+    return len((await db.execute(statement)).all())
+
+
+async def recover(
+    db: AsyncConnection, endpoint_id: str, *, since: datetime, until: datetime, now: datetime
+) -> int:
+    """Queue again the endpoint's failed deliveries of events created in [since, until)."""
+    result = await db.execute(
+        update(DELIVERIES)
+        .where(
+            DELIVERIES.c.target == endpoint_id,
+            DELIVERIES.c.status == FAILED,
+            and_(DELIVERIES.c.created_at >= since, DELIVERIES.c.created_at < until),
+        )
+        .values(**_again(now))
+    )
+    return int(cast(CursorResult[Any], result).rowcount)
