@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import event, text
 
 from app import repository
-from app.api.tasks import _encode_cursor
+from app.api.tasks import encode_cursor
 from app.db import create_engine, create_session_factory
 from bench.databases import Database, insert_tasks, task_row
 from bench.ids import task_id_at
@@ -115,7 +115,7 @@ async def _deep_cursor(url: str) -> str:
         await engine.dispose()
     created = row[0] if isinstance(row[0], datetime) else datetime.fromisoformat(row[0])
     created = created.replace(tzinfo=UTC) if created.tzinfo is None else created
-    return _encode_cursor(SimpleNamespace(created_at=created, id=row[1]))  # type: ignore[arg-type]
+    return encode_cursor(SimpleNamespace(created_at=created, id=row[1]))  # type: ignore[arg-type]
 
 
 def seed(database: Database) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def measure(service: Service, database: Database, requests: int = 300) -> dict[s
 
 async def _plans(database: Database, cursor: str) -> dict[str, str]:
     """Capture the SQL repository.list_tasks sends, then ask the database how it runs it."""
-    from app.api.tasks import _decode_cursor
+    from app.api.tasks import decode_cursor
 
     engine = create_engine(database.url)
     captured: list[tuple[str, Any]] = []
@@ -184,7 +184,7 @@ async def _plans(database: Database, cursor: str) -> dict[str, str]:
     plans: dict[str, str] = {}
     sessions = create_session_factory(engine)
     try:
-        for name, after in (("first_page", None), ("deep_page", _decode_cursor(cursor))):
+        for name, after in (("first_page", None), ("deep_page", decode_cursor(cursor))):
             captured.clear()
             async with sessions() as session:
                 await repository.list_tasks(

@@ -291,5 +291,6 @@ async def test_each_query_to_the_provider_is_kept_for_the_timeline(harness: Harn
         ("query", "not_found"),
         ("query", "not_found"),
     ]
-    assert rows[0].detail is not None and rows[0].detail.startswith("poll: StarMagic says ")
+    assert rows[0].detail is not None
+    assert rows[0].detail.startswith("poll: StarMagic says ")
     assert (await harness.row(task_id, "status"))[0] == "failed"

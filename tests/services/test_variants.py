@@ -105,7 +105,8 @@ async def test_download_attempts_are_kept_for_the_timeline(queue: Queue) -> None
         ("download", "stored", 0),
     ]
     assert rows[0].detail == "http_503: busy"
-    assert rows[1].detail is not None and rows[1].detail.endswith(" bytes")
+    assert rows[1].detail is not None
+    assert rows[1].detail.endswith(" bytes")
 
 
 async def test_final_download_failures_are_kept_and_pruned_with_age(queue: Queue) -> None:
