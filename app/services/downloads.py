@@ -313,7 +313,7 @@ class Downloader:
                 "lease_owner": None,
                 "lease_until": None,
             },
-            note=("link_renewed", "asked StarMagic for a fresh link"),
+            note=("link_renewed", f"{code}: {message}; asked StarMagic for a fresh link"),
         )
 
     async def _fail(self, job: DownloadJob, code: str, message: str) -> None:

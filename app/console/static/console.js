@@ -42,8 +42,14 @@
       if (!response.ok) return;
       const card = fragment(await response.text()).firstElementChild;
       if (!card) return;
-      if (existing) existing.replaceWith(card);
-      else if (!status.dataset.paused) grid.prepend(card);
+      if (existing) { existing.replaceWith(card); return; }
+      if (status.dataset.paused) return;
+      // Newest first, whatever order the fetches finish in.
+      const older = Array.from(grid.children).find((c) => c.dataset.order < card.dataset.order);
+      if (!older && document.getElementById("more")) return; // belongs to an unloaded page
+      grid.insertBefore(card, older || null);
+      const empty = document.querySelector(".empty");
+      if (empty) empty.remove();
     };
     // Several events of one task in a burst: one fetch.
     const schedule = (taskId) => {
