@@ -178,6 +178,41 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
     return values[int(rank) - 1]
 
 
+async def _completion_to_stored(
+    db: AsyncConnection, since: datetime
+) -> tuple[int, float | None, float | None]:
+    """Images stored since then, and the p50/p95 of completion → stored in seconds."""
+    stored = IMAGES.join(TASKS, TASKS.c.id == IMAGES.c.task_id)
+    window = (IMAGES.c.stored_at >= since, TASKS.c.completed_at.is_not(None))
+    if db.dialect.name == "postgresql":
+        # In the database: a day of a busy service is tens of thousands of rows.
+        seconds = func.extract("epoch", IMAGES.c.stored_at - TASKS.c.completed_at)
+        row = (
+            await db.execute(
+                select(
+                    func.count(),
+                    func.percentile_disc(0.5).within_group(seconds),
+                    func.percentile_disc(0.95).within_group(seconds),
+                )
+                .select_from(stored)
+                .where(*window)
+            )
+        ).one()
+        count, p50, p95 = row
+        return int(count), _seconds(p50), _seconds(p95)
+    durations = sorted(
+        max(0.0, (done - completed).total_seconds())
+        for done, completed in await db.execute(
+            select(IMAGES.c.stored_at, TASKS.c.completed_at).select_from(stored).where(*window)
+        )
+    )
+    return len(durations), percentile(durations, 0.5), percentile(durations, 0.95)
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else max(0.0, float(value))
+
+
 def _hour_bucket(db: AsyncConnection, column: Any) -> Any:
     if db.dialect.name == "postgresql":
         return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD HH24")
@@ -212,16 +247,7 @@ async def overview(db: AsyncConnection, now: datetime) -> Overview:
             result.failed_by_reason[reason] = result.failed_by_reason.get(reason, 0) + count
         elif status == TaskStatus.CANCELLED:
             result.cancelled += count
-    durations = sorted(
-        max(0.0, (stored - completed).total_seconds())
-        for stored, completed in await db.execute(
-            select(IMAGES.c.stored_at, TASKS.c.completed_at)
-            .join(TASKS, TASKS.c.id == IMAGES.c.task_id)
-            .where(IMAGES.c.stored_at >= since, TASKS.c.completed_at.is_not(None))
-        )
-    )
-    result.stored = len(durations)
-    result.stored_p50, result.stored_p95 = percentile(durations, 0.5), percentile(durations, 0.95)
+    result.stored, result.stored_p50, result.stored_p95 = await _completion_to_stored(db, since)
     for outcome, count in await db.execute(
         select(DELIVERIES.c.outcome, func.count())
         .where(DELIVERIES.c.received_at >= since)
