@@ -29,12 +29,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(auth.SignInRequired)
     async def _sign_in(request: Request, exc: auth.SignInRequired) -> Response:
+        root = request.scope.get("root_path", "")
         if request.method == "GET" and _wants_html(request):
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            root = request.scope.get("root_path", "")
             return RedirectResponse(
                 f"{root}/console/sign-in?next={quote(target, safe='')}", status_code=303
             )
+        if _wants_html(request):  # a form posted after the session ended: nothing was done
+            return RedirectResponse(f"{root}/console/sign-in", status_code=303)
         return error_response(exc.status_code, exc.code, exc.message)
 
     @app.exception_handler(auth.ForgeryRefused)

@@ -18,7 +18,7 @@ from app.api.tasks import base_url, decode_cursor
 from app.console import auth, queries
 from app.console.assets import STATIC_DIR, Assets
 from app.console.filters import GalleryFilters, parse
-from app.errors import NotFound
+from app.errors import NotFound, Unprocessable
 from app.events.feed import decode_cursor as decode_event_cursor
 from app.events.repository import EventScope
 from app.events.stream import event_stream
@@ -163,7 +163,12 @@ async def gallery(
     filters = parse(request.query_params)
     # Where the live stream starts: read before the page, so nothing falls between.
     start = await queries.stream_start(runtime.engine)
-    page = await _page(request, session, filters, cursor) if not filters.errors else None
+    page = None
+    if not filters.errors:
+        try:
+            page = await _page(request, session, filters, cursor)
+        except Unprocessable:
+            filters.errors["cursor"] = "not a cursor this service issued"
     return render(
         request,
         "gallery.html",

@@ -132,6 +132,9 @@ async def test_scrolling_pages_through_the_cursor(
         assert seen == made
         bad = await client.get("/console/cards?cursor=forged")
         assert bad.status_code == 422
+        forged = await client.get("/console?cursor=forged")
+        assert forged.status_code == 422
+        assert "not a cursor this service issued" in forged.text
 
 
 async def test_a_live_card_is_sent_only_when_the_task_matches(

@@ -76,6 +76,9 @@ async def test_pages_without_a_session_send_you_to_sign_in(
         assert stream.json()["error"]["code"] == "console_sign_in_required"
         bearer = await service.client.get("/console/overview")
         assert bearer.status_code == 401  # an API token is not a console session
+        late = await client.post("/console/tasks/tsk_x/retry", data={"csrf_token": "x"})
+        assert late.status_code == 303  # a form sent after the session ended: sign in again
+        assert late.headers["location"] == "/console/sign-in"
 
 
 async def test_posts_without_the_anti_forgery_token_are_refused(
