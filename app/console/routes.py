@@ -18,6 +18,7 @@ from app.api.tasks import base_url, decode_cursor
 from app.console import auth, queries
 from app.console.assets import STATIC_DIR, Assets
 from app.console.filters import GalleryFilters, parse
+from app.console.hooks import Notifications
 from app.errors import NotFound, Unprocessable
 from app.events.feed import decode_cursor as decode_event_cursor
 from app.events.repository import EventScope
@@ -272,7 +273,21 @@ async def task_page(
             message=f"There is no task {task_id[:64]!r}.",
         )
     images = (await repository.task_images(session, [task.id]))[task.id]
-    entries = await queries.timeline(await session.connection(), task, images)
+    db = await session.connection()
+    entries = await queries.timeline(db, task, images)
+    hook: Notifications | None = getattr(request.app.state, "console_notifications", None)
+    notifications = await hook.for_task(db, task.id) if hook is not None else None
+    if notifications:
+        entries = sorted(
+            entries
+            + [
+                queries.Entry(
+                    n.at, "Notification to the caller", n.summary, "bad" if n.failed else "info"
+                )
+                for n in notifications
+            ],
+            key=lambda entry: entry.at,
+        )
     view = task_view(task, images, base_url(request))
     api_url = f"{base_url(request)}/tasks/{quote(task.id)}"
     return render(
@@ -286,7 +301,7 @@ async def task_page(
         curl=f'curl -H "Authorization: Bearer $IMAGETASKS_TOKEN" {api_url}',
         notice=_NOTICES.get(notice or ""),
         stream_after=start or "",
-        notifications=getattr(request.app.state, "console_notifications", None),
+        notifications=notifications,
     )
 
 
@@ -327,7 +342,7 @@ async def redeliver(
     session: SessionDep,
 ) -> Response:
     """Send a notification to its caller again, where notifications are kept (a hook)."""
-    hook = getattr(request.app.state, "console_notifications", None)
+    hook: Notifications | None = getattr(request.app.state, "console_notifications", None)
     if hook is None:
         raise NotFound("this service keeps no notifications to callers", code="no_notifications")
     await hook.redeliver(await session.connection(), _task_id(task_id), delivery_id)

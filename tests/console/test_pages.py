@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import activity, repository
+from app.console.hooks import NotificationView
 from app.console.routes import assets
 from app.models import Image, utcnow
 from tests.conftest import Service, make_settings
@@ -317,3 +319,45 @@ async def test_the_console_can_be_switched_off(
     service = await _service(service_factory, sqlite_url, tmp_path, console_enabled=False)
     async with console_client(service) as client:
         assert (await client.get("/console/sign-in")).status_code == 404
+
+
+class FakeNotifications:
+    """A notification store, as the webhook work will plug one in."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.redelivered: list[tuple[str, str]] = []
+
+    async def for_task(self, db: AsyncConnection, task_id: str) -> list[NotificationView]:
+        return [NotificationView("whd_1", self.at, "image.stored → caller: 500", failed=True)]
+
+    async def redeliver(self, db: AsyncConnection, task_id: str, notification_id: str) -> None:
+        self.redelivered.append((task_id, notification_id))
+
+
+async def test_notifications_plug_in_through_the_hook(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Without a store: none kept, redelivery 404. With one: listed, in the timeline, and
+    Redeliver (with the form token) reaches it."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path)
+    async with console_client(service) as client:
+        await sign_in(client)
+        page = await client.get(f"/console/tasks/{task.id}")
+        assert "keeps no notifications to callers yet" in page.text
+        token = {"csrf_token": csrf_from(page.text)}
+        path = f"/console/tasks/{task.id}/notifications/whd_1/redeliver"
+        missing = await client.post(path, data=token)
+        assert missing.status_code == 404
+        store = FakeNotifications(task.created_at + timedelta(seconds=30))
+        service.app.state.console_notifications = store
+        page = await client.get(f"/console/tasks/{task.id}")
+        assert "image.stored → caller: 500" in page.text
+        titles = re.findall(r'<span class="what">([^<]+)</span>', page.text)
+        assert titles[-1] == "Notification to the caller"
+        assert (await client.post(path, data={})).status_code == 403
+        assert store.redelivered == []
+        sent = await client.post(path, data=token)
+        assert sent.status_code == 303
+        assert store.redelivered == [(task.id, "whd_1")]
