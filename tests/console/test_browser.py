@@ -137,9 +137,12 @@ async def test_new_tasks_appear_live_with_their_thumbnails(page: Any, sandbox: S
     await page.get_by_text("Live updates: on").wait_for()
     stack = sandbox.stack
     submitted = [await stack.submit(prompt) for prompt in PROMPTS]
-    refused = await stack.submit(
-        "a portrait [sim:outcome=failed,error_code=content_policy_violation]"
-    )
+    # Faults set on the simulator, not in the prompt: the gallery shows clean prompts.
+    await stack.sim.set_faults(outcome="failed", error_code="content_policy_violation")
+    try:
+        refused = await stack.submit("a portrait of a judge in oils")
+    finally:
+        await stack.sim.set_faults()
     for task in submitted:
         await thumb_rendered(page, task["id"])
     reason = page.locator(f'[data-task-id="{refused["id"]}"] .reason')
@@ -155,7 +158,11 @@ async def test_the_task_page_shows_the_timeline_in_order(page: Any, sandbox: San
     """On the other replica (the session is the same), a stored task's page lists its
     story in time order: submitted, callbacks, confirmation query, download, stored."""
     stack = sandbox.stack
-    task = await stack.submit("a paper boat on a pond [sim:dup=2]")
+    await stack.sim.set_faults(dup=2)  # the callback twice: one applied, one duplicate
+    try:
+        task = await stack.submit("a paper boat on a pond")
+    finally:
+        await stack.sim.set_faults()
     await stack.wait_image(task["id"])
     await sign_in(page)
     # Cookies belong to the host, not the port: the other replica honours the session.
