@@ -82,7 +82,9 @@ def origin() -> Iterator[Origin]:
 async def page(browser: Any, sandbox: Sandbox) -> AsyncIterator[Any]:
     """A fresh browser context (no cookies) with a laptop-sized window."""
     context = await browser.new_context(
-        viewport={"width": 1280, "height": 860}, base_url=sandbox.stack.service_url
+        viewport={"width": 1280, "height": 860},
+        base_url=sandbox.stack.service_url,
+        permissions=["clipboard-read", "clipboard-write"],
     )
     context.set_default_timeout(TIMEOUT_MS)
     opened = await context.new_page()
@@ -188,6 +190,13 @@ async def test_the_task_page_shows_the_timeline_in_order(page: Any, sandbox: San
     assert titles.index("Callback received") < titles.index("Download attempt (image 0): stored")
     preview = page.locator(".picture img")
     assert await preview.evaluate("img => img.complete && img.naturalWidth > 0")
+    # Copy the API call with the keyboard: the clipboard holds the curl that fetches it.
+    await page.get_by_role("button", name="Copy").focus()
+    await page.keyboard.press("Enter")
+    await page.get_by_text("Copied.").wait_for()
+    copied = await page.evaluate("() => navigator.clipboard.readText()")
+    assert copied.startswith('curl -H "Authorization: Bearer $IMAGETASKS_TOKEN" ')
+    assert copied.endswith(f"/tasks/{task['id']}")
     await shot(page, sandbox, "task", docs="console-task.png")
 
 

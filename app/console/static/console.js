@@ -94,9 +94,13 @@
       if (response.ok) {
         const doc = new DOMParser().parseFromString(await response.text(), "text/html");
         const fresh = doc.querySelectorAll("[data-live]");
+        // Keep the keyboard where it was: refocus the same control in the new markup.
+        const focused = document.activeElement && document.activeElement.id;
         document.querySelectorAll("[data-live]").forEach((part, i) => {
           if (fresh[i]) part.replaceWith(document.importNode(fresh[i], true));
         });
+        const refocus = focused && document.getElementById(focused);
+        if (refocus) refocus.focus();
       }
       busy = false;
       if (again) { again = false; redraw(); }
