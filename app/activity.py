@@ -1,4 +1,5 @@
-"""The task activity log: download attempts and provider queries, for the timeline.
+"""The task activity log: the submission's answer, download attempts and provider
+queries, for the timeline.
 
 One small insert, made inside the transaction that records the outcome (so a
 row exists only if its outcome committed). Read by the console; pruned with the
@@ -22,6 +23,7 @@ DETAIL_CHARS = 300
 
 
 class Kind(enum.StrEnum):
+    SUBMIT = "submit"  # the provider's answer to our submission
     DOWNLOAD = "download"
     QUERY = "query"
 

@@ -325,8 +325,8 @@ class WebhookAttempt(SQLModel, table=True):
 
 
 class TaskActivity(SQLModel, table=True):
-    """What the service did about a task that no other table keeps: each download
-    attempt's outcome and each query to the provider (a confirmation or a poll).
+    """What the service did about a task that no other table keeps: the answer to its
+    submission, each download attempt's outcome and each query to the provider.
 
     Written in the transaction that records the outcome; pruned with the callback
     deliveries (CALLBACK_RETENTION_DAYS).
@@ -346,7 +346,8 @@ class TaskActivity(SQLModel, table=True):
         ),
     )
     task_id: str = Field(max_length=40)
-    # "download" (position set) or "query" (a confirmation or a reconciler poll).
+    # "submit" (StarMagic's answer), "download" (position set) or "query" (a
+    # confirmation or a reconciler poll).
     kind: str = Field(max_length=16)
     position: int | None = None
     outcome: str = Field(max_length=64)

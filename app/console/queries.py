@@ -132,7 +132,10 @@ async def timeline(db: AsyncConnection, task: Task, images: Sequence[Image]) -> 
             )
         )
     for row in await activity.for_task(db, task.id, limit=TIMELINE_LIMIT):
-        if row.kind == activity.Kind.DOWNLOAD:
+        if row.kind == activity.Kind.SUBMIT:
+            title = f"StarMagic's answer to the submission: {row.outcome}"
+            tone = "info" if row.outcome == "accepted" else "bad"
+        elif row.kind == activity.Kind.DOWNLOAD:
             title = f"Download attempt (image {row.position}): {row.outcome}"
             tone = {"stored": "good", "failed": "bad", "retry": "warn"}.get(row.outcome, "info")
         else:

@@ -180,6 +180,7 @@ async def test_the_task_page_shows_the_timeline_in_order(page: Any, sandbox: San
     )
     assert titles[0] == "Submitted"
     for expected in (
+        "StarMagic's answer to the submission: accepted",
         "Callback received",
         "Query to StarMagic: ok",
         "Download attempt (image 0): stored",

@@ -361,3 +361,30 @@ async def test_notifications_plug_in_through_the_hook(
         sent = await client.post(path, data=token)
         assert sent.status_code == 303
         assert store.redelivered == [(task.id, "whd_1")]
+
+
+async def test_the_answer_to_a_submission_is_on_the_timeline(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Accepted (with StarMagic's id) or refused (with its reason): one entry each."""
+    service = await _service(service_factory, database_url, tmp_path)
+    accepted = await service.client.post("/tasks", json={"prompt": "a harbour"})
+    assert accepted.status_code == 202
+    refused = await service.client.post(
+        "/tasks", json={"prompt": "a harbour [sim:submit_status=400]"}
+    )
+    assert refused.status_code == 502
+    refused_id = refused.json()["error"]["details"][0]["task_id"]
+    async with console_client(service) as client:
+        await sign_in(client)
+        page = await client.get(f"/console/tasks/{accepted.json()['id']}")
+        titles = re.findall(r'<span class="what">([^<]+)</span>', page.text)
+        assert titles[:3] == [
+            "Submitted",
+            "Created",
+            "StarMagic&#39;s answer to the submission: accepted",
+        ]
+        assert f"StarMagic task {accepted.json()['upstream_task_id']}" in page.text
+        page = await client.get(f"/console/tasks/{refused_id}")
+        titles = re.findall(r'<span class="what">([^<]+)</span>', page.text)
+        assert "StarMagic&#39;s answer to the submission: refused" in titles

@@ -287,10 +287,11 @@ async def test_each_query_to_the_provider_is_kept_for_the_timeline(harness: Harn
     async with harness.service.runtime.engine.connect() as db:
         rows = await activity.for_task(db, task_id)
     assert [(row.kind, row.outcome) for row in rows] == [
+        ("submit", "accepted"),
         ("query", "ok"),
         ("query", "not_found"),
         ("query", "not_found"),
     ]
-    assert rows[0].detail is not None
-    assert rows[0].detail.startswith("poll: StarMagic says ")
+    assert rows[1].detail is not None
+    assert rows[1].detail.startswith("poll: StarMagic says ")
     assert (await harness.row(task_id, "status"))[0] == "failed"
