@@ -10,10 +10,13 @@ effect on the original or its record. Pillow works in a thread, off the event lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import secrets
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import anyio
 import structlog
@@ -28,6 +31,19 @@ VARIANTS: dict[str, int] = {"thumb": 256, "preview": 1024}
 WEBP_QUALITY = 80
 # Refuse absurd canvases before decoding (a decompression bomb is 1 KiB of PNG).
 MAX_PIXELS = 64 * 1024 * 1024
+STALE_TEMP_SECONDS = 30.0
+
+
+def remove_stale_files_matching(directory: Path, pattern: str, older_than: float) -> int:
+    """Delete files matching `pattern` in `directory` not modified for this long."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in directory.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):  # another process took it first
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 class VariantError(Exception):
@@ -70,7 +86,14 @@ async def _read(storage: Storage, key: str, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _sweep(spool: Path) -> None:
+    """Remove variant temp files a killed process left (blocking). A live write lasts
+    milliseconds, so one this old is dead; nothing re-runs a stored image's variants."""
+    remove_stale_files_matching(spool, "variant-*.part", STALE_TEMP_SECONDS)
+
+
 async def _store(storage: Storage, key: str, data: bytes) -> None:
+    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
     spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
     await anyio.Path(spool).write_bytes(data)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -123,3 +125,19 @@ async def test_final_download_failures_are_kept_and_pruned_with_age(queue: Queue
         mine = select(activity.ACTIVITY.c.outcome).where(activity.ACTIVITY.c.task_id == task.id)
         left = (await db.execute(mine)).scalars().all()
     assert left == ["failed"]
+
+
+async def test_variant_temp_files_of_a_killed_process_are_swept(queue: Queue) -> None:
+    """An old variant-*.part (a crash's) goes with the next variant written; a fresh one
+    (another process writing now) stays."""
+    spool = queue.storage.spool_dir
+    dead, live = spool / "variant-dead.part", spool / "variant-live.part"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(40, 40)])).run(await queue.claim())
+    assert (await queue.image(task.id)).status == "stored"
+    assert not dead.exists()
+    assert live.exists()
