@@ -12,8 +12,8 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
-from app.console import auth
-from app.console.routes import render, router
+from app.console import auth, routes, task_routes
+from app.console.pages import render
 from app.errors import error_response
 
 __all__ = ["install"]
@@ -25,7 +25,8 @@ def _wants_html(request: Request) -> bool:
 
 def install(app: FastAPI) -> None:
     """Mount the console's routes, and render its sign-in and forgery refusals."""
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(task_routes.router)
 
     @app.exception_handler(auth.SignInRequired)
     async def _sign_in(request: Request, exc: auth.SignInRequired) -> Response:

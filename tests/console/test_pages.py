@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import activity, repository
 from app.console.hooks import NotificationView
-from app.console.routes import assets
+from app.console.pages import assets
 from app.models import Image, utcnow
 from tests.conftest import Service, make_settings
 from tests.console.helpers import console_client, csrf_from, sign_in, stored_task
