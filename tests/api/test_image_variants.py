@@ -14,6 +14,7 @@ from tests.conftest import Service, make_settings
 from tests.console.helpers import png, stored_task
 from tests.factories import make_image, make_task
 from tests.helpers import simulator_transport
+from tests.storage.conftest import S3Server, s3_server  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -82,3 +83,30 @@ async def test_no_variant_without_a_stored_image_or_a_readable_one(
     response = await service.client.get(f"/tasks/{broken.id}/image?variant=preview")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "variant_unavailable"
+
+
+async def test_variants_on_s3_are_made_stored_and_served(
+    service_factory: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    s3_server: S3Server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same on an S3 bucket: made from the original there, stored beside it, served
+    (never redirected: a variant is small), the original untouched."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(
+        sqlite_url, tmp_path, storage_url="s3://imagetasks-test/variants", image_redirect=True
+    )
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    original = png(800, 1200)
+    task = await stored_task(service, tmp_path, original)
+    response = await service.client.get(f"/tasks/{task.id}/image?variant=preview")
+    assert response.status_code == 200
+    with PILImage.open(io.BytesIO(response.content)) as image:
+        assert image.size == (683, 1024)
+    key = f"{task.created_at:%Y/%m/%d}/{task.id}.png"
+    assert await service.runtime.storage.exists(variant_key(key, "preview"))
+    stored = await service.runtime.storage.open(key)
+    assert b"".join([chunk async for chunk in stored.chunks]) == original
