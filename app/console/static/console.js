@@ -12,6 +12,7 @@
     if (task) query.set("task", task);
     const url = base + "/stream?" + query.toString();
     const source = new EventSource(url);
+    if (status) status.textContent = "Live updates: connecting…";
     source.onopen = () => { if (status) status.textContent = "Live updates: on"; };
     source.onerror = () => { if (status) status.textContent = "Live updates: reconnecting…"; };
     for (const type of EVENTS) {
