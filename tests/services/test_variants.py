@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -14,6 +15,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from app import activity
+from app.events.repository import EVENTS
 from app.fetch import FetchError
 from app.models import utcnow
 from app.repository import IMAGES
@@ -141,3 +143,39 @@ async def test_variant_temp_files_of_a_killed_process_are_swept(queue: Queue) ->
     assert (await queue.image(task.id)).status == "stored"
     assert not dead.exists()
     assert live.exists()
+
+
+class VariantHoldingStorage(CountingStorage):
+    """Storage that holds every variant write until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+        if key.endswith(".webp"):
+            self.holding.set()
+            await self.release.wait()
+        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+
+
+async def test_the_record_and_its_event_do_not_wait_for_the_variants(queue: Queue) -> None:
+    """While a variant write hangs, the image is already stored and image.stored told."""
+    storage = VariantHoldingStorage(queue.root / "images")
+    queue.storage = storage
+    task = await queue.queued()
+    job = asyncio.create_task(
+        queue.downloader(ScriptedFetcher([png(300, 200)])).run(await queue.claim())
+    )
+    try:
+        await asyncio.wait_for(storage.holding.wait(), timeout=30)
+        assert (await queue.image(task.id)).status == "stored"
+        async with queue.engine.connect() as db:
+            types = await db.execute(select(EVENTS.c.type).where(EVENTS.c.task_id == task.id))
+            assert list(types.scalars()) == ["image.stored"]
+        assert not job.done()
+    finally:
+        storage.release.set()
+        await asyncio.wait_for(job, timeout=30)
+    assert len(storage.puts) == 3  # the original, then its two variants
