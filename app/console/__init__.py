@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app.console import auth, routes, task_routes
+from app.console.notifications import WebhookNotifications
 from app.console.pages import render
 from app.errors import error_response
 
@@ -27,6 +28,8 @@ def install(app: FastAPI) -> None:
     """Mount the console's routes, and render its sign-in and forgery refusals."""
     app.include_router(routes.router)
     app.include_router(task_routes.router)
+    # Webhooks to callers, shown on each task's page with a Redeliver button.
+    app.state.console_notifications = WebhookNotifications()
 
     @app.exception_handler(auth.SignInRequired)
     async def _sign_in(request: Request, exc: auth.SignInRequired) -> Response:

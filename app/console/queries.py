@@ -4,7 +4,8 @@ one task's timeline, and the overview's figures.
 Read-only. The overview's figures each use an index: counts by status and image
 status scan `ix_tasks_status_created` / `ix_tasks_image_status_created`; the
 24-hour figures start from `ix_tasks_created`, `ix_tasks_completed_at`,
-`ix_images_stored_at` and `ix_callback_deliveries_received_at`.
+`ix_images_stored_at`, `ix_callback_deliveries_received_at` and
+`ix_webhook_deliveries_created_at`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, literal_column, select
+from sqlalchemy import Table, and_, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app import activity, repository
@@ -23,10 +24,12 @@ from app.db import metadata
 from app.events import repository as event_repository
 from app.events.feed import encode_cursor as encode_event_cursor
 from app.models import Image, Task, TaskStatus
+from app.webhooks import repository as webhooks
 
 TASKS: Table = metadata.tables["tasks"]
 IMAGES: Table = metadata.tables["images"]
 DELIVERIES: Table = metadata.tables["callback_deliveries"]
+WEBHOOKS: Table = metadata.tables["webhook_deliveries"]
 WINDOW = timedelta(hours=24)
 TIMELINE_LIMIT = 500
 
@@ -166,6 +169,9 @@ class Overview:
     stored: int = 0
     callbacks_by_outcome: dict[str, int] = field(default_factory=dict)
     images_lost: int = 0
+    # Webhooks to callers queued in the window: given up on, and still being retried.
+    notifications_failed: int = 0
+    notifications_retrying: int = 0
     per_hour: list[tuple[datetime, int]] = field(default_factory=list)
 
     @property
@@ -272,6 +278,21 @@ async def overview(db: AsyncConnection, now: datetime) -> Overview:
         .where(TASKS.c.completed_at >= since, IMAGES.c.status == "failed")
     )
     result.images_lost = int((await db.execute(lost)).scalar_one())
+    for status, count in await db.execute(
+        select(WEBHOOKS.c.status, func.count())
+        .where(
+            WEBHOOKS.c.created_at >= since,
+            or_(
+                WEBHOOKS.c.status == webhooks.FAILED,
+                and_(WEBHOOKS.c.status == webhooks.PENDING, WEBHOOKS.c.attempts > 0),
+            ),
+        )
+        .group_by(WEBHOOKS.c.status)
+    ):
+        if status == webhooks.FAILED:
+            result.notifications_failed = int(count)
+        else:
+            result.notifications_retrying = int(count)
     bucket = _hour_bucket(db, TASKS.c.created_at)
     hourly = select(bucket, func.count()).where(TASKS.c.created_at >= since).group_by(bucket)
     counts: dict[str, int] = {str(hour): int(count) for hour, count in await db.execute(hourly)}

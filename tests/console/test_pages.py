@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import activity, repository
@@ -281,18 +281,33 @@ async def test_the_overview_counts_what_happened(
             session, status="failed", error_code="content_policy_violation", completed_at=now
         )
         await make_task(session, status="pending", created_at=now - timedelta(days=3))
+    stamp = now.replace(tzinfo=None) if service.runtime.settings.is_sqlite else now
+    async with service.runtime.engine.begin() as db:
+        for number, (status, attempts) in enumerate(
+            [("failed", 8), ("pending", 2), ("pending", 0), ("delivered", 1)]
+        ):
+            await db.execute(
+                text(
+                    "INSERT INTO webhook_deliveries (event_id, task_id, owner, target, status, "
+                    "attempts, next_attempt_at, created_at, updated_at) "
+                    "VALUES (:e, :t, 'tests', 'task', :s, :a, :at, :at, :at)"
+                ),
+                {"e": f"evt_{number}", "t": lost.id, "s": status, "a": attempts, "at": stamp},
+            )
     async with console_client(service) as client:
         await sign_in(client)
         page = await client.get("/console/overview")
     assert page.status_code == 200
-    text = re.sub(r"\s+", " ", page.text)
-    assert '<td id="fig-created">5</td>' in text
-    assert "Completion → stored, p50</th><td>4.0 s" in text
-    assert "Completion → stored, p95</th><td>30.0 s" in text
-    assert 'Images lost (want 0)</th><td class="bad">1</td>' in text
-    assert "content_policy_violation</th><td>1</td>" in text
-    assert '<span class="badge completed">completed</span></th><td>4</td>' in text
-    assert text.count("<rect ") == 24
+    html = re.sub(r"\s+", " ", page.text)
+    assert '<td id="fig-created">5</td>' in html
+    assert "Completion → stored, p50</th><td>4.0 s" in html
+    assert "Completion → stored, p95</th><td>30.0 s" in html
+    assert 'Images lost (want 0)</th><td class="bad">1</td>' in html
+    assert "content_policy_violation</th><td>1</td>" in html
+    assert '<span class="badge completed">completed</span></th><td>4</td>' in html
+    assert html.count("<rect ") == 24
+    assert '<td id="fig-webhooks-failed" class="bad">1</td>' in html
+    assert '<td id="fig-webhooks-retrying">1</td>' in html
 
 
 async def test_static_files_are_served_by_content_hash(
@@ -342,10 +357,11 @@ async def test_notifications_plug_in_through_the_hook(
     Redeliver (with the form token) reaches it."""
     service = await _service(service_factory, sqlite_url, tmp_path)
     task = await stored_task(service, tmp_path)
+    service.app.state.console_notifications = None
     async with console_client(service) as client:
         await sign_in(client)
         page = await client.get(f"/console/tasks/{task.id}")
-        assert "keeps no notifications to callers yet" in page.text
+        assert "keeps no notifications to callers." in page.text
         token = {"csrf_token": csrf_from(page.text)}
         path = f"/console/tasks/{task.id}/notifications/whd_1/redeliver"
         missing = await client.post(path, data=token)
@@ -388,3 +404,77 @@ async def test_the_answer_to_a_submission_is_on_the_timeline(
         page = await client.get(f"/console/tasks/{refused_id}")
         titles = re.findall(r'<span class="what">([^<]+)</span>', page.text)
         assert "StarMagic&#39;s answer to the submission: refused" in titles
+
+
+async def test_webhooks_to_the_caller_are_shown_and_redelivered(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """A task's webhook deliveries appear with their last outcome; Redeliver queues the
+    event again (status pending, attempts reset) through the webhooks' own redelivery."""
+    service = await _service(service_factory, database_url, tmp_path)
+    async with service.runtime.sessions() as session:
+        task = await make_task(
+            session,
+            status="completed",
+            image_status="failed",
+            webhook_url="https://orders.example.com/hooks/imagetasks",
+            webhook_events=",image.queued,",
+        )
+        await make_image(session, task.id, status="failed", error_code="http_404")
+    async with console_client(service) as client:
+        await sign_in(client)
+        page = await client.get(f"/console/tasks/{task.id}")
+        assert "None sent." in page.text
+        retried = await client.post(
+            f"/console/tasks/{task.id}/retry", data={"csrf_token": csrf_from(page.text)}
+        )
+        assert retried.status_code == 303
+        (event_id,) = [
+            row[0]
+            for row in await service.sql("SELECT id FROM events WHERE task_id = :t", t=task.id)
+        ]
+        now = utcnow()
+        async with service.runtime.engine.begin() as db:
+            await db.execute(
+                text(
+                    "UPDATE webhook_deliveries SET status = 'failed', attempts = 8 "
+                    "WHERE event_id = :e"
+                ),
+                {"e": event_id},
+            )
+            (delivery_id,) = (
+                await db.execute(
+                    text("SELECT id FROM webhook_deliveries WHERE event_id = :e"), {"e": event_id}
+                )
+            ).one()
+            await db.execute(
+                text(
+                    "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, "
+                    "duration_ms) VALUES (:d, :at, 500, 12)"
+                ),
+                {
+                    "d": delivery_id,
+                    "at": now.replace(tzinfo=None) if service.runtime.settings.is_sqlite else now,
+                },
+            )
+        page = await client.get(f"/console/tasks/{task.id}")
+        assert (
+            "image.queued → the task&#39;s webhook_url: failed, 1 attempt(s), last HTTP 500"
+            in page.text
+        )
+        assert "Notification to the caller" in re.findall(
+            r'<span class="what">([^<]+)</span>', page.text
+        )
+        path = f"/console/tasks/{task.id}/notifications/{event_id}/redeliver"
+        assert (await client.post(path, data={})).status_code == 403
+        sent = await client.post(path, data={"csrf_token": csrf_from(page.text)})
+        assert sent.status_code == 303
+        rows = await service.sql(
+            "SELECT status, attempts FROM webhook_deliveries WHERE event_id = :e", e=event_id
+        )
+        assert rows == [("pending", 0)]
+        other = await client.post(
+            f"/console/tasks/{task.id}/notifications/evt_other/redeliver",
+            data={"csrf_token": csrf_from(page.text)},
+        )
+        assert other.status_code == 404
