@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 MUTATE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve demo test test-fast test-chaos lint typecheck check migrate bench lock mutate clean
+.PHONY: help run serve demo test test-fast test-chaos lint typecheck check migrate bench lock mutate console-screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ migrate: $(BIN)/.installed-run ## apply the database migrations to DATABASE_URL
 
 bench: $(BIN)/.installed ## run the benchmark; results in bench/results/ and docs/performance.md
 	$(BIN)/python -m bench
+
+console-screenshots: $(BIN)/.installed ## re-take docs/console-*.png with the console's browser tests (needs chromium)
+	UPDATE_DOCS_SCREENSHOTS=1 $(BIN)/pytest tests/console/test_browser.py -p no:randomly $(PYTEST_ARGS)
 
 mutate: $(BIN)/.installed ## mutation testing of the promise modules ([tool.mutmut] in pyproject.toml)
 	$(BIN)/mutmut run $(if $(MUTATE),"$(MUTATE)")

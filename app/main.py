@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from app import __version__
+from app import __version__, console
 from app.api import events, health, images, tasks, webhook_endpoints, webhooks
 from app.config import Settings, SettingsError, get_settings
 from app.errors import install_error_handlers
@@ -88,6 +88,8 @@ def create_app(
     app.include_router(images.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
+    if settings.console_enabled:
+        console.install(app)
     if simulator_app is not None:
         app.mount(SIMULATOR_PREFIX, simulator_app)
     return app

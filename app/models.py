@@ -91,6 +91,8 @@ class Task(SQLModel, table=True):
         Index("ix_tasks_status_created", "status", "created_at", "id"),
         Index("ix_tasks_image_status_created", "image_status", "created_at", "id"),
         Index("ix_tasks_next_poll_at", "next_poll_at"),
+        # The console's overview: what completed, failed and was stored in a window.
+        Index("ix_tasks_completed_at", "completed_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -148,7 +150,10 @@ class Image(SQLModel, table=True):
     """
 
     __tablename__ = "images"
-    __table_args__ = (Index("ix_images_status_next_attempt", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_images_status_next_attempt", "status", "next_attempt_at"),
+        Index("ix_images_stored_at", "stored_at"),
+    )
 
     task_id: str = Field(foreign_key="tasks.id", primary_key=True, max_length=40)
     position: int = Field(primary_key=True)
@@ -177,6 +182,7 @@ class CallbackDelivery(SQLModel, table=True):
     """Every accepted webhook delivery, duplicates included, and what it did."""
 
     __tablename__ = "callback_deliveries"
+    __table_args__ = (Index("ix_callback_deliveries_received_at", "received_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     task_id: str = Field(foreign_key="tasks.id", index=True, max_length=40)
@@ -316,3 +322,34 @@ class WebhookAttempt(SQLModel, table=True):
     status_code: int | None = None
     duration_ms: int = 0
     error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class TaskActivity(SQLModel, table=True):
+    """What the service did about a task that no other table keeps: the answer to its
+    submission, each download attempt's outcome and each query to the provider.
+
+    Written in the transaction that records the outcome; pruned with the callback
+    deliveries (CALLBACK_RETENTION_DAYS).
+    """
+
+    __tablename__ = "task_activity"
+    __table_args__ = (
+        Index("ix_task_activity_task", "task_id", "id"),
+        Index("ix_task_activity_at", "at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    task_id: str = Field(max_length=40)
+    # "submit" (StarMagic's answer), "download" (position set) or "query" (a
+    # confirmation or a reconciler poll).
+    kind: str = Field(max_length=16)
+    position: int | None = None
+    outcome: str = Field(max_length=64)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -105,6 +105,13 @@ class TaskFilter:
     image_status: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    # The console's extra filters: one metadata key equal to a text value, and text
+    # anywhere in the prompt (case-insensitive). Neither is indexed: the keyset order
+    # bounds the scan.
+    metadata_key: str | None = None
+    metadata_value: str | None = None
+    prompt_contains: str | None = None
+    task_id: str | None = None  # one task, if it matches the rest (a live update)
 
 
 async def list_tasks(
@@ -124,6 +131,14 @@ async def list_tasks(
         conditions.append(col(Task.created_at) >= filters.created_after)
     if filters.created_before:
         conditions.append(col(Task.created_at) < filters.created_before)
+    if filters.task_id is not None:
+        conditions.append(col(Task.id) == filters.task_id)
+    if filters.metadata_key is not None:
+        value = col(Task.meta)[filters.metadata_key].as_string()
+        conditions.append(value == (filters.metadata_value or ""))
+    if filters.prompt_contains:
+        needle = filters.prompt_contains.lower()
+        conditions.append(func.lower(col(Task.prompt)).contains(needle, autoescape=True))
     if after:
         conditions.append(tuple_(col(Task.created_at), col(Task.id)) < tuple_(*after))
     statement = (

@@ -70,4 +70,5 @@ def banner(settings: Settings) -> str:
         "         -H 'Content-Type: application/json' -d '{\"prompt\": \"a lighthouse at dawn\"}'\n"
         f"    curl -s {origin}/tasks/<id> -H 'Authorization: Bearer {token}'\n"
         f"  API docs: {origin}/docs\n"
+        f"  Console:  {origin}/console (sign in with the API token)\n"
     )

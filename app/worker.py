@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from app import metrics, repository
+from app import activity, metrics, repository
 from app.config import Settings
 from app.events import repository as event_repository
 from app.models import utcnow
@@ -67,7 +67,12 @@ class BackgroundWorker:
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.downloader = Downloader(
-            runtime.engine, runtime.fetcher, runtime.storage, runtime.starmagic, worker_name()
+            runtime.engine,
+            runtime.fetcher,
+            runtime.storage,
+            runtime.starmagic,
+            worker_name(),
+            max_image_bytes=runtime.settings.max_image_bytes,
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
         self.deliverer = Deliverer(
@@ -221,12 +226,17 @@ class BackgroundWorker:
         metrics.QUEUE_OLDEST.set((utcnow() - oldest).total_seconds() if oldest else 0)
 
     async def _prune(self) -> None:
-        """Delete callback deliveries, idempotency records, events and webhook deliveries
-        past their retention."""
+        """Delete callback deliveries, task activity, idempotency records, events and webhook
+        deliveries past their retention."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
                 repository.prune_callback_deliveries,
+                now - timedelta(days=self._settings.callback_retention_days),
+            ),
+            # The timeline's download attempts and queries live as long as the deliveries.
+            "task_activity": await self._prune_table(
+                activity.prune,
                 now - timedelta(days=self._settings.callback_retention_days),
             ),
             "idempotency_records": await self._prune_table(

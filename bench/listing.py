@@ -1,26 +1,29 @@
 """3. Listing: GET /tasks over 100,000 tasks, a status filter and a page of 50,
 first page and a deep cursor page, next to a no-op GET on the same server;
-plus the plan of the very SQL the service runs (EXPLAIN ANALYZE on PostgreSQL)."""
+plus the plan of the very SQL the service runs (EXPLAIN ANALYZE on PostgreSQL),
+and the console's overview page over the same tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 from sqlalchemy import event, text
 
 from app import repository
-from app.api.tasks import _encode_cursor
+from app.api.tasks import encode_cursor
 from app.db import create_engine, create_session_factory
 from bench.databases import Database, insert_tasks, task_row
 from bench.ids import task_id_at
 from bench.launcher import NOOP_PREFIX
-from bench.stack import Service
+from bench.stack import API_TOKEN, Service
 from bench.stats import ratio, summarize
 
 TASKS = 100_000
@@ -115,7 +118,7 @@ async def _deep_cursor(url: str) -> str:
         await engine.dispose()
     created = row[0] if isinstance(row[0], datetime) else datetime.fromisoformat(row[0])
     created = created.replace(tzinfo=UTC) if created.tzinfo is None else created
-    return _encode_cursor(SimpleNamespace(created_at=created, id=row[1]))  # type: ignore[arg-type]
+    return encode_cursor(SimpleNamespace(created_at=created, id=row[1]))  # type: ignore[arg-type]
 
 
 def seed(database: Database) -> dict[str, Any]:
@@ -159,6 +162,10 @@ def measure(service: Service, database: Database, requests: int = 300) -> dict[s
     base = summary["baseline"]["p50_ms"]
     for name in ("first_page", "deep_page"):
         summary[name]["p50_vs_baseline"] = ratio(summary[name]["p50_ms"], base)
+    summary["console_overview"] = _console_overview(service, max(10, requests // 10))
+    summary["console_overview"]["p50_vs_baseline"] = ratio(
+        summary["console_overview"]["p50_ms"], base
+    )
     return {
         "database": database.kind,
         "status_filter": STATUS,
@@ -170,9 +177,27 @@ def measure(service: Service, database: Database, requests: int = 300) -> dict[s
     }
 
 
+def _console_overview(service: Service, requests: int) -> dict[str, Any]:
+    """The console's overview page (every figure's query, rendered) over the same tasks."""
+    latencies: list[float] = []
+    with httpx.Client(base_url=service.url, timeout=30, trust_env=False) as client:
+        form = client.get("/console/sign-in")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        if token is None:
+            raise RuntimeError("the console's sign-in form has no anti-forgery token")
+        client.post("/console/sign-in", data={"token": API_TOKEN, "csrf_token": token[1]})
+        for _ in range(requests + 1):
+            started = time.perf_counter()
+            response = client.get("/console/overview")
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f"console overview answered {response.status_code}")
+    return summarize(latencies[1:])  # the first warms the templates
+
+
 async def _plans(database: Database, cursor: str) -> dict[str, str]:
     """Capture the SQL repository.list_tasks sends, then ask the database how it runs it."""
-    from app.api.tasks import _decode_cursor
+    from app.api.tasks import decode_cursor
 
     engine = create_engine(database.url)
     captured: list[tuple[str, Any]] = []
@@ -184,7 +209,7 @@ async def _plans(database: Database, cursor: str) -> dict[str, str]:
     plans: dict[str, str] = {}
     sessions = create_session_factory(engine)
     try:
-        for name, after in (("first_page", None), ("deep_page", _decode_cursor(cursor))):
+        for name, after in (("first_page", None), ("deep_page", decode_cursor(cursor))):
             captured.clear()
             async with sessions() as session:
                 await repository.list_tasks(

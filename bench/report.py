@@ -109,6 +109,14 @@ def _listing(runs: list[dict[str, Any]]) -> list[str]:
                 f"| {_fmt(s['p99_ms'])} | {_fmt(base['p50_ms'])} / {_fmt(base['p99_ms'])} "
                 f"| {_fmt(s['p50_vs_baseline'])} |"
             )
+        overview = run["latency"].get("console_overview")
+        if overview:
+            lines.append(
+                f"| {run['database']} | console overview (target ≤ 300) "
+                f"| {_fmt(overview['p50_ms'])} {_met(overview['p50_ms'] <= 300)} "
+                f"| {_fmt(overview['p99_ms'])} | {_fmt(base['p50_ms'])} / {_fmt(base['p99_ms'])} "
+                f"| {_fmt(overview['p50_vs_baseline'])} |"
+            )
     return lines
 
 

@@ -49,6 +49,7 @@ TABLES = (
     "webhook_endpoints",
     "webhook_deliveries",
     "webhook_attempts",
+    "task_activity",
 )
 
 

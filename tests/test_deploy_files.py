@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +132,35 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context() -> None
     assert not {".env", ".venv", "var", ".git", "tests"} & allowed
     for source in copied:
         assert (ROOT / source).exists(), source
+
+
+def test_the_wheel_ships_the_consoles_templates_and_static_files(tmp_path: Path) -> None:
+    """An installed service (the container image) has every console template and asset."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("imagetasks-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    console = ROOT / "app" / "console"
+    wanted = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("templates", "static")
+        for path in (console / folder).iterdir()
+    }
+    assert wanted
+    assert wanted <= shipped

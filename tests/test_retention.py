@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app import repository
+from app import activity, repository
 from app.config import Settings, SettingsError
 from app.models import IdempotencyRecord, utcnow
 from app.worker import BackgroundWorker
@@ -42,6 +42,10 @@ async def seed(service: Service, now: datetime) -> dict[str, str]:
                     "received_at": now - timedelta(days=age_days),
                 },
             )
+    async with service.runtime.engine.begin() as db:
+        for age_days, task_id in [(31, settled.id)] * 3 + [(29, recent.id)]:
+            when = now - timedelta(days=age_days)
+            await activity.note(db, task_id, activity.Kind.QUERY, "ok", at=when)
     async with service.runtime.sessions() as session:
         for key, task_id, age_days in [
             ("old-settled", settled.id, 8),
@@ -125,6 +129,9 @@ async def test_the_worker_prunes_after_the_configured_retention(
     deliveries, keys = await remaining(service)
     assert deliveries == [ids["recent"]] * 2
     assert keys == ["old-submitting", "recent"]
+    # The timeline's activity goes with the deliveries.
+    activity_left = await service.sql("SELECT task_id FROM task_activity")
+    assert [row[0] for row in activity_left] == [ids["recent"]]
 
 
 @pytest.mark.asyncio(loop_scope="session")

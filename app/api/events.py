@@ -24,7 +24,7 @@ router = APIRouter(tags=["events"])
 
 SSE = "text/event-stream"
 _SSE_EXAMPLE = 'id: 7319.42\nevent: image.stored\ndata: {"id": "evt_…", …}\n\n'
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     200: {
@@ -76,7 +76,7 @@ def _stream(
         base=base_url(request),
         heartbeat_seconds=runtime.events.heartbeat_seconds,
     )
-    return StreamingResponse(body, media_type=SSE, headers=_SSE_HEADERS)
+    return StreamingResponse(body, media_type=SSE, headers=SSE_HEADERS)
 
 
 async def _page(

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Header, Path, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import metrics, repository
+from app import metrics, repository, variants
 from app.api.deps import CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.api.tasks import ERRORS, load_public
 from app.errors import Conflict, NotFound, ServiceUnavailable
-from app.models import ImageStatus, utcnow
+from app.models import Image, ImageStatus, utcnow
 from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskPublic
 from app.services import events
@@ -38,6 +38,16 @@ _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+VariantName = Literal["thumb", "preview"]
+VariantQuery = Annotated[
+    VariantName | None,
+    Query(
+        description="A WebP copy scaled to 256 px (`thumb`) or 1024 px (`preview`) on its "
+        "long side; omit for the original bytes."
+    ),
+]
+
+
 @router.get("/{task_id}/image", response_class=Response, responses=_IMAGE_RESPONSES)
 async def get_task_image(
     _: CallerDep,
@@ -45,9 +55,10 @@ async def get_task_image(
     session: SessionDep,
     runtime: RuntimeDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    variant: VariantQuery = None,
 ) -> Response:
-    """The stored bytes of the task's first image, immutable once stored."""
-    return await _serve(session, runtime, task_id, 0, if_none_match)
+    """The stored bytes of the task's first image (or a WebP variant), immutable once stored."""
+    return await serve_image(session, runtime, task_id, 0, if_none_match, variant)
 
 
 @router.get("/{task_id}/images/{index}", response_class=Response, responses=_IMAGE_RESPONSES)
@@ -58,18 +69,21 @@ async def get_task_image_at(
     session: SessionDep,
     runtime: RuntimeDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    variant: VariantQuery = None,
 ) -> Response:
     """The stored bytes of one image of the task (tasks with `n` > 1 have several)."""
-    return await _serve(session, runtime, task_id, index, if_none_match)
+    return await serve_image(session, runtime, task_id, index, if_none_match, variant)
 
 
-async def _serve(
+async def serve_image(
     session: AsyncSession,
     runtime: Runtime,
     task_id: str,
     index: int,
     if_none_match: str | None,
+    variant: str | None = None,
 ) -> Response:
+    """One stored image (or its variant) as a response: 304 on a matching ETag."""
     task = await repository.get_task(session, task_id)
     if task is None:
         raise NotFound(f"task {task_id} does not exist")
@@ -81,10 +95,12 @@ async def _serve(
         raise NotFound(
             f"the image is not stored yet (image status: {state})", code="image_not_stored"
         )
-    etag = f'"{image.sha256}"'
+    etag = f'"{image.sha256}"' if variant is None else f'"{image.sha256}.{variant}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    if variant is not None:
+        return await _serve_variant(runtime, image, image.key, variant, headers)
     if runtime.settings.image_redirect:
         url = await runtime.storage.presigned_url(image.key, PRESIGNED_SECONDS)
         if url is not None:
@@ -116,6 +132,48 @@ async def _serve(
     headers["Content-Length"] = str(stored.size)
     return StreamingResponse(
         stored.chunks, media_type=image.content_type or stored.content_type, headers=headers
+    )
+
+
+async def _serve_variant(
+    runtime: Runtime, image: Image, key: str, variant: str, headers: dict[str, str]
+) -> Response:
+    """A variant from storage; one that was never made (an image stored before variants
+    existed, or whose rendering failed then) is made now from the original."""
+    try:
+        stored = await runtime.storage.open(variants.variant_key(key, variant))
+    except ObjectNotFoundError:
+        pass
+    except StorageError as exc:
+        raise _unavailable(image, exc) from exc
+    else:
+        headers["Content-Length"] = str(stored.size)
+        return StreamingResponse(stored.chunks, media_type="image/webp", headers=headers)
+    try:
+        made = await variants.make_variants(
+            runtime.storage, key, names=[variant], max_bytes=runtime.settings.max_image_bytes
+        )
+    except ObjectNotFoundError as exc:
+        raise NotFound(
+            f"image {image.position} of task {image.task_id} is missing from the storage",
+            code="image_missing",
+        ) from exc
+    except StorageError as exc:
+        raise _unavailable(image, exc) from exc
+    except variants.VariantError as exc:
+        log.warning("variant_failed", task_id=image.task_id, variant=variant, reason=str(exc))
+        raise NotFound(
+            f"no {variant} variant can be made of this image: {exc}", code="variant_unavailable"
+        ) from exc
+    return Response(made[variant], media_type="image/webp", headers=headers)
+
+
+def _unavailable(image: Image, exc: StorageError) -> ServiceUnavailable:
+    log.warning("storage_unavailable", task_id=image.task_id, reason=str(exc))
+    return ServiceUnavailable(
+        "the image storage is unavailable; try again later",
+        code="storage_unavailable",
+        headers={"Retry-After": "5"},
     )
 
 

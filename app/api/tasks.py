@@ -77,12 +77,14 @@ async def load_public(session: AsyncSession, task_id: str, request: Request) -> 
     return to_public(task, images[task_id], request)
 
 
-def _encode_cursor(task: Task) -> str:
+def encode_cursor(task: Task) -> str:
+    """The opaque cursor that resumes a listing after this task."""
     raw = json.dumps([task.created_at.isoformat(), task.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor's (created_at, id); Unprocessable naming `cursor` if it is not ours."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, task_id = json.loads(raw)
@@ -204,10 +206,10 @@ async def list_tasks(
         created_after=_utc(created_after),
         created_before=_utc(created_before),
     )
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     tasks = await repository.list_tasks(session, filters, limit=limit + 1, after=after)
     page = list(tasks[:limit])
-    next_cursor = _encode_cursor(page[-1]) if len(tasks) > limit else None
+    next_cursor = encode_cursor(page[-1]) if len(tasks) > limit else None
     images = await repository.task_images(session, [task.id for task in page])
     items = [to_public(task, images[task.id], request) for task in page]
     return TaskPage(items=items, next_cursor=next_cursor)

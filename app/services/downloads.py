@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import metrics, repository
+from app import activity, metrics, repository, variants
 from app.fetch import FetchError, FetchResult, SafeFetcher
 from app.models import ImageStatus, TaskStatus, utcnow
 from app.repository import DownloadJob
@@ -44,6 +44,10 @@ LEASE = timedelta(seconds=10)
 MAX_BACKOFF_SECONDS = 300.0
 # No server-supplied delay is believed beyond this (the link is dead by then anyway).
 MAX_RETRY_AFTER_SECONDS = LINK_LIFETIME.total_seconds()
+
+
+# An activity row for the timeline: (outcome, detail).
+Note = tuple[str, str]
 
 
 class LeaseLost(Exception):
@@ -88,6 +92,7 @@ class Downloader:
         owner: str,
         *,
         lease: timedelta = LEASE,
+        max_image_bytes: int = 50 * 1024 * 1024,
     ) -> None:
         self._engine = engine
         self._fetcher = fetcher
@@ -95,12 +100,14 @@ class Downloader:
         self._starmagic = starmagic
         self.owner = owner
         self.lease = lease
+        self._max_image_bytes = max_image_bytes  # variants read the original back whole
 
     async def run(self, job: DownloadJob) -> None:
         """Fetch, store and record one image; every failure is recorded, never raised."""
+        stored: str | None = None
         try:
             async with self._heartbeat(job):
-                await self._attempt(job)
+                stored = await self._attempt(job)
         except LeaseLost:
             metrics.DOWNLOADS.labels(outcome="lease_lost").inc()
             log.warning("download_lease_lost", task_id=job.task_id, position=job.position)
@@ -109,6 +116,15 @@ class Downloader:
             log.exception("download_crashed", task_id=job.task_id, position=job.position)
             with contextlib.suppress(Exception):
                 await self._retry(job, self._expires_at(job), "internal_error", repr(exc)[:300])
+        if stored is not None:
+            # After the record and outside the lease: a variant is never worth a retry.
+            await variants.make_variants_quietly(
+                self._storage,
+                stored,
+                max_bytes=self._max_image_bytes,
+                task_id=job.task_id,
+                position=job.position,
+            )
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, job: DownloadJob) -> AsyncIterator[None]:
@@ -151,11 +167,12 @@ class Downloader:
     def _expires_at(self, job: DownloadJob) -> datetime:
         return job.source_expires_at or (job.completed_at or utcnow()) + LINK_LIFETIME
 
-    async def _attempt(self, job: DownloadJob) -> None:
+    async def _attempt(self, job: DownloadJob) -> str | None:
+        """One try at the image; its storage key when stored."""
         expires_at = self._expires_at(job)
         if job.source_url is None or utcnow() >= expires_at:
             await self._renew_or_fail(job, "expired", "the image link has expired")
-            return
+            return None
         try:
             _remove_leftovers(self._storage, job)
             spool = spool_path(self._storage, job)
@@ -163,13 +180,13 @@ class Downloader:
             # No usable spool directory: the storage is unwell, not the job.
             log.warning("storage_failed", task_id=job.task_id, reason=str(exc))
             await self._retry(job, expires_at, "storage", str(exc) or type(exc).__name__)
-            return
+            return None
         try:
             try:
                 result = await self._fetcher.fetch_to_file(job.source_url, spool)
             except FetchError as exc:
                 await self._fetch_failed(job, exc, expires_at)
-                return
+                return None
             await self._checkpoint(job)
             key = image_key(job, result.extension)
             try:
@@ -180,11 +197,12 @@ class Downloader:
                 # The disk or bucket is unwell: retry with backoff, the lease given back.
                 log.warning("storage_failed", task_id=job.task_id, reason=str(exc))
                 await self._retry(job, expires_at, "storage", str(exc) or type(exc).__name__)
-                return
+                return None
         finally:
             with contextlib.suppress(OSError):
                 spool.unlink(missing_ok=True)
         await self._stored(job, key, result)
+        return key
 
     async def _stored(self, job: DownloadJob, key: str, result: FetchResult) -> None:
         now = utcnow()
@@ -207,6 +225,7 @@ class Downloader:
                 "updated_at": now,
             },
             settles=EventType.IMAGE_STORED,
+            note=("stored", f"{key}, {result.size_bytes} bytes"),
         )
         if not recorded:
             raise LeaseLost
@@ -261,6 +280,7 @@ class Downloader:
                 "lease_owner": None,
                 "lease_until": None,
             },
+            note=("retry", f"{code}: {message}"),
         )
 
     async def _renew_or_fail(self, job: DownloadJob, code: str, message: str) -> None:
@@ -293,6 +313,7 @@ class Downloader:
                 "lease_owner": None,
                 "lease_until": None,
             },
+            note=("link_renewed", f"{code}: {message}; asked StarMagic for a fresh link"),
         )
 
     async def _fail(self, job: DownloadJob, code: str, message: str) -> None:
@@ -311,6 +332,7 @@ class Downloader:
                 "updated_at": now,
             },
             settles=EventType.IMAGE_FAILED,
+            note=("failed", f"{code}: {message}"),
         )
 
     async def _renew(self, job: DownloadJob) -> bool:
@@ -322,23 +344,47 @@ class Downloader:
             raise LeaseLost
 
     async def _record(
-        self, job: DownloadJob, values: dict[str, Any], *, settles: EventType | None = None
+        self,
+        job: DownloadJob,
+        values: dict[str, Any],
+        *,
+        settles: EventType | None = None,
+        note: Note | None = None,
     ) -> None:
-        if not await self._update(job, values, settles=settles):
+        if not await self._update(job, values, settles=settles, note=note):
             raise LeaseLost
 
     async def _update(
-        self, job: DownloadJob, values: dict[str, Any], *, settles: EventType | None = None
+        self,
+        job: DownloadJob,
+        values: dict[str, Any],
+        *,
+        settles: EventType | None = None,
+        note: Note | None = None,
     ) -> bool:
-        """Write while the lease holds; a settled image also updates its task and tells."""
+        """Write while the lease holds; a settled image also updates its task and tells.
+
+        `note` (outcome, detail) goes to the task's activity log in the same transaction.
+        """
         async with self._engine.begin() as db:
-            if settles is None:
-                return await repository.update_download(db, job, values)
-            # The task's row first: its images settle one at a time, each seeing the others.
-            await repository.lock_task(db, job.task_id)
+            if settles is not None:
+                # The task's row first: its images settle one at a time, each seeing the others.
+                await repository.lock_task(db, job.task_id)
             if not await repository.update_download(db, job, values):
                 return False
             now = utcnow()
-            task, images = await repository.settle_image_summary(db, job.task_id, now)
-            await events.record(db, settles, task, images, now=now, image_index=job.position)
+            if note is not None:
+                outcome, detail = note
+                await activity.note(
+                    db,
+                    job.task_id,
+                    activity.Kind.DOWNLOAD,
+                    outcome,
+                    at=now,
+                    position=job.position,
+                    detail=detail,
+                )
+            if settles is not None:
+                task, images = await repository.settle_image_summary(db, job.task_id, now)
+                await events.record(db, settles, task, images, now=now, image_index=job.position)
             return True

@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import metrics, repository
+from app import activity, metrics, repository
 from app.config import Settings
 from app.db import SessionFactory
 from app.models import Task, TaskStatus, utcnow
@@ -30,6 +31,14 @@ BATCH = 20
 CONCURRENCY = 4
 IDLE_WAIT_SECONDS = 15
 NO_OUTCOME = ("no_outcome", "StarMagic gave no outcome within 24 hours")
+
+
+# An activity row for the timeline: (outcome, detail).
+Note = tuple[str, str]
+
+
+async def _note(db: AsyncConnection, task_id: str, note: Note, now: datetime) -> None:
+    await activity.note(db, task_id, activity.Kind.QUERY, note[0], at=now, detail=note[1])
 
 
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
@@ -145,32 +154,38 @@ class Reconciler:
             return
         # Past any link's lifetime: one last question, then no more waiting.
         last_chance = now - task.created_at > LINK_LIFETIME
+        why = "confirmation" if task.confirm_requested_at is not None else "poll"
         try:
             snapshot = await self._client.query(task.upstream_task_id)
         except UpstreamNotFound as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
+            note = ("not_found", f"{why}: {exc.message}")
             if last_chance or task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
-                await self._give_up(task, "upstream_not_found", exc.message, now)
+                await self._give_up(task, "upstream_not_found", exc.message, now, note=note)
             else:
-                await self._reschedule(task, now)
+                await self._reschedule(task, now, note=note)
             return
         except UpstreamError as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
             log.warning("poll_failed", task_id=task.id, reason=exc.message)
+            note = ("error", f"{why}: {exc.message}")
             if last_chance:
-                await self._give_up(task, *NO_OUTCOME, now)
+                await self._give_up(task, *NO_OUTCOME, now, note=note)
             else:
-                await self._reschedule(task, now)
+                await self._reschedule(task, now, note=note)
             return
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
         async with self._factory() as session, session.begin():
+            db = await session.connection()
             applied = await apply_snapshot(
-                await session.connection(),
+                db,
                 task.id,
                 snapshot,
                 now=now,
                 poll_after=poll_backoff(self._settings, task.poll_attempts),
             )
+            detail = f"{why}: StarMagic says {snapshot.status.value} ({applied.outcome.value})"
+            await activity.note(db, task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
         log.info(
             "task_polled",
             task_id=task.id,
@@ -185,16 +200,23 @@ class Reconciler:
         else:
             await self._reschedule(task, now)
 
-    async def _reschedule(self, task: Task, now: datetime) -> None:
+    async def _reschedule(self, task: Task, now: datetime, *, note: Note | None = None) -> None:
         await self._finish(
             task,
             now,
             next_poll_at=now + poll_backoff(self._settings, task.poll_attempts),
             values={"poll_attempts": task.poll_attempts + 1},
+            note=note,
         )
 
     async def _finish(
-        self, task: Task, now: datetime, *, next_poll_at: datetime, values: dict[str, Any]
+        self,
+        task: Task,
+        now: datetime,
+        *,
+        next_poll_at: datetime,
+        values: dict[str, Any],
+        note: Note | None = None,
     ) -> None:
         """Release the lease; a callback that asked meanwhile gets its query after the spacing."""
         async with self._factory() as session, session.begin():
@@ -205,6 +227,8 @@ class Reconciler:
                 next_poll_at=next_poll_at,
                 values=values,
             )
+            if note is not None:
+                await _note(await session.connection(), task.id, note, now)
         if waiting:
             self.confirm_later(task.id, self._claimed_at(task) + self.query_spacing - now)
 
@@ -225,7 +249,9 @@ class Reconciler:
             now,
         )
 
-    async def _give_up(self, task: Task, code: str, message: str, now: datetime) -> None:
+    async def _give_up(
+        self, task: Task, code: str, message: str, now: datetime, *, note: Note | None = None
+    ) -> None:
         values = {
             "status": TaskStatus.FAILED.value,
             "error_code": code,
@@ -243,7 +269,9 @@ class Reconciler:
             failed = await repository.update_returning(db, task.id, condition, values)
             if failed is not None:
                 await events.record(db, events.EventType.TASK_FAILED, failed, [], now=now)
+                if note is not None:
+                    await _note(db, task.id, note, now)
         if failed is not None:
             log.warning("task_given_up", task_id=task.id, code=code, reason=message)
         else:
-            await self._reschedule(task, now)
+            await self._reschedule(task, now, note=note)

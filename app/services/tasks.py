@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlmodel import col
 
-from app import metrics, repository
+from app import activity, metrics, repository
 from app.callback_urls import callback_url
 from app.config import Settings
 from app.db import SessionFactory
@@ -205,6 +205,15 @@ async def submit_task(
             # misses and the state machine reads the row and decides again.
             state=TaskState(task.id, TaskStatus.SUBMITTING, 0, None),
         )
+        answer = f"StarMagic task {snapshot.upstream_id}, {snapshot.status.value}"
+        await activity.note(
+            await session.connection(),
+            task.id,
+            activity.Kind.SUBMIT,
+            "accepted",
+            at=now,
+            detail=answer,
+        )
         # Our own answer moved the task: the state machine returned its row.
         # A callback that got there first: read it.
         current = applied.task or await repository.get_task(session, task.id)
@@ -256,6 +265,9 @@ async def _mark_failed(
         )
         if failed is not None:
             await events.record(db, events.EventType.TASK_FAILED, failed, [], now=now)
+        outcome = "refused" if isinstance(exc, UpstreamRejected) else "unavailable"
+        detail = f"{exc.code}: {exc.message}"
+        await activity.note(db, task_id, activity.Kind.SUBMIT, outcome, at=now, detail=detail)
         # A task a callback already moved exists at the provider: its key stays bound.
         if release_key is not None and failed is not None:
             await repository.release_idempotency_key(session, owner, release_key, task_id)
@@ -265,10 +277,19 @@ async def _mark_unknown(factory: SessionFactory, task_id: str, exc: UpstreamErro
     # Never re-sent: a callback (which carries our task id) or the reconciler's
     # deadline will settle it.
     log.warning("submit_outcome_unknown", task_id=task_id, reason=exc.message)
+    now = utcnow()
     async with factory() as session, session.begin():
         await repository.update_task_where(
             session,
             task_id,
             col(Task.status) == TaskStatus.SUBMITTING.value,
-            {"submit_outcome_unknown": True, "updated_at": utcnow()},
+            {"submit_outcome_unknown": True, "updated_at": now},
+        )
+        await activity.note(
+            await session.connection(),
+            task_id,
+            activity.Kind.SUBMIT,
+            "unknown",
+            at=now,
+            detail=f"no answer known ({exc.message}); never sent again",
         )

@@ -446,7 +446,15 @@ class Stack:
         ]
 
     def stored_files(self) -> list[Path]:
-        """Every object in the storage directory (temp files excluded)."""
+        """Every stored original in the storage directory (temp files and the WebP
+        variants written beside them excluded)."""
+        return [path for path in self._objects() if not _is_variant(path)]
+
+    def variant_files(self) -> list[Path]:
+        """The WebP variants (`<key>.thumb.webp`, `<key>.preview.webp`) in storage."""
+        return [path for path in self._objects() if _is_variant(path)]
+
+    def _objects(self) -> list[Path]:
         if not self.storage_dir.exists():
             return []
         return sorted(
@@ -467,3 +475,7 @@ class Stack:
         async with self._engine.begin() as connection:
             result = await connection.execute(text(statement), params)
             return list(result.all()) if result.returns_rows else []
+
+
+def _is_variant(path: Path) -> bool:
+    return path.name.endswith((".thumb.webp", ".preview.webp"))

@@ -203,6 +203,23 @@ async def test_nginx_routes_forwards_and_keeps_callback_tokens_out_of_every_log(
         assert (await outsider.get(hook)).status_code == 403
         # And the internal side does not take callbacks at all.
         assert (await api.post(hook, json={})).status_code == 404
+        # The console is on the internal side only, under the prefix.
+        assert (await outsider.get("/console")).status_code == 404
+        assert (await outsider.get("/console/sign-in")).status_code == 404
+        form = await api.get("/console/sign-in")
+        assert form.status_code == 200
+        assert f'action="{PREFIX}/console/sign-in"' in form.text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert csrf is not None
+        signed_in = await api.post(
+            "/console/sign-in", data={"token": API_TOKEN, "csrf_token": csrf.group(1)}
+        )
+        assert signed_in.status_code == 303
+        assert signed_in.headers["location"] == f"{PREFIX}/console"
+        assert f"Path={PREFIX}/console" in signed_in.headers["set-cookie"]
+        gallery = await api.get("/console")
+        assert gallery.status_code == 200
+        assert task_id in gallery.text
 
         # One replica down: calls fail over to the other.
         await asyncio.to_thread(second.stop)

@@ -51,6 +51,12 @@ async def test_several_images_are_each_stored_once(stacks: StackPool) -> None:
         hashes.add(image["sha256"])
     assert len(hashes) == 3, "each image has its own bytes"
     assert len(stack.stored_files()) == 3
+
+    async def variants() -> bool:
+        return len(stack.variant_files()) == 6
+
+    # And two WebP variants of each, written just after it is stored.
+    await wait_for(variants, timeout=30, what="a thumb and a preview of each image")
     stats = await stack.sim.stats()
     assert sorted(stats["image_gets_per_link"].values()) == [1, 1, 1]
     listed = await stack.client.get("/tasks", params={"image_status": "stored"})

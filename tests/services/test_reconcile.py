@@ -13,6 +13,7 @@ import pytest_asyncio
 from sqlalchemy import update
 from sqlmodel import col
 
+from app import activity
 from app.callback_urls import sign
 from app.config import Settings
 from app.models import Task, utcnow
@@ -273,3 +274,24 @@ async def test_replicas_never_poll_the_same_task_at_once(
     assert len(set(mine)) == 30
     per_task = {upstream_id: queries[upstream_id] for upstream_id in mine}
     assert per_task == dict.fromkeys(mine, 1)
+
+
+async def test_each_query_to_the_provider_is_kept_for_the_timeline(harness: Harness) -> None:
+    """An answered poll then not-found answers until the task fails: a row each, in order."""
+    task_id = await harness.submit()
+    await harness.make_due(task_id)
+    await harness.service.runtime.reconciler.run_once()
+    for _ in range(2):  # the answered poll counts towards the not-found limit
+        await harness.make_due(task_id, upstream_task_id="task-unified-0-unknown")
+        await harness.service.runtime.reconciler.run_once()
+    async with harness.service.runtime.engine.connect() as db:
+        rows = await activity.for_task(db, task_id)
+    assert [(row.kind, row.outcome) for row in rows] == [
+        ("submit", "accepted"),
+        ("query", "ok"),
+        ("query", "not_found"),
+        ("query", "not_found"),
+    ]
+    assert rows[1].detail is not None
+    assert rows[1].detail.startswith("poll: StarMagic says ")
+    assert (await harness.row(task_id, "status"))[0] == "failed"

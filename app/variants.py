@@ -1,0 +1,134 @@
+"""WebP variants of a stored image: `thumb` (256 px on the long side) and `preview`
+(1024 px), written next to the original in the same storage.
+
+A variant's key is the original's with `.<variant>.webp` in place of its
+extension (`2026/11/29/tsk_x.png` → `2026/11/29/tsk_x.thumb.webp`), so it is found
+from the image row alone and never overwrites the original. Variants are a
+convenience: making one may fail (a truncated object, a full disk) without any
+effect on the original or its record. Pillow works in a thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import anyio
+import structlog
+from PIL import Image as PILImage
+
+from app.storage import Storage, StorageError, validate_key
+
+log = structlog.get_logger(__name__)
+
+# Long side in pixels; smaller originals are re-encoded at their own size, never enlarged.
+VARIANTS: dict[str, int] = {"thumb": 256, "preview": 1024}
+WEBP_QUALITY = 80
+# Refuse absurd canvases before decoding (a decompression bomb is 1 KiB of PNG).
+MAX_PIXELS = 64 * 1024 * 1024
+STALE_TEMP_SECONDS = 30.0
+
+
+def remove_stale_files_matching(directory: Path, pattern: str, older_than: float) -> int:
+    """Delete files matching `pattern` in `directory` not modified for this long."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in directory.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):  # another process took it first
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+class VariantError(Exception):
+    """The original could not be read or turned into a variant."""
+
+
+def variant_key(key: str, variant: str) -> str:
+    """Where a variant of the object under `key` lives."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    return validate_key(f"{stem}.{variant}.webp")
+
+
+def render(original: bytes, long_side: int) -> bytes:
+    """The image scaled to at most `long_side` on its long side, as WebP (blocking)."""
+    try:
+        with PILImage.open(io.BytesIO(original)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise VariantError(f"image of {image.width}x{image.height} is too large")
+            image.draft("RGB", (long_side, long_side))  # JPEG: decode at a smaller scale
+            frame = image.convert("RGBA" if _has_alpha(image) else "RGB")
+        frame.thumbnail((long_side, long_side), PILImage.Resampling.LANCZOS)
+        out = io.BytesIO()
+        frame.save(out, format="WEBP", quality=WEBP_QUALITY, method=4)
+    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise VariantError(f"cannot render the image: {exc}") from exc
+    return out.getvalue()
+
+
+def _has_alpha(image: PILImage.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+async def _read(storage: Storage, key: str, limit: int) -> bytes:
+    stored = await storage.open(key)
+    if stored.size > limit:
+        raise VariantError(f"the original is {stored.size} bytes, over {limit}")
+    parts = [chunk async for chunk in stored.chunks]
+    return b"".join(parts)
+
+
+def _sweep(spool: Path) -> None:
+    """Remove variant temp files a killed process left (blocking). A live write lasts
+    milliseconds, so one this old is dead; nothing re-runs a stored image's variants."""
+    remove_stale_files_matching(spool, "variant-*.part", STALE_TEMP_SECONDS)
+
+
+async def _store(storage: Storage, key: str, data: bytes) -> None:
+    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
+    spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
+    await anyio.Path(spool).write_bytes(data)
+    try:
+        digest = hashlib.sha256(data).hexdigest()
+        await storage.put_file(key, spool, content_type="image/webp", sha256=digest)
+    finally:
+        await anyio.Path(spool).unlink(missing_ok=True)
+
+
+async def make_variants(
+    storage: Storage, key: str, *, names: Iterable[str] = VARIANTS, max_bytes: int
+) -> dict[str, bytes]:
+    """Render and store the named variants of the object under `key`; their bytes.
+
+    VariantError (or StorageError) when the original cannot be read or rendered.
+    """
+    original = await _read(storage, key, max_bytes)
+    made: dict[str, bytes] = {}
+    for name in names:
+        data = await anyio.to_thread.run_sync(render, original, VARIANTS[name])
+        await _store(storage, variant_key(key, name), data)
+        made[name] = data
+    return made
+
+
+async def make_variants_quietly(
+    storage: Storage, key: str, *, max_bytes: int, **log_context: object
+) -> bool:
+    """`make_variants`, with any failure logged and swallowed: the original stands alone."""
+    try:
+        await make_variants(storage, key, max_bytes=max_bytes)
+    except (VariantError, StorageError, OSError) as exc:
+        log.warning("variants_failed", key=key, reason=str(exc), **log_context)
+        return False
+    except Exception:
+        log.exception("variants_crashed", key=key, **log_context)
+        return False
+    return True

@@ -1,0 +1,181 @@
+"""WebP variants written after a download is stored, and the activity it leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from app import activity
+from app.events.repository import EVENTS
+from app.fetch import FetchError
+from app.models import utcnow
+from app.repository import IMAGES
+from app.storage import StorageError
+from app.variants import VARIANTS, render, variant_key
+from tests.console.helpers import png
+from tests.services.test_downloads import CountingStorage, Queue, ScriptedFetcher, queue
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+__all__ = ["queue"]
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    with PILImage.open(io.BytesIO(data)) as image:
+        assert image.format == "WEBP"
+        return image.size
+
+
+async def test_a_stored_image_gets_thumb_and_preview_variants_beside_it(queue: Queue) -> None:
+    """256 and 1024 px on the long side, WebP, next to the original, which is untouched."""
+    original = png(1600, 800)
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([original])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.status == "stored"
+    assert stored.key is not None
+    root = queue.root / "images"
+    assert (root / stored.key).read_bytes() == original
+    assert stored.sha256 == hashlib.sha256(original).hexdigest()
+    assert _size((root / variant_key(stored.key, "thumb")).read_bytes()) == (256, 128)
+    assert _size((root / variant_key(stored.key, "preview")).read_bytes()) == (1024, 512)
+    assert variant_key(stored.key, "thumb") == stored.key.removesuffix(".png") + ".thumb.webp"
+    assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_a_variant_that_cannot_be_made_leaves_the_original_stored(
+    queue: Queue, tmp_path: Path
+) -> None:
+    """Bytes Pillow cannot read: no variant, the image stored and recorded all the same."""
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([b"\x89PNG\r\n\x1a\n" + b"\0" * 64])).run(
+        await queue.claim()
+    )
+    stored = await queue.image(task.id)
+    assert stored.status == "stored"
+    assert (await queue.task(task.id)).image_status == "stored"
+    assert stored.key is not None
+    assert not (queue.root / "images" / variant_key(stored.key, "thumb")).exists()
+
+
+class VariantRefusingStorage(CountingStorage):
+    """Storage whose disk is full for variants only."""
+
+    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+        if key.endswith(".webp"):
+            raise StorageError("no space left on device")
+        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+
+
+async def test_a_storage_failure_on_a_variant_does_not_touch_the_record(queue: Queue) -> None:
+    """The variant's write fails; the original's record and event stand."""
+    queue.storage = VariantRefusingStorage(queue.root / "images")
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(300, 300)])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.status == "stored"
+    assert queue.storage.puts == [stored.key]
+
+
+async def test_a_small_image_is_never_enlarged() -> None:
+    """An image smaller than the variant keeps its own size."""
+    assert _size(render(png(100, 40), VARIANTS["preview"])) == (100, 40)
+
+
+async def test_download_attempts_are_kept_for_the_timeline(queue: Queue) -> None:
+    """A retry, then the stored copy: one activity row each, in order, with details."""
+    task = await queue.queued()
+    busy = FetchError("http_503", "busy", retryable=True, status_code=503)
+    await queue.downloader(ScriptedFetcher([busy])).run(await queue.claim())
+    async with queue.engine.begin() as db:  # due again now
+        await db.execute(
+            IMAGES.update()
+            .where(IMAGES.c.task_id == task.id)
+            .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+        )
+    await queue.downloader(ScriptedFetcher([png(50, 50)])).run(await queue.claim())
+    async with queue.engine.connect() as db:
+        rows = await activity.for_task(db, task.id)
+    assert [(row.kind, row.outcome, row.position) for row in rows] == [
+        ("download", "retry", 0),
+        ("download", "stored", 0),
+    ]
+    assert rows[0].detail == "http_503: busy"
+    assert rows[1].detail is not None
+    assert rows[1].detail.endswith(" bytes")
+
+
+async def test_final_download_failures_are_kept_and_pruned_with_age(queue: Queue) -> None:
+    """A refusal is kept as failed; pruning removes only rows older than the cut-off."""
+    task = await queue.queued()
+    refused = FetchError("not_an_image", "html page")
+    await queue.downloader(ScriptedFetcher([refused])).run(await queue.claim())
+    async with queue.engine.begin() as db:
+        await activity.note(
+            db, task.id, activity.Kind.QUERY, "ok", at=utcnow() - timedelta(days=40)
+        )
+        assert await activity.prune(db, before=utcnow() - timedelta(days=30), limit=10) == 1
+    async with queue.engine.connect() as db:
+        mine = select(activity.ACTIVITY.c.outcome).where(activity.ACTIVITY.c.task_id == task.id)
+        left = (await db.execute(mine)).scalars().all()
+    assert left == ["failed"]
+
+
+async def test_variant_temp_files_of_a_killed_process_are_swept(queue: Queue) -> None:
+    """An old variant-*.part (a crash's) goes with the next variant written; a fresh one
+    (another process writing now) stays."""
+    spool = queue.storage.spool_dir
+    dead, live = spool / "variant-dead.part", spool / "variant-live.part"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(40, 40)])).run(await queue.claim())
+    assert (await queue.image(task.id)).status == "stored"
+    assert not dead.exists()
+    assert live.exists()
+
+
+class VariantHoldingStorage(CountingStorage):
+    """Storage that holds every variant write until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+        if key.endswith(".webp"):
+            self.holding.set()
+            await self.release.wait()
+        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+
+
+async def test_the_record_and_its_event_do_not_wait_for_the_variants(queue: Queue) -> None:
+    """While a variant write hangs, the image is already stored and image.stored told."""
+    storage = VariantHoldingStorage(queue.root / "images")
+    queue.storage = storage
+    task = await queue.queued()
+    job = asyncio.create_task(
+        queue.downloader(ScriptedFetcher([png(300, 200)])).run(await queue.claim())
+    )
+    try:
+        await asyncio.wait_for(storage.holding.wait(), timeout=30)
+        assert (await queue.image(task.id)).status == "stored"
+        async with queue.engine.connect() as db:
+            types = await db.execute(select(EVENTS.c.type).where(EVENTS.c.task_id == task.id))
+            assert list(types.scalars()) == ["image.stored"]
+        assert not job.done()
+    finally:
+        storage.release.set()
+        await asyncio.wait_for(job, timeout=30)
+    assert len(storage.puts) == 3  # the original, then its two variants
