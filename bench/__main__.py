@@ -1,6 +1,7 @@
 """`make bench`: run every part, write bench/results/ and docs/performance.md.
 
-python -m bench [--quick] [--only ingest,downloads,listing,submit] [--no-postgres]
+python -m bench [--quick] [--only ingest,downloads,listing,submit,waiting,fanout,subscribed]
+                [--no-postgres]
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import downloads, ingest, listing, machine, plot, report, saturate, submit
+from bench import downloads, ingest, listing, machine, plot, report, saturate, submit, telling
 from bench.databases import fresh_database, postgres_available
 from bench.stack import start_service, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
-PARTS = ("ingest", "downloads", "listing", "submit")
+PARTS = ("ingest", "downloads", "listing", "submit", *telling.PARTS)
 
 
 def _log(message: str) -> None:
@@ -84,6 +85,7 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
                         )
                     finally:
                         service.child.stop()
+        results.update(telling.run(parts, kinds, quick, workdir, simulator_url, _log))
     finally:
         simulator.stop()
     return results

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import telling_report
+
 NOTES = Path(__file__).with_name("performance_notes.md")
 
 
@@ -181,6 +183,7 @@ def render(results: dict[str, Any], json_name: str) -> str:
         ]
     if results.get("submit"):
         out += ["## 4. Submission overhead", "", *_submit(results["submit"]), ""]
+    out += telling_report.lines(results)
     if NOTES.exists():
         out += [NOTES.read_text().rstrip(), ""]
     return "\n".join(out)
