@@ -191,11 +191,20 @@ async def note_endpoint_result(
     return row.failing_since if row is not None else None
 
 
+def not_leased(now: datetime) -> Any:
+    """No attempt holds the delivery right now (no lease, or an expired one)."""
+    return or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now)
+
+
 async def fail_pending(db: AsyncConnection, now: datetime, reason: str, *where: Any) -> int:
-    """Give up the pending deliveries that match `where`; how many."""
+    """Give up the pending deliveries that match `where`; how many.
+
+    A delivery being sent right now keeps its lease (the fencing of its attempt):
+    the attempt's outcome decides, and a retry finds the target gone and fails then.
+    """
     result = await db.execute(
         update(DELIVERIES)
-        .where(DELIVERIES.c.status == PENDING, *where)
+        .where(DELIVERIES.c.status == PENDING, not_leased(now), *where)
         .values(
             status=FAILED,
             last_error=reason,
@@ -266,7 +275,7 @@ async def redeliver(
         .where(
             DELIVERIES.c.event_id == event_id,
             # A delivery being sent right now finishes first; it is not sent twice at once.
-            or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
+            not_leased(now),
         )
         .values(**_again(now))
     )
@@ -307,6 +316,7 @@ async def recover(
         .where(
             DELIVERIES.c.target == endpoint_id,
             DELIVERIES.c.status == FAILED,
+            not_leased(now),
             and_(DELIVERIES.c.created_at >= since, DELIVERIES.c.created_at < until),
         )
         .values(**_again(now))

@@ -1,0 +1,105 @@
+"""Regressions from the adversarial review of outbound webhooks: each failed before its fix."""
+# ruff: noqa: F811  (pytest fixtures are imported and then taken as arguments)
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from app.config import SettingsError
+from app.events import repository as event_repository
+from app.events.bus import Notice
+from app.events.feed import SHARED_TYPES, matches
+from app.events.repository import EventScope
+from app.logging import configure_logging
+from app.models import utcnow
+from app.webhooks import outbox, repository
+from app.webhooks.delivery import MAX_BODY_BYTES, Sender, webhook_body
+from app.webhooks.policy import WebhookPolicy
+from tests.api.test_webhooks import Stack
+from tests.conftest import make_settings
+from tests.webhooks.test_endpoints_api import (  # noqa: F401  (fixtures)
+    SECOND,
+    callback,
+    create,
+    deliver_due,
+    received,
+    receiver,
+    script,
+    stack,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def claim(stack: Stack, owner: str, limit: int = 10) -> list[outbox.DeliveryJob]:
+    """One claim round, committed, with a long lease (the attempt is 'in flight')."""
+    async with stack.service.runtime.engine.begin() as db:
+        return await outbox.claim_due(
+            db, now=utcnow(), owner=owner, lease=timedelta(minutes=5), limit=limit
+        )
+
+
+# -- 1. one event is never sent twice at once -----------------------------------------
+
+
+async def test_a_delivery_in_flight_is_never_claimed_twice(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Disable, re-enable and recover while a delivery is leased: it is not claimable again
+    until the first attempt ends (never two deliveries of one event at once)."""
+    endpoint = (
+        await create(stack, url=f"{receiver.base_url}/twice", event_types=["task.created"])
+    ).json()
+    task = await stack.submit()
+    [job] = [j for j in await claim(stack, "one") if j.task_id == task["id"]]
+    # ...the first replica is now POSTing job (its lease runs 5 more minutes)...
+    path = f"/webhook-endpoints/{endpoint['id']}"
+    client = stack.service.client
+    since = (utcnow() - timedelta(hours=1)).isoformat()
+    assert (await client.patch(path, json={"enabled": False})).status_code == 200
+    assert (await client.patch(path, json={"enabled": True})).status_code == 200
+    assert (await client.post(f"{path}/recover", params={"since": since})).status_code == 200
+    assert job.id not in [j.id for j in await claim(stack, "two")]
+
+
+async def test_a_delivery_in_flight_when_its_endpoint_is_deleted_keeps_its_fencing(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Deleting the endpoint leaves the leased delivery to its attempt (the lease stays), and
+    the attempt's retry then fails it for the gone endpoint instead of sending it."""
+    endpoint = (
+        await create(stack, url=f"{receiver.base_url}/deleted", event_types=["task.created"])
+    ).json()
+    task = await stack.submit()
+    [job] = [j for j in await claim(stack, "one") if j.task_id == task["id"]]
+    path = f"/webhook-endpoints/{endpoint['id']}"
+    assert (await stack.service.client.delete(path)).status_code == 204
+    async with stack.service.runtime.engine.connect() as db:
+        row = (
+            await db.execute(
+                select(repository.DELIVERIES).where(repository.DELIVERIES.c.id == job.id)
+            )
+        ).one()
+    assert (row.status, row.lease_owner) == ("pending", job.lease_owner)
+    # The attempt ends (a failure to retry at once); the retry finds no endpoint.
+    async with stack.service.runtime.engine.begin() as db:
+        assert await outbox.finish(db, job, {"status": "pending", "next_attempt_at": utcnow()})
+    await deliver_due(stack)
+    async with stack.service.runtime.engine.connect() as db:
+        row = (
+            await db.execute(
+                select(repository.DELIVERIES).where(repository.DELIVERIES.c.id == job.id)
+            )
+        ).one()
+    assert row.status == "failed"
+    assert await received(receiver, "/deleted") == []
