@@ -103,3 +103,50 @@ async def test_a_delivery_in_flight_when_its_endpoint_is_deleted_keeps_its_fenci
         ).one()
     assert row.status == "failed"
     assert await received(receiver, "/deleted") == []
+
+
+# -- 2. signing secrets never reach the log -------------------------------------------
+
+
+async def test_a_failed_statement_never_carries_its_parameters(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """A database error (here a duplicate id) does not print the statement's values, so an
+    endpoint's new secret cannot reach the traceback that is logged."""
+    made = (await create(stack, url=f"{receiver.base_url}/dup")).json()
+    now = utcnow()
+    secret = "whsec_" + "Q" * 32
+    values = {
+        "id": made["id"],
+        "owner": "someone",
+        "url": "http://127.0.0.1/x",
+        "event_types": ",task.created,",
+        "enabled": True,
+        "secret": secret,
+        "created_at": now,
+        "updated_at": now,
+    }
+    with pytest.raises(IntegrityError) as caught:
+        async with stack.service.runtime.engine.begin() as db:
+            await repository.insert_endpoint(db, values)
+    assert secret not in str(caught.value)
+    assert "hidden" in str(caught.value)  # SQLAlchemy says the parameters were hidden
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_signing_secret_in_a_traceback_is_redacted(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], log_format: str
+) -> None:
+    """Any whsec_ value (not only configured ones) is hidden in every log format."""
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{tmp_path}/x.db", tmp_path, log_format=log_format
+    )
+    configure_logging(settings)
+    secret = "whsec_Y2j74kBY/HQ8jlEuhV1MeupDgxWwJiWw"
+    try:
+        raise RuntimeError(f"[parameters: ('we_1', '{secret}')]")
+    except RuntimeError:
+        structlog.get_logger("test").exception("unhandled_error", note=f"secret={secret}")
+    err = capfd.readouterr().err
+    assert "unhandled_error" in err
+    assert "whsec_" not in err
