@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, delete, insert, select, text, tuple_
+from sqlalchemy import Row, Table, delete, insert, or_, select, text, tuple_
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,11 +22,22 @@ _HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 
 @dataclass(frozen=True)
 class EventScope:
-    """Whose events a reader sees: one owner's, one task's, or (both None) all."""
+    """Whose events a reader sees: one owner's, one task's, or (both None) all.
+
+    With a `viewer` (the reading token), events of other types than `shared`
+    (those about an endpoint, not a task) are shown only to their owner,
+    whatever the rest of the scope says.
+    """
 
     owner: str | None = None
     task_id: str | None = None
     types: tuple[str, ...] = ()
+    viewer: str | None = None
+    shared: tuple[str, ...] = ()
+
+    def may_see(self, kind: str, owner: str) -> bool:
+        """Whether the viewer may see an event of this type and owner."""
+        return self.viewer is None or owner == self.viewer or kind in self.shared
 
 
 async def insert_event(db: AsyncConnection, values: dict[str, Any]) -> None:
@@ -57,6 +68,10 @@ async def read_events(
         conditions.append(EVENTS.c.task_id == scope.task_id)
     if scope.types:
         conditions.append(EVENTS.c.type.in_(scope.types))
+    if scope.viewer is not None:
+        conditions.append(
+            or_(EVENTS.c.owner == scope.viewer, EVENTS.c.type.in_(scope.shared or ("",)))
+        )
     if after is not None:
         conditions.append(tuple_(EVENTS.c.txid, EVENTS.c.seq) > tuple_(*after))
     if below_txid is not None:

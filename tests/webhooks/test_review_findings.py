@@ -150,3 +150,32 @@ def test_a_signing_secret_in_a_traceback_is_redacted(
     err = capfd.readouterr().err
     assert "unhandled_error" in err
     assert "whsec_" not in err
+
+
+# -- 3. endpoint events are their owner's alone ---------------------------------------
+
+
+async def test_another_token_never_sees_my_endpoint_through_the_feed(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """endpoint.disabled (data: the endpoint, URL included) shows in its owner's feed only,
+    even with scope=all."""
+    secret_path = "/hooks/T0001/B0002/s3cr3t-in-the-path"
+    await script(receiver, secret_path, {"status": 410})
+    await create(stack, url=f"{receiver.base_url}{secret_path}", event_types=["task.created"])
+    await stack.submit()
+    await deliver_due(stack)
+    mine = (await stack.service.client.get("/events", params={"scope": "all"})).json()
+    assert any(e["type"] == "endpoint.disabled" for e in mine["items"])  # it happened
+    theirs = await stack.service.client.get("/events", params={"scope": "all"}, headers=SECOND)
+    assert theirs.status_code == 200, theirs.text
+    assert "s3cr3t-in-the-path" not in theirs.text
+    assert any(e["type"] == "task.created" for e in theirs.json()["items"])  # tasks still shared
+
+
+def test_the_stream_is_not_woken_for_another_tokens_endpoint_event() -> None:
+    """The live stream's filter lets an endpoint event through to its owner only."""
+    scope = EventScope(viewer="b", shared=SHARED_TYPES)
+    assert not matches(scope, Notice("endpoint.disabled", "we_1", "a"))
+    assert matches(scope, Notice("endpoint.disabled", "we_1", "b"))
+    assert matches(scope, Notice("task.created", "tsk_1", "a"))
