@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, delete, insert, or_, select, text, tuple_
+from sqlalchemy import Row, Table, delete, exists, insert, or_, select, text, tuple_
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,6 +15,7 @@ import app.models  # noqa: F401  (registers the tables on the metadata)
 from app.db import metadata
 
 EVENTS: Table = metadata.tables["events"]
+DELIVERIES: Table = metadata.tables["webhook_deliveries"]
 _INSERT_EVENT = insert(EVENTS)
 # Every transaction with an id below this one has ended (committed or rolled back).
 _HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
@@ -103,10 +104,15 @@ async def newest_position(db: AsyncConnection, *, below_txid: int | None) -> tup
 
 
 async def prune_events(db: AsyncConnection, *, before: datetime, limit: int) -> int:
-    """Delete up to `limit` events created before `before`; how many went."""
+    """Delete up to `limit` events created before `before`; how many went.
+
+    An event some webhook delivery still refers to stays (deliveries are pruned first,
+    pending ones never): a delivery never outlives its event.
+    """
+    referred = exists().where(DELIVERIES.c.event_id == EVENTS.c.id)
     oldest = (
         select(EVENTS.c.seq)
-        .where(EVENTS.c.created_at < before)
+        .where(EVENTS.c.created_at < before, ~referred)
         .order_by(EVENTS.c.created_at)
         .limit(limit)
     )

@@ -17,6 +17,7 @@ from app.webhooks.repository import (
     DELIVERIES,
     ENDPOINTS,
     EVENTS,
+    FAILED,
     PENDING,
     TASK_TARGET,
     TASKS,
@@ -82,11 +83,17 @@ async def claim_due(
             .where(DELIVERIES.c.id == delivery_id)
             .values(lease_owner=token, lease_until=now + lease, attempts=DELIVERIES.c.attempts + 1)
         )
-        jobs.append(await _job(db, delivery_id, token, now))
+        job = await _job(db, delivery_id, token, now)
+        if job is not None:
+            jobs.append(job)
     return jobs
 
 
-async def _job(db: AsyncConnection, delivery_id: int, token: str, now: datetime) -> DeliveryJob:
+async def _job(
+    db: AsyncConnection, delivery_id: int, token: str, now: datetime
+) -> DeliveryJob | None:
+    """The claimed delivery with its event; None (and the delivery failed, saying why)
+    when its event or task is gone, so one orphan never stops the others' claims."""
     statement = (
         select(
             DELIVERIES,
@@ -99,13 +106,29 @@ async def _job(db: AsyncConnection, delivery_id: int, token: str, now: datetime)
             ENDPOINTS.c.previous_secret,
             ENDPOINTS.c.previous_secret_until,
             TASKS.c.webhook_url,
+            TASKS.c.id.label("task_exists"),
         )
-        .join(EVENTS, EVENTS.c.id == DELIVERIES.c.event_id)
+        .outerjoin(EVENTS, EVENTS.c.id == DELIVERIES.c.event_id)
         .outerjoin(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.target)
-        .join(TASKS, TASKS.c.id == DELIVERIES.c.task_id)
+        .outerjoin(TASKS, TASKS.c.id == DELIVERIES.c.task_id)
         .where(DELIVERIES.c.id == delivery_id)
     )
     row = (await db.execute(statement)).one()
+    if row.event_type is None or row.task_exists is None:
+        gone = "its event" if row.event_type is None else "its task"
+        await db.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery_id)
+            .values(
+                status=FAILED,
+                last_error=f"dropped: {gone} no longer exists (retention)",
+                next_attempt_at=None,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+        return None
     if row.target == TASK_TARGET:
         url, keys = row.webhook_url, ()
     else:
@@ -157,16 +180,17 @@ async def release_leases(db: AsyncConnection, owner: str) -> int:
 
 
 async def prune_deliveries(db: AsyncConnection, *, before: datetime, limit: int) -> int:
-    """Delete up to `limit` deliveries created before `before`, with their attempts.
+    """Delete up to `limit` settled deliveries created before `before`, with their attempts.
 
-    A delivery is as old as its event, and goes with it (its schedule ends within days).
+    Runs before the events' pruning, which keeps an event while any delivery of it
+    remains: a pending delivery (still in its schedule) is never pruned, nor its event.
     """
     oldest = [
         row.id
         for row in (
             await db.execute(
                 select(DELIVERIES.c.id)
-                .where(DELIVERIES.c.created_at < before)
+                .where(DELIVERIES.c.created_at < before, DELIVERIES.c.status != PENDING)
                 .order_by(DELIVERIES.c.created_at)
                 .limit(limit)
             )

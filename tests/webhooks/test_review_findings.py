@@ -179,3 +179,74 @@ def test_the_stream_is_not_woken_for_another_tokens_endpoint_event() -> None:
     assert not matches(scope, Notice("endpoint.disabled", "we_1", "a"))
     assert matches(scope, Notice("endpoint.disabled", "we_1", "b"))
     assert matches(scope, Notice("task.created", "tsk_1", "a"))
+
+
+# -- 4. retention never breaks the outbox ---------------------------------------------
+
+
+async def test_an_event_pruned_under_a_pending_delivery_does_not_stop_every_claim(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """A pending delivery whose event is gone is dropped with its reason; the others'
+    deliveries are still claimed."""
+    await create(stack, url=f"{receiver.base_url}/orphan", event_types=["task.created"])
+    orphan = await stack.submit()
+    other = await stack.submit()
+    async with stack.service.runtime.engine.begin() as db:
+        await db.execute(text("DELETE FROM events WHERE task_id = :id"), {"id": orphan["id"]})
+    jobs = await claim(stack, "probe")
+    assert other["id"] in [job.task_id for job in jobs]
+    assert orphan["id"] not in [job.task_id for job in jobs]
+    async with stack.service.runtime.engine.connect() as db:
+        rows = (
+            await db.execute(
+                select(repository.DELIVERIES).where(repository.DELIVERIES.c.task_id == orphan["id"])
+            )
+        ).all()
+    assert [(row.status, row.lease_owner) for row in rows] == [("failed", None)]
+    assert "no longer exists" in rows[0].last_error
+
+
+async def test_retention_keeps_an_event_while_a_delivery_of_it_is_pending(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Pruning takes settled deliveries first and an event only once none refers to it;
+    a pending delivery (still in its schedule) and its event stay."""
+    await create(stack, url=f"{receiver.base_url}/prune", event_types=["task.created"])
+    await script(receiver, "/prune", {"status": 200})
+    settled = await stack.submit()
+    await deliver_due(stack)
+    waiting = await stack.submit()  # its delivery stays pending
+    later = utcnow() + timedelta(days=1)
+    async with stack.service.runtime.engine.begin() as db:
+        assert await outbox.prune_deliveries(db, before=later, limit=100) >= 1
+        await event_repository.prune_events(db, before=later, limit=100)
+    async with stack.service.runtime.engine.connect() as db:
+        events = {
+            row.task_id
+            for row in (await db.execute(select(event_repository.EVENTS.c.task_id))).all()
+        }
+        pending = (
+            await db.execute(
+                select(repository.DELIVERIES).where(
+                    repository.DELIVERIES.c.task_id == waiting["id"]
+                )
+            )
+        ).all()
+    assert settled["id"] not in events
+    assert waiting["id"] in events
+    assert [row.status for row in pending] == ["pending"]
+
+
+def test_a_retention_shorter_than_the_retry_schedule_is_refused(tmp_path: Path) -> None:
+    """EVENT_RETENTION_DAYS must outlast WEBHOOK_RETRY_SCHEDULE: one clear line otherwise."""
+    with pytest.raises(SettingsError) as caught:
+        make_settings(
+            f"sqlite+aiosqlite:///{tmp_path}/x.db",
+            tmp_path,
+            event_retention_days=1,
+            webhook_retry_schedule="0,86400,3600",
+        )
+    [line] = caught.value.problems
+    assert line.startswith("WEBHOOK_RETRY_SCHEDULE:")
+    assert "EVENT_RETENTION_DAYS" in line
