@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import delete, exists, insert, or_, select, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,6 +22,9 @@ from app.webhooks.repository import (
     TASK_TARGET,
     TASKS,
 )
+
+# Deliveries to one endpoint (or to one owner's task URLs) being sent at once, at most.
+MAX_IN_FLIGHT_PER_TARGET = 2
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,49 @@ async def claim_due(
         earlier.c.status == PENDING,
         earlier.c.id < DELIVERIES.c.id,
     )
+    # Per target (an endpoint; or one owner's task URLs), in flight now and rank among
+    # the due: at most MAX_IN_FLIGHT_PER_TARGET at once, so a slow receiver holds that
+    # many slots and the others' deliveries keep flowing.
+    live = DELIVERIES.alias("live")
+    in_flight = (
+        select(live.c.target, live.c.owner, func.count().label("n"))
+        .where(live.c.status == PENDING, live.c.lease_until >= now)
+        .group_by(live.c.target, live.c.owner)
+        .subquery("in_flight")
+    )
+    rank = func.row_number().over(
+        partition_by=(DELIVERIES.c.target, DELIVERIES.c.owner),
+        order_by=(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id),
+    )
+    due_now = (
+        DELIVERIES.c.status == PENDING,
+        DELIVERIES.c.next_attempt_at <= now,
+        or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
+        ~blocked,
+    )
+    ranked = (
+        select(
+            DELIVERIES.c.id,
+            (rank + func.coalesce(in_flight.c.n, 0)).label("slot"),
+        )
+        .select_from(
+            DELIVERIES.outerjoin(
+                in_flight,
+                and_(
+                    in_flight.c.target == DELIVERIES.c.target,
+                    in_flight.c.owner == DELIVERIES.c.owner,
+                ),
+            )
+        )
+        .where(*due_now)
+        .subquery("ranked")
+    )
+    fair = select(ranked.c.id).where(ranked.c.slot <= MAX_IN_FLIGHT_PER_TARGET)
     due = (
         select(DELIVERIES.c.id)
-        .where(
-            DELIVERIES.c.status == PENDING,
-            DELIVERIES.c.next_attempt_at <= now,
-            or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
-            ~blocked,
-        )
+        # The conditions again on the locked row itself: PostgreSQL re-checks these (not
+        # the subquery's snapshot) on a row another claim leased and committed meanwhile.
+        .where(DELIVERIES.c.id.in_(fair), *due_now)
         .order_by(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=DELIVERIES)

@@ -250,3 +250,30 @@ def test_a_retention_shorter_than_the_retry_schedule_is_refused(tmp_path: Path) 
     [line] = caught.value.problems
     assert line.startswith("WEBHOOK_RETRY_SCHEDULE:")
     assert "EVENT_RETENTION_DAYS" in line
+
+
+# -- 6. one slow endpoint cannot take every slot --------------------------------------
+
+
+async def test_one_slow_endpoint_cannot_take_every_delivery_slot(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """With 8 slots, a flood of due deliveries to one endpoint still leaves a slot for
+    another caller's endpoint: at most MAX_IN_FLIGHT_PER_TARGET go to one target."""
+    slow = (
+        await create(stack, url=f"{receiver.base_url}/slow", event_types=["task.created"])
+    ).json()
+    for _ in range(8):
+        await stack.submit()
+    await create(
+        stack, headers=SECOND, url=f"{receiver.base_url}/victim", event_types=["task.created"]
+    )
+    response = await stack.service.client.post("/tasks", json={"prompt": "a dog"}, headers=SECOND)
+    assert response.status_code == 202, response.text
+    first = await claim(stack, "probe", limit=8)
+    assert response.json()["id"] in [job.task_id for job in first]
+    to_slow = [job for job in first if job.target == slow["id"]]
+    assert len(to_slow) == outbox.MAX_IN_FLIGHT_PER_TARGET
+    # Those two are still in flight: the next round gives the slow endpoint nothing more.
+    second = await claim(stack, "probe2", limit=8)
+    assert [job for job in second if job.target == slow["id"]] == []
