@@ -8,6 +8,7 @@ is recorded only while the lease is still ours (fencing).
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import time
 from collections.abc import Sequence
@@ -113,6 +114,16 @@ def judge(status_code: int, retry_after: str | None) -> tuple[str | None, float 
     return f"answered {status_code}", wait
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing: a receiver's Set-Cookie is neither sent back nor stored."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
 class Sender:
     """POSTs signed bodies through the address guard, one client per scheme."""
 
@@ -139,6 +150,7 @@ class Sender:
             timeout=self.timeout,
             follow_redirects=False,
             trust_env=False,
+            cookies=_NoCookies(),
             headers={"User-Agent": "imagetasks-webhooks"},
         )
 

@@ -277,3 +277,23 @@ async def test_one_slow_endpoint_cannot_take_every_delivery_slot(
     # Those two are still in flight: the next round gives the slow endpoint nothing more.
     second = await claim(stack, "probe2", limit=8)
     assert [job for job in second if job.target == slow["id"]] == []
+
+
+# -- 7. no cookies kept ----------------------------------------------------------------
+
+
+async def test_receivers_cannot_grow_the_senders_cookie_jar(receiver: httpx.AsyncClient) -> None:
+    """Nothing of a receiver's Set-Cookie is kept by the shared clients."""
+    answers = [
+        {"status": 200, "headers": {"set-cookie": f"c{i}={'x' * 3000}; Path=/"}} for i in range(50)
+    ]
+    await script(receiver, "/jar", *answers)
+    sender = Sender(WebhookPolicy.from_entries(["127.0.0.0/8"]), timeout=5)
+    try:
+        for _ in range(50):
+            outcome = await sender.send(f"{receiver.base_url}/jar", {}, b"{}")
+            assert outcome.ok, outcome
+        kept = sum(len(client.cookies.jar) for client in sender._clients.values())
+    finally:
+        await sender.aclose()
+    assert kept == 0
