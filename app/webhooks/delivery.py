@@ -51,19 +51,38 @@ def lease_for(timeout_seconds: float) -> timedelta:
 def webhook_body(
     event_id: str, kind: str, created_at: datetime, data: dict[str, Any], base: str
 ) -> bytes:
-    """The event as JSON, image URLs absolute; a prompt that would pass 20 kB is cut."""
+    """The event as JSON, image URLs absolute, always under MAX_BODY_BYTES.
+
+    A body that would pass it is shortened in this order, each step marked in `data`:
+    the reference inputs go (`image_urls`, `mask_url`: `inputs_truncated`), then the
+    prompt is cut (`prompt_truncated`), and last the task shrinks to its id, status and
+    settled flag (`truncated`): the receiver reads the rest with GET /tasks/{id}.
+    """
     shown = absolute_urls(data, base) if "images" in data else data
     event = EventPublic(id=event_id, type=kind, created_at=created_at, data=shown).model_dump(
         mode="json"
     )
     body = _dumps(event)
-    if len(body) < MAX_BODY_BYTES or not isinstance(data.get("prompt"), str):
+    if len(body) < MAX_BODY_BYTES:
         return body
-    excess = len(body) - MAX_BODY_BYTES + 64
-    prompt: str = event["data"]["prompt"]
-    encoded = prompt.encode()
-    cut = encoded[: max(0, len(encoded) - excess)].decode(errors="ignore")
-    event["data"] = {**event["data"], "prompt": cut, "prompt_truncated": True}
+    full: dict[str, Any] = event["data"]
+    if full.get("image_urls") or full.get("mask_url"):
+        event["data"] = {**full, "image_urls": None, "mask_url": None, "inputs_truncated": True}
+        body = _dumps(event)
+        if len(body) < MAX_BODY_BYTES:
+            return body
+    prompt = event["data"].get("prompt")
+    if isinstance(prompt, str):
+        excess = len(body) - MAX_BODY_BYTES + 64
+        encoded = prompt.encode()
+        cut = encoded[: max(0, len(encoded) - excess)].decode(errors="ignore")
+        event["data"] = {**event["data"], "prompt": cut, "prompt_truncated": True}
+        body = _dumps(event)
+        if len(body) < MAX_BODY_BYTES:
+            return body
+    # Whatever else is large (metadata, errors): a few short fields, well under the limit.
+    kept = ("id", "status", "settled", "image_index")
+    event["data"] = {key: full[key] for key in kept if key in full} | {"truncated": True}
     return _dumps(event)
 
 

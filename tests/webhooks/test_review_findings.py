@@ -297,3 +297,50 @@ async def test_receivers_cannot_grow_the_senders_cookie_jar(receiver: httpx.Asyn
     finally:
         await sender.aclose()
     assert kept == 0
+
+
+# -- 8. bodies stay under 20 kB -------------------------------------------------------
+
+
+def _task(**fields: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": "tsk_x", "status": "pending", "settled": False}
+    data.update(prompt="a cat", image_urls=None, mask_url=None, metadata={})
+    data.update(fields)
+    return data
+
+
+def test_a_webhook_body_stays_under_20_kb_whatever_the_task_holds() -> None:
+    """16 reference URLs of 2 kB and a mask: the inputs go (marked), the prompt stays."""
+    data = _task(
+        image_urls=[f"https://img.example.com/{i}/" + "a" * 2020 for i in range(16)],
+        mask_url="https://img.example.com/m/" + "b" * 2000,
+    )
+    body = webhook_body("evt_x", "task.created", utcnow(), data, "https://api.example.com")
+    assert len(body) < MAX_BODY_BYTES
+    shown = json.loads(body)["data"]
+    assert shown["inputs_truncated"] is True
+    assert (shown["image_urls"], shown["mask_url"]) == (None, None)
+    assert shown["prompt"] == "a cat"
+    assert "prompt_truncated" not in shown
+
+
+def test_the_prompt_is_cut_only_after_the_inputs() -> None:
+    """A long prompt with long inputs: both shortened, in order, and each marked."""
+    data = _task(prompt="p" * 30_000, image_urls=["https://img.example.com/" + "a" * 2000])
+    shown = json.loads(webhook_body("evt_x", "task.created", utcnow(), data, "https://x"))
+    assert shown["data"]["inputs_truncated"] is True
+    assert shown["data"]["prompt_truncated"] is True
+    assert 0 < len(shown["data"]["prompt"]) < 20_000
+
+
+def test_whatever_else_is_large_the_body_shrinks_to_the_task_id() -> None:
+    """Large metadata cannot be cut piecemeal: the body keeps id, status and settled."""
+    data = _task(metadata={f"k{i}": "v" * 500 for i in range(60)})
+    body = webhook_body("evt_x", "task.created", utcnow(), data, "https://x")
+    assert len(body) < MAX_BODY_BYTES
+    assert json.loads(body)["data"] == {
+        "id": "tsk_x",
+        "status": "pending",
+        "settled": False,
+        "truncated": True,
+    }
