@@ -344,3 +344,23 @@ def test_whatever_else_is_large_the_body_shrinks_to_the_task_id() -> None:
         "settled": False,
         "truncated": True,
     }
+
+
+# -- 9. a listed host name reaches private addresses only -----------------------------
+
+
+def test_a_listed_host_name_still_never_reaches_cloud_metadata() -> None:
+    """Listing a host name does not let it resolve to link-local metadata or loopback."""
+    policy = WebhookPolicy.from_entries(["hooks.corp.example"])
+    assert not policy.may_connect("https", "hooks.corp.example", "169.254.169.254")
+    assert not policy.may_connect("http", "hooks.corp.example", "127.0.0.1")
+    assert not policy.may_connect("http", "hooks.corp.example", "::ffff:127.0.0.1")
+    assert policy.may_connect("http", "hooks.corp.example", "10.2.3.4")
+
+
+def test_loopback_listed_as_a_network_is_still_reachable() -> None:
+    """Loopback and link-local stay reachable when listed as networks themselves."""
+    policy = WebhookPolicy.from_entries(["hooks.corp.example", "127.0.0.0/8", "169.254.1.1"])
+    assert policy.may_connect("http", "hooks.corp.example", "127.0.0.1")
+    assert policy.may_connect("http", "anything", "169.254.1.1")
+    assert not policy.may_connect("http", "hooks.corp.example", "169.254.169.254")
