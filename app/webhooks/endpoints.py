@@ -3,6 +3,7 @@ redelivery and recovery. Every bad input is a 422 naming its field, before any w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +28,18 @@ def _invalid(field: str, reason: str) -> Unprocessable:
     return Unprocessable(f"{field}: {reason}", details=[{"field": field, "reason": reason}])
 
 
+# C0 controls and DEL: PostgreSQL refuses NUL in text, and none belongs in these fields.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_PROSE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, CR, LF are fine
+
+
+def plain_text(value: str | None, field: str, *, prose: bool = False) -> str | None:
+    """The value if it holds no control characters (NUL included); 422 naming `field`."""
+    if value is not None and (_CONTROL_IN_PROSE if prose else _CONTROL).search(value):
+        raise _invalid(field, "must not contain NUL or other control characters")
+    return value
+
+
 def event_types(value: Sequence[str] | None, field: str) -> list[str]:
     """The chosen event types (default: the settled ones); 422 naming `field` on an unknown one."""
     if value is None:
@@ -35,6 +48,7 @@ def event_types(value: Sequence[str] | None, field: str) -> list[str]:
     if not types:
         raise _invalid(field, "choose at least one event type")
     for kind in types:
+        plain_text(kind, field)
         if kind not in _KNOWN:
             raise _invalid(field, f"unknown event type {kind!r} (known: {', '.join(_KNOWN)})")
     return types
@@ -83,6 +97,8 @@ class Endpoints:
 
     async def create(self, owner: str, body: EndpointCreate) -> tuple[EndpointPublic, str]:
         """A new endpoint and its secret."""
+        plain_text(body.url, "url")
+        plain_text(body.description, "description", prose=True)
         types = event_types(body.event_types, "event_types")
         await self.check_url(body.url, "url")
         now = utcnow()
@@ -122,6 +138,8 @@ class Endpoints:
 
     async def update(self, owner: str, endpoint_id: str, body: EndpointUpdate) -> EndpointPublic:
         """Change the fields given; re-enabling clears the failure streak."""
+        plain_text(body.url, "url")
+        plain_text(body.description, "description", prose=True)
         await self._row(owner, endpoint_id)
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now}

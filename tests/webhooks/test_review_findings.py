@@ -364,3 +364,39 @@ def test_loopback_listed_as_a_network_is_still_reachable() -> None:
     assert policy.may_connect("http", "hooks.corp.example", "127.0.0.1")
     assert policy.may_connect("http", "anything", "169.254.1.1")
     assert not policy.may_connect("http", "hooks.corp.example", "169.254.169.254")
+
+
+# -- 11. control characters are a clear 422 -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("description", "ok\x00x"),
+        ("description", "bell\x07"),
+        ("url", "http://127.0.0.1/a\x00b"),
+        ("event_types", ["task.created\x00"]),
+    ],
+)
+async def test_a_control_character_is_a_clear_422_that_changes_nothing(
+    stack: Stack, receiver: httpx.AsyncClient, field: str, value: Any
+) -> None:
+    """NUL (or another control character) in an endpoint field: 422 naming the field, on
+    create and on update, on both databases; nothing is written."""
+    before = (await stack.service.client.get("/webhook-endpoints")).json()
+    body: dict[str, Any] = {"url": f"{receiver.base_url}/nul", field: value}
+    response = await create(stack, **body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == field
+    assert (await stack.service.client.get("/webhook-endpoints")).json() == before
+    made = (await create(stack, url=f"{receiver.base_url}/nul2")).json()
+    path = f"/webhook-endpoints/{made['id']}"
+    patched = await stack.service.client.patch(path, json={field: value})
+    assert patched.status_code == 422, patched.text
+    assert (await stack.service.client.get(path)).json()["url"] == f"{receiver.base_url}/nul2"
+
+
+async def test_a_description_may_span_lines(stack: Stack, receiver: httpx.AsyncClient) -> None:
+    """Tabs and line breaks are prose, not control characters to refuse."""
+    response = await create(stack, url=f"{receiver.base_url}/lines", description="a\n\tb")
+    assert response.status_code == 201, response.text
