@@ -233,7 +233,9 @@ class Deliverer:
     async def _run(self, job: DeliveryJob) -> None:
         if job.url is None:
             gone = (
-                "the task has no webhook_url" if job.target == TASK_TARGET else "endpoint disabled"
+                "the task's webhook_url is gone (none, or it answered 410 Gone)"
+                if job.target == TASK_TARGET
+                else "endpoint disabled"
             )
             async with self._engine.begin() as db:
                 await outbox.finish(
@@ -309,6 +311,7 @@ class Deliverer:
         """What the answer means for the target: 410 stops it, a long failure streak too."""
         if job.target == TASK_TARGET:
             if outcome.gone:
+                await repository.mark_task_url_gone(db, job.task_id, now)
                 await repository.fail_pending(
                     db,
                     now,

@@ -22,6 +22,8 @@ from app.webhooks.policy import PolicyError, WebhookPolicy
 from app.webhooks.schemas import EndpointCreate, EndpointPublic, EndpointUpdate
 
 _KNOWN = tuple(kind.value for kind in TASK_EVENTS)
+# Replaced secrets that keep signing through their grace period, at most (newest kept).
+MAX_PREVIOUS_SECRETS = 3
 
 
 def _invalid(field: str, reason: str) -> Unprocessable:
@@ -181,18 +183,29 @@ class Endpoints:
         return str((await self._row(owner, endpoint_id)).secret)
 
     async def rotate(self, owner: str, endpoint_id: str) -> str:
-        """A new secret; the old one keeps signing too for WEBHOOK_SECRET_GRACE_SECONDS."""
-        row = await self._row(owner, endpoint_id)
+        """A new secret; each replaced one keeps signing too for WEBHOOK_SECRET_GRACE_SECONDS
+        (the newest MAX_PREVIOUS_SECRETS of them)."""
         now = utcnow()
         fresh = signing.new_secret()
         grace = timedelta(seconds=self._settings.webhook_secret_grace_seconds)
-        values = {
-            "secret": fresh,
-            "previous_secret": row.secret,
-            "previous_secret_until": now + grace,
-            "updated_at": now,
-        }
+        # One transaction under the endpoint's lock: two rotations at once both keep
+        # what the other replaced, and neither drops a secret still in its grace period.
         async with self._engine.begin() as db:
+            await repository.lock_endpoint(db, endpoint_id)
+            row = await repository.get_endpoint(db, owner, endpoint_id)
+            if row is None:
+                raise NotFound(f"webhook endpoint {endpoint_id[:64]!r} does not exist")
+            replaced = [{"secret": row.secret, "until": (now + grace).isoformat()}] if grace else []
+            kept = [
+                entry
+                for entry in row.previous_secrets or []
+                if datetime.fromisoformat(entry["until"]) > now
+            ]
+            values = {
+                "secret": fresh,
+                "previous_secrets": (replaced + kept)[:MAX_PREVIOUS_SECRETS] or None,
+                "updated_at": now,
+            }
             await repository.update_endpoint(db, owner, endpoint_id, values)
         return fresh
 

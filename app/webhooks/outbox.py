@@ -141,9 +141,9 @@ async def _job(
             ENDPOINTS.c.url.label("endpoint_url"),
             ENDPOINTS.c.enabled,
             ENDPOINTS.c.secret,
-            ENDPOINTS.c.previous_secret,
-            ENDPOINTS.c.previous_secret_until,
+            ENDPOINTS.c.previous_secrets,
             TASKS.c.webhook_url,
+            TASKS.c.webhook_gone_at,
             TASKS.c.id.label("task_exists"),
         )
         .outerjoin(EVENTS, EVENTS.c.id == DELIVERIES.c.event_id)
@@ -168,14 +168,11 @@ async def _job(
         )
         return None
     if row.target == TASK_TARGET:
-        url, keys = row.webhook_url, ()
+        # A URL that answered 410 gets nothing more, whatever was queued before.
+        url, keys = (row.webhook_url if row.webhook_gone_at is None else None), ()
     else:
         url = row.endpoint_url if row.enabled else None
-        keys = tuple(
-            key
-            for key, until in ((row.secret, None), (row.previous_secret, row.previous_secret_until))
-            if key and (until is None or until > now)
-        )
+        keys = (row.secret, *live_secrets(row.previous_secrets, now))
     return DeliveryJob(
         id=row.id,
         event_id=row.event_id,
@@ -190,6 +187,13 @@ async def _job(
         url=url,
         secrets=keys,
     )
+
+
+def live_secrets(previous: list[dict[str, str]] | None, now: datetime) -> list[str]:
+    """The replaced secrets still inside their grace period, newest first."""
+    return [
+        entry["secret"] for entry in previous or [] if datetime.fromisoformat(entry["until"]) > now
+    ]
 
 
 async def finish(db: AsyncConnection, job: DeliveryJob, values: dict[str, Any]) -> bool:

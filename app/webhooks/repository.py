@@ -87,6 +87,7 @@ async def fan_out(
     own_url = select(*columns(literal(TASK_TARGET))).where(
         TASKS.c.id == task_id,
         TASKS.c.webhook_url.is_not(None),
+        TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
         _wants(TASKS.c.webhook_events, kind),
     )
     await db.execute(
@@ -194,6 +195,15 @@ async def note_endpoint_result(
 def not_leased(now: datetime) -> Any:
     """No attempt holds the delivery right now (no lease, or an expired one)."""
     return or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now)
+
+
+async def mark_task_url_gone(db: AsyncConnection, task_id: str, now: datetime) -> None:
+    """The task's webhook_url answered 410: no later event is queued for it."""
+    await db.execute(
+        update(TASKS)
+        .where(TASKS.c.id == task_id, TASKS.c.webhook_gone_at.is_(None))
+        .values(webhook_gone_at=now)
+    )
 
 
 async def fail_pending(db: AsyncConnection, now: datetime, reason: str, *where: Any) -> int:

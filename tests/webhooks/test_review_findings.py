@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from standardwebhooks.webhooks import Webhook as StandardWebhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.config import SettingsError
 from app.events import repository as event_repository
@@ -24,6 +25,7 @@ from app.logging import configure_logging
 from app.models import utcnow
 from app.webhooks import outbox, repository
 from app.webhooks.delivery import MAX_BODY_BYTES, Sender, webhook_body
+from app.webhooks.endpoints import MAX_PREVIOUS_SECRETS
 from app.webhooks.policy import WebhookPolicy
 from tests.api.test_webhooks import Stack
 from tests.conftest import make_settings
@@ -252,6 +254,29 @@ def test_a_retention_shorter_than_the_retry_schedule_is_refused(tmp_path: Path) 
     assert "EVENT_RETENTION_DAYS" in line
 
 
+# -- 5. a task URL that answered 410 is done ------------------------------------------
+
+
+async def test_a_task_url_that_answered_410_gets_no_later_event(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """After the task's webhook_url answers 410, an event recorded later is not sent there."""
+    url = f"{receiver.base_url}/gone-later"
+    await script(receiver, "/gone-later", {"status": 410})
+    task = await stack.submit(webhook_url=url, webhook_events=["task.created", "task.failed"])
+    await deliver_due(stack)  # task.created -> 410
+    assert len(await received(receiver, "/gone-later")) == 1
+    await callback(stack, task, "failed")  # a new event, after the 410
+    await deliver_due(stack)
+    assert len(await received(receiver, "/gone-later")) == 1
+    # Redelivering the first event does not reach the gone URL either.
+    events = (await stack.service.client.get(f"/tasks/{task['id']}/events")).json()["items"]
+    created = next(e for e in events if e["type"] == "task.created")
+    assert (await stack.service.client.post(f"/events/{created['id']}/redeliver")).status_code < 300
+    await deliver_due(stack)
+    assert len(await received(receiver, "/gone-later")) == 1
+
+
 # -- 6. one slow endpoint cannot take every slot --------------------------------------
 
 
@@ -364,6 +389,50 @@ def test_loopback_listed_as_a_network_is_still_reachable() -> None:
     assert policy.may_connect("http", "hooks.corp.example", "127.0.0.1")
     assert policy.may_connect("http", "anything", "169.254.1.1")
     assert not policy.may_connect("http", "hooks.corp.example", "169.254.169.254")
+
+
+# -- 10. rotating keeps every secret in its grace period ------------------------------
+
+
+async def test_rotating_twice_keeps_the_first_secret_for_its_grace_period(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """A second rotation within the grace period does not drop the original secret."""
+    made = (
+        await create(stack, url=f"{receiver.base_url}/rot2", event_types=["task.created"])
+    ).json()
+    path = f"/webhook-endpoints/{made['id']}/secret/rotate"
+    assert (await stack.service.client.post(path)).status_code == 200
+    second = (await stack.service.client.post(path)).json()["secret"]
+    await stack.submit()
+    await deliver_due(stack)
+    [request] = await received(receiver, "/rot2")
+    StandardWebhook(made["secret"]).verify(request["body"].encode(), request["headers"])
+    StandardWebhook(second).verify(request["body"].encode(), request["headers"])
+
+
+async def test_only_the_newest_replaced_secrets_keep_signing(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """Five rotations in a grace period: the current secret and the newest
+    MAX_PREVIOUS_SECRETS replaced ones sign, the oldest no longer do."""
+    made = (
+        await create(stack, url=f"{receiver.base_url}/rot5", event_types=["task.created"])
+    ).json()
+    path = f"/webhook-endpoints/{made['id']}/secret/rotate"
+    secrets = [made["secret"]]
+    for _ in range(5):
+        secrets.append((await stack.service.client.post(path)).json()["secret"])
+    await stack.submit()
+    await deliver_due(stack)
+    [request] = await received(receiver, "/rot5")
+    body, headers = request["body"].encode(), request["headers"]
+    assert len(headers["webhook-signature"].split()) == 1 + MAX_PREVIOUS_SECRETS
+    for secret in secrets[-1 - MAX_PREVIOUS_SECRETS :]:
+        StandardWebhook(secret).verify(body, headers)
+    for secret in secrets[: -1 - MAX_PREVIOUS_SECRETS]:
+        with pytest.raises(WebhookVerificationError):
+            StandardWebhook(secret).verify(body, headers)
 
 
 # -- 11. control characters are a clear 422 -------------------------------------------
