@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     webhook_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
     webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)
     webhook_concurrency: int = Field(default=8, ge=1, le=128)
+    webhook_max_endpoints: int = Field(default=20, ge=1, le=1000)
     # The operator console at /console (internal side only: see the nginx example).
     console_enabled: bool = True
     console_session_hours: float = Field(default=12, gt=0, le=24 * 30)

@@ -116,7 +116,14 @@ class Endpoints:
             "created_at": now,
             "updated_at": now,
         }
+        cap = self._settings.webhook_max_endpoints
         async with self._engine.begin() as db:
+            if await repository.count_endpoints(db, owner) >= cap:
+                raise Conflict(
+                    f"this token already has {cap} webhook endpoints (WEBHOOK_MAX_ENDPOINTS); "
+                    "delete one first",
+                    code="too_many_endpoints",
+                )
             await repository.insert_endpoint(db, values)
             row = await repository.get_endpoint(db, owner, str(values["id"]))
         assert row is not None

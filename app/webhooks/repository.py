@@ -12,10 +12,12 @@ from sqlalchemy import (
     Table,
     and_,
     delete,
+    func,
     insert,
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -101,6 +103,19 @@ async def fan_out(
 async def insert_endpoint(db: AsyncConnection, values: dict[str, Any]) -> None:
     """Add one endpoint."""
     await db.execute(insert(ENDPOINTS), values)
+
+
+async def count_endpoints(db: AsyncConnection, owner: str) -> int:
+    """How many endpoints the owner has, counted under a lock on the owner's name
+    (PostgreSQL; SQLite writes one at a time): two creations at once cannot both
+    pass a cap."""
+    if db.dialect.name == "postgresql":
+        await db.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints:' || :owner))"),
+            {"owner": owner},
+        )
+    statement = select(func.count()).select_from(ENDPOINTS).where(ENDPOINTS.c.owner == owner)
+    return int((await db.execute(statement)).scalar_one())
 
 
 async def list_endpoints(db: AsyncConnection, owner: str) -> Sequence[Row[Any]]:

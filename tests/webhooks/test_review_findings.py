@@ -27,7 +27,7 @@ from app.webhooks import outbox, repository
 from app.webhooks.delivery import MAX_BODY_BYTES, Sender, webhook_body
 from app.webhooks.endpoints import MAX_PREVIOUS_SECRETS
 from app.webhooks.policy import WebhookPolicy
-from tests.api.test_webhooks import Stack
+from tests.api.test_webhooks import Stack, build_stack
 from tests.conftest import make_settings
 from tests.webhooks.test_endpoints_api import (  # noqa: F401  (fixtures)
     SECOND,
@@ -469,3 +469,27 @@ async def test_a_description_may_span_lines(stack: Stack, receiver: httpx.AsyncC
     """Tabs and line breaks are prose, not control characters to refuse."""
     response = await create(stack, url=f"{receiver.base_url}/lines", description="a\n\tb")
     assert response.status_code == 201, response.text
+
+
+# -- 12. a cap on endpoints per token -------------------------------------------------
+
+
+async def test_a_token_has_at_most_webhook_max_endpoints(
+    service_factory: Any, database_url: str, tmp_path: Path, receiver: httpx.AsyncClient
+) -> None:
+    """Past WEBHOOK_MAX_ENDPOINTS, creating one more is a 409 that writes nothing; other
+    tokens and a freed place are not affected."""
+    settings = make_settings(
+        database_url, tmp_path, webhook_allowed_networks="127.0.0.0/8", webhook_max_endpoints=2
+    )
+    capped = await build_stack(service_factory, settings)
+    made = [await create(capped, url=f"{receiver.base_url}/cap{i}") for i in range(2)]
+    assert [response.status_code for response in made] == [201, 201]
+    refused = await create(capped, url=f"{receiver.base_url}/cap3")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "too_many_endpoints"
+    assert len((await capped.service.client.get("/webhook-endpoints")).json()["items"]) == 2
+    assert (await create(capped, headers=SECOND, url=f"{receiver.base_url}/b")).status_code == 201
+    path = f"/webhook-endpoints/{made[0].json()['id']}"
+    assert (await capped.service.client.delete(path)).status_code == 204
+    assert (await create(capped, url=f"{receiver.base_url}/cap3")).status_code == 201
