@@ -52,6 +52,7 @@ async def claim_due(
     owner: str,
     lease: timedelta,
     limit: int,
+    per_target: int = MAX_IN_FLIGHT_PER_TARGET,
 ) -> list[DeliveryJob]:
     """Lease due deliveries, each the oldest pending one of its task and target.
 
@@ -66,7 +67,7 @@ async def claim_due(
         earlier.c.id < DELIVERIES.c.id,
     )
     # Per target (an endpoint; or one owner's task URLs), in flight now and rank among
-    # the due: at most MAX_IN_FLIGHT_PER_TARGET at once, so a slow receiver holds that
+    # the due: at most `per_target` at once, so a slow receiver holds that
     # many slots and the others' deliveries keep flowing.
     live = DELIVERIES.alias("live")
     in_flight = (
@@ -102,7 +103,7 @@ async def claim_due(
         .where(*due_now)
         .subquery("ranked")
     )
-    fair = select(ranked.c.id).where(ranked.c.slot <= MAX_IN_FLIGHT_PER_TARGET)
+    fair = select(ranked.c.id).where(ranked.c.slot <= per_target)
     due = (
         select(DELIVERIES.c.id)
         # The conditions again on the locked row itself: PostgreSQL re-checks these (not

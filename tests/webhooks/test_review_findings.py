@@ -40,7 +40,7 @@ from tests.webhooks.test_endpoints_api import (  # noqa: F401  (fixtures)
     stack,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 async def claim(stack: Stack, owner: str, limit: int = 10) -> list[outbox.DeliveryJob]:
@@ -54,6 +54,7 @@ async def claim(stack: Stack, owner: str, limit: int = 10) -> list[outbox.Delive
 # -- 1. one event is never sent twice at once -----------------------------------------
 
 
+@session_loop
 async def test_a_delivery_in_flight_is_never_claimed_twice(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -74,6 +75,7 @@ async def test_a_delivery_in_flight_is_never_claimed_twice(
     assert job.id not in [j.id for j in await claim(stack, "two")]
 
 
+@session_loop
 async def test_a_delivery_in_flight_when_its_endpoint_is_deleted_keeps_its_fencing(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -110,6 +112,7 @@ async def test_a_delivery_in_flight_when_its_endpoint_is_deleted_keeps_its_fenci
 # -- 2. signing secrets never reach the log -------------------------------------------
 
 
+@session_loop
 async def test_a_failed_statement_never_carries_its_parameters(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -157,6 +160,7 @@ def test_a_signing_secret_in_a_traceback_is_redacted(
 # -- 3. endpoint events are their owner's alone ---------------------------------------
 
 
+@session_loop
 async def test_another_token_never_sees_my_endpoint_through_the_feed(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -186,6 +190,7 @@ def test_the_stream_is_not_woken_for_another_tokens_endpoint_event() -> None:
 # -- 4. retention never breaks the outbox ---------------------------------------------
 
 
+@session_loop
 async def test_an_event_pruned_under_a_pending_delivery_does_not_stop_every_claim(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -209,6 +214,7 @@ async def test_an_event_pruned_under_a_pending_delivery_does_not_stop_every_clai
     assert "no longer exists" in rows[0].last_error
 
 
+@session_loop
 async def test_retention_keeps_an_event_while_a_delivery_of_it_is_pending(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -257,6 +263,7 @@ def test_a_retention_shorter_than_the_retry_schedule_is_refused(tmp_path: Path) 
 # -- 5. a task URL that answered 410 is done ------------------------------------------
 
 
+@session_loop
 async def test_a_task_url_that_answered_410_gets_no_later_event(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -280,6 +287,7 @@ async def test_a_task_url_that_answered_410_gets_no_later_event(
 # -- 6. one slow endpoint cannot take every slot --------------------------------------
 
 
+@session_loop
 async def test_one_slow_endpoint_cannot_take_every_delivery_slot(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -307,6 +315,7 @@ async def test_one_slow_endpoint_cannot_take_every_delivery_slot(
 # -- 7. no cookies kept ----------------------------------------------------------------
 
 
+@session_loop
 async def test_receivers_cannot_grow_the_senders_cookie_jar(receiver: httpx.AsyncClient) -> None:
     """Nothing of a receiver's Set-Cookie is kept by the shared clients."""
     answers = [
@@ -394,6 +403,7 @@ def test_loopback_listed_as_a_network_is_still_reachable() -> None:
 # -- 10. rotating keeps every secret in its grace period ------------------------------
 
 
+@session_loop
 async def test_rotating_twice_keeps_the_first_secret_for_its_grace_period(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -411,6 +421,7 @@ async def test_rotating_twice_keeps_the_first_secret_for_its_grace_period(
     StandardWebhook(second).verify(request["body"].encode(), request["headers"])
 
 
+@session_loop
 async def test_only_the_newest_replaced_secrets_keep_signing(
     stack: Stack, receiver: httpx.AsyncClient
 ) -> None:
@@ -438,6 +449,7 @@ async def test_only_the_newest_replaced_secrets_keep_signing(
 # -- 11. control characters are a clear 422 -------------------------------------------
 
 
+@session_loop
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -465,6 +477,7 @@ async def test_a_control_character_is_a_clear_422_that_changes_nothing(
     assert (await stack.service.client.get(path)).json()["url"] == f"{receiver.base_url}/nul2"
 
 
+@session_loop
 async def test_a_description_may_span_lines(stack: Stack, receiver: httpx.AsyncClient) -> None:
     """Tabs and line breaks are prose, not control characters to refuse."""
     response = await create(stack, url=f"{receiver.base_url}/lines", description="a\n\tb")
@@ -474,6 +487,7 @@ async def test_a_description_may_span_lines(stack: Stack, receiver: httpx.AsyncC
 # -- 12. a cap on endpoints per token -------------------------------------------------
 
 
+@session_loop
 async def test_a_token_has_at_most_webhook_max_endpoints(
     service_factory: Any, database_url: str, tmp_path: Path, receiver: httpx.AsyncClient
 ) -> None:
