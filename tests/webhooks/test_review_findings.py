@@ -17,6 +17,8 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.config import SettingsError
+from app.console.auth import Session
+from app.console.routes import stream_scope
 from app.events import repository as event_repository
 from app.events.bus import Notice
 from app.events.feed import SHARED_TYPES, matches
@@ -27,6 +29,7 @@ from app.webhooks import outbox, repository
 from app.webhooks.delivery import MAX_BODY_BYTES, Sender, webhook_body
 from app.webhooks.endpoints import MAX_PREVIOUS_SECRETS
 from app.webhooks.policy import WebhookPolicy
+from tests.api.test_events_api import SseReader, live  # noqa: F401  (fixture)
 from tests.api.test_webhooks import Stack, build_stack
 from tests.conftest import make_settings
 from tests.webhooks.test_endpoints_api import (  # noqa: F401  (fixtures)
@@ -177,6 +180,35 @@ async def test_another_token_never_sees_my_endpoint_through_the_feed(
     assert theirs.status_code == 200, theirs.text
     assert "s3cr3t-in-the-path" not in theirs.text
     assert any(e["type"] == "task.created" for e in theirs.json()["items"])  # tasks still shared
+
+
+@session_loop
+async def test_another_tokens_stream_skips_my_endpoint_events(
+    stack: Stack, receiver: httpx.AsyncClient, live: httpx.AsyncClient
+) -> None:
+    """GET /events/stream?scope=all for another token: the task events, not endpoint.disabled."""
+    await script(receiver, "/gone-stream", {"status": 410})
+    await create(stack, url=f"{receiver.base_url}/gone-stream", event_types=["task.created"])
+    mine = await stack.submit()
+    await deliver_due(stack)  # 410: endpoint.disabled is recorded after task.created
+    theirs = await stack.service.client.post("/tasks", json={"prompt": "a dog"}, headers=SECOND)
+    assert theirs.status_code == 202, theirs.text
+    params = {"scope": "all"}
+    async with live.stream("GET", "/events/stream", params=params, headers=SECOND) as response:
+        reader = SseReader(response)
+        seen = [json.loads((await reader.next_event())["data"]) for _ in range(2)]
+    assert [(e["type"], e["data"]["id"]) for e in seen] == [
+        ("task.created", mine["id"]),
+        ("task.created", theirs.json()["id"]),
+    ]
+
+
+def test_the_console_stream_shows_an_endpoint_event_to_its_owner_only() -> None:
+    """The console's live stream takes the signed-in token as the viewer."""
+    scope = stream_scope(Session("b", 0), None)
+    assert not matches(scope, Notice("endpoint.disabled", "we_1", "a"))
+    assert matches(scope, Notice("endpoint.disabled", "we_1", "b"))
+    assert matches(scope, Notice("task.created", "tsk_1", "a"))
 
 
 def test_the_stream_is_not_woken_for_another_tokens_endpoint_event() -> None:
