@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     webhook_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
     webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)
     webhook_concurrency: int = Field(default=8, ge=1, le=128)
+    webhook_max_endpoints: int = Field(default=20, ge=1, le=1000)
     # The operator console at /console (internal side only: see the nginx example).
     console_enabled: bool = True
     console_session_hours: float = Field(default=12, gt=0, le=24 * 30)
@@ -244,13 +245,20 @@ class Settings(BaseSettings):
 
     @field_validator("webhook_retry_schedule")
     @classmethod
-    def _webhook_schedule(cls, value: list[str]) -> list[str]:
+    def _webhook_schedule(cls, value: list[str], info: ValidationInfo) -> list[str]:
         try:
             delays = [float(item) for item in value]
         except ValueError:
             raise ValueError(f"must be seconds separated by commas, not {value!r}") from None
         if not delays or any(delay < 0 or delay != delay for delay in delays):
             raise ValueError("must list one or more delays of 0 seconds or more")
+        retention = info.data.get("event_retention_days")
+        if retention is not None and sum(delays) >= retention * 86400:
+            # An event (and its delivery) must outlive the delivery's whole schedule.
+            raise ValueError(
+                f"spans {sum(delays) / 86400:g} days, longer than EVENT_RETENTION_DAYS "
+                f"({retention:g}); keep events longer or shorten the schedule"
+            )
         return value
 
     @property

@@ -53,7 +53,8 @@ def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
     url = make_url(database_url)
     # No pre-ping: it costs a round trip per request. A connection that died
     # with the server fails one statement, which invalidates the whole pool.
-    kwargs: dict[str, Any] = {"echo": echo}
+    # hide_parameters: a failed statement's error never prints its values (secrets).
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,14 @@ from app.config import Settings
 
 _CALLBACK_TOKEN = re.compile(r"(/webhooks/starmagic/[^/\s\"?]+/)[^/\s\"?]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+# Webhook signing secrets (`whsec_` + base64), whoever's they are.
+_SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
 _SECRET_KEYS = ("authorization", "api_key", "token", "secret", "password")
 
 
 def redact_text(text: str) -> str:
-    """Hide callback tokens and bearer credentials in free text."""
+    """Hide callback tokens, bearer credentials and signing secrets in free text."""
+    text = _SIGNING_SECRET.sub("***", text)
     return _BEARER.sub(r"\1***", _CALLBACK_TOKEN.sub(r"\1***", text))
 
 

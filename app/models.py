@@ -141,6 +141,8 @@ class Task(SQLModel, table=True):
     # The caller's per-task webhook and the event types it wants, as `,a,b,` (None: none).
     webhook_url: str | None = Field(default=None, sa_column=Column(Text))
     webhook_events: str | None = Field(default=None, sa_column=Column(Text))
+    # When webhook_url answered 410 Gone: nothing more is queued for it.
+    webhook_gone_at: datetime | None = _ts()
 
 
 class Image(SQLModel, table=True):
@@ -254,9 +256,9 @@ class WebhookEndpoint(SQLModel, table=True):
     enabled: bool = Field(default=True, sa_column=Column(Boolean, nullable=False))
     disabled_reason: str | None = Field(default=None, max_length=32)
     secret: str = Field(max_length=64)
-    # The secret before the last rotation, still signing until `previous_secret_until`.
-    previous_secret: str | None = Field(default=None, max_length=64)
-    previous_secret_until: datetime | None = _ts()
+    # Secrets replaced by rotations, newest first, each signing too until its grace
+    # period ends: [{"secret": ..., "until": ISO 8601}] (a few at most).
+    previous_secrets: list[dict[str, str]] | None = Field(default=None, sa_column=Column(JSON))
     # Since when every delivery has failed (None: the last one succeeded).
     failing_since: datetime | None = _ts()
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -243,13 +243,14 @@ class BackgroundWorker:
                 repository.prune_idempotency_records,
                 now - timedelta(days=self._settings.idempotency_retention_days),
             ),
-            "events": await self._prune_table(
-                event_repository.prune_events,
-                now - timedelta(days=self._settings.event_retention_days),
-            ),
-            # Deliveries (and their attempts) are kept as long as their events.
+            # Settled deliveries (and their attempts) first: an event goes only once no
+            # delivery refers to it, and a pending one (still in its schedule) never goes.
             "webhook_deliveries": await self._prune_table(
                 webhook_outbox.prune_deliveries,
+                now - timedelta(days=self._settings.event_retention_days),
+            ),
+            "events": await self._prune_table(
+                event_repository.prune_events,
                 now - timedelta(days=self._settings.event_retention_days),
             ),
         }

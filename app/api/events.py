@@ -11,7 +11,7 @@ from app import repository
 from app.api.deps import CallerDep, RuntimeDep, TaskIdDep
 from app.api.tasks import ERRORS, base_url
 from app.errors import NotFound
-from app.events.feed import decode_cursor, parse_types, read_page
+from app.events.feed import SHARED_TYPES, decode_cursor, parse_types, read_page
 from app.events.repository import EventScope
 from app.events.schemas import EventPage
 from app.events.stream import event_stream
@@ -46,14 +46,23 @@ TypesQuery = Annotated[
 LimitQuery = Annotated[int, Query(ge=1, le=500)]
 ScopeQuery = Annotated[
     Literal["mine", "all"],
-    Query(description="`mine`: events of tasks this token created; `all`: every task's."),
+    Query(
+        description="`mine`: events of tasks this token created; `all`: every task's "
+        "(endpoint events only ever to their own token)."
+    ),
 ]
 LastEventId = Annotated[str | None, Header(max_length=40)]
 
 
 def _scope(caller: str, scope: str, types: str | None, task_id: str | None = None) -> EventScope:
     owner = caller if scope == "mine" and task_id is None else None
-    return EventScope(owner=owner, task_id=task_id, types=parse_types(types))
+    return EventScope(
+        owner=owner,
+        task_id=task_id,
+        types=parse_types(types),
+        viewer=caller,
+        shared=SHARED_TYPES,
+    )
 
 
 def _stream(

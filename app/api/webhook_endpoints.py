@@ -50,7 +50,14 @@ def _utc(value: datetime | None) -> datetime | None:
     "/webhook-endpoints",
     status_code=status.HTTP_201_CREATED,
     response_model=EndpointCreated,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        409: {
+            "model": ErrorBody,
+            "description": "The token already has WEBHOOK_MAX_ENDPOINTS endpoints "
+            "(`too_many_endpoints`)",
+        },
+    },
 )
 async def create_endpoint(
     caller: CallerDep, body: EndpointCreate, runtime: RuntimeDep

@@ -18,6 +18,7 @@ from app.console import auth, queries
 from app.console.filters import GalleryFilters, parse
 from app.console.pages import TaskPathId, assets, checked_task_id, render, root_of
 from app.errors import NotFound, Unprocessable
+from app.events.feed import SHARED_TYPES
 from app.events.feed import decode_cursor as decode_event_cursor
 from app.events.repository import EventScope
 from app.events.stream import event_stream
@@ -164,6 +165,15 @@ async def card(
     return render(request, "_cards.html", settings, page=matched, filters=filters)
 
 
+def stream_scope(who: auth.Session, task: str | None) -> EventScope:
+    """Every task's events (or one task's); an endpoint's only for the token that owns it."""
+    return EventScope(
+        task_id=checked_task_id(task) if task else None,
+        viewer=who.caller,
+        shared=SHARED_TYPES,
+    )
+
+
 @router.get("/stream")
 async def stream(
     request: Request,
@@ -182,7 +192,7 @@ async def stream(
     body = event_stream(
         runtime.engine,
         runtime.events,
-        EventScope(task_id=checked_task_id(task) if task else None),
+        stream_scope(who, task),
         after=position,
         base=base_url(request),
         heartbeat_seconds=runtime.events.heartbeat_seconds,

@@ -12,12 +12,14 @@ from app.events import repository
 from app.events.bus import Notice
 from app.events.repository import EventScope
 from app.events.schemas import EventPublic
-from app.services.events import EventType
+from app.services.events import TASK_EVENTS, EventType
 from app.task_view import absolute_urls
 
 _CURSOR = re.compile(r"(\d{1,19})\.(\d{1,19})")
 _LARGEST = 2**63 - 1  # both parts are compared with BIGINT columns
 EVENT_TYPES = tuple(kind.value for kind in EventType)
+# Events any token may read with scope=all; the others (about an endpoint) only their owner.
+SHARED_TYPES = tuple(kind.value for kind in TASK_EVENTS)
 
 
 def encode_cursor(txid: int, seq: int) -> str:
@@ -52,6 +54,7 @@ def matches(scope: EventScope, notice: Notice) -> bool:
         (scope.owner is None or notice.owner == scope.owner)
         and (scope.task_id is None or notice.task_id == scope.task_id)
         and (not scope.types or notice.type in scope.types)
+        and scope.may_see(notice.type, notice.owner)
     )
 
 

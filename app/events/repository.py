@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, delete, insert, select, text, tuple_
+from sqlalchemy import Row, Table, delete, exists, insert, or_, select, text, tuple_
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,6 +15,7 @@ import app.models  # noqa: F401  (registers the tables on the metadata)
 from app.db import metadata
 
 EVENTS: Table = metadata.tables["events"]
+DELIVERIES: Table = metadata.tables["webhook_deliveries"]
 _INSERT_EVENT = insert(EVENTS)
 # Every transaction with an id below this one has ended (committed or rolled back).
 _HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
@@ -22,11 +23,22 @@ _HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 
 @dataclass(frozen=True)
 class EventScope:
-    """Whose events a reader sees: one owner's, one task's, or (both None) all."""
+    """Whose events a reader sees: one owner's, one task's, or (both None) all.
+
+    With a `viewer` (the reading token), events of other types than `shared`
+    (those about an endpoint, not a task) are shown only to their owner,
+    whatever the rest of the scope says.
+    """
 
     owner: str | None = None
     task_id: str | None = None
     types: tuple[str, ...] = ()
+    viewer: str | None = None
+    shared: tuple[str, ...] = ()
+
+    def may_see(self, kind: str, owner: str) -> bool:
+        """Whether the viewer may see an event of this type and owner."""
+        return self.viewer is None or owner == self.viewer or kind in self.shared
 
 
 async def insert_event(db: AsyncConnection, values: dict[str, Any]) -> None:
@@ -57,6 +69,10 @@ async def read_events(
         conditions.append(EVENTS.c.task_id == scope.task_id)
     if scope.types:
         conditions.append(EVENTS.c.type.in_(scope.types))
+    if scope.viewer is not None:
+        conditions.append(
+            or_(EVENTS.c.owner == scope.viewer, EVENTS.c.type.in_(scope.shared or ("",)))
+        )
     if after is not None:
         conditions.append(tuple_(EVENTS.c.txid, EVENTS.c.seq) > tuple_(*after))
     if below_txid is not None:
@@ -88,10 +104,15 @@ async def newest_position(db: AsyncConnection, *, below_txid: int | None) -> tup
 
 
 async def prune_events(db: AsyncConnection, *, before: datetime, limit: int) -> int:
-    """Delete up to `limit` events created before `before`; how many went."""
+    """Delete up to `limit` events created before `before`; how many went.
+
+    An event some webhook delivery still refers to stays (deliveries are pruned first,
+    pending ones never): a delivery never outlives its event.
+    """
+    referred = exists().where(DELIVERIES.c.event_id == EVENTS.c.id)
     oldest = (
         select(EVENTS.c.seq)
-        .where(EVENTS.c.created_at < before)
+        .where(EVENTS.c.created_at < before, ~referred)
         .order_by(EVENTS.c.created_at)
         .limit(limit)
     )

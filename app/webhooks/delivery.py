@@ -8,6 +8,7 @@ is recorded only while the lease is still ours (fencing).
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import time
 from collections.abc import Sequence
@@ -50,19 +51,38 @@ def lease_for(timeout_seconds: float) -> timedelta:
 def webhook_body(
     event_id: str, kind: str, created_at: datetime, data: dict[str, Any], base: str
 ) -> bytes:
-    """The event as JSON, image URLs absolute; a prompt that would pass 20 kB is cut."""
+    """The event as JSON, image URLs absolute, always under MAX_BODY_BYTES.
+
+    A body that would pass it is shortened in this order, each step marked in `data`:
+    the reference inputs go (`image_urls`, `mask_url`: `inputs_truncated`), then the
+    prompt is cut (`prompt_truncated`), and last the task shrinks to its id, status and
+    settled flag (`truncated`): the receiver reads the rest with GET /tasks/{id}.
+    """
     shown = absolute_urls(data, base) if "images" in data else data
     event = EventPublic(id=event_id, type=kind, created_at=created_at, data=shown).model_dump(
         mode="json"
     )
     body = _dumps(event)
-    if len(body) < MAX_BODY_BYTES or not isinstance(data.get("prompt"), str):
+    if len(body) < MAX_BODY_BYTES:
         return body
-    excess = len(body) - MAX_BODY_BYTES + 64
-    prompt: str = event["data"]["prompt"]
-    encoded = prompt.encode()
-    cut = encoded[: max(0, len(encoded) - excess)].decode(errors="ignore")
-    event["data"] = {**event["data"], "prompt": cut, "prompt_truncated": True}
+    full: dict[str, Any] = event["data"]
+    if full.get("image_urls") or full.get("mask_url"):
+        event["data"] = {**full, "image_urls": None, "mask_url": None, "inputs_truncated": True}
+        body = _dumps(event)
+        if len(body) < MAX_BODY_BYTES:
+            return body
+    prompt = event["data"].get("prompt")
+    if isinstance(prompt, str):
+        excess = len(body) - MAX_BODY_BYTES + 64
+        encoded = prompt.encode()
+        cut = encoded[: max(0, len(encoded) - excess)].decode(errors="ignore")
+        event["data"] = {**event["data"], "prompt": cut, "prompt_truncated": True}
+        body = _dumps(event)
+        if len(body) < MAX_BODY_BYTES:
+            return body
+    # Whatever else is large (metadata, errors): a few short fields, well under the limit.
+    kept = ("id", "status", "settled", "image_index")
+    event["data"] = {key: full[key] for key in kept if key in full} | {"truncated": True}
     return _dumps(event)
 
 
@@ -113,6 +133,16 @@ def judge(status_code: int, retry_after: str | None) -> tuple[str | None, float 
     return f"answered {status_code}", wait
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing: a receiver's Set-Cookie is neither sent back nor stored."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
 class Sender:
     """POSTs signed bodies through the address guard, one client per scheme."""
 
@@ -139,6 +169,7 @@ class Sender:
             timeout=self.timeout,
             follow_redirects=False,
             trust_env=False,
+            cookies=_NoCookies(),
             headers={"User-Agent": "imagetasks-webhooks"},
         )
 
@@ -202,7 +233,9 @@ class Deliverer:
     async def _run(self, job: DeliveryJob) -> None:
         if job.url is None:
             gone = (
-                "the task has no webhook_url" if job.target == TASK_TARGET else "endpoint disabled"
+                "the task's webhook_url is gone (none, or it answered 410 Gone)"
+                if job.target == TASK_TARGET
+                else "endpoint disabled"
             )
             async with self._engine.begin() as db:
                 await outbox.finish(
@@ -278,6 +311,7 @@ class Deliverer:
         """What the answer means for the target: 410 stops it, a long failure streak too."""
         if job.target == TASK_TARGET:
             if outcome.gone:
+                await repository.mark_task_url_gone(db, job.task_id, now)
                 await repository.fail_pending(
                     db,
                     now,

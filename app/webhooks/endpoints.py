@@ -3,6 +3,7 @@ redelivery and recovery. Every bad input is a 422 naming its field, before any w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,10 +22,24 @@ from app.webhooks.policy import PolicyError, WebhookPolicy
 from app.webhooks.schemas import EndpointCreate, EndpointPublic, EndpointUpdate
 
 _KNOWN = tuple(kind.value for kind in TASK_EVENTS)
+# Replaced secrets that keep signing through their grace period, at most (newest kept).
+MAX_PREVIOUS_SECRETS = 3
 
 
 def _invalid(field: str, reason: str) -> Unprocessable:
     return Unprocessable(f"{field}: {reason}", details=[{"field": field, "reason": reason}])
+
+
+# C0 controls and DEL: PostgreSQL refuses NUL in text, and none belongs in these fields.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_PROSE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, CR, LF are fine
+
+
+def plain_text(value: str | None, field: str, *, prose: bool = False) -> str | None:
+    """The value if it holds no control characters (NUL included); 422 naming `field`."""
+    if value is not None and (_CONTROL_IN_PROSE if prose else _CONTROL).search(value):
+        raise _invalid(field, "must not contain NUL or other control characters")
+    return value
 
 
 def event_types(value: Sequence[str] | None, field: str) -> list[str]:
@@ -35,6 +50,7 @@ def event_types(value: Sequence[str] | None, field: str) -> list[str]:
     if not types:
         raise _invalid(field, "choose at least one event type")
     for kind in types:
+        plain_text(kind, field)
         if kind not in _KNOWN:
             raise _invalid(field, f"unknown event type {kind!r} (known: {', '.join(_KNOWN)})")
     return types
@@ -83,6 +99,8 @@ class Endpoints:
 
     async def create(self, owner: str, body: EndpointCreate) -> tuple[EndpointPublic, str]:
         """A new endpoint and its secret."""
+        plain_text(body.url, "url")
+        plain_text(body.description, "description", prose=True)
         types = event_types(body.event_types, "event_types")
         await self.check_url(body.url, "url")
         now = utcnow()
@@ -98,7 +116,14 @@ class Endpoints:
             "created_at": now,
             "updated_at": now,
         }
+        cap = self._settings.webhook_max_endpoints
         async with self._engine.begin() as db:
+            if await repository.count_endpoints(db, owner) >= cap:
+                raise Conflict(
+                    f"this token already has {cap} webhook endpoints (WEBHOOK_MAX_ENDPOINTS); "
+                    "delete one first",
+                    code="too_many_endpoints",
+                )
             await repository.insert_endpoint(db, values)
             row = await repository.get_endpoint(db, owner, str(values["id"]))
         assert row is not None
@@ -122,6 +147,8 @@ class Endpoints:
 
     async def update(self, owner: str, endpoint_id: str, body: EndpointUpdate) -> EndpointPublic:
         """Change the fields given; re-enabling clears the failure streak."""
+        plain_text(body.url, "url")
+        plain_text(body.description, "description", prose=True)
         await self._row(owner, endpoint_id)
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now}
@@ -163,18 +190,29 @@ class Endpoints:
         return str((await self._row(owner, endpoint_id)).secret)
 
     async def rotate(self, owner: str, endpoint_id: str) -> str:
-        """A new secret; the old one keeps signing too for WEBHOOK_SECRET_GRACE_SECONDS."""
-        row = await self._row(owner, endpoint_id)
+        """A new secret; each replaced one keeps signing too for WEBHOOK_SECRET_GRACE_SECONDS
+        (the newest MAX_PREVIOUS_SECRETS of them)."""
         now = utcnow()
         fresh = signing.new_secret()
         grace = timedelta(seconds=self._settings.webhook_secret_grace_seconds)
-        values = {
-            "secret": fresh,
-            "previous_secret": row.secret,
-            "previous_secret_until": now + grace,
-            "updated_at": now,
-        }
+        # One transaction under the endpoint's lock: two rotations at once both keep
+        # what the other replaced, and neither drops a secret still in its grace period.
         async with self._engine.begin() as db:
+            await repository.lock_endpoint(db, endpoint_id)
+            row = await repository.get_endpoint(db, owner, endpoint_id)
+            if row is None:
+                raise NotFound(f"webhook endpoint {endpoint_id[:64]!r} does not exist")
+            replaced = [{"secret": row.secret, "until": (now + grace).isoformat()}] if grace else []
+            kept = [
+                entry
+                for entry in row.previous_secrets or []
+                if datetime.fromisoformat(entry["until"]) > now
+            ]
+            values = {
+                "secret": fresh,
+                "previous_secrets": (replaced + kept)[:MAX_PREVIOUS_SECRETS] or None,
+                "updated_at": now,
+            }
             await repository.update_endpoint(db, owner, endpoint_id, values)
         return fresh
 

@@ -2,7 +2,9 @@
 
 Callers live on private networks, so the operator lists the hosts and networks
 webhooks may reach besides public addresses. Loopback, link-local (cloud
-metadata) and private addresses are refused unless listed. `http://` is only for
+metadata) and private addresses are refused unless listed; a listed host name
+reaches private addresses, while loopback and link-local ones must be listed as
+networks or addresses themselves. `http://` is only for
 destinations inside the list; a public one needs `https://`. A URL is checked
 when it is subscribed (a clear 422) and again at every connection, against the
 addresses its host resolves to then (the guard pins the checked address).
@@ -53,6 +55,12 @@ def _ip(address: str) -> IPAddress | None:
     return getattr(ip, "ipv4_mapped", None) or ip
 
 
+def _name_may_reach(ip: IPAddress) -> bool:
+    return not (
+        ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+    )
+
+
 @dataclass(frozen=True)
 class WebhookPolicy:
     """The allow-list, and the checks made with it."""
@@ -67,11 +75,19 @@ class WebhookPolicy:
         return cls(networks, hosts)
 
     def listed(self, host: str, address: str) -> bool:
-        """Whether the host name or this address of it is on the allow-list."""
-        if host.lower().rstrip(".") in self.hosts:
-            return True
+        """Whether this address of the host is on the allow-list.
+
+        A listed network (or address) permits itself. A listed host name permits
+        private and public addresses only: loopback, link-local (cloud metadata),
+        multicast and the like must be listed as networks themselves, so a name
+        that resolves there (by mistake or by a DNS change) reaches nothing.
+        """
         ip = _ip(address)
-        return ip is not None and any(ip in network for network in self.networks)
+        if ip is None:
+            return False
+        if any(ip in network for network in self.networks):
+            return True
+        return host.lower().rstrip(".") in self.hosts and _name_may_reach(ip)
 
     def may_connect(self, scheme: str, host: str, address: str) -> bool:
         """Listed, or (over HTTPS only) a public address."""

@@ -12,10 +12,12 @@ from sqlalchemy import (
     Table,
     and_,
     delete,
+    func,
     insert,
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -87,6 +89,7 @@ async def fan_out(
     own_url = select(*columns(literal(TASK_TARGET))).where(
         TASKS.c.id == task_id,
         TASKS.c.webhook_url.is_not(None),
+        TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
         _wants(TASKS.c.webhook_events, kind),
     )
     await db.execute(
@@ -100,6 +103,19 @@ async def fan_out(
 async def insert_endpoint(db: AsyncConnection, values: dict[str, Any]) -> None:
     """Add one endpoint."""
     await db.execute(insert(ENDPOINTS), values)
+
+
+async def count_endpoints(db: AsyncConnection, owner: str) -> int:
+    """How many endpoints the owner has, counted under a lock on the owner's name
+    (PostgreSQL; SQLite writes one at a time): two creations at once cannot both
+    pass a cap."""
+    if db.dialect.name == "postgresql":
+        await db.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints:' || :owner))"),
+            {"owner": owner},
+        )
+    statement = select(func.count()).select_from(ENDPOINTS).where(ENDPOINTS.c.owner == owner)
+    return int((await db.execute(statement)).scalar_one())
 
 
 async def list_endpoints(db: AsyncConnection, owner: str) -> Sequence[Row[Any]]:
@@ -191,11 +207,29 @@ async def note_endpoint_result(
     return row.failing_since if row is not None else None
 
 
+def not_leased(now: datetime) -> Any:
+    """No attempt holds the delivery right now (no lease, or an expired one)."""
+    return or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now)
+
+
+async def mark_task_url_gone(db: AsyncConnection, task_id: str, now: datetime) -> None:
+    """The task's webhook_url answered 410: no later event is queued for it."""
+    await db.execute(
+        update(TASKS)
+        .where(TASKS.c.id == task_id, TASKS.c.webhook_gone_at.is_(None))
+        .values(webhook_gone_at=now)
+    )
+
+
 async def fail_pending(db: AsyncConnection, now: datetime, reason: str, *where: Any) -> int:
-    """Give up the pending deliveries that match `where`; how many."""
+    """Give up the pending deliveries that match `where`; how many.
+
+    A delivery being sent right now keeps its lease (the fencing of its attempt):
+    the attempt's outcome decides, and a retry finds the target gone and fails then.
+    """
     result = await db.execute(
         update(DELIVERIES)
-        .where(DELIVERIES.c.status == PENDING, *where)
+        .where(DELIVERIES.c.status == PENDING, not_leased(now), *where)
         .values(
             status=FAILED,
             last_error=reason,
@@ -266,7 +300,7 @@ async def redeliver(
         .where(
             DELIVERIES.c.event_id == event_id,
             # A delivery being sent right now finishes first; it is not sent twice at once.
-            or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
+            not_leased(now),
         )
         .values(**_again(now))
     )
@@ -307,6 +341,7 @@ async def recover(
         .where(
             DELIVERIES.c.target == endpoint_id,
             DELIVERIES.c.status == FAILED,
+            not_leased(now),
             and_(DELIVERIES.c.created_at >= since, DELIVERIES.c.created_at < until),
         )
         .values(**_again(now))

@@ -419,8 +419,9 @@ async def test_concurrent_outcomes_for_one_endpoint_are_all_recorded(
         Sender(runtime.webhooks.policy, runtime.settings.webhook_timeout_seconds),
     )
     async with runtime.engine.begin() as db:
+        # All twelve at once (past the per-endpoint cap), so that their records race.
         jobs = await outbox.claim_due(
-            db, now=utcnow(), owner="burst", lease=deliverer.lease, limit=20
+            db, now=utcnow(), owner="burst", lease=deliverer.lease, limit=20, per_target=12
         )
     assert len(jobs) == 12
     await asyncio.gather(*(deliverer.run(job) for job in jobs))
