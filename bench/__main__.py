@@ -1,7 +1,7 @@
 """`make bench`: run every part, write bench/results/ and docs/performance.md.
 
 python -m bench [--quick] [--only ingest,downloads,listing,submit,waiting,fanout,subscribed]
-                [--no-postgres]
+                [--no-postgres] [--no-sqlite]
 """
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
 PARTS = ("ingest", "downloads", "listing", "submit", *telling.PARTS)
+# Ingest configurations per database: (confirm, deployment, sweep). PostgreSQL is
+# measured as the README deploys it to production; SQLite is one process.
+INGEST = {
+    "postgres": [
+        (True, ingest.SPLIT, True),
+        (False, ingest.SPLIT, False),
+        (True, ingest.SINGLE, False),
+    ],
+    "sqlite": [(True, ingest.SINGLE, False), (False, ingest.SINGLE, False)],
+}
 
 
 def _log(message: str) -> None:
@@ -37,15 +47,15 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
         if "ingest" in parts:
             plan = ingest.IngestPlan()
             if quick:
-                plan = ingest.IngestPlan(warmup=1, saturation=2, pairs=1, half_rate=3, sweep=2)
+                plan = ingest.IngestPlan(warmup=1, saturation=3, pairs=2, half_rate=10, sweep=2)
             results["ingest"] = []
             for kind in kinds:
                 with fresh_database(kind, workdir, "ingest") as database:
                     pool = ingest.CallbackPool(plan.pool, simulator_url)
                     _log(f"ingest/{kind}: seeding {plan.pool} tasks")
                     ingest.seed(database, pool)
-                    for confirm in (True, False):
-                        _log(f"ingest/{kind}: CONFIRM_CALLBACKS={confirm}")
+                    for confirm, deployment, sweep in INGEST[kind]:
+                        _log(f"ingest/{kind}: {deployment}, CONFIRM_CALLBACKS={confirm}")
                         results["ingest"].append(
                             ingest.measure(
                                 database,
@@ -54,7 +64,8 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
                                 workdir,
                                 plan,
                                 confirm=confirm,
-                                sweep=confirm,
+                                sweep=sweep,
+                                deployment=deployment,
                             )
                         )
         if "downloads" in parts:
@@ -96,12 +107,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short phases, for trying it out")
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
     parts = {part.strip() for part in args.only.split(",") if part.strip()}
     if unknown := parts - set(PARTS):
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    kinds = ["sqlite"]
+    kinds = [] if args.no_sqlite else ["sqlite"]
     if not args.no_postgres:
         problem = postgres_available()
         if problem:

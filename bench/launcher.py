@@ -110,6 +110,7 @@ def main() -> None:
             port=args.port,
             log_config=uvicorn_log_config(),
             proxy_headers=False,
+            access_log=False,  # as `imagetasks serve`: the app writes its own request line
             timeout_graceful_shutdown=30,
         )
     else:
