@@ -11,6 +11,7 @@ from app import metrics
 from app.api.deps import ConnectionDep, RuntimeDep
 from app.callback_urls import WEBHOOK_PATH
 from app.errors import DomainError
+from app.middleware import log_on_request_line
 from app.schemas import ErrorBody
 from app.services.callbacks import receive_callback
 
@@ -55,6 +56,7 @@ async def starmagic_callback(
         )
         await db.commit()  # recorded before we answer, and before confirming
         outcome = received.outcome.value
+        log_on_request_line(request.scope, "callback_received", **received.log)
         if received.needs_confirmation:
             runtime.reconciler.confirm_soon(task_id)
         return CallbackAck(received=True, outcome=outcome)

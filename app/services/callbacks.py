@@ -39,6 +39,7 @@ class Received:
     outcome: Outcome
     task_id: str
     needs_confirmation: bool
+    log: dict[str, Any]  # what the request's one log line says about this delivery
 
 
 def parse_body(raw: bytes) -> tuple[Snapshot, Any]:
@@ -67,13 +68,20 @@ async def receive_callback(
     now = utcnow()
     poll_after = timedelta(seconds=settings.reconcile_after_seconds)
 
+    log_fields: dict[str, Any] = {}
     if snapshot.status.terminal and settings.confirm_callbacks:
         outcome = await _queue_confirmation(db, state, snapshot, now)
     else:
+        # The transition is told on the request's line, not on a line of its own.
         applied = await apply_snapshot(
-            db, task_id, snapshot, now=now, poll_after=poll_after, state=state
+            db, task_id, snapshot, now=now, poll_after=poll_after, state=state, quiet=True
         )
         outcome = applied.outcome
+        if applied.changed:
+            log_fields = {
+                "task_status": applied.state.status.value,
+                "progress": applied.state.progress,
+            }
     if outcome is Outcome.MISMATCH:
         raise Unprocessable(
             "the snapshot is about a different StarMagic task", code="task_mismatch"
@@ -89,14 +97,15 @@ async def receive_callback(
             "received_at": now,
         },
     )
-    log.info(
-        "callback_received",
+    log_fields.update(
         task_id=task_id,
         upstream_task_id=snapshot.upstream_id or state.upstream_task_id,
         reported=snapshot.status.value,
         outcome=outcome.value,
     )
-    return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING)
+    return Received(
+        outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=log_fields
+    )
 
 
 async def _queue_confirmation(
