@@ -243,31 +243,74 @@ def _poll_due(now: datetime, spacing: timedelta) -> ColumnElement[bool]:
     )
 
 
+@dataclass(frozen=True)
+class PollClaim:
+    """A leased poll: the few task columns its query and its answer need."""
+
+    id: str
+    upstream_task_id: str | None
+    created_at: datetime
+    poll_attempts: int
+    poll_claimed_at: datetime
+    confirm_requested_at: datetime | None  # a callback asked for this query
+
+
+_CLAIMED = (
+    TASKS.c.id,
+    TASKS.c.upstream_task_id,
+    TASKS.c.created_at,
+    TASKS.c.poll_attempts,
+    TASKS.c.poll_claimed_at,
+    TASKS.c.confirm_requested_at,
+)
+
+
+def _claims(rows: Any) -> list[PollClaim]:
+    return [PollClaim(*row) for row in rows]
+
+
 async def claim_due_polls(
-    session: AsyncSession, *, now: datetime, lease: timedelta, spacing: timedelta, limit: int
-) -> Sequence[Task]:
-    """Lease the active tasks whose next poll is due; replicas skip each other's rows."""
+    db: AsyncConnection,
+    *,
+    now: datetime,
+    lease: timedelta,
+    spacing: timedelta,
+    limit: int,
+    confirmations_only: bool = False,
+) -> list[PollClaim]:
+    """Lease up to `limit` active tasks whose next poll is due, in one statement;
+    replicas skip each other's rows. `confirmations_only`: those a callback asked about."""
+    conditions = [_poll_due(now, spacing)]
+    if confirmations_only:
+        conditions.append(CONFIRMATION_WAITING)
     due = (
-        select(col(Task.id))
-        .where(_poll_due(now, spacing))
-        .order_by(col(Task.next_poll_at))
+        select(TASKS.c.id)
+        .where(*conditions)
+        .order_by(TASKS.c.next_poll_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return await _lease(session, due, {"poll_lease_until": now + lease, "poll_claimed_at": now})
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id.in_(due.scalar_subquery()))
+        .values(poll_lease_until=now + lease, poll_claimed_at=now)
+        .returning(*_CLAIMED)
+    )
+    return _claims(await db.execute(statement))
 
 
 async def claim_poll(
-    session: AsyncSession, task_id: str, *, now: datetime, lease: timedelta, spacing: timedelta
-) -> Task | None:
+    db: AsyncConnection, task_id: str, *, now: datetime, lease: timedelta, spacing: timedelta
+) -> PollClaim | None:
     """Lease one task's poll if it is still due (a confirmation); None if it is not."""
-    claimed = await update_task_where(
-        session,
-        task_id,
-        _poll_due(now, spacing),
-        {"poll_lease_until": now + lease, "poll_claimed_at": now},
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, _poll_due(now, spacing))
+        .values(poll_lease_until=now + lease, poll_claimed_at=now)
+        .returning(*_CLAIMED)
     )
-    return await get_task(session, task_id) if claimed else None
+    claims = _claims(await db.execute(statement))
+    return claims[0] if claims else None
 
 
 def _at(moment: datetime) -> ColumnElement[datetime]:
@@ -321,7 +364,7 @@ def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
 
 
 async def finish_poll(
-    session: AsyncSession,
+    db: AsyncConnection,
     task_id: str,
     *,
     claimed_at: datetime,
@@ -341,25 +384,10 @@ async def finish_poll(
         "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
         "poll_lease_until": None,
     }
-    db = await session.connection()
     if not await update_where(db, task_id, IS_ACTIVE, update_values):
         return False
     waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
     return (await db.execute(waiting)).first() is not None
-
-
-async def _lease(session: AsyncSession, due: Any, values: dict[str, Any]) -> Sequence[Task]:
-    ids = (await session.execute(due)).scalars().all()
-    if not ids:
-        return []
-    await session.execute(
-        update(Task)
-        .where(col(Task.id).in_(ids))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    statement = select(Task).where(col(Task.id).in_(ids)).execution_options(populate_existing=True)
-    return (await session.execute(statement)).scalars().all()
 
 
 # Downloads: the images table is the queue.

@@ -57,7 +57,8 @@ async def starmagic_callback(
         await db.commit()  # recorded before we answer, and before confirming
         outcome = received.outcome.value
         log_on_request_line(request.scope, "callback_received", **received.log)
-        if received.needs_confirmation:
+        if received.needs_confirmation and runtime.confirms_in_process:
+            # Otherwise the task is due and the worker's confirmation loop claims it.
             runtime.reconciler.confirm_soon(task_id)
         return CallbackAck(received=True, outcome=outcome)
     finally:
