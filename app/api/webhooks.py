@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app import metrics
-from app.api.deps import ConnectionDep, RuntimeDep
+from app.api.deps import CallbackConnectionDep, RuntimeDep
 from app.callback_urls import WEBHOOK_PATH
 from app.errors import DomainError
 from app.middleware import log_on_request_line
@@ -42,7 +42,7 @@ class CallbackAck(BaseModel):
     },
 )
 async def starmagic_callback(
-    task_id: str, token: str, request: Request, db: ConnectionDep, runtime: RuntimeDep
+    task_id: str, token: str, request: Request, db: CallbackConnectionDep, runtime: RuntimeDep
 ) -> CallbackAck:
     """StarMagic's task callback; every accepted delivery gets 200, duplicates too."""
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import callback_urls, repository
 from app.config import Settings
+from app.db import transaction
 from app.errors import DomainError, NotFound, Unprocessable
 from app.models import utcnow
 from app.repository import TASKS, TaskState
@@ -69,34 +70,42 @@ async def receive_callback(
     poll_after = timedelta(seconds=settings.reconcile_after_seconds)
 
     log_fields: dict[str, Any] = {}
-    if snapshot.status.terminal and settings.confirm_callbacks:
-        outcome = await _queue_confirmation(db, state, snapshot, now)
-    else:
-        # The transition is told on the request's line, not on a line of its own.
-        applied = await apply_snapshot(
-            db, task_id, snapshot, now=now, poll_after=poll_after, state=state, quiet=True
+
+    async def record(db: AsyncConnection, outcome: Outcome) -> None:
+        if outcome is Outcome.MISMATCH:
+            raise Unprocessable(
+                "the snapshot is about a different StarMagic task", code="task_mismatch"
+            )
+        await repository.insert_delivery(
+            db,
+            {
+                "task_id": task_id,
+                "body_sha256": hashlib.sha256(raw).hexdigest(),
+                "upstream_status": snapshot.status.value,
+                "outcome": outcome.value,
+                "changed": outcome is Outcome.APPLIED,
+                "received_at": now,
+            },
         )
-        outcome = applied.outcome
+
+    if snapshot.status.terminal and settings.confirm_callbacks:
+        # Guarded single-row writes: each may commit on its own.
+        outcome = await _queue_confirmation(db, state, snapshot, now)
+        await record(db, outcome)
+    else:
+        # A move, its images, its event and the delivery commit together.
+        async with transaction(db):
+            # The transition is told on the request's line, not on a line of its own.
+            applied = await apply_snapshot(
+                db, task_id, snapshot, now=now, poll_after=poll_after, state=state, quiet=True
+            )
+            outcome = applied.outcome
+            await record(db, outcome)
         if applied.changed:
             log_fields = {
                 "task_status": applied.state.status.value,
                 "progress": applied.state.progress,
             }
-    if outcome is Outcome.MISMATCH:
-        raise Unprocessable(
-            "the snapshot is about a different StarMagic task", code="task_mismatch"
-        )
-    await repository.insert_delivery(
-        db,
-        {
-            "task_id": task_id,
-            "body_sha256": hashlib.sha256(raw).hexdigest(),
-            "upstream_status": snapshot.status.value,
-            "outcome": outcome.value,
-            "changed": outcome is Outcome.APPLIED,
-            "received_at": now,
-        },
-    )
     log_fields.update(
         task_id=task_id,
         upstream_task_id=snapshot.upstream_id or state.upstream_task_id,

@@ -8,10 +8,11 @@ from datetime import timedelta
 
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import repository
-from app.db import create_engine, create_session_factory
+from app.db import create_engine, create_session_factory, statement_commits, transaction
 from app.models import TaskStatus, utcnow
 from app.schemas import Snapshot, SnapshotImage
 from app.services.snapshots import Outcome, apply_snapshot, classify, transition
@@ -158,3 +159,77 @@ async def test_the_sql_guard_agrees_with_the_rules(
     changed = await repository.update_where(connection, task.id, condition, values)
     await session.rollback()
     assert changed == (classify(state, snapshot) is Outcome.APPLIED)
+
+
+@pytest.mark.parametrize(
+    ("current", "reported"), list(itertools.product(ACTIVE + TERMINAL, REPORTABLE))
+)
+@pytest.mark.parametrize("progress", [0, 10, 50])
+async def test_the_webhooks_connection_agrees_with_the_rules(
+    session: AsyncSession,
+    database_url: str,
+    current: TaskStatus,
+    reported: TaskStatus,
+    progress: int,
+) -> None:
+    """The webhook's path (statements that commit alone, then a transaction for a move)
+    decides as `classify` does, and a won move is committed whole."""
+    task = await make_task(session, status=current.value, progress=10)
+    snapshot = Snapshot(status=reported, upstream_id=task.upstream_task_id, progress=progress)
+    engine = create_engine(database_url)
+    try:
+        async with statement_commits(engine) as db:
+            state = await repository.task_state(db, task.id)
+            assert state is not None
+            async with transaction(db):
+                applied = await apply_snapshot(
+                    db, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER, state=state
+                )
+            await db.commit()
+    finally:
+        await engine.dispose()
+    assert (applied.outcome is Outcome.APPLIED) == (classify(state, snapshot) is Outcome.APPLIED)
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None
+    moved = applied.outcome is Outcome.APPLIED
+    assert stored.status == (reported if moved else current).value
+    events = await session.execute(
+        text("SELECT count(*) FROM events WHERE task_id = :id"), {"id": task.id}
+    )
+    # A terminal move always tells; a move to processing tells (first of its kind).
+    assert events.scalar_one() == (1 if moved and reported.rank >= 2 else 0)
+
+
+async def test_a_failed_transaction_on_the_webhooks_connection_leaves_nothing(
+    session: AsyncSession, database_url: str
+) -> None:
+    """Statements that must commit together roll back together, even where others autocommit."""
+    task = await make_task(session, status="pending", progress=0)
+    snapshot = Snapshot(status=TaskStatus.COMPLETED, upstream_id=task.upstream_task_id)
+    engine = create_engine(database_url)
+    outcomes: list[Outcome] = []
+
+    async def request() -> None:
+        async with statement_commits(engine) as db:
+            assert await repository.task_state(db, task.id) is not None  # commits alone
+            async with transaction(db):
+                applied = await apply_snapshot(
+                    db, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER
+                )
+                outcomes.append(applied.outcome)
+                raise RuntimeError("the delivery could not be recorded")
+
+    try:
+        with pytest.raises(RuntimeError):
+            await request()
+        assert outcomes == [Outcome.APPLIED]
+        # The pooled connection comes back clean: the next request reads and writes.
+        async with statement_commits(engine) as db:
+            assert await repository.task_state(db, task.id) is not None
+    finally:
+        await engine.dispose()
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None
+    assert (stored.status, stored.image_status) == ("pending", None)
+    images = (await repository.task_images(session, [task.id]))[task.id]
+    assert images == []
