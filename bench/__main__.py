@@ -1,7 +1,8 @@
 """`make bench`: run every part, write bench/results/ and docs/performance.md.
 
-python -m bench [--quick] [--only ingest,downloads,listing,submit,waiting,fanout,subscribed]
-                [--no-postgres] [--no-sqlite]
+python -m bench [--quick]
+    [--only ingest,downloads,wake,listing,submit,waiting,fanout,subscribed]
+    [--no-postgres] [--no-sqlite]
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import downloads, ingest, listing, machine, plot, report, saturate, submit, telling
+from bench import (
+    downloads,
+    ingest,
+    listing,
+    machine,
+    plot,
+    report,
+    saturate,
+    submit,
+    telling,
+    wake,
+)
 from bench.databases import fresh_database, postgres_available
 from bench.stack import start_service, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
-PARTS = ("ingest", "downloads", "listing", "submit", *telling.PARTS)
+PARTS = ("ingest", "downloads", "wake", "listing", "submit", *telling.PARTS)
 # Ingest configurations per database: (confirm, deployment, sweep). PostgreSQL is
 # measured as the README deploys it to production; SQLite is one process.
 INGEST = {
@@ -72,6 +84,13 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
             _log("downloads: 20 MB and 50 MB")
             url = downloads.migrate_sqlite(workdir / "downloads.db")
             results["downloads"] = downloads.measure(workdir, url, repeats=2 if quick else 3)
+        if "wake" in parts and "postgres" in kinds:
+            # Across processes: the worker hears the API's commits through LISTEN/NOTIFY.
+            with fresh_database("postgres", workdir, "wake") as database:
+                _log("wake/postgres: completion to stored image, 1 MB")
+                results["wake"] = wake.measure(
+                    database, simulator_url, workdir, 10 if quick else 30
+                )
         if "listing" in parts:
             results["listing"] = []
             for kind in kinds:

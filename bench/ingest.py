@@ -65,11 +65,12 @@ def _upstream_id(created: int) -> str:
 class CallbackPool:
     """Seeded tasks, handed out in order so that every run gets fresh ones."""
 
-    def __init__(self, size: int, simulator_url: str) -> None:
+    def __init__(self, size: int, simulator_url: str, image_url: str | None = None) -> None:
         now = datetime.now(UTC) - timedelta(minutes=5)
         created = int(now.timestamp())
         self.tasks = [(task_id_at(now), _upstream_id(created)) for _ in range(size)]
         self.simulator_url = simulator_url
+        self.image_url = image_url  # one image for every task, else the simulator's
         self.created = created
         self.next = 0
         self.exhausted = False
@@ -100,7 +101,7 @@ class CallbackPool:
             "result": {
                 "images": [
                     {
-                        "url": f"{self.simulator_url}/files/{upstream}-bench.png",
+                        "url": self.image_url or f"{self.simulator_url}/files/{upstream}-bench.png",
                         "expires_at": self.created + 86_400,
                     }
                 ]

@@ -133,6 +133,20 @@ def _downloads(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _wake(w: dict[str, Any]) -> list[str]:
+    s = w["completion_to_stored"]
+    return [
+        f"{w['database']}, {w['deployment']}: {w['completions_per_s']} completions/s, "
+        f"a {w['image_bytes'] / 1e6:.0f} MB image each; stored_at minus completed_at over "
+        f"{s['n']} images ({w['not_stored']} not stored within the run):",
+        "",
+        "| p50 ms | p90 ms | p99 ms | max ms |",
+        "| --- | --- | --- | --- |",
+        f"| {_fmt(s['p50_ms'])} | {_fmt(s['p90_ms'])} | {_fmt(s['p99_ms'])} "
+        f"| {_fmt(s['max_ms'])} |",
+    ]
+
+
 def _listing(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| database | page | p50 ms (target ≤ 10) | p99 ms | baseline p50 / p99 ms "
@@ -209,6 +223,8 @@ def render(results: dict[str, Any], json_name: str) -> str:
         ]
     if results.get("downloads"):
         out += ["## 2. Downloads", "", *_downloads(results["downloads"]), ""]
+    if results.get("wake"):
+        out += ["## 6. Completion to stored image", "", *_wake(results["wake"]), ""]
     if results.get("listing"):
         out += [
             "## 3. Listing",
