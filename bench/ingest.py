@@ -71,6 +71,7 @@ class CallbackPool:
         self.tasks = [(task_id_at(now), _upstream_id(created)) for _ in range(size)]
         self.simulator_url = simulator_url
         self.image_url = image_url  # one image for every task, else the simulator's
+        self.links: dict[str, str] = {}  # the simulator's live link of each task's image
         self.created = created
         self.next = 0
         self.exhausted = False
@@ -101,7 +102,7 @@ class CallbackPool:
             "result": {
                 "images": [
                     {
-                        "url": self.image_url or f"{self.simulator_url}/files/{upstream}-bench.png",
+                        "url": self.image_url or self.links[upstream],
                         "expires_at": self.created + 86_400,
                     }
                 ]
@@ -138,7 +139,8 @@ def seed(database: Database, pool: CallbackPool) -> float:
     with httpx.Client(timeout=60, trust_env=False) as client:
         for start in range(0, len(upstream), SEED_CHUNK):
             body = {"ids": upstream[start : start + SEED_CHUNK]}
-            client.post(f"{pool.simulator_url}/_bench/seed", json=body).raise_for_status()
+            answer = client.post(f"{pool.simulator_url}/_bench/seed", json=body)
+            pool.links.update(answer.raise_for_status().json()["links"])
     return time.perf_counter() - started
 
 
