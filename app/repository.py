@@ -326,13 +326,20 @@ def due_unless_confirming(due: datetime) -> ColumnElement[datetime]:
     return case((CONFIRMATION_WAITING, TASKS.c.next_poll_at), else_=_at(due))
 
 
+# Where a terminal callback's confirmation request may be made, or dated anew:
+# shared by the general path below and the single statement after it.
+MAY_REQUEST: ColumnElement[bool] = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
+MAY_RENEW: ColumnElement[bool] = and_(
+    IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at
+)
+
+
 async def request_confirmation(
     db: AsyncConnection, task_id: str, now: datetime, values: dict[str, Any]
 ) -> bool:
     """Make an active task due for a confirmation query now, unless a request already waits."""
-    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
     values = {"confirm_requested_at": now, "next_poll_at": now, "last_event_at": now, **values}
-    return await update_where(db, task_id, condition, values)
+    return await update_where(db, task_id, MAY_REQUEST, values)
 
 
 async def renew_confirmation(
@@ -342,10 +349,111 @@ async def renew_confirmation(
 
     That poll's answer may predate this news, so it must not settle the request.
     """
-    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at)
     return await update_where(
-        db, task_id, condition, {"confirm_requested_at": now, "last_event_at": now, **values}
+        db, task_id, MAY_RENEW, {"confirm_requested_at": now, "last_event_at": now, **values}
     )
+
+
+def _confirm_in_one_statement() -> Any:
+    """PostgreSQL: read, request (or renew) the confirmation and record the delivery at once.
+
+    The same decisions as `services.callbacks._queue_confirmation`, taken on the row
+    as the statement found it, for a task that already carries the callback's
+    provider id; any other case (no such task, no provider id on either side, or
+    a different one) decides nothing and records nothing (outcome NULL), and the
+    general path takes over. Data-modifying CTEs run whether or not they are read.
+    """
+    now = bindparam("now", type_=UTCDateTime())
+    task_id: Any = bindparam("task_id", type_=TASKS.c.id.type)
+    upstream_id: Any = bindparam("upstream_id", type_=TASKS.c.upstream_task_id.type)
+    reported: Any = bindparam("reported", type_=TASKS.c.status.type)
+    owned = TASKS.c.upstream_task_id == upstream_id
+    current = (
+        select(TASKS.c.status, TASKS.c.upstream_task_id).where(TASKS.c.id == task_id).cte("cur")
+    )
+    requested = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, owned, MAY_REQUEST)
+        .values(confirm_requested_at=now, next_poll_at=now, last_event_at=now)
+        .returning(TASKS.c.id)
+        .cte("requested")
+    )
+    renewed = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, owned, MAY_RENEW)
+        .values(confirm_requested_at=now, last_event_at=now)
+        .returning(TASKS.c.id)
+        .cte("renewed")
+    )
+    terminal = [status.value for status in TaskStatus if status.terminal]
+    outcome = case(
+        (
+            or_(upstream_id.is_(None), current.c.upstream_task_id.is_distinct_from(upstream_id)),
+            null(),
+        ),
+        (
+            current.c.status.in_(terminal),
+            case((current.c.status == reported, "duplicate"), else_="anomaly"),
+        ),
+        (select(requested.c.id).exists(), "confirming"),
+        else_="duplicate",  # a request already waits (renewed if its poll was out)
+    )
+    decided = select(outcome.label("outcome"), current.c.status).cte("decided")
+    recorded = (
+        insert(DELIVERIES)
+        .from_select(
+            ["task_id", "body_sha256", "upstream_status", "outcome", "changed", "received_at"],
+            select(
+                task_id,
+                bindparam("body_sha256"),
+                reported,
+                decided.c.outcome,
+                literal(False),
+                now,
+            ).where(decided.c.outcome.is_not(None)),
+        )
+        .returning(DELIVERIES.c.id)
+        .cte("recorded")
+    )
+    return select(
+        select(decided.c.outcome).scalar_subquery().label("outcome"),
+        select(decided.c.status).scalar_subquery().label("status"),
+        select(func.count()).select_from(renewed).scalar_subquery().label("renewed"),
+        select(func.count()).select_from(recorded).scalar_subquery().label("recorded"),
+    )
+
+
+_CONFIRM_IN_ONE_STATEMENT = _confirm_in_one_statement()
+
+
+@dataclass(frozen=True)
+class OneStatement:
+    """What the single-statement path did: its outcome (None: it decided nothing)
+    and the task's status as it found it (None: no such task)."""
+
+    outcome: str | None
+    status: str | None
+
+
+async def confirm_in_one_statement(
+    db: AsyncConnection,
+    *,
+    task_id: str,
+    upstream_id: str | None,
+    reported: str,
+    body_sha256: str,
+    now: datetime,
+) -> OneStatement:
+    """Run `_confirm_in_one_statement` (PostgreSQL only)."""
+    params = {
+        "task_id": task_id,
+        "upstream_id": upstream_id,
+        "reported": reported,
+        "body_sha256": body_sha256,
+        "now": now,
+    }
+    row = (await db.execute(_CONFIRM_IN_ONE_STATEMENT, params)).one()
+    return OneStatement(row.outcome, row.status)
 
 
 def _asked_since(claimed_at: datetime) -> ColumnElement[bool]:
