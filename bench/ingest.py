@@ -264,9 +264,20 @@ class Runner:
             lines = self.baseline_lines
         else:
             lines = self.pool.take(int(expected_rps * seconds * 1.5) + 1000)
-        result = saturate(self.service.port, self._datafile(lines), prefix=prefix, duration=seconds)
+        datafile = self._datafile(lines)
+        api_before = self.service.child.cpu_seconds()
+        worker_before = self.worker.cpu_seconds() if self.worker is not None else 0.0
+        result = saturate(self.service.port, datafile, prefix=prefix, duration=seconds)
         result["endpoint"] = endpoint
         result["idle_wait_s"] = round(self.wait_idle(), 2)
+        # CPU per request, work deferred past the run included: the API process alone
+        # (what one API replica spends), and the worker beside it.
+        requests = max(int(result.get("requests") or 0), 1)
+        api = self.service.child.cpu_seconds() - api_before
+        result["api_cpu_ms"] = round(api / requests * 1000, 3)
+        if self.worker is not None:
+            worker = self.worker.cpu_seconds() - worker_before
+            result["worker_cpu_ms"] = round(worker / requests * 1000, 3)
         return result
 
     def wait_idle(self) -> float:
@@ -338,6 +349,9 @@ def measure(
             runs.append(run.saturate("webhook", plan.saturation, warm_hook["rps"]))
         base = [r["rps"] for r in runs if r["endpoint"] == "baseline"]
         hook = [r["rps"] for r in runs if r["endpoint"] == "webhook"]
+        base_cpu = [r["api_cpu_ms"] for r in runs if r["endpoint"] == "baseline"]
+        hook_cpu = [r["api_cpu_ms"] for r in runs if r["endpoint"] == "webhook"]
+        worker_cpu = [r.get("worker_cpu_ms", 0.0) for r in runs if r["endpoint"] == "webhook"]
         saturated = sum(hook) / len(hook)
         half = saturated / 2
         since = datetime.now(UTC)
@@ -369,6 +383,12 @@ def measure(
             "webhook_rps": round(saturated, 1),
             "ratio": ratio(sum(hook), sum(base)),
             "pair_ratios": [ratio(h, b) for h, b in zip(hook, base, strict=True)],
+            "api_cpu_ms": {
+                "baseline": round(sum(base_cpu) / len(base_cpu), 3),
+                "webhook": round(sum(hook_cpu) / len(hook_cpu), 3),
+                "worker_per_webhook": round(sum(worker_cpu) / len(worker_cpu), 3),
+            },
+            "cpu_ratio": ratio(sum(base_cpu), sum(hook_cpu)),
         },
         "half_rate": {"rate": round(half, 1), "webhook": half_hook, "baseline": half_base},
         "confirmation": confirmation,

@@ -70,6 +70,32 @@ def _ingest(runs: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(hook['p50_ms'])} / {_fmt(hook['p99_ms'])} "
             f"| {_fmt(base['p50_ms'])} / {_fmt(base['p99_ms'])} | {_met(p99_ok)} |"
         )
+    lines += [
+        "",
+        "CPU per request in the same saturated runs (work deferred past a run included):",
+        "the API process alone, which is what one API replica spends, and beside it the",
+        "worker's share (confirmations and the downloads they queue). The CPU ratio is",
+        "the saturated ratio an API replica reaches when it has a core to itself:",
+        "",
+        "| database | deployment | confirm | API CPU ms: webhook / no-op | CPU ratio (target) "
+        "| worker CPU ms per webhook request |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        cpu = run["saturation"].get("api_cpu_ms")
+        if not cpu:
+            continue
+        target = ingest_target(run)
+        cpu_ratio = run["saturation"]["cpu_ratio"]
+        met = _met(cpu_ratio is not None and cpu_ratio >= target)
+        split = run.get("deployment") == "api+worker"
+        lines.append(
+            f"| {run['database']} | {run.get('deployment', '-')} "
+            f"| {'on' if run['confirm_callbacks'] else 'off'} "
+            f"| {_fmt(cpu['webhook'])} / {_fmt(cpu['baseline'])} "
+            f"| {_fmt(cpu_ratio)} (≥ {target}) {met} "
+            f"| {_fmt(cpu['worker_per_webhook']) if split else '-'} |"
+        )
     confirmed = [run for run in runs if run.get("confirmation")]
     if confirmed:
         lines += [
