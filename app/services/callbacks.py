@@ -149,13 +149,13 @@ async def _confirm_in_one_statement(
     if result.outcome is None:
         return None
     outcome = Outcome(result.outcome)
-    log = {
+    fields = {
         "task_id": task_id,
         "upstream_task_id": snapshot.upstream_id,
         "reported": snapshot.status.value,
         "outcome": outcome.value,
     }
-    return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=log)
+    return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=fields)
 
 
 async def _queue_confirmation(
