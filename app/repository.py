@@ -518,11 +518,6 @@ class DownloadJob:
     completed_at: datetime | None
 
 
-async def requested_images(db: AsyncConnection, task_id: str) -> int:
-    """How many images the task asked for (its n)."""
-    return int((await db.execute(select(TASKS.c.n).where(TASKS.c.id == task_id))).scalar_one())
-
-
 async def queue_images(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert a completed task's images, each pending its download."""
     if rows:

@@ -214,8 +214,8 @@ async def apply_snapshot(
         if task is not None:
             images: list[Image] = []
             if snapshot.status is TaskStatus.COMPLETED:
-                requested = await repository.requested_images(db, task_id)
-                rows = image_rows(task_id, snapshot, now, requested)
+                # The row the UPDATE returned carries n: no second read for it.
+                rows = image_rows(task_id, snapshot, now, task.n)
                 await repository.queue_images(db, rows)
                 images = [Image(**row) for row in rows]
             kind = events.transition_event(task, now)
