@@ -260,7 +260,7 @@ def render(results: dict[str, Any], json_name: str) -> str:
     if results.get("downloads"):
         out += ["## 2. Downloads", "", *_downloads(results["downloads"]), ""]
     if results.get("wake"):
-        out += ["## 6. Completion to stored image", "", *_wake(results["wake"]), ""]
+        out += ["## 7. Completion to stored image", "", *_wake(results["wake"]), ""]
     if results.get("listing"):
         out += [
             "## 3. Listing",
