@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -68,3 +71,43 @@ def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     """Sessions that keep loaded objects usable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+_AUTOCOMMIT = "imagetasks.autocommit"
+
+
+@asynccontextmanager
+async def statement_commits(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection on which each statement commits on its own (PostgreSQL).
+
+    No BEGIN and COMMIT round trips around statements that stand alone, such
+    as a guarded UPDATE; `transaction` opens a real one for those that must
+    commit together. SQLite keeps one immediate transaction: its write lock.
+    """
+    if engine.dialect.name != "postgresql":
+        async with engine.begin() as connection:
+            yield connection
+        return
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.info[_AUTOCOMMIT] = True
+        try:
+            yield connection
+        finally:
+            connection.info.pop(_AUTOCOMMIT, None)
+
+
+@asynccontextmanager
+async def transaction(db: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """Statements that commit together: a transaction of their own on a
+    `statement_commits` connection, else the transaction `db` is already in."""
+    if not db.info.get(_AUTOCOMMIT):
+        yield db
+        return
+    await db.commit()  # ends the autocommitted statements' logical transaction: no round trip
+    await db.execution_options(isolation_level=db.dialect.default_isolation_level)
+    try:
+        async with db.begin():
+            yield db
+    finally:
+        await db.execution_options(isolation_level="AUTOCOMMIT")

@@ -243,31 +243,74 @@ def _poll_due(now: datetime, spacing: timedelta) -> ColumnElement[bool]:
     )
 
 
+@dataclass(frozen=True)
+class PollClaim:
+    """A leased poll: the few task columns its query and its answer need."""
+
+    id: str
+    upstream_task_id: str | None
+    created_at: datetime
+    poll_attempts: int
+    poll_claimed_at: datetime
+    confirm_requested_at: datetime | None  # a callback asked for this query
+
+
+_CLAIMED = (
+    TASKS.c.id,
+    TASKS.c.upstream_task_id,
+    TASKS.c.created_at,
+    TASKS.c.poll_attempts,
+    TASKS.c.poll_claimed_at,
+    TASKS.c.confirm_requested_at,
+)
+
+
+def _claims(rows: Any) -> list[PollClaim]:
+    return [PollClaim(*row) for row in rows]
+
+
 async def claim_due_polls(
-    session: AsyncSession, *, now: datetime, lease: timedelta, spacing: timedelta, limit: int
-) -> Sequence[Task]:
-    """Lease the active tasks whose next poll is due; replicas skip each other's rows."""
+    db: AsyncConnection,
+    *,
+    now: datetime,
+    lease: timedelta,
+    spacing: timedelta,
+    limit: int,
+    confirmations_only: bool = False,
+) -> list[PollClaim]:
+    """Lease up to `limit` active tasks whose next poll is due, in one statement;
+    replicas skip each other's rows. `confirmations_only`: those a callback asked about."""
+    conditions = [_poll_due(now, spacing)]
+    if confirmations_only:
+        conditions.append(CONFIRMATION_WAITING)
     due = (
-        select(col(Task.id))
-        .where(_poll_due(now, spacing))
-        .order_by(col(Task.next_poll_at))
+        select(TASKS.c.id)
+        .where(*conditions)
+        .order_by(TASKS.c.next_poll_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return await _lease(session, due, {"poll_lease_until": now + lease, "poll_claimed_at": now})
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id.in_(due.scalar_subquery()))
+        .values(poll_lease_until=now + lease, poll_claimed_at=now)
+        .returning(*_CLAIMED)
+    )
+    return _claims(await db.execute(statement))
 
 
 async def claim_poll(
-    session: AsyncSession, task_id: str, *, now: datetime, lease: timedelta, spacing: timedelta
-) -> Task | None:
+    db: AsyncConnection, task_id: str, *, now: datetime, lease: timedelta, spacing: timedelta
+) -> PollClaim | None:
     """Lease one task's poll if it is still due (a confirmation); None if it is not."""
-    claimed = await update_task_where(
-        session,
-        task_id,
-        _poll_due(now, spacing),
-        {"poll_lease_until": now + lease, "poll_claimed_at": now},
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, _poll_due(now, spacing))
+        .values(poll_lease_until=now + lease, poll_claimed_at=now)
+        .returning(*_CLAIMED)
     )
-    return await get_task(session, task_id) if claimed else None
+    claims = _claims(await db.execute(statement))
+    return claims[0] if claims else None
 
 
 def _at(moment: datetime) -> ColumnElement[datetime]:
@@ -283,13 +326,20 @@ def due_unless_confirming(due: datetime) -> ColumnElement[datetime]:
     return case((CONFIRMATION_WAITING, TASKS.c.next_poll_at), else_=_at(due))
 
 
+# Where a terminal callback's confirmation request may be made, or dated anew:
+# shared by the general path below and the single statement after it.
+MAY_REQUEST: ColumnElement[bool] = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
+MAY_RENEW: ColumnElement[bool] = and_(
+    IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at
+)
+
+
 async def request_confirmation(
     db: AsyncConnection, task_id: str, now: datetime, values: dict[str, Any]
 ) -> bool:
     """Make an active task due for a confirmation query now, unless a request already waits."""
-    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
     values = {"confirm_requested_at": now, "next_poll_at": now, "last_event_at": now, **values}
-    return await update_where(db, task_id, condition, values)
+    return await update_where(db, task_id, MAY_REQUEST, values)
 
 
 async def renew_confirmation(
@@ -299,10 +349,111 @@ async def renew_confirmation(
 
     That poll's answer may predate this news, so it must not settle the request.
     """
-    condition = and_(IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at)
     return await update_where(
-        db, task_id, condition, {"confirm_requested_at": now, "last_event_at": now, **values}
+        db, task_id, MAY_RENEW, {"confirm_requested_at": now, "last_event_at": now, **values}
     )
+
+
+def _confirm_in_one_statement() -> Any:
+    """PostgreSQL: read, request (or renew) the confirmation and record the delivery at once.
+
+    The same decisions as `services.callbacks._queue_confirmation`, taken on the row
+    as the statement found it, for a task that already carries the callback's
+    provider id; any other case (no such task, no provider id on either side, or
+    a different one) decides nothing and records nothing (outcome NULL), and the
+    general path takes over. Data-modifying CTEs run whether or not they are read.
+    """
+    now = bindparam("now", type_=UTCDateTime())
+    task_id: Any = bindparam("task_id", type_=TASKS.c.id.type)
+    upstream_id: Any = bindparam("upstream_id", type_=TASKS.c.upstream_task_id.type)
+    reported: Any = bindparam("reported", type_=TASKS.c.status.type)
+    owned = TASKS.c.upstream_task_id == upstream_id
+    current = (
+        select(TASKS.c.status, TASKS.c.upstream_task_id).where(TASKS.c.id == task_id).cte("cur")
+    )
+    requested = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, owned, MAY_REQUEST)
+        .values(confirm_requested_at=now, next_poll_at=now, last_event_at=now)
+        .returning(TASKS.c.id)
+        .cte("requested")
+    )
+    renewed = (
+        update(TASKS)
+        .where(TASKS.c.id == task_id, owned, MAY_RENEW)
+        .values(confirm_requested_at=now, last_event_at=now)
+        .returning(TASKS.c.id)
+        .cte("renewed")
+    )
+    terminal = [status.value for status in TaskStatus if status.terminal]
+    outcome = case(
+        (
+            or_(upstream_id.is_(None), current.c.upstream_task_id.is_distinct_from(upstream_id)),
+            null(),
+        ),
+        (
+            current.c.status.in_(terminal),
+            case((current.c.status == reported, "duplicate"), else_="anomaly"),
+        ),
+        (select(requested.c.id).exists(), "confirming"),
+        else_="duplicate",  # a request already waits (renewed if its poll was out)
+    )
+    decided = select(outcome.label("outcome"), current.c.status).cte("decided")
+    recorded = (
+        insert(DELIVERIES)
+        .from_select(
+            ["task_id", "body_sha256", "upstream_status", "outcome", "changed", "received_at"],
+            select(
+                task_id,
+                bindparam("body_sha256"),
+                reported,
+                decided.c.outcome,
+                literal(False),
+                now,
+            ).where(decided.c.outcome.is_not(None)),
+        )
+        .returning(DELIVERIES.c.id)
+        .cte("recorded")
+    )
+    return select(
+        select(decided.c.outcome).scalar_subquery().label("outcome"),
+        select(decided.c.status).scalar_subquery().label("status"),
+        select(func.count()).select_from(renewed).scalar_subquery().label("renewed"),
+        select(func.count()).select_from(recorded).scalar_subquery().label("recorded"),
+    )
+
+
+_CONFIRM_IN_ONE_STATEMENT = _confirm_in_one_statement()
+
+
+@dataclass(frozen=True)
+class OneStatement:
+    """What the single-statement path did: its outcome (None: it decided nothing)
+    and the task's status as it found it (None: no such task)."""
+
+    outcome: str | None
+    status: str | None
+
+
+async def confirm_in_one_statement(
+    db: AsyncConnection,
+    *,
+    task_id: str,
+    upstream_id: str | None,
+    reported: str,
+    body_sha256: str,
+    now: datetime,
+) -> OneStatement:
+    """Run `_confirm_in_one_statement` (PostgreSQL only)."""
+    params = {
+        "task_id": task_id,
+        "upstream_id": upstream_id,
+        "reported": reported,
+        "body_sha256": body_sha256,
+        "now": now,
+    }
+    row = (await db.execute(_CONFIRM_IN_ONE_STATEMENT, params)).one()
+    return OneStatement(row.outcome, row.status)
 
 
 def _asked_since(claimed_at: datetime) -> ColumnElement[bool]:
@@ -321,7 +472,7 @@ def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
 
 
 async def finish_poll(
-    session: AsyncSession,
+    db: AsyncConnection,
     task_id: str,
     *,
     claimed_at: datetime,
@@ -341,25 +492,10 @@ async def finish_poll(
         "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
         "poll_lease_until": None,
     }
-    db = await session.connection()
     if not await update_where(db, task_id, IS_ACTIVE, update_values):
         return False
     waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
     return (await db.execute(waiting)).first() is not None
-
-
-async def _lease(session: AsyncSession, due: Any, values: dict[str, Any]) -> Sequence[Task]:
-    ids = (await session.execute(due)).scalars().all()
-    if not ids:
-        return []
-    await session.execute(
-        update(Task)
-        .where(col(Task.id).in_(ids))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    statement = select(Task).where(col(Task.id).in_(ids)).execution_options(populate_existing=True)
-    return (await session.execute(statement)).scalars().all()
 
 
 # Downloads: the images table is the queue.
@@ -380,11 +516,6 @@ class DownloadJob:
     upstream_task_id: str | None
     task_created_at: datetime
     completed_at: datetime | None
-
-
-async def requested_images(db: AsyncConnection, task_id: str) -> int:
-    """How many images the task asked for (its n)."""
-    return int((await db.execute(select(TASKS.c.n).where(TASKS.c.id == task_id))).scalar_one())
 
 
 async def queue_images(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

@@ -29,6 +29,9 @@ class Runtime:
     reconciler: Reconciler
     webhooks: Endpoints
     events: EventBus = field(default_factory=EventBus)
+    # The webhook queries the provider itself only where the loops run (RUN_BACKGROUND);
+    # otherwise `imagetasks worker` claims due confirmations in batches.
+    confirms_in_process: bool = True
     closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -66,6 +69,7 @@ class Runtime:
             ),
             reconciler=Reconciler(sessions, starmagic, settings),
             webhooks=Endpoints(engine, settings),
+            confirms_in_process=settings.run_background,
         )
 
     async def aclose(self) -> None:

@@ -22,12 +22,16 @@ from app.outage import SCHEMA, OutageLog, diagnose_database_error
 from app.repository import DownloadJob
 from app.runtime import Runtime
 from app.services.downloads import LEASE, Downloader
+from app.services.reconcile import CONFIRM_BATCH
 from app.webhooks import outbox as webhook_outbox
 from app.webhooks.delivery import Deliverer, Sender
 
 log = structlog.get_logger(__name__)
 
 DOWNLOAD_POLL_SECONDS = 1.0
+# How often the worker looks for callbacks waiting to be confirmed: an API process
+# with RUN_BACKGROUND=false leaves them due in the database for this loop.
+CONFIRM_POLL_SECONDS = 0.25
 STATS_SECONDS = 15.0
 STOP_GRACE_SECONDS = 20.0
 # Retention: one pass an hour, in batches small enough to hold locks only briefly.
@@ -104,6 +108,9 @@ class BackgroundWorker:
                 self._forever(
                     "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
                 )
+            ),
+            asyncio.create_task(
+                self._forever("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS)
             ),
             asyncio.create_task(
                 self._forever("webhooks", self._webhook_round, 0, self._written.wait)
@@ -217,6 +224,14 @@ class BackgroundWorker:
 
     async def _reconcile_round(self) -> None:
         while await self._runtime.reconciler.run_once() and not self._stopping.is_set():
+            pass
+
+    async def _confirm_round(self) -> None:
+        """Batches of due confirmations until none is left."""
+        while (
+            await self._runtime.reconciler.confirm_due() >= CONFIRM_BATCH
+            and not self._stopping.is_set()
+        ):
             pass
 
     async def _queue_stats(self) -> None:

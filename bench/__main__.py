@@ -1,7 +1,8 @@
 """`make bench`: run every part, write bench/results/ and docs/performance.md.
 
-python -m bench [--quick] [--only ingest,downloads,listing,submit,waiting,fanout,subscribed]
-                [--no-postgres]
+python -m bench [--quick]
+    [--only ingest,downloads,wake,listing,submit,waiting,fanout,subscribed]
+    [--no-postgres] [--no-sqlite]
 """
 
 from __future__ import annotations
@@ -16,14 +17,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import downloads, ingest, listing, machine, plot, report, saturate, submit, telling
+from bench import (
+    downloads,
+    ingest,
+    listing,
+    machine,
+    plot,
+    report,
+    saturate,
+    submit,
+    telling,
+    wake,
+)
 from bench.databases import fresh_database, postgres_available
 from bench.stack import start_service, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
-PARTS = ("ingest", "downloads", "listing", "submit", *telling.PARTS)
+PARTS = ("ingest", "downloads", "wake", "listing", "submit", *telling.PARTS)
+# Ingest configurations per database: (confirm, deployment, sweep). PostgreSQL is
+# measured as the README deploys it to production; SQLite is one process.
+INGEST = {
+    "postgres": [
+        (True, ingest.SPLIT, True),
+        (False, ingest.SPLIT, False),
+        (True, ingest.SINGLE, False),
+    ],
+    "sqlite": [(True, ingest.SINGLE, False), (False, ingest.SINGLE, False)],
+}
 
 
 def _log(message: str) -> None:
@@ -37,15 +59,15 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
         if "ingest" in parts:
             plan = ingest.IngestPlan()
             if quick:
-                plan = ingest.IngestPlan(warmup=1, saturation=2, pairs=1, half_rate=3, sweep=2)
+                plan = ingest.IngestPlan(warmup=1, saturation=3, pairs=2, half_rate=10, sweep=2)
             results["ingest"] = []
             for kind in kinds:
                 with fresh_database(kind, workdir, "ingest") as database:
                     pool = ingest.CallbackPool(plan.pool, simulator_url)
                     _log(f"ingest/{kind}: seeding {plan.pool} tasks")
                     ingest.seed(database, pool)
-                    for confirm in (True, False):
-                        _log(f"ingest/{kind}: CONFIRM_CALLBACKS={confirm}")
+                    for confirm, deployment, sweep in INGEST[kind]:
+                        _log(f"ingest/{kind}: {deployment}, CONFIRM_CALLBACKS={confirm}")
                         results["ingest"].append(
                             ingest.measure(
                                 database,
@@ -54,13 +76,21 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
                                 workdir,
                                 plan,
                                 confirm=confirm,
-                                sweep=confirm,
+                                sweep=sweep,
+                                deployment=deployment,
                             )
                         )
         if "downloads" in parts:
             _log("downloads: 20 MB and 50 MB")
             url = downloads.migrate_sqlite(workdir / "downloads.db")
             results["downloads"] = downloads.measure(workdir, url, repeats=2 if quick else 3)
+        if "wake" in parts and "postgres" in kinds:
+            # Across processes: the worker hears the API's commits through LISTEN/NOTIFY.
+            with fresh_database("postgres", workdir, "wake") as database:
+                _log("wake/postgres: completion to stored image, 1 MB")
+                results["wake"] = wake.measure(
+                    database, simulator_url, workdir, 10 if quick else 30
+                )
         if "listing" in parts:
             results["listing"] = []
             for kind in kinds:
@@ -96,12 +126,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short phases, for trying it out")
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
     parts = {part.strip() for part in args.only.split(",") if part.strip()}
     if unknown := parts - set(PARTS):
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    kinds = ["sqlite"]
+    kinds = [] if args.no_sqlite else ["sqlite"]
     if not args.no_postgres:
         problem = postgres_available()
         if problem:

@@ -1,5 +1,10 @@
 """2. Downloads: the worker's throughput against curl on the same URL, and its
-peak memory growth, for 20 MB and 50 MB images from a local server."""
+peak memory growth, for 20 MB and 50 MB images from a local server.
+
+Like for like: the baseline is `curl -o FILE` followed by `sha256sum FILE` on the
+disk the worker stores to (the worker fetches, hashes, writes, fsyncs and
+records). Also over a link paced to 50 MB/s, closer to a real network.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from tests.ports import free_port
 from tests.postgres import in_thread
 
 SIZES = {"20MB": 20_000_000, "50MB": 50_000_000}
+# (label, file, link rate in bytes/s; 0 is loopback at full speed)
+CASES = (("20MB", "20MB", 0.0), ("50MB", "50MB", 0.0), ("50MB at 50 MB/s", "50MB", 50e6))
 WARMUP_BYTES = 1_000_000
 
 
@@ -39,15 +46,14 @@ def make_images(root: Path) -> dict[str, Path]:
     return files
 
 
-def curl_seconds(url: str) -> float:
-    """Wall time of `curl -o /dev/null` for one URL (curl's own total time)."""
-    out = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return float(out[0])
+def curl_seconds(url: str, dest: Path) -> float:
+    """Wall time of `curl -o FILE` then `sha256sum FILE` (the file is removed after)."""
+    started = time.perf_counter()
+    subprocess.run(["curl", "-sS", "-o", str(dest), url], check=True)
+    subprocess.run(["sha256sum", str(dest)], check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    dest.unlink()
+    return seconds
 
 
 def curl_version() -> str | None:
@@ -94,39 +100,48 @@ def _start_worker(workdir: Path, database_url: str) -> Worker:
     return Worker(child)
 
 
-def measure(workdir: Path, database_url: str, repeats: int = 3) -> dict[str, Any]:
-    """Interleaved curl / worker runs per size; medians, ratios and peak RSS growth."""
-    files = make_images(workdir / "files")
+def _fileserver(workdir: Path, name: str, rate: float) -> tuple[Child, str]:
     port = free_port()
-    server = Child(
-        "fileserver",
-        [PYTHON, "-m", "bench.fileserver", "--port", str(port), "--root", str(workdir / "files")],
-        clean_env({}),
-        workdir,
-    ).start()
+    args = [PYTHON, "-m", "bench.fileserver", "--port", str(port), "--root", str(workdir / "files")]
+    server = Child(name, [*args, "--rate", str(rate)], clean_env({}), workdir).start()
     base = f"http://127.0.0.1:{port}"
+    server.wait_http(f"{base}/warmup.png")
+    return server, base
+
+
+def measure(workdir: Path, database_url: str, repeats: int = 3) -> dict[str, Any]:
+    """Interleaved curl / worker runs per case; medians, ratios and peak RSS growth."""
+    files = make_images(workdir / "files")
+    curl_file = workdir / "stored" / "curl.png"  # the disk the worker stores to
+    curl_file.parent.mkdir(parents=True, exist_ok=True)
+    servers: dict[float, tuple[Child, str]] = {}
     worker: Worker | None = None
     results: dict[str, Any] = {}
     try:
-        server.wait_http(f"{base}/warmup.png")
+        for _, _, rate in CASES:
+            if rate not in servers:
+                servers[rate] = _fileserver(workdir, f"fileserver-{rate:.0f}", rate)
+        base = servers[0.0][1]
         worker = _start_worker(workdir, database_url)
         worker.job(f"{base}/warmup.png")
-        curl_seconds(f"{base}/warmup.png")
-        for name, size in SIZES.items():
-            url = f"{base}/{files[name].name}"
+        curl_seconds(f"{base}/warmup.png", curl_file)
+        for label, name, rate in CASES:
+            size = SIZES[name]
+            url = f"{servers[rate][1]}/{files[name].name}"
             curls, jobs = [], []
             for _ in range(repeats):
-                curls.append(curl_seconds(url))
+                curls.append(curl_seconds(url, curl_file))
                 jobs.append(worker.job(url))
             bad = [job for job in jobs if job["image_status"] != "stored"]
             if bad:
-                raise RuntimeError(f"download of {name} failed: {bad[0]}")
+                raise RuntimeError(f"download of {label} failed: {bad[0]}")
             curl_s = statistics.median(curls)
             job_s = statistics.median(job["seconds"] for job in jobs)
             fetch_s = statistics.median(job["fetch_seconds"] for job in jobs)
             growth = max(job["peak_growth_kib"] for job in jobs) / 1024
-            results[name] = {
+            results[label] = {
                 "bytes": size,
+                "link_bytes_per_s": rate or None,
                 "curl_mb_s": round(size / curl_s / 1e6, 1),
                 "worker_mb_s": round(size / job_s / 1e6, 1),
                 "fetch_only_mb_s": round(size / fetch_s / 1e6, 1),
@@ -142,8 +157,9 @@ def measure(workdir: Path, database_url: str, repeats: int = 3) -> dict[str, Any
             assert worker.child.popen.stdin is not None
             worker.child.popen.stdin.close()
             worker.child.stop()
-        server.stop()
-    return {"repeats": repeats, "sizes": results, "generated_at": time.time()}
+        for server, _ in servers.values():
+            server.stop()
+    return {"repeats": repeats, "baseline": "curl -o FILE && sha256sum FILE", "sizes": results}
 
 
 def migrate_sqlite(path: Path) -> str:

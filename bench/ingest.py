@@ -13,6 +13,7 @@ import asyncio
 import json
 import secrets
 import string
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,20 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from app.callback_urls import WEBHOOK_PATH, sign
 from app.db import create_engine
+from app.repository import DELIVERIES, IS_ACTIVE, TASKS
 from bench import loadgen
 from bench.databases import Database, insert_tasks, task_row
 from bench.ids import task_id_at
 from bench.launcher import NOOP_PREFIX
+from bench.procs import Child
 from bench.saturate import read_entries, saturate
-from bench.stack import WEBHOOK_SECRET, Service, start_service
+from bench.stack import WEBHOOK_SECRET, Service, start_service, start_worker
 from bench.stats import ratio, summarize
 
 DUPLICATE_LAG = 64  # requests between a callback and its duplicate
 SEED_CHUNK = 5000
+# The README's production shape: API replicas with RUN_BACKGROUND=false and
+# `imagetasks worker` beside them; and the default, everything in one process.
+SPLIT = "api+worker"
+SINGLE = "single process"
+CONFIRM_DRAIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,10 @@ class IngestPlan:
     warmup: float = 2.0
     saturation: float = 5.0
     pairs: int = 2
-    half_rate: float = 8.0
+    half_rate: float = 30.0
     sweep: float = 4.0
     sweep_fractions: tuple[float, ...] = (0.25, 0.75, 0.9, 1.0)
-    pool: int = 30_000
+    pool: int = 80_000
 
 
 def _upstream_id(created: int) -> str:
@@ -57,11 +65,13 @@ def _upstream_id(created: int) -> str:
 class CallbackPool:
     """Seeded tasks, handed out in order so that every run gets fresh ones."""
 
-    def __init__(self, size: int, simulator_url: str) -> None:
+    def __init__(self, size: int, simulator_url: str, image_url: str | None = None) -> None:
         now = datetime.now(UTC) - timedelta(minutes=5)
         created = int(now.timestamp())
         self.tasks = [(task_id_at(now), _upstream_id(created)) for _ in range(size)]
         self.simulator_url = simulator_url
+        self.image_url = image_url  # one image for every task, else the simulator's
+        self.links: dict[str, str] = {}  # the simulator's live link of each task's image
         self.created = created
         self.next = 0
         self.exhausted = False
@@ -92,7 +102,7 @@ class CallbackPool:
             "result": {
                 "images": [
                     {
-                        "url": f"{self.simulator_url}/files/{upstream}-bench.png",
+                        "url": self.image_url or self.links[upstream],
                         "expires_at": self.created + 86_400,
                     }
                 ]
@@ -129,8 +139,78 @@ def seed(database: Database, pool: CallbackPool) -> float:
     with httpx.Client(timeout=60, trust_env=False) as client:
         for start in range(0, len(upstream), SEED_CHUNK):
             body = {"ids": upstream[start : start + SEED_CHUNK]}
-            client.post(f"{pool.simulator_url}/_bench/seed", json=body).raise_for_status()
+            answer = client.post(f"{pool.simulator_url}/_bench/seed", json=body)
+            pool.links.update(answer.raise_for_status().json()["links"])
     return time.perf_counter() - started
+
+
+_BACKLOG = select(func.count()).where(TASKS.c.confirm_requested_at.is_not(None), IS_ACTIVE)
+
+
+async def _backlog(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return int((await connection.execute(_BACKLOG)).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+class BacklogSampler:
+    """Due confirmations, counted once a second from another thread while load runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.samples.append(asyncio.run(_backlog(self.url)))
+
+    def __enter__(self) -> BacklogSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _confirmations(url: str, since: datetime) -> tuple[list[float], int]:
+    """Seconds from each task's first callback to its confirmed completion; unconfirmed count."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            statement = (
+                select(TASKS.c.completed_at, func.min(DELIVERIES.c.received_at))
+                .join(TASKS, TASKS.c.id == DELIVERIES.c.task_id)
+                .where(DELIVERIES.c.received_at >= since)
+                .group_by(TASKS.c.id, TASKS.c.completed_at)
+            )
+            rows = (await connection.execute(statement)).all()
+    finally:
+        await engine.dispose()
+    done = [(completed - received).total_seconds() for completed, received in rows if completed]
+    return done, sum(1 for completed, _ in rows if completed is None)
+
+
+def confirmation_figures(url: str, since: datetime, samples: list[int]) -> dict[str, Any]:
+    """Callback → confirmed latency once the backlog drained, and the backlog over time."""
+    deadline = time.monotonic() + CONFIRM_DRAIN_SECONDS
+    while asyncio.run(_backlog(url)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    done, unconfirmed = asyncio.run(_confirmations(url, since))
+    third = max(len(samples) // 3, 1)
+    return {
+        "callback_to_confirmed": summarize(done),
+        "unconfirmed": unconfirmed,
+        "backlog_samples": samples,
+        "backlog_first_third_mean": round(sum(samples[:third]) / third, 1) if samples else None,
+        "backlog_last_third_mean": round(sum(samples[-third:]) / third, 1) if samples else None,
+        "backlog_max": max(samples) if samples else None,
+    }
 
 
 async def _outcomes(url: str) -> dict[str, int]:
@@ -153,8 +233,16 @@ def _sim_queries(simulator_url: str) -> int:
 class Runner:
     """Runs the phases against one service process."""
 
-    def __init__(self, service: Service, pool: CallbackPool, workdir: Path, label: str) -> None:
+    def __init__(
+        self,
+        service: Service,
+        pool: CallbackPool,
+        workdir: Path,
+        label: str,
+        worker: Child | None = None,
+    ) -> None:
         self.service = service
+        self.worker = worker
         self.pool = pool
         self.workdir = workdir
         self.label = label
@@ -176,20 +264,43 @@ class Runner:
             lines = self.baseline_lines
         else:
             lines = self.pool.take(int(expected_rps * seconds * 1.5) + 1000)
-        result = saturate(self.service.port, self._datafile(lines), prefix=prefix, duration=seconds)
+        datafile = self._datafile(lines)
+        api_before = self.service.child.cpu_seconds()
+        worker_before = self.worker.cpu_seconds() if self.worker is not None else 0.0
+        result = saturate(self.service.port, datafile, prefix=prefix, duration=seconds)
         result["endpoint"] = endpoint
-        result["idle_wait_s"] = round(self.service.child.wait_idle(), 2)
+        result["idle_wait_s"] = round(self.wait_idle(), 2)
+        # CPU per request, work deferred past the run included: the API process alone
+        # (what one API replica spends), and the worker beside it.
+        requests = max(int(result.get("requests") or 0), 1)
+        api = self.service.child.cpu_seconds() - api_before
+        result["api_cpu_ms"] = round(api / requests * 1000, 3)
+        if self.worker is not None:
+            worker = self.worker.cpu_seconds() - worker_before
+            result["worker_cpu_ms"] = round(worker / requests * 1000, 3)
         return result
+
+    def wait_idle(self) -> float:
+        """Until the service and its worker rest: deferred work stays out of the next run."""
+        waited = self.service.child.wait_idle()
+        if self.worker is not None:
+            waited += self.worker.wait_idle()
+        return waited
+
+    def cpu_seconds(self) -> float:
+        """The service's CPU time, and its worker's."""
+        worker = self.worker.cpu_seconds() if self.worker is not None else 0.0
+        return self.service.child.cpu_seconds() + worker
 
     def open_loop(self, endpoint: str, rate: float, seconds: float) -> dict[str, Any]:
         """Constant offered rate; latency from each request's scheduled time."""
         prefix = NOOP_PREFIX if endpoint == "baseline" else None
         lines = self.baseline_lines if prefix else self.pool.take(int(rate * seconds) + 10)
         requests = read_entries(self._datafile(lines), prefix)
-        cpu_before = self.service.child.cpu_seconds()
+        cpu_before = self.cpu_seconds()
         result = loadgen.open_loop(self.service.port, requests, rate=rate, duration=seconds)
-        cpu = self.service.child.cpu_seconds() - cpu_before
-        idle = self.service.child.wait_idle()
+        cpu = self.cpu_seconds() - cpu_before
+        idle = self.wait_idle()
         return {
             "endpoint": endpoint,
             "offered_rps": round(rate, 1),
@@ -212,14 +323,24 @@ def measure(
     *,
     confirm: bool,
     sweep: bool,
+    deployment: str = SPLIT,
 ) -> dict[str, Any]:
-    """Saturation pairs, the half-rate point and (optionally) the sweep on one service."""
+    """Saturation pairs, the half-rate point and (optionally) the sweep on one deployment."""
     label = f"ingest-{database.kind}-{'confirm' if confirm else 'noconfirm'}"
-    service = start_service(workdir, label, database.url, simulator_url, confirm_callbacks=confirm)
+    label += "-single" if deployment == SINGLE else ""
+    service = start_service(
+        workdir,
+        label,
+        database.url,
+        simulator_url,
+        confirm_callbacks=confirm,
+        run_background=deployment == SINGLE,
+    )
+    worker = start_worker(service, label + "-worker") if deployment == SPLIT else None
     queries_before = _sim_queries(simulator_url)
     outcomes_before = asyncio.run(_outcomes(database.url))
     try:
-        run = Runner(service, pool, workdir, label)
+        run = Runner(service, pool, workdir, label, worker)
         warm = run.saturate("baseline", plan.warmup, 5000)
         warm_hook = run.saturate("webhook", plan.warmup, 2000)
         runs = []
@@ -228,9 +349,17 @@ def measure(
             runs.append(run.saturate("webhook", plan.saturation, warm_hook["rps"]))
         base = [r["rps"] for r in runs if r["endpoint"] == "baseline"]
         hook = [r["rps"] for r in runs if r["endpoint"] == "webhook"]
+        base_cpu = [r["api_cpu_ms"] for r in runs if r["endpoint"] == "baseline"]
+        hook_cpu = [r["api_cpu_ms"] for r in runs if r["endpoint"] == "webhook"]
+        worker_cpu = [r.get("worker_cpu_ms", 0.0) for r in runs if r["endpoint"] == "webhook"]
         saturated = sum(hook) / len(hook)
         half = saturated / 2
-        half_hook = run.open_loop("webhook", half, plan.half_rate)
+        since = datetime.now(UTC)
+        with BacklogSampler(database.url) as sampler:
+            half_hook = run.open_loop("webhook", half, plan.half_rate)
+        confirmation = (
+            confirmation_figures(database.url, since, sampler.samples) if confirm else None
+        )
         half_base = run.open_loop("baseline", half, plan.half_rate)
         points = [{"fraction": 0.5, **half_hook}]
         if sweep:
@@ -240,19 +369,29 @@ def measure(
         points.sort(key=lambda p: p["fraction"])
         outcomes_after = asyncio.run(_outcomes(database.url))
     finally:
+        if worker is not None:
+            worker.stop()
         service.child.stop()
     outcomes = {k: v - outcomes_before.get(k, 0) for k, v in outcomes_after.items()}
     return {
         "database": database.kind,
         "confirm_callbacks": confirm,
+        "deployment": deployment,
         "saturation": {
             "runs": runs,
             "baseline_rps": round(sum(base) / len(base), 1),
             "webhook_rps": round(saturated, 1),
             "ratio": ratio(sum(hook), sum(base)),
             "pair_ratios": [ratio(h, b) for h, b in zip(hook, base, strict=True)],
+            "api_cpu_ms": {
+                "baseline": round(sum(base_cpu) / len(base_cpu), 3),
+                "webhook": round(sum(hook_cpu) / len(hook_cpu), 3),
+                "worker_per_webhook": round(sum(worker_cpu) / len(worker_cpu), 3),
+            },
+            "cpu_ratio": ratio(sum(base_cpu), sum(hook_cpu)),
         },
         "half_rate": {"rate": round(half, 1), "webhook": half_hook, "baseline": half_base},
+        "confirmation": confirmation,
         "sweep": points,
         "deliveries_by_outcome": outcomes,
         "confirmation_queries": _sim_queries(simulator_url) - queries_before,

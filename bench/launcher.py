@@ -60,9 +60,11 @@ class Seed(BaseModel):
     ids: list[str]
 
 
-def seed_completed(state: SimulatorState, ids: list[str]) -> None:
-    """Completed provider tasks with a live image link, without timelines or callbacks."""
+def seed_completed(state: SimulatorState, ids: list[str]) -> dict[str, str]:
+    """Completed provider tasks with a live image link, without timelines or callbacks;
+    each task's link."""
     now = int(time.time())
+    links: dict[str, str] = {}
     for task_id in ids:
         submission = Submission("gpt-image-1.5", "bench", "1:1", "medium", (), None)
         task = SimTask(
@@ -77,7 +79,8 @@ def seed_completed(state: SimulatorState, ids: list[str]) -> None:
             actual_time=100,
         )
         state.tasks[task_id] = task
-        mint_link(state, task)
+        links[task_id] = mint_link(state, task).url
+    return links
 
 
 def simulator_app(port: int) -> FastAPI:
@@ -91,9 +94,9 @@ def simulator_app(port: int) -> FastAPI:
     state: SimulatorState = app.state.simulator
 
     @app.post("/_bench/seed", include_in_schema=False)
-    async def seed(body: Seed) -> dict[str, int]:
-        seed_completed(state, body.ids)
-        return {"tasks": len(state.tasks)}
+    async def seed(body: Seed) -> dict[str, Any]:
+        links = seed_completed(state, body.ids)
+        return {"tasks": len(state.tasks), "links": links}
 
     return app
 
@@ -110,6 +113,7 @@ def main() -> None:
             port=args.port,
             log_config=uvicorn_log_config(),
             proxy_headers=False,
+            access_log=False,  # as `imagetasks serve`: the app writes its own request line
             timeout_graceful_shutdown=30,
         )
     else:

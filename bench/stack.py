@@ -10,6 +10,8 @@ import httpx
 from bench.procs import PYTHON, Child, clean_env
 from tests.ports import free_port
 
+IMAGETASKS = str(Path(PYTHON).with_name("imagetasks"))
+
 API_TOKEN = "bench-token-" + "b" * 24
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789abcdef"  # noqa: S105 (a local test value)
 SIM_KEY = "sim-key"
@@ -46,11 +48,9 @@ def start_simulator(workdir: Path) -> tuple[Child, str]:
     return child, url
 
 
-def start_service(
-    workdir: Path, name: str, database_url: str, simulator_url: str, **settings: Any
-) -> Service:
-    """One service process (one uvicorn worker), JSON logs to a file, as in production."""
-    port = free_port()
+def _env(
+    workdir: Path, database_url: str, simulator_url: str, port: int, settings: dict[str, Any]
+) -> dict[str, Any]:
     values: dict[str, Any] = {
         "DATABASE_URL": database_url,
         "STORAGE_URL": f"file://{workdir / 'images'}",
@@ -65,12 +65,31 @@ def start_service(
         "RUN_BACKGROUND": False,
     }
     values.update({key.upper(): value for key, value in settings.items()})
+    return values
+
+
+def start_service(
+    workdir: Path, name: str, database_url: str, simulator_url: str, **settings: Any
+) -> Service:
+    """One service process (one uvicorn worker), JSON logs to a file, as in production.
+
+    `RUN_BACKGROUND` is false unless given: no loops compete with what is measured,
+    unless the measurement is of the single-process deployment.
+    """
+    port = free_port()
     child = Child(
         name,
         [PYTHON, "-m", "bench.launcher", "service", "--port", str(port)],
-        clean_env(values),
+        clean_env(_env(workdir, database_url, simulator_url, port, settings)),
         workdir,
     ).start()
     service = Service(child, port)
     child.wait_http(f"{service.url}/readyz")
     return service
+
+
+def start_worker(service: Service, name: str) -> Child:
+    """`imagetasks worker` with the service's settings: the README's production shape."""
+    env = dict(service.child.env)
+    env["RUN_BACKGROUND"] = "true"
+    return Child(name, [IMAGETASKS, "worker"], env, service.child.workdir).start()

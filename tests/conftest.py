@@ -154,6 +154,9 @@ async def service_factory() -> AsyncIterator[Callable[..., Any]]:
     async def build(settings: Settings, upstream: httpx.AsyncBaseTransport) -> Service:
         http = httpx.AsyncClient(transport=upstream, timeout=5)
         runtime = Runtime.build(settings, http=http, retry=FAST_RETRY)
+        # No worker runs beside an in-process app: it confirms callbacks itself, as the
+        # single-process deployment does (tests of the worker's batches say otherwise).
+        runtime.confirms_in_process = True
         app = create_app(settings, runtime=runtime)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()

@@ -108,3 +108,36 @@ def test_configured_secret_values_are_redacted_wherever_they_appear(
     assert line["detail"] == "secret was ***"
     assert API_TOKEN not in text
     assert WEBHOOK_SECRET not in text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("confirm", [True, False])
+async def test_a_callback_writes_one_line_at_info(
+    log_stream: io.StringIO, service_factory: Any, sqlite_url: str, tmp_path: Path, confirm: bool
+) -> None:
+    """The request line is the callback's line: what it did, its status and its duration."""
+    settings = make_settings(sqlite_url, tmp_path / "svc", confirm_callbacks=confirm)
+    service: Service = await service_factory(settings, simulator_transport()[0])
+    service.runtime.confirms_in_process = False  # the worker's query is not the callback's
+    created = await service.client.post("/tasks", json={"prompt": "a quiet lake"})
+    task = created.json()
+    body = {
+        "code": 200,
+        "data": {"id": task["upstream_task_id"], "status": "failed", "progress": 0},
+    }
+    token = sign(task["id"], WEBHOOK_SECRET)
+    answer = await service.client.post(
+        f"/webhooks/starmagic/{task['id']}/{token}",
+        json=body,
+        headers={"X-Request-ID": "callback-1"},
+    )
+    assert answer.status_code == 200
+    mine = [line for line in lines(log_stream) if line.get("request_id") == "callback-1"]
+    assert [(line["event"], line["level"]) for line in mine] == [("callback_received", "info")]
+    (line,) = mine
+    outcome = "confirming" if confirm else "applied"
+    assert (line["task_id"], line["status"], line["outcome"]) == (task["id"], 200, outcome)
+    assert line["reported"] == "failed"
+    assert line.get("task_status") == (None if confirm else "failed")
+    assert isinstance(line["duration_ms"], float)
+    assert token not in log_stream.getvalue()

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import Settings
+from app.db import statement_commits
 from app.errors import NotFound, Unauthorized
 from app.runtime import Runtime
 
@@ -53,6 +54,18 @@ async def get_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
 
 
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
+
+
+async def get_callback_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """The webhook's connection: statements that stand alone commit on their own
+    (PostgreSQL), saving the BEGIN and COMMIT round trips (`app.db.statement_commits`)."""
+    async with statement_commits(runtime.engine) as connection:
+        yield connection
+
+
+CallbackConnectionDep = Annotated[
+    AsyncConnection, Depends(get_callback_connection, scope="function")
+]
 
 _bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}

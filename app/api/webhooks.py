@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app import metrics
-from app.api.deps import ConnectionDep, RuntimeDep
+from app.api.deps import CallbackConnectionDep, RuntimeDep
 from app.callback_urls import WEBHOOK_PATH
 from app.errors import DomainError
+from app.middleware import log_on_request_line
 from app.schemas import ErrorBody
 from app.services.callbacks import receive_callback
 
@@ -41,7 +42,7 @@ class CallbackAck(BaseModel):
     },
 )
 async def starmagic_callback(
-    task_id: str, token: str, request: Request, db: ConnectionDep, runtime: RuntimeDep
+    task_id: str, token: str, request: Request, db: CallbackConnectionDep, runtime: RuntimeDep
 ) -> CallbackAck:
     """StarMagic's task callback; every accepted delivery gets 200, duplicates too."""
     started = time.perf_counter()
@@ -55,7 +56,9 @@ async def starmagic_callback(
         )
         await db.commit()  # recorded before we answer, and before confirming
         outcome = received.outcome.value
-        if received.needs_confirmation:
+        log_on_request_line(request.scope, "callback_received", **received.log)
+        if received.needs_confirmation and runtime.confirms_in_process:
+            # Otherwise the task is due and the worker's confirmation loop claims it.
             runtime.reconciler.confirm_soon(task_id)
         return CallbackAck(received=True, outcome=outcome)
     finally:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import callback_urls, repository
 from app.config import Settings
+from app.db import transaction
 from app.errors import DomainError, NotFound, Unprocessable
 from app.models import utcnow
 from app.repository import TASKS, TaskState
@@ -39,6 +40,7 @@ class Received:
     outcome: Outcome
     task_id: str
     needs_confirmation: bool
+    log: dict[str, Any]  # what the request's one log line says about this delivery
 
 
 def parse_body(raw: bytes) -> tuple[Snapshot, Any]:
@@ -60,6 +62,10 @@ async def receive_callback(
     if not callback_urls.verify(task_id, token, settings.webhook_secret):
         raise NotFound(UNKNOWN_CALLBACK)
     # A valid token was signed by us, so the id is one of ours and safe for SQL.
+    if settings.confirm_callbacks and db.dialect.name == "postgresql":
+        received = await _confirm_in_one_statement(db, task_id, raw)
+        if received is not None:
+            return received
     state = await repository.task_state(db, task_id)
     if state is None:
         raise NotFound(UNKNOWN_CALLBACK)
@@ -67,36 +73,89 @@ async def receive_callback(
     now = utcnow()
     poll_after = timedelta(seconds=settings.reconcile_after_seconds)
 
+    log_fields: dict[str, Any] = {}
+
+    async def record(db: AsyncConnection, outcome: Outcome) -> None:
+        if outcome is Outcome.MISMATCH:
+            raise Unprocessable(
+                "the snapshot is about a different StarMagic task", code="task_mismatch"
+            )
+        await repository.insert_delivery(
+            db,
+            {
+                "task_id": task_id,
+                "body_sha256": hashlib.sha256(raw).hexdigest(),
+                "upstream_status": snapshot.status.value,
+                "outcome": outcome.value,
+                "changed": outcome is Outcome.APPLIED,
+                "received_at": now,
+            },
+        )
+
     if snapshot.status.terminal and settings.confirm_callbacks:
+        # Guarded single-row writes: each may commit on its own.
         outcome = await _queue_confirmation(db, state, snapshot, now)
+        await record(db, outcome)
     else:
-        applied = await apply_snapshot(
-            db, task_id, snapshot, now=now, poll_after=poll_after, state=state
-        )
-        outcome = applied.outcome
-    if outcome is Outcome.MISMATCH:
-        raise Unprocessable(
-            "the snapshot is about a different StarMagic task", code="task_mismatch"
-        )
-    await repository.insert_delivery(
-        db,
-        {
-            "task_id": task_id,
-            "body_sha256": hashlib.sha256(raw).hexdigest(),
-            "upstream_status": snapshot.status.value,
-            "outcome": outcome.value,
-            "changed": outcome is Outcome.APPLIED,
-            "received_at": now,
-        },
-    )
-    log.info(
-        "callback_received",
+        # A move, its images, its event and the delivery commit together.
+        async with transaction(db):
+            # The transition is told on the request's line, not on a line of its own.
+            applied = await apply_snapshot(
+                db, task_id, snapshot, now=now, poll_after=poll_after, state=state, quiet=True
+            )
+            outcome = applied.outcome
+            await record(db, outcome)
+        if applied.changed:
+            log_fields = {
+                "task_status": applied.state.status.value,
+                "progress": applied.state.progress,
+            }
+    log_fields.update(
         task_id=task_id,
         upstream_task_id=snapshot.upstream_id or state.upstream_task_id,
         reported=snapshot.status.value,
         outcome=outcome.value,
     )
-    return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING)
+    return Received(
+        outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=log_fields
+    )
+
+
+async def _confirm_in_one_statement(
+    db: AsyncConnection, task_id: str, raw: bytes
+) -> Received | None:
+    """The usual terminal callback on PostgreSQL in one round trip; None: not decided here.
+
+    Taken only for a well-formed terminal snapshot that names its provider task;
+    the statement itself leaves to the general path a task that does not carry
+    that id yet (or carries another), having written nothing.
+    """
+    try:
+        snapshot, _ = parse_body(raw)
+    except DomainError:
+        return None  # the general path answers 404 for an unknown task first
+    if not snapshot.status.terminal or not snapshot.upstream_id:
+        return None
+    result = await repository.confirm_in_one_statement(
+        db,
+        task_id=task_id,
+        upstream_id=snapshot.upstream_id,
+        reported=snapshot.status.value,
+        body_sha256=hashlib.sha256(raw).hexdigest(),
+        now=utcnow(),
+    )
+    if result.status is None:
+        raise NotFound(UNKNOWN_CALLBACK)
+    if result.outcome is None:
+        return None
+    outcome = Outcome(result.outcome)
+    fields = {
+        "task_id": task_id,
+        "upstream_task_id": snapshot.upstream_id,
+        "reported": snapshot.status.value,
+        "outcome": outcome.value,
+    }
+    return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=fields)
 
 
 async def _queue_confirmation(

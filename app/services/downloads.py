@@ -190,8 +190,13 @@ class Downloader:
             await self._checkpoint(job)
             key = image_key(job, result.extension)
             try:
+                # save_image hashed each chunk as it wrote it and fsynced the file.
                 await self._storage.put_file(
-                    key, spool, content_type=result.content_type, sha256=result.sha256
+                    key,
+                    spool,
+                    content_type=result.content_type,
+                    sha256=result.sha256,
+                    hashed_on_write=True,
                 )
             except (StorageError, OSError) as exc:
                 # The disk or bucket is unwell: retry with backoff, the lease given back.

@@ -1,5 +1,10 @@
 """The reconciler: ask the query API about tasks that have been quiet too long,
-and confirm terminal callbacks. A lost callback loses nothing."""
+and confirm terminal callbacks. A lost callback loses nothing.
+
+Polls go in batches: one statement leases a batch of due tasks, the provider is
+asked about them concurrently (bounded), and the answers are applied through the
+state machine in one transaction per batch.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ from app import activity, metrics, repository
 from app.config import Settings
 from app.db import SessionFactory
 from app.models import Task, TaskStatus, utcnow
+from app.repository import PollClaim
+from app.schemas import Snapshot
 from app.services import events
-from app.services.snapshots import apply_snapshot
+from app.services.snapshots import Applied, apply_snapshot
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, UpstreamNotFound
 
 log = structlog.get_logger(__name__)
@@ -28,7 +35,9 @@ MAX_POLL_INTERVAL = timedelta(minutes=15)
 QUERY_SPACING = timedelta(seconds=5)
 NOT_FOUND_LIMIT = 3
 BATCH = 20
-CONCURRENCY = 4
+# Confirmations claimed at once by the worker's loop, and provider queries in flight.
+CONFIRM_BATCH = 64
+CONCURRENCY = 16
 IDLE_WAIT_SECONDS = 15
 NO_OUTCOME = ("no_outcome", "StarMagic gave no outcome within 24 hours")
 
@@ -39,6 +48,11 @@ Note = tuple[str, str]
 
 async def _note(db: AsyncConnection, task_id: str, note: Note, now: datetime) -> None:
     await activity.note(db, task_id, activity.Kind.QUERY, note[0], at=now, detail=note[1])
+
+
+def _why(task: PollClaim) -> str:
+    """What a query is for, as the timeline says it."""
+    return "confirmation" if task.confirm_requested_at is not None else "poll"
 
 
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
@@ -69,20 +83,35 @@ class Reconciler:
 
     async def run_once(self) -> int:
         """Claim one batch of due tasks and poll them; the number polled."""
+        return await self._claim_and_poll(BATCH, confirmations_only=False)
+
+    async def confirm_due(self) -> int:
+        """Claim one batch of due confirmations and poll them; the number polled."""
+        return await self._claim_and_poll(CONFIRM_BATCH, confirmations_only=True)
+
+    async def _claim_and_poll(self, limit: int, *, confirmations_only: bool) -> int:
         now = utcnow()
         async with self._factory() as session, session.begin():
-            tasks = await repository.claim_due_polls(
-                session, now=now, lease=POLL_LEASE, spacing=self.query_spacing, limit=BATCH
+            claims = await repository.claim_due_polls(
+                await session.connection(),
+                now=now,
+                lease=POLL_LEASE,
+                spacing=self.query_spacing,
+                limit=limit,
+                confirmations_only=confirmations_only,
             )
-        await self._poll_all(tasks)
-        return len(tasks)
+        await self._poll_all(claims)
+        return len(claims)
 
-    async def _poll_all(self, tasks: Sequence[Task]) -> None:
-        async def bounded(task: Task) -> None:
+    async def _poll_all(self, claims: Sequence[PollClaim]) -> None:
+        """Ask about every claim concurrently (bounded), then apply the answers together."""
+
+        async def ask(claim: PollClaim) -> tuple[PollClaim, Snapshot | None]:
             async with self._slots:
-                await self.poll(task)
+                return claim, await self._ask(claim)
 
-        await asyncio.gather(*(bounded(task) for task in tasks))
+        answers = await asyncio.gather(*(ask(claim) for claim in claims))
+        await self._apply_answers([(c, s) for c, s in answers if s is not None])
 
     def confirm_soon(self, task_id: str) -> None:
         """Confirm a terminal callback off the request path (the row stays due if we die)."""
@@ -108,13 +137,16 @@ class Reconciler:
             # Only while still due, not leased and not asked too recently; a request
             # held back by the spacing alone is tried again once the spacing allows.
             async with self._factory() as session, session.begin():
-                task = await repository.claim_poll(
-                    session, task_id, now=now, lease=POLL_LEASE, spacing=self.query_spacing
+                claim = await repository.claim_poll(
+                    await session.connection(),
+                    task_id,
+                    now=now,
+                    lease=POLL_LEASE,
+                    spacing=self.query_spacing,
                 )
-                waiting = None if task else await repository.get_task(session, task_id)
-            if task is not None:
-                async with self._slots:
-                    await self.poll(task)
+                waiting = None if claim else await repository.get_task(session, task_id)
+            if claim is not None:
+                await self.poll(claim)
             elif waiting is not None and (delay := self._spacing_left(waiting, now)):
                 self.confirm_later(task_id, delay)
         except Exception:
@@ -146,61 +178,113 @@ class Reconciler:
         self._later.clear()
         await self.wait_idle()
 
-    async def poll(self, task: Task) -> None:
+    async def poll(self, claim: PollClaim) -> None:
         """Ask the provider about one leased task and apply what it says."""
+        await self._poll_all([claim])
+
+    async def _ask(self, task: PollClaim) -> Snapshot | None:
+        """The provider's snapshot of one leased task; None when there is none to apply
+        (the lease is then already settled: rescheduled or given up)."""
         now = utcnow()
         if task.upstream_task_id is None:
             await self._settle_unsubmitted(task, now)
-            return
-        # Past any link's lifetime: one last question, then no more waiting.
-        last_chance = now - task.created_at > LINK_LIFETIME
-        why = "confirmation" if task.confirm_requested_at is not None else "poll"
+            return None
+        why = _why(task)
         try:
             snapshot = await self._client.query(task.upstream_task_id)
         except UpstreamNotFound as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
             note = ("not_found", f"{why}: {exc.message}")
-            if last_chance or task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
+            if self._last_chance(task, now) or task.poll_attempts + 1 >= NOT_FOUND_LIMIT:
                 await self._give_up(task, "upstream_not_found", exc.message, now, note=note)
             else:
                 await self._reschedule(task, now, note=note)
-            return
+            return None
         except UpstreamError as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
             log.warning("poll_failed", task_id=task.id, reason=exc.message)
             note = ("error", f"{why}: {exc.message}")
-            if last_chance:
+            if self._last_chance(task, now):
                 await self._give_up(task, *NO_OUTCOME, now, note=note)
             else:
                 await self._reschedule(task, now, note=note)
-            return
+            return None
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
-        async with self._factory() as session, session.begin():
-            db = await session.connection()
-            applied = await apply_snapshot(
-                db,
-                task.id,
-                snapshot,
-                now=now,
-                poll_after=poll_backoff(self._settings, task.poll_attempts),
-            )
-            detail = f"{why}: StarMagic says {snapshot.status.value} ({applied.outcome.value})"
-            await activity.note(db, task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
-        log.info(
-            "task_polled",
-            task_id=task.id,
-            upstream_task_id=task.upstream_task_id,
-            reported=snapshot.status.value,
-            outcome=applied.outcome.value,
-        )
-        if applied.state.status.terminal:
-            return
-        if last_chance:
-            await self._give_up(task, *NO_OUTCOME, now)
-        else:
-            await self._reschedule(task, now)
+        return snapshot
 
-    async def _reschedule(self, task: Task, now: datetime, *, note: Note | None = None) -> None:
+    @staticmethod
+    def _last_chance(task: PollClaim, now: datetime) -> bool:
+        """Past any link's lifetime: one last question, then no more waiting."""
+        return now - task.created_at > LINK_LIFETIME
+
+    async def _apply_answers(self, answers: Sequence[tuple[PollClaim, Snapshot]]) -> None:
+        """Apply the provider's answers and release the leases, one transaction for all.
+
+        Should the batch fail as a whole, each answer is tried in a transaction of its own.
+        """
+        if not answers:
+            return
+        now = utcnow()
+        try:
+            async with self._factory() as session, session.begin():
+                db = await session.connection()
+                applied = [
+                    await self._apply_one(db, task, snapshot, now) for task, snapshot in answers
+                ]
+        except Exception:
+            if len(answers) == 1:
+                raise
+            log.warning("poll_batch_failed", tasks=len(answers), exc_info=True)
+            for answer in answers:
+                try:
+                    await self._apply_answers([answer])
+                except Exception:
+                    # Its lease runs out and it is due again: asked later, not lost.
+                    log.exception("poll_apply_failed", task_id=answer[0].id)
+            return
+        for (task, snapshot), (result, waiting) in zip(answers, applied, strict=True):
+            log.info(
+                "task_polled",
+                task_id=task.id,
+                upstream_task_id=task.upstream_task_id,
+                reported=snapshot.status.value,
+                outcome=result.outcome.value,
+            )
+            if result.state.status.terminal:
+                continue
+            if self._last_chance(task, now):
+                await self._give_up(task, *NO_OUTCOME, now)
+            elif waiting:
+                self.confirm_later(task.id, task.poll_claimed_at + self.query_spacing - now)
+
+    async def _apply_one(
+        self, db: AsyncConnection, task: PollClaim, snapshot: Snapshot, now: datetime
+    ) -> tuple[Applied, bool]:
+        """One answer through the state machine; a task still active gets its next poll
+        (True when a callback asked again meanwhile)."""
+        applied = await apply_snapshot(
+            db,
+            task.id,
+            snapshot,
+            now=now,
+            poll_after=poll_backoff(self._settings, task.poll_attempts),
+        )
+        detail = f"{_why(task)}: StarMagic says {snapshot.status.value} ({applied.outcome.value})"
+        await activity.note(db, task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
+        if applied.state.status.terminal or self._last_chance(task, now):
+            return applied, False
+        waiting = await repository.finish_poll(
+            db,
+            task.id,
+            claimed_at=task.poll_claimed_at,
+            next_poll_at=now + poll_backoff(self._settings, task.poll_attempts),
+            values={"poll_attempts": task.poll_attempts + 1},
+        )
+        return applied, waiting
+
+    async def _reschedule(
+        self, task: PollClaim, now: datetime, *, note: Note | None = None
+    ) -> None:
         await self._finish(
             task,
             now,
@@ -211,7 +295,7 @@ class Reconciler:
 
     async def _finish(
         self,
-        task: Task,
+        task: PollClaim,
         now: datetime,
         *,
         next_poll_at: datetime,
@@ -221,23 +305,18 @@ class Reconciler:
         """Release the lease; a callback that asked meanwhile gets its query after the spacing."""
         async with self._factory() as session, session.begin():
             waiting = await repository.finish_poll(
-                session,
+                await session.connection(),
                 task.id,
-                claimed_at=self._claimed_at(task),
+                claimed_at=task.poll_claimed_at,
                 next_poll_at=next_poll_at,
                 values=values,
             )
             if note is not None:
                 await _note(await session.connection(), task.id, note, now)
         if waiting:
-            self.confirm_later(task.id, self._claimed_at(task) + self.query_spacing - now)
+            self.confirm_later(task.id, task.poll_claimed_at + self.query_spacing - now)
 
-    @staticmethod
-    def _claimed_at(task: Task) -> datetime:
-        assert task.poll_claimed_at is not None  # set by every claim
-        return task.poll_claimed_at
-
-    async def _settle_unsubmitted(self, task: Task, now: datetime) -> None:
+    async def _settle_unsubmitted(self, task: PollClaim, now: datetime) -> None:
         deadline = task.created_at + timedelta(seconds=self._settings.submit_unknown_after_seconds)
         if now < deadline:
             await self._finish(task, now, next_poll_at=deadline, values={})
@@ -250,7 +329,13 @@ class Reconciler:
         )
 
     async def _give_up(
-        self, task: Task, code: str, message: str, now: datetime, *, note: Note | None = None
+        self,
+        task: PollClaim,
+        code: str,
+        message: str,
+        now: datetime,
+        *,
+        note: Note | None = None,
     ) -> None:
         values = {
             "status": TaskStatus.FAILED.value,
@@ -263,7 +348,7 @@ class Reconciler:
             "confirm_requested_at": None,
         }
         # Not while a callback's news is newer than this poll: ask once more first.
-        condition = repository.no_confirmation_asked_since(self._claimed_at(task))
+        condition = repository.no_confirmation_asked_since(task.poll_claimed_at)
         async with self._factory() as session, session.begin():
             db = await session.connection()
             failed = await repository.update_returning(db, task.id, condition, values)

@@ -185,10 +185,12 @@ async def apply_snapshot(
     now: datetime,
     poll_after: timedelta,
     state: TaskState | None = None,
+    quiet: bool = False,
 ) -> Applied:
     """Move the task forward if, and only if, the snapshot is news.
 
-    `state` saves a read when the caller has just loaded it in this transaction.
+    `state` saves a read when the caller has just loaded it in this transaction;
+    `quiet` leaves the `task_transition` line to the caller's own line (the webhook's).
     """
     state = state or await repository.task_state(db, task_id)
     if state is None:
@@ -212,8 +214,8 @@ async def apply_snapshot(
         if task is not None:
             images: list[Image] = []
             if snapshot.status is TaskStatus.COMPLETED:
-                requested = await repository.requested_images(db, task_id)
-                rows = image_rows(task_id, snapshot, now, requested)
+                # The row the UPDATE returned carries n: no second read for it.
+                rows = image_rows(task_id, snapshot, now, task.n)
                 await repository.queue_images(db, rows)
                 images = [Image(**row) for row in rows]
             kind = events.transition_event(task, now)
@@ -222,13 +224,14 @@ async def apply_snapshot(
             state = TaskState(
                 task.id, TaskStatus(task.status), task.progress, task.upstream_task_id
             )
-            log.info(
-                "task_transition",
-                task_id=task_id,
-                upstream_task_id=state.upstream_task_id,
-                status=state.status.value,
-                progress=state.progress,
-            )
+            if not quiet:
+                log.info(
+                    "task_transition",
+                    task_id=task_id,
+                    upstream_task_id=state.upstream_task_id,
+                    status=state.status.value,
+                    progress=state.progress,
+                )
             return Applied(Outcome.APPLIED, state, task)
         reread = await repository.task_state(db, task_id)
         assert reread is not None  # tasks are never deleted

@@ -174,7 +174,7 @@ async def submit_task(
 
     body = request.upstream_body()
     body["callback_url"] = callback_url(settings.public_base_url, task.id, settings.signing_secret)
-    log.info("submit_started", task_id=task.id)
+    log.debug("submit_started", task_id=task.id)  # submit_accepted or a failure line follows
     try:
         snapshot = await client.submit(body)
     except UpstreamOutcomeUnknown as exc:
@@ -204,6 +204,7 @@ async def submit_task(
             # What we inserted; if a callback moved it since, the guarded UPDATE
             # misses and the state machine reads the row and decides again.
             state=TaskState(task.id, TaskStatus.SUBMITTING, 0, None),
+            quiet=True,  # submit_accepted below tells the move
         )
         answer = f"StarMagic task {snapshot.upstream_id}, {snapshot.status.value}"
         await activity.note(
@@ -219,11 +220,14 @@ async def submit_task(
         current = applied.task or await repository.get_task(session, task.id)
     assert current is not None  # tasks are never deleted
     metrics.SUBMISSIONS.labels(outcome="accepted").inc()
+    # The status this answer moved the task to (none when a callback got there first).
+    moved = {"status": applied.state.status.value} if applied.changed else {}
     log.info(
         "submit_accepted",
         task_id=task.id,
         upstream_task_id=current.upstream_task_id,
         outcome=applied.outcome.value,
+        **moved,
     )
     return SubmitResult(current, replayed=False)
 

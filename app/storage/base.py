@@ -44,11 +44,21 @@ class Storage(Protocol):
         """A local directory (created on access) for download files awaiting `put_file`."""
         ...
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         """Store `source` under `key` atomically and remove `source`.
 
-        StorageError if `source` does not hash to `sha256`. Storing the same bytes
-        again is a no-op; a reader never sees a partial object under `key`.
+        StorageError if `source` does not hash to `sha256`. `hashed_on_write`: the
+        caller hashed the very bytes it wrote to `source` and fsynced it, so the file
+        is not read back to hash again. Storing the same bytes again is a no-op; a
+        reader never sees a partial object under `key`.
         """
         ...
 

@@ -70,9 +70,9 @@ class LocalStorage:
         for created in reversed(missing):  # make each new directory entry durable
             _fsync_path(created.parent)
 
-    def _put(self, key: str, source: Path, sha256: str) -> None:
+    def _put(self, key: str, source: Path, sha256: str, hashed_on_write: bool) -> None:
         final = self._path(key)
-        if file_sha256(source) != sha256:
+        if not hashed_on_write and file_sha256(source) != sha256:
             raise StorageError(f"{source.name} does not match its sha256")
         same_size = final.is_file() and final.stat().st_size == source.stat().st_size
         if same_size and file_sha256(final) == sha256:  # already stored: a no-op
@@ -91,17 +91,26 @@ class LocalStorage:
                 raise
         else:
             staged = source
-        _fsync_path(staged)
+        if staged is not source or not hashed_on_write:  # the writer fsynced its own file
+            _fsync_path(staged)
         self._ensure_dir(final.parent)
         os.replace(staged, final)
         _fsync_path(final.parent)
         source.unlink(missing_ok=True)
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         """Atomically move `source` to `key` (the content type follows from the extension)."""
         validate_key(key)
         try:
-            await anyio.to_thread.run_sync(self._put, key, source, sha256)
+            await anyio.to_thread.run_sync(self._put, key, source, sha256, hashed_on_write)
         except OSError as exc:
             raise StorageError(f"cannot store {key}: {exc}") from exc
 

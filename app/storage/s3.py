@@ -80,11 +80,23 @@ class S3Storage:
             return None
         return result.attributes.get("sha256")
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         """Upload `source` under `key` with its content type and sha256, then remove it."""
         validate_key(key)
         try:
-            if await anyio.to_thread.run_sync(file_sha256, source) != sha256:
+            # hashed_on_write: hashed from the bytes as they were written, no second read.
+            if (
+                not hashed_on_write
+                and await anyio.to_thread.run_sync(file_sha256, source) != sha256
+            ):
                 raise StorageError(f"{source.name} does not match its sha256")
             if await self._stored_sha256(key) != sha256:
                 await obstore.put_async(

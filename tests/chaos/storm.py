@@ -315,7 +315,13 @@ async def verify(
     transitions = Counter(
         line["task_id"]
         for line in cluster.service_logs()
-        if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
+        # A submit's own answer tells its move on the submit_accepted line.
+        if (
+            line.get("event") in ("task_transition", "submit_accepted")
+            and line.get("status") in TERMINAL
+        )
+        # A callback applied as it came tells its move on its own request line.
+        or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
         or line.get("event") == "task_given_up"
     )
     for row in rows.values():
@@ -355,8 +361,9 @@ async def verify(
         webhook_ms=latency(
             [
                 float(line["duration_ms"])
-                for line in cluster.service_logs("request")
-                if str(line.get("path", "")).startswith("/webhooks/")
+                for line in cluster.service_logs()
+                if line.get("event") in ("request", "callback_received")
+                and str(line.get("path", "")).startswith("/webhooks/")
             ]
         ),
         unknown_submissions=sum(

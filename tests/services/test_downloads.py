@@ -76,9 +76,19 @@ class CountingStorage(LocalStorage):
         super().__init__(root)
         self.puts: list[str] = []
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         self.puts.append(key)
-        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+        await super().put_file(
+            key, source, content_type=content_type, sha256=sha256, hashed_on_write=hashed_on_write
+        )
 
 
 class Queue:

@@ -17,6 +17,7 @@ from app import activity
 from app.callback_urls import sign
 from app.config import Settings
 from app.models import Task, utcnow
+from app.services import reconcile
 from app.simulator.faults import DEFAULT_ERROR_CODE
 from app.simulator.payloads import FAILURE_MESSAGE
 from tests.conftest import WEBHOOK_SECRET, Service, make_settings
@@ -295,3 +296,71 @@ async def test_each_query_to_the_provider_is_kept_for_the_timeline(harness: Harn
     assert rows[1].detail is not None
     assert rows[1].detail.startswith("poll: StarMagic says ")
     assert (await harness.row(task_id, "status"))[0] == "failed"
+
+
+async def test_without_the_loops_a_callback_leaves_its_confirmation_to_the_worker(
+    harness: Harness,
+) -> None:
+    """RUN_BACKGROUND=false: the webhook queries nothing; one batch confirms every task once."""
+    harness.service.runtime.confirms_in_process = False
+    ids = [await harness.submit(f"p{index}") for index in range(5)]
+    upstream = [(await harness.row(task_id, "upstream_task_id"))[0] for task_id in ids]
+    for task_id, upstream_id in zip(ids, upstream, strict=True):
+        assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+        completed = task_body("completed", upstream_id=upstream_id)
+        assert await harness.callback(task_id, completed) == "confirming"
+        assert await harness.callback(task_id, completed) == "duplicate"
+    await harness.reconciler.wait_idle()
+    assert sum(harness.queries[u] for u in upstream) == 0  # nothing asked on the request path
+
+    assert await harness.reconciler.confirm_due() == 5
+    for task_id in ids:
+        assert await harness.row(task_id, "status, image_status") == ("completed", "pending")
+    assert {u: harness.queries[u] for u in upstream} == dict.fromkeys(upstream, 1)
+    events = await harness.service.sql("SELECT task_id FROM events WHERE type = 'task.completed'")
+    assert sorted(task_id for (task_id,) in events if task_id in ids) == sorted(ids)
+    assert await harness.reconciler.confirm_due() == 0  # settled: nothing left due
+
+
+async def test_the_confirmation_batch_skips_tasks_that_are_only_quiet(harness: Harness) -> None:
+    """`confirm_due` takes only tasks a callback asked about; quiet ones wait for `run_once`."""
+    harness.service.runtime.confirms_in_process = False
+    quiet = await harness.submit("quiet")
+    await harness.make_due(quiet)
+    asked = await harness.submit("asked")
+    (upstream_id,) = await harness.row(asked, "upstream_task_id")
+    assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+    assert await harness.callback(asked, task_body("completed", upstream_id=upstream_id)) == (
+        "confirming"
+    )
+    assert await harness.reconciler.confirm_due() == 1
+    assert (await harness.row(asked, "status"))[0] == "completed"
+    (quiet_upstream,) = await harness.row(quiet, "upstream_task_id")
+    assert harness.queries[quiet_upstream] == 0
+    assert await harness.reconciler.run_once() == 1  # the quiet one, by the regular poll
+
+
+async def test_a_batch_that_fails_as_a_whole_applies_each_answer_alone(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One answer that cannot be applied does not lose the others of its batch."""
+    harness.service.runtime.confirms_in_process = False
+    ids = [await harness.submit(f"b{index}") for index in range(3)]
+    for task_id in ids:
+        (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+        assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+        body = task_body("completed", upstream_id=upstream_id)
+        assert await harness.callback(task_id, body) == "confirming"
+    real = reconcile.apply_snapshot
+    broken = ids[1]
+
+    async def apply(db: Any, task_id: str, *args: Any, **kwargs: Any) -> Any:
+        if task_id == broken:
+            raise RuntimeError("this one cannot be applied")
+        return await real(db, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(reconcile, "apply_snapshot", apply)
+    assert await harness.reconciler.confirm_due() == 3
+    statuses = [(await harness.row(task_id, "status"))[0] for task_id in ids]
+    assert statuses[0] == statuses[2] == "completed"
+    assert statuses[1] != "completed"

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import repository
-from app.db import create_engine, create_session_factory
+from app.db import create_engine, create_session_factory, statement_commits, transaction
 from app.models import TaskStatus, utcnow
+from app.repository import DELIVERIES, TASKS
 from app.schemas import Snapshot, SnapshotImage
+from app.services import callbacks
 from app.services.snapshots import Outcome, apply_snapshot, classify, transition
 from tests.factories import make_task
 
@@ -158,3 +163,162 @@ async def test_the_sql_guard_agrees_with_the_rules(
     changed = await repository.update_where(connection, task.id, condition, values)
     await session.rollback()
     assert changed == (classify(state, snapshot) is Outcome.APPLIED)
+
+
+@pytest.mark.parametrize(
+    ("current", "reported"), list(itertools.product(ACTIVE + TERMINAL, REPORTABLE))
+)
+@pytest.mark.parametrize("progress", [0, 10, 50])
+async def test_the_webhooks_connection_agrees_with_the_rules(
+    session: AsyncSession,
+    database_url: str,
+    current: TaskStatus,
+    reported: TaskStatus,
+    progress: int,
+) -> None:
+    """The webhook's path (statements that commit alone, then a transaction for a move)
+    decides as `classify` does, and a won move is committed whole."""
+    task = await make_task(session, status=current.value, progress=10)
+    snapshot = Snapshot(status=reported, upstream_id=task.upstream_task_id, progress=progress)
+    engine = create_engine(database_url)
+    try:
+        async with statement_commits(engine) as db:
+            state = await repository.task_state(db, task.id)
+            assert state is not None
+            async with transaction(db):
+                applied = await apply_snapshot(
+                    db, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER, state=state
+                )
+            await db.commit()
+    finally:
+        await engine.dispose()
+    assert (applied.outcome is Outcome.APPLIED) == (classify(state, snapshot) is Outcome.APPLIED)
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None
+    moved = applied.outcome is Outcome.APPLIED
+    assert stored.status == (reported if moved else current).value
+    events = await session.execute(
+        text("SELECT count(*) FROM events WHERE task_id = :id"), {"id": task.id}
+    )
+    # A terminal move always tells; a move to processing tells (first of its kind).
+    assert events.scalar_one() == (1 if moved and reported.rank >= 2 else 0)
+
+
+async def test_a_failed_transaction_on_the_webhooks_connection_leaves_nothing(
+    session: AsyncSession, database_url: str
+) -> None:
+    """Statements that must commit together roll back together, even where others autocommit."""
+    task = await make_task(session, status="pending", progress=0)
+    snapshot = Snapshot(status=TaskStatus.COMPLETED, upstream_id=task.upstream_task_id)
+    engine = create_engine(database_url)
+    outcomes: list[Outcome] = []
+
+    async def request() -> None:
+        async with statement_commits(engine) as db:
+            assert await repository.task_state(db, task.id) is not None  # commits alone
+            async with transaction(db):
+                applied = await apply_snapshot(
+                    db, task.id, snapshot, now=utcnow(), poll_after=POLL_AFTER
+                )
+                outcomes.append(applied.outcome)
+                raise RuntimeError("the delivery could not be recorded")
+
+    try:
+        with pytest.raises(RuntimeError):
+            await request()
+        assert outcomes == [Outcome.APPLIED]
+        # The pooled connection comes back clean: the next request reads and writes.
+        async with statement_commits(engine) as db:
+            assert await repository.task_state(db, task.id) is not None
+    finally:
+        await engine.dispose()
+    stored = await repository.get_task(session, task.id)
+    assert stored is not None
+    assert (stored.status, stored.image_status) == ("pending", None)
+    images = (await repository.task_images(session, [task.id]))[task.id]
+    assert images == []
+
+
+# The columns a terminal callback's confirmation request may write.
+WRITTEN = (
+    TASKS.c.status,
+    TASKS.c.confirm_requested_at,
+    TASKS.c.next_poll_at,
+    TASKS.c.last_event_at,
+)
+CONFIRMATION_STATES = {
+    "none": {},
+    "waiting": {"confirm_requested_at": -2, "poll_claimed_at": -5},
+    "waiting, poll out": {"confirm_requested_at": -5, "poll_claimed_at": -2},
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("current", ACTIVE + TERMINAL)
+@pytest.mark.parametrize("reported", TERMINAL)
+@pytest.mark.parametrize("confirmation", list(CONFIRMATION_STATES))
+@pytest.mark.parametrize("provider_id", ["same", "none on the task", "another"])
+async def test_the_one_statement_confirmation_agrees_with_the_general_path(
+    postgres_database: str,
+    current: TaskStatus,
+    reported: TaskStatus,
+    confirmation: str,
+    provider_id: str,
+) -> None:
+    """PostgreSQL's single statement for a terminal callback decides and writes exactly as
+    the general path (`_queue_confirmation`) on a twin task, or leaves the case to it."""
+    engine = create_engine(postgres_database)
+    now = utcnow()
+    times = {k: now + timedelta(seconds=v) for k, v in CONFIRMATION_STATES[confirmation].items()}
+
+    def twin() -> tuple[dict[str, Any], str]:
+        """A task's columns and the provider id its callback names (ids are unique)."""
+        named = f"task-unified-1-{secrets.token_hex(6)}"
+        carried = {"same": named, "none on the task": None}.get(
+            provider_id, f"task-unified-2-{secrets.token_hex(6)}"
+        )
+        fields = {"status": current.value, "upstream_task_id": carried, **times}
+        return {**fields, "next_poll_at": now + POLL_AFTER}, named
+
+    general_fields, general_named = twin()
+    fast_fields, fast_named = twin()
+    try:
+        async with create_session_factory(engine)() as session:
+            general_task = await make_task(session, **general_fields)
+            fast_task = await make_task(session, **fast_fields)
+        async with statement_commits(engine) as db:
+            state = await repository.task_state(db, general_task.id)
+            assert state is not None
+            snapshot = Snapshot(status=reported, upstream_id=general_named)
+            general = await callbacks._queue_confirmation(db, state, snapshot, now)
+            fast = await repository.confirm_in_one_statement(
+                db,
+                task_id=fast_task.id,
+                upstream_id=fast_named,
+                reported=reported.value,
+                body_sha256="0" * 64,
+                now=now,
+            )
+            rows = {}
+            for task in (general_task, fast_task):
+                found = await db.execute(select(*WRITTEN).where(TASKS.c.id == task.id))
+                rows[task.id] = tuple(found.one())
+            delivered = await db.execute(
+                select(DELIVERIES.c.outcome).where(DELIVERIES.c.task_id == fast_task.id)
+            )
+            outcomes = list(delivered.scalars())
+    finally:
+        await engine.dispose()
+    assert fast.status == current.value
+    general_row, fast_row = rows[general_task.id], rows[fast_task.id]
+    if fast.outcome is None:
+        # Left to the general path, untouched: only a task without the callback's id.
+        assert provider_id != "same"
+        assert outcomes == []
+        before = (fast_task.confirm_requested_at, fast_task.next_poll_at, fast_task.last_event_at)
+        assert fast_row[1:] == before
+        return
+    assert provider_id == "same"
+    assert Outcome(fast.outcome) is general
+    assert outcomes == [general.value]
+    assert fast_row == general_row  # status and the confirmation request's columns

@@ -69,10 +69,20 @@ async def test_a_variant_that_cannot_be_made_leaves_the_original_stored(
 class VariantRefusingStorage(CountingStorage):
     """Storage whose disk is full for variants only."""
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         if key.endswith(".webp"):
             raise StorageError("no space left on device")
-        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+        await super().put_file(
+            key, source, content_type=content_type, sha256=sha256, hashed_on_write=hashed_on_write
+        )
 
 
 async def test_a_storage_failure_on_a_variant_does_not_touch_the_record(queue: Queue) -> None:
@@ -153,11 +163,21 @@ class VariantHoldingStorage(CountingStorage):
         self.release = asyncio.Event()
         self.holding = asyncio.Event()
 
-    async def put_file(self, key: str, source: Path, *, content_type: str, sha256: str) -> None:
+    async def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str,
+        sha256: str,
+        hashed_on_write: bool = False,
+    ) -> None:
         if key.endswith(".webp"):
             self.holding.set()
             await self.release.wait()
-        await super().put_file(key, source, content_type=content_type, sha256=sha256)
+        await super().put_file(
+            key, source, content_type=content_type, sha256=sha256, hashed_on_write=hashed_on_write
+        )
 
 
 async def test_the_record_and_its_event_do_not_wait_for_the_variants(queue: Queue) -> None:

@@ -40,3 +40,29 @@ async def test_a_completed_task_wakes_the_download_loop(
             raise AssertionError("the download was not claimed before the next poll")
     finally:
         await worker.stop()
+
+
+async def test_the_worker_confirms_a_callback_an_api_process_left_due(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """An API without loops only records the request; the worker's loop confirms it."""
+    stack = await build_stack(service_factory, make_settings(database_url, tmp_path))
+    stack.service.runtime.confirms_in_process = False  # RUN_BACKGROUND=false
+    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=600)
+    await worker.start()
+    try:
+        task = await stack.submit()
+        upstream_id = task["upstream_task_id"]
+        assert (await stack.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+        raw = dumps(task_body("completed", upstream_id=upstream_id))
+        answer = await stack.service.client.post(hook(task["id"]), content=raw)
+        assert answer.json()["outcome"] == "confirming"
+        for _ in range(600):
+            if (await stack.task(task["id"]))["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the worker never confirmed the callback")
+        assert stack.upstream.queries[upstream_id] == 1
+    finally:
+        await worker.stop()

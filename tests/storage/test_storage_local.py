@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from app.storage import LocalStorage, StorageError, storage_from_url
+from app.storage import LocalStorage, StorageError, local, storage_from_url
 
 KEY = "2025/03/04/task-9.jpg"
 
@@ -196,3 +196,28 @@ def test_file_urls_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.Mon
     absolute = storage_from_url(f"file://{tmp_path}/srv")
     assert isinstance(absolute, LocalStorage)
     assert absolute.root == tmp_path / "srv"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("hashed_on_write", [False, True])
+async def test_a_file_hashed_on_write_is_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed_on_write: bool
+) -> None:
+    """The downloader's own digest is trusted (no second read); any other caller's is checked."""
+    storage = LocalStorage(tmp_path / "images")
+    data = os.urandom(100_000)
+    source = storage.spool_dir / "dl"
+    source.write_bytes(data)
+    reads: list[Path] = []
+    real = local.file_sha256
+
+    def counting(path: Path) -> str:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(local, "file_sha256", counting)
+    await storage.put_file(
+        KEY, source, content_type="image/jpeg", sha256=sha(data), hashed_on_write=hashed_on_write
+    )
+    assert (tmp_path / "images" / KEY).read_bytes() == data
+    assert reads == ([] if hashed_on_write else [source])
