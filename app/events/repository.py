@@ -17,8 +17,24 @@ from app.db import metadata
 EVENTS: Table = metadata.tables["events"]
 DELIVERIES: Table = metadata.tables["webhook_deliveries"]
 _INSERT_EVENT = insert(EVENTS)
-# Every transaction with an id below this one has ended (committed or rolled back).
-_HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+# The oldest transaction that may still append events here: every id below it has
+# ended. Ids are server-wide, so a transaction seen running in another database is
+# passed over (it cannot write our events); one that ended between the snapshot and
+# that look is not seen there and still counts, which errs on the safe side.
+_HORIZON = text(
+    """
+    WITH snap AS (SELECT pg_current_snapshot() AS s),
+    elsewhere AS (
+        SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+        WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+    )
+    SELECT coalesce(
+        (SELECT min(x::text::bigint) FROM snap, pg_snapshot_xip(snap.s) AS x
+         WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM elsewhere)),
+        (SELECT pg_snapshot_xmax(s)::text::bigint FROM snap)
+    )
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,7 @@ async def insert_event(db: AsyncConnection, values: dict[str, Any]) -> None:
 
 
 async def horizon(db: AsyncConnection) -> int | None:
-    """The oldest transaction id still running (PostgreSQL); None where writes are serial."""
+    """Events of transactions below this id may be served (PostgreSQL); None on SQLite."""
     if db.dialect.name != "postgresql":
         return None
     return int((await db.execute(_HORIZON)).scalar_one())

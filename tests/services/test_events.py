@@ -23,6 +23,7 @@ from app.schemas import Snapshot, SnapshotImage
 from app.services import events
 from app.services.snapshots import Outcome, apply_snapshot
 from tests.factories import make_task
+from tests.postgres import server_database_url
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -222,4 +223,31 @@ async def test_the_cursor_never_passes_an_event_that_commits_late(
     finally:
         for connection in (earlier, later):
             await connection.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_transaction_in_another_database_never_holds_the_feed_back(
+    postgres_database: str,
+) -> None:
+    """Transaction ids are server-wide, but only this database's writers can append
+    events: a long transaction in another database on the same server delays nothing."""
+    engine = create_engine(postgres_database)
+    elsewhere_engine = create_engine(server_database_url("postgres"))
+    task = await new_task(engine)
+    try:
+        async with elsewhere_engine.connect() as elsewhere:
+            await elsewhere.begin()
+            await elsewhere.execute(text("SELECT pg_current_xact_id()"))  # older and running
+            async with engine.begin() as db:
+                event_id = await events.record(
+                    db, events.EventType.TASK_CREATED, task, [], now=utcnow()
+                )
+            page = await read_page(
+                engine, EventScope(task_id=task.id), after=None, limit=10, base=""
+            )
+            assert [event.id for event in page.items] == [event_id]
+            await elsewhere.rollback()
+    finally:
+        await elsewhere_engine.dispose()
         await engine.dispose()
