@@ -471,6 +471,15 @@ def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
     )
 
 
+def _claimed_by(claimed_at: datetime) -> ColumnElement[bool]:
+    return and_(IS_ACTIVE, TASKS.c.poll_claimed_at == _at(claimed_at))
+
+
+async def release_poll(db: AsyncConnection, task_id: str, *, claimed_at: datetime) -> bool:
+    """Give up a claim without an answer: the task stays due as it was (request kept)."""
+    return await update_where(db, task_id, _claimed_by(claimed_at), {"poll_lease_until": None})
+
+
 async def finish_poll(
     db: AsyncConnection,
     task_id: str,
@@ -483,7 +492,8 @@ async def finish_poll(
 
     A request made before the claim is answered by this poll and cleared; one
     made since keeps the task due at its own time, since this poll's query may
-    predate the news.
+    predate the news. Only the claim's own poll ends it: once its lease has run
+    out and another poll has claimed the task, this one leaves that lease alone.
     """
     asked = _asked_since(claimed_at)
     update_values = {
@@ -492,7 +502,7 @@ async def finish_poll(
         "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
         "poll_lease_until": None,
     }
-    if not await update_where(db, task_id, IS_ACTIVE, update_values):
+    if not await update_where(db, task_id, _claimed_by(claimed_at), update_values):
         return False
     waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
     return (await db.execute(waiting)).first() is not None
