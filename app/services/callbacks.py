@@ -93,9 +93,10 @@ async def receive_callback(
         )
 
     if snapshot.status.terminal and settings.confirm_callbacks:
-        # Guarded single-row writes: each may commit on its own.
-        outcome = await _queue_confirmation(db, state, snapshot, now)
-        await record(db, outcome)
+        # The request (with an adopted provider id) and the delivery commit together.
+        async with transaction(db):
+            outcome = await _queue_confirmation(db, state, snapshot, now)
+            await record(db, outcome)
     else:
         # A move, its images, its event and the delivery commit together.
         async with transaction(db):
