@@ -174,9 +174,14 @@ _SELECT_STATE = select(
 _INSERT_DELIVERY = insert(DELIVERIES)
 
 
-async def task_state(db: AsyncConnection, task_id: str) -> TaskState | None:
-    """A task's status, progress and provider id, without loading the whole row."""
-    row = (await db.execute(_SELECT_STATE, {"task_id": task_id})).first()
+_LOCK_STATE = _SELECT_STATE.with_for_update(key_share=True)
+
+
+async def task_state(db: AsyncConnection, task_id: str, *, lock: bool = False) -> TaskState | None:
+    """A task's status, progress and provider id, without loading the whole row;
+    `lock`: locked until the transaction ends, read as it is once the lock is held."""
+    statement = _LOCK_STATE if lock else _SELECT_STATE
+    row = (await db.execute(statement, {"task_id": task_id})).first()
     if row is None:
         return None
     return TaskState(row.id, TaskStatus(row.status), row.progress, row.upstream_task_id)
@@ -358,29 +363,44 @@ def _confirm_in_one_statement() -> Any:
     """PostgreSQL: read, request (or renew) the confirmation and record the delivery at once.
 
     The same decisions as `services.callbacks._queue_confirmation`, taken on the row
-    as the statement found it, for a task that already carries the callback's
-    provider id; any other case (no such task, no provider id on either side, or
-    a different one) decides nothing and records nothing (outcome NULL), and the
-    general path takes over. Data-modifying CTEs run whether or not they are read.
+    as it is once locked (a poll writing it meanwhile has committed by then), for a
+    task that already carries the callback's provider id; any other case (no such
+    task, no provider id on either side, or a different one) decides nothing and
+    records nothing (outcome NULL), and the general path takes over. Data-modifying
+    CTEs run whether or not they are read.
     """
     now = bindparam("now", type_=UTCDateTime())
     task_id: Any = bindparam("task_id", type_=TASKS.c.id.type)
     upstream_id: Any = bindparam("upstream_id", type_=TASKS.c.upstream_task_id.type)
     reported: Any = bindparam("reported", type_=TASKS.c.status.type)
-    owned = TASKS.c.upstream_task_id == upstream_id
+    # Locked first: the statement's snapshot may predate a poll's write that it waits
+    # for, and a decision taken on that old row could lose this callback's request.
     current = (
-        select(TASKS.c.status, TASKS.c.upstream_task_id).where(TASKS.c.id == task_id).cte("cur")
+        select(
+            TASKS.c.status,
+            TASKS.c.upstream_task_id,
+            TASKS.c.confirm_requested_at,
+            TASKS.c.poll_claimed_at,
+        )
+        .where(TASKS.c.id == task_id)
+        .with_for_update(key_share=True)
+        .cte("cur")
+    )
+    decides = and_(current.c.status.in_(ACTIVE_STATUSES), current.c.upstream_task_id == upstream_id)
+    may_request = select(current.c.status).where(decides, current.c.confirm_requested_at.is_(None))
+    may_renew = select(current.c.status).where(
+        decides, current.c.confirm_requested_at < current.c.poll_claimed_at
     )
     requested = (
         update(TASKS)
-        .where(TASKS.c.id == task_id, owned, MAY_REQUEST)
+        .where(TASKS.c.id == task_id, may_request.exists())
         .values(confirm_requested_at=now, next_poll_at=now, last_event_at=now)
         .returning(TASKS.c.id)
         .cte("requested")
     )
     renewed = (
         update(TASKS)
-        .where(TASKS.c.id == task_id, owned, MAY_RENEW)
+        .where(TASKS.c.id == task_id, may_renew.exists())
         .values(confirm_requested_at=now, last_event_at=now)
         .returning(TASKS.c.id)
         .cte("renewed")
