@@ -314,7 +314,9 @@ class Reconciler:
     async def _apply_answers(self, answers: Sequence[tuple[PollClaim, Snapshot]]) -> None:
         """Apply the provider's answers and release the leases, one transaction for all.
 
-        Should the batch fail as a whole, each answer is tried in a transaction of its own.
+        Should the batch fail as a whole, each answer is tried in a transaction of its own;
+        one that fails alone is logged and left to its lease (never raised: the answers
+        still to come in the same batch must not be dropped).
         """
         if not answers:
             return
@@ -327,14 +329,12 @@ class Reconciler:
                 ]
         except Exception:
             if len(answers) == 1:
-                raise
+                # Its lease runs out and it is due again: asked later, not lost.
+                log.exception("poll_apply_failed", task_id=answers[0][0].id)
+                return
             log.warning("poll_batch_failed", tasks=len(answers), exc_info=True)
             for answer in answers:
-                try:
-                    await self._apply_answers([answer])
-                except Exception:
-                    # Its lease runs out and it is due again: asked later, not lost.
-                    log.exception("poll_apply_failed", task_id=answer[0].id)
+                await self._apply_answers([answer])
             return
         for (task, snapshot), (result, waiting) in zip(answers, applied, strict=True):
             log.info(

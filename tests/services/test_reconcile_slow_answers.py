@@ -25,13 +25,13 @@ class OneSlowQuery(GatedQueries):
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         super().__init__(inner)
-        self.slow_id: str | None = None
+        self.slow_ids: set[str] = set()
         self.slow_started = asyncio.Event()
         self.gate = asyncio.Event()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await super().handle_async_request(request)
-        if request.url.path.rsplit("/", 1)[1] == self.slow_id:
+        if request.url.path.rsplit("/", 1)[1] in self.slow_ids:
             await response.aread()
             self.slow_started.set()
             await self.gate.wait()  # a provider that answers this one slowly (up to 90 s)
@@ -61,7 +61,7 @@ async def test_answers_are_applied_while_one_query_is_still_out(
         assert await harness.callback(task_id, task_body("completed", upstream_id=upstream_id)) == (
             "confirming"
         )
-    upstream.slow_id = ups[0]
+    upstream.slow_ids = {ups[0]}
     batch = asyncio.create_task(harness.reconciler.confirm_due())
     try:
         await asyncio.wait_for(upstream.slow_started.wait(), 10)
@@ -117,7 +117,7 @@ async def test_regular_polls_are_applied_while_one_query_is_still_out(
     for task_id, upstream_id in zip(ids, ups, strict=True):
         assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
         await harness.make_due(task_id)
-    upstream.slow_id = ups[0]
+    upstream.slow_ids = {ups[0]}
     batch = asyncio.create_task(harness.reconciler.run_once())
     try:
         await asyncio.wait_for(upstream.slow_started.wait(), 10)
@@ -148,7 +148,7 @@ async def test_a_query_past_its_deadline_is_rescheduled_before_the_lease_runs_ou
     harness.service.runtime.confirms_in_process = False
     harness.reconciler.query_deadline = timedelta(seconds=0.5)
     ids, ups = await _confirming(harness, "late", 3)
-    upstream.slow_id = ups[0]
+    upstream.slow_ids = {ups[0]}
     try:
         assert await harness.reconciler.confirm_due() == 3
     finally:
@@ -215,7 +215,7 @@ async def test_the_workers_next_batch_starts_while_a_slow_query_is_out(
     harness.service.runtime.confirms_in_process = False
     monkeypatch.setattr(reconcile, "CONFIRMS_IN_FLIGHT", 2)
     (first,), (first_up,) = await _confirming(harness, "first", 1)
-    upstream.slow_id = first_up
+    upstream.slow_ids = {first_up}
     try:
         assert await harness.reconciler.start_confirmations() == 1
         await asyncio.wait_for(upstream.slow_started.wait(), 10)
@@ -241,7 +241,7 @@ async def test_the_worker_claims_no_more_than_its_room(
     harness.service.runtime.confirms_in_process = False
     monkeypatch.setattr(reconcile, "CONFIRMS_IN_FLIGHT", 1)
     (first,), (first_up,) = await _confirming(harness, "full", 1)
-    upstream.slow_id = first_up
+    upstream.slow_ids = {first_up}
     try:
         assert await harness.reconciler.start_confirmations() == 1
         await asyncio.wait_for(upstream.slow_started.wait(), 10)
@@ -253,3 +253,33 @@ async def test_the_worker_claims_no_more_than_its_room(
     assert await harness.reconciler.start_confirmations() == 1
     await harness.reconciler.wait_idle()
     assert [(await harness.row(t, "status"))[0] for t in (first, second)] == ["completed"] * 2
+
+
+async def test_an_answer_that_cannot_be_applied_drops_no_other_answer(
+    slow: tuple[Harness, OneSlowQuery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One answer whose apply fails on its own is logged and left to its lease; the
+    answers that arrive after it in the same batch are still applied."""
+    harness, upstream = slow
+    harness.service.runtime.confirms_in_process = False
+    ids, ups = await _confirming(harness, "apply", 3)
+    broken = ids[0]
+    failed = asyncio.Event()
+    real_apply = reconcile.apply_snapshot
+
+    async def apply(db: Any, task_id: str, *args: Any, **kwargs: Any) -> Any:
+        if task_id == broken:
+            failed.set()
+            raise ConnectionResetError("the database connection dropped while applying")
+        return await real_apply(db, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(reconcile, "apply_snapshot", apply)
+    upstream.slow_ids = set(ups[1:])  # the broken task's answer arrives first, alone
+    batch = asyncio.create_task(harness.reconciler.confirm_due())
+    try:
+        await asyncio.wait_for(failed.wait(), 10)
+    finally:
+        upstream.gate.set()
+    assert await batch == 3
+    statuses = [(await harness.row(task_id, "status"))[0] for task_id in ids]
+    assert statuses == ["pending", "completed", "completed"]
