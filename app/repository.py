@@ -491,13 +491,14 @@ def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
     )
 
 
-def _claimed_by(claimed_at: datetime) -> ColumnElement[bool]:
+def claimed_by(claimed_at: datetime) -> ColumnElement[bool]:
+    """Active and still held by the poll claimed at `claimed_at` (no later claim since)."""
     return and_(IS_ACTIVE, TASKS.c.poll_claimed_at == _at(claimed_at))
 
 
 async def release_poll(db: AsyncConnection, task_id: str, *, claimed_at: datetime) -> bool:
     """Give up a claim without an answer: the task stays due as it was (request kept)."""
-    return await update_where(db, task_id, _claimed_by(claimed_at), {"poll_lease_until": None})
+    return await update_where(db, task_id, claimed_by(claimed_at), {"poll_lease_until": None})
 
 
 async def finish_poll(
@@ -522,7 +523,7 @@ async def finish_poll(
         "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
         "poll_lease_until": None,
     }
-    if not await update_where(db, task_id, _claimed_by(claimed_at), update_values):
+    if not await update_where(db, task_id, claimed_by(claimed_at), update_values):
         return False
     waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
     return (await db.execute(waiting)).first() is not None

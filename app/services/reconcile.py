@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import and_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import activity, metrics, repository
@@ -441,8 +442,12 @@ class Reconciler:
             "poll_lease_until": None,
             "confirm_requested_at": None,
         }
-        # Not while a callback's news is newer than this poll: ask once more first.
-        condition = repository.no_confirmation_asked_since(task.poll_claimed_at)
+        # Not while a callback's news is newer than this poll: ask once more first;
+        # nor once a later poll has claimed the task (it decides).
+        condition = and_(
+            repository.no_confirmation_asked_since(task.poll_claimed_at),
+            repository.claimed_by(task.poll_claimed_at),
+        )
         async with self._factory() as session, session.begin():
             db = await session.connection()
             failed = await repository.update_returning(db, task.id, condition, values)

@@ -13,6 +13,7 @@ import pytest_asyncio
 from app import repository
 from app.config import Settings
 from app.models import utcnow
+from app.repository import PollClaim
 from app.services import reconcile
 from tests.helpers import GatedQueries, simulator_transport, task_body
 from tests.services.test_reconcile import Harness
@@ -183,9 +184,10 @@ async def test_a_stale_claim_leaves_the_newer_claims_lease_alone(
     slow: tuple[Harness, OneSlowQuery],
 ) -> None:
     """A poll that ends after its lease ran out and another poll claimed the task
-    does not release that other poll's lease."""
+    neither releases that other poll's lease nor gives the task up."""
     harness, _ = slow
     task_id = await harness.submit("stale")
+    upstream_id, created = await harness.row(task_id, "upstream_task_id, created_at")
     now = utcnow()
     newer = now - timedelta(seconds=1)
     lease = now + timedelta(seconds=60)
@@ -202,8 +204,14 @@ async def test_a_stale_claim_leaves_the_newer_claims_lease_alone(
         released = await repository.release_poll(
             db, task_id, claimed_at=now - timedelta(seconds=90)
         )
+    claim = PollClaim(task_id, upstream_id, created, 0, now - timedelta(seconds=90), None)
+    await harness.reconciler._give_up(claim, "upstream_not_found", "gone", now)
     assert (stale, released) == (False, False)
-    assert await harness.row(task_id, "poll_lease_until, poll_attempts") == (lease, 0)
+    assert await harness.row(task_id, "status, poll_lease_until, poll_attempts") == (
+        "pending",
+        lease,
+        0,
+    )
 
 
 async def test_the_workers_next_batch_starts_while_a_slow_query_is_out(
