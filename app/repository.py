@@ -174,9 +174,14 @@ _SELECT_STATE = select(
 _INSERT_DELIVERY = insert(DELIVERIES)
 
 
-async def task_state(db: AsyncConnection, task_id: str) -> TaskState | None:
-    """A task's status, progress and provider id, without loading the whole row."""
-    row = (await db.execute(_SELECT_STATE, {"task_id": task_id})).first()
+_LOCK_STATE = _SELECT_STATE.with_for_update(key_share=True)
+
+
+async def task_state(db: AsyncConnection, task_id: str, *, lock: bool = False) -> TaskState | None:
+    """A task's status, progress and provider id, without loading the whole row;
+    `lock`: locked until the transaction ends, read as it is once the lock is held."""
+    statement = _LOCK_STATE if lock else _SELECT_STATE
+    row = (await db.execute(statement, {"task_id": task_id})).first()
     if row is None:
         return None
     return TaskState(row.id, TaskStatus(row.status), row.progress, row.upstream_task_id)
@@ -358,29 +363,44 @@ def _confirm_in_one_statement() -> Any:
     """PostgreSQL: read, request (or renew) the confirmation and record the delivery at once.
 
     The same decisions as `services.callbacks._queue_confirmation`, taken on the row
-    as the statement found it, for a task that already carries the callback's
-    provider id; any other case (no such task, no provider id on either side, or
-    a different one) decides nothing and records nothing (outcome NULL), and the
-    general path takes over. Data-modifying CTEs run whether or not they are read.
+    as it is once locked (a poll writing it meanwhile has committed by then), for a
+    task that already carries the callback's provider id; any other case (no such
+    task, no provider id on either side, or a different one) decides nothing and
+    records nothing (outcome NULL), and the general path takes over. Data-modifying
+    CTEs run whether or not they are read.
     """
     now = bindparam("now", type_=UTCDateTime())
     task_id: Any = bindparam("task_id", type_=TASKS.c.id.type)
     upstream_id: Any = bindparam("upstream_id", type_=TASKS.c.upstream_task_id.type)
     reported: Any = bindparam("reported", type_=TASKS.c.status.type)
-    owned = TASKS.c.upstream_task_id == upstream_id
+    # Locked first: the statement's snapshot may predate a poll's write that it waits
+    # for, and a decision taken on that old row could lose this callback's request.
     current = (
-        select(TASKS.c.status, TASKS.c.upstream_task_id).where(TASKS.c.id == task_id).cte("cur")
+        select(
+            TASKS.c.status,
+            TASKS.c.upstream_task_id,
+            TASKS.c.confirm_requested_at,
+            TASKS.c.poll_claimed_at,
+        )
+        .where(TASKS.c.id == task_id)
+        .with_for_update(key_share=True)
+        .cte("cur")
+    )
+    decides = and_(current.c.status.in_(ACTIVE_STATUSES), current.c.upstream_task_id == upstream_id)
+    may_request = select(current.c.status).where(decides, current.c.confirm_requested_at.is_(None))
+    may_renew = select(current.c.status).where(
+        decides, current.c.confirm_requested_at < current.c.poll_claimed_at
     )
     requested = (
         update(TASKS)
-        .where(TASKS.c.id == task_id, owned, MAY_REQUEST)
+        .where(TASKS.c.id == task_id, may_request.exists())
         .values(confirm_requested_at=now, next_poll_at=now, last_event_at=now)
         .returning(TASKS.c.id)
         .cte("requested")
     )
     renewed = (
         update(TASKS)
-        .where(TASKS.c.id == task_id, owned, MAY_RENEW)
+        .where(TASKS.c.id == task_id, may_renew.exists())
         .values(confirm_requested_at=now, last_event_at=now)
         .returning(TASKS.c.id)
         .cte("renewed")
@@ -471,6 +491,16 @@ def no_confirmation_asked_since(claimed_at: datetime) -> ColumnElement[bool]:
     )
 
 
+def claimed_by(claimed_at: datetime) -> ColumnElement[bool]:
+    """Active and still held by the poll claimed at `claimed_at` (no later claim since)."""
+    return and_(IS_ACTIVE, TASKS.c.poll_claimed_at == _at(claimed_at))
+
+
+async def release_poll(db: AsyncConnection, task_id: str, *, claimed_at: datetime) -> bool:
+    """Give up a claim without an answer: the task stays due as it was (request kept)."""
+    return await update_where(db, task_id, claimed_by(claimed_at), {"poll_lease_until": None})
+
+
 async def finish_poll(
     db: AsyncConnection,
     task_id: str,
@@ -483,7 +513,8 @@ async def finish_poll(
 
     A request made before the claim is answered by this poll and cleared; one
     made since keeps the task due at its own time, since this poll's query may
-    predate the news.
+    predate the news. Only the claim's own poll ends it: once its lease has run
+    out and another poll has claimed the task, this one leaves that lease alone.
     """
     asked = _asked_since(claimed_at)
     update_values = {
@@ -492,7 +523,7 @@ async def finish_poll(
         "confirm_requested_at": case((asked, TASKS.c.confirm_requested_at), else_=null()),
         "poll_lease_until": None,
     }
-    if not await update_where(db, task_id, IS_ACTIVE, update_values):
+    if not await update_where(db, task_id, claimed_by(claimed_at), update_values):
         return False
     waiting = select(TASKS.c.id).where(TASKS.c.id == task_id, CONFIRMATION_WAITING)
     return (await db.execute(waiting)).first() is not None

@@ -227,9 +227,10 @@ class BackgroundWorker:
             pass
 
     async def _confirm_round(self) -> None:
-        """Batches of due confirmations until none is left."""
+        """Start batches of due confirmations until none is left or there is no room;
+        their queries run on while the next batch starts (a slow one holds back nobody)."""
         while (
-            await self._runtime.reconciler.confirm_due() >= CONFIRM_BATCH
+            await self._runtime.reconciler.start_confirmations() >= CONFIRM_BATCH
             and not self._stopping.is_set()
         ):
             pass

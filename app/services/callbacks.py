@@ -93,9 +93,13 @@ async def receive_callback(
         )
 
     if snapshot.status.terminal and settings.confirm_callbacks:
-        # Guarded single-row writes: each may commit on its own.
-        outcome = await _queue_confirmation(db, state, snapshot, now)
-        await record(db, outcome)
+        # The request (with an adopted provider id) and the delivery commit together,
+        # decided on the row as it is once locked: a poll's answer written meanwhile
+        # must not erase this request.
+        async with transaction(db):
+            state = await _locked(db, state)
+            outcome = await _queue_confirmation(db, state, snapshot, now)
+            await record(db, outcome)
     else:
         # A move, its images, its event and the delivery commit together.
         async with transaction(db):
@@ -158,10 +162,23 @@ async def _confirm_in_one_statement(
     return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=fields)
 
 
+async def _locked(db: AsyncConnection, state: TaskState) -> TaskState:
+    """The task's state read again under its row lock (PostgreSQL); SQLite's write
+    transaction already holds the database, so what it read is still current."""
+    if db.dialect.name != "postgresql":
+        return state
+    current = await repository.task_state(db, state.id, lock=True)
+    assert current is not None  # tasks are never deleted
+    return current
+
+
 async def _queue_confirmation(
     db: AsyncConnection, state: TaskState, snapshot: Snapshot, now: datetime
 ) -> Outcome:
-    """A terminal callback is a hint: make the task due for one query, not one per delivery."""
+    """A terminal callback is a hint: make the task due for one query, not one per delivery.
+
+    `state` is the row as it is now: read under its lock, in the caller's transaction.
+    """
     if not await owns_upstream_id(db, state, snapshot.upstream_id):
         return Outcome.MISMATCH
     if state.status.terminal:

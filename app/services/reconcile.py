@@ -2,19 +2,22 @@
 and confirm terminal callbacks. A lost callback loses nothing.
 
 Polls go in batches: one statement leases a batch of due tasks, the provider is
-asked about them concurrently (bounded), and the answers are applied through the
-state machine in one transaction per batch.
+asked about them concurrently (bounded), and each answer is applied through the
+state machine as it arrives (those that arrive together in one transaction).
+Each query has a deadline well inside the lease, so a slow answer holds back
+only its own task, and the worker starts the next batch while it is out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import and_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import activity, metrics, repository
@@ -38,6 +41,11 @@ BATCH = 20
 # Confirmations claimed at once by the worker's loop, and provider queries in flight.
 CONFIRM_BATCH = 64
 CONCURRENCY = 16
+# Claims of the worker's confirmation loop out at once, slow ones included.
+CONFIRMS_IN_FLIGHT = 4 * CONFIRM_BATCH
+# From its claim, a poll's wait for a slot and its query end within this (inside
+# the lease), so its answer is applied before anyone else may claim the task.
+QUERY_DEADLINE = POLL_LEASE / 2
 IDLE_WAIT_SECONDS = 15
 NO_OUTCOME = ("no_outcome", "StarMagic gave no outcome within 24 hours")
 
@@ -53,6 +61,10 @@ async def _note(db: AsyncConnection, task_id: str, note: Note, now: datetime) ->
 def _why(task: PollClaim) -> str:
     """What a query is for, as the timeline says it."""
     return "confirmation" if task.confirm_requested_at is not None else "poll"
+
+
+class _SlotTimeout(Exception):
+    """The deadline passed before a query slot was free: nothing was asked."""
 
 
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
@@ -72,11 +84,14 @@ class Reconciler:
         settings: Settings,
         *,
         query_spacing: timedelta = QUERY_SPACING,
+        query_deadline: timedelta = QUERY_DEADLINE,
     ):
         self._factory = factory
         self._client = client
         self._settings = settings
         self.query_spacing = query_spacing
+        self.query_deadline = query_deadline
+        self._in_flight = 0  # confirmation claims the worker's loop has out
         self._running: set[asyncio.Task[None]] = set()
         self._later: dict[str, asyncio.TimerHandle] = {}
         self._slots = asyncio.Semaphore(CONCURRENCY)
@@ -89,29 +104,79 @@ class Reconciler:
         """Claim one batch of due confirmations and poll them; the number polled."""
         return await self._claim_and_poll(CONFIRM_BATCH, confirmations_only=True)
 
+    async def start_confirmations(self) -> int:
+        """Claim due confirmations as room allows and poll them in the background;
+        the number claimed. A slow query holds only its own claim, not the next batch."""
+        room = min(CONFIRM_BATCH, CONFIRMS_IN_FLIGHT - self._in_flight)
+        if room <= 0:
+            return 0
+        claims = await self._claim(room, confirmations_only=True)
+        if claims:
+            self._in_flight += len(claims)
+            self._background(self._poll_all(claims, counted=True), "confirm_batch_failed")
+        return len(claims)
+
     async def _claim_and_poll(self, limit: int, *, confirmations_only: bool) -> int:
-        now = utcnow()
+        claims = await self._claim(limit, confirmations_only=confirmations_only)
+        await self._poll_all(claims)
+        return len(claims)
+
+    async def _claim(self, limit: int, *, confirmations_only: bool) -> list[PollClaim]:
         async with self._factory() as session, session.begin():
-            claims = await repository.claim_due_polls(
+            return await repository.claim_due_polls(
                 await session.connection(),
-                now=now,
+                now=utcnow(),
                 lease=POLL_LEASE,
                 spacing=self.query_spacing,
                 limit=limit,
                 confirmations_only=confirmations_only,
             )
-        await self._poll_all(claims)
-        return len(claims)
 
-    async def _poll_all(self, claims: Sequence[PollClaim]) -> None:
-        """Ask about every claim concurrently (bounded), then apply the answers together."""
+    def _background(self, job: Coroutine[Any, Any, None], event: str) -> None:
+        async def logged() -> None:
+            try:
+                await job
+            except Exception:
+                log.exception(event)
 
-        async def ask(claim: PollClaim) -> tuple[PollClaim, Snapshot | None]:
-            async with self._slots:
-                return claim, await self._ask(claim)
+        task = asyncio.create_task(logged())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
-        answers = await asyncio.gather(*(ask(claim) for claim in claims))
-        await self._apply_answers([(c, s) for c, s in answers if s is not None])
+    async def _poll_all(self, claims: Sequence[PollClaim], *, counted: bool = False) -> None:
+        """Ask about every claim concurrently (bounded); apply each answer as it arrives,
+        those that arrive together in one transaction. One claim's failure is its own."""
+        pending = {asyncio.create_task(self._ask_alone(claim)) for claim in claims}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answers = [answer for job in done if (answer := job.result()) is not None]
+                try:
+                    await self._apply_answers(answers)
+                finally:
+                    if counted:
+                        self._in_flight -= len(done)
+        finally:
+            for job in pending:
+                job.cancel()
+            if counted:
+                self._in_flight -= len(pending)
+
+    async def _ask_alone(self, claim: PollClaim) -> tuple[PollClaim, Snapshot] | None:
+        """`_ask`, with an unexpected failure kept to this claim: logged, its lease released."""
+        try:
+            snapshot = await self._ask(claim)
+        except Exception:
+            log.exception("poll_failed_unexpectedly", task_id=claim.id)
+            try:
+                async with self._factory() as session, session.begin():
+                    await repository.release_poll(
+                        await session.connection(), claim.id, claimed_at=claim.poll_claimed_at
+                    )
+            except Exception:
+                log.exception("poll_release_failed", task_id=claim.id)  # its lease runs out
+            return None
+        return None if snapshot is None else (claim, snapshot)
 
     def confirm_soon(self, task_id: str) -> None:
         """Confirm a terminal callback off the request path (the row stays due if we die)."""
@@ -172,11 +237,16 @@ class Reconciler:
             await asyncio.wait(set(self._running), timeout=IDLE_WAIT_SECONDS)
 
     async def aclose(self) -> None:
-        """Drop the timers (those rows stay due), let in-flight confirmations finish."""
+        """Drop the timers (those rows stay due), let in-flight confirmations finish;
+        stop those still out after a while (their leases run out, the rows stay due)."""
         for timer in self._later.values():
             timer.cancel()
         self._later.clear()
         await self.wait_idle()
+        for job in set(self._running):
+            job.cancel()
+        if self._running:
+            await asyncio.wait(set(self._running))
 
     async def poll(self, claim: PollClaim) -> None:
         """Ask the provider about one leased task and apply what it says."""
@@ -191,7 +261,11 @@ class Reconciler:
             return None
         why = _why(task)
         try:
-            snapshot = await self._client.query(task.upstream_task_id)
+            snapshot = await self._query(task, task.upstream_task_id)
+        except _SlotTimeout:
+            # Never asked: the task stays due, its confirmation request kept.
+            await self._release(task)
+            return None
         except UpstreamNotFound as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="not_found").inc()
             note = ("not_found", f"{why}: {exc.message}")
@@ -200,10 +274,11 @@ class Reconciler:
             else:
                 await self._reschedule(task, now, note=note)
             return None
-        except UpstreamError as exc:
+        except (UpstreamError, TimeoutError) as exc:
             metrics.RECONCILER_QUERIES.labels(outcome="error").inc()
-            log.warning("poll_failed", task_id=task.id, reason=exc.message)
-            note = ("error", f"{why}: {exc.message}")
+            reason = exc.message if isinstance(exc, UpstreamError) else "no answer in time"
+            log.warning("poll_failed", task_id=task.id, reason=reason)
+            note = ("error", f"{why}: {reason}")
             if self._last_chance(task, now):
                 await self._give_up(task, *NO_OUTCOME, now, note=note)
             else:
@@ -211,6 +286,26 @@ class Reconciler:
             return None
         metrics.RECONCILER_QUERIES.labels(outcome="ok").inc()
         return snapshot
+
+    async def _query(self, task: PollClaim, upstream_id: str) -> Snapshot:
+        """The provider's answer, within the claim's deadline (slot wait included)."""
+        deadline = task.poll_claimed_at + self.query_deadline
+        asked = False
+        try:
+            async with asyncio.timeout(max((deadline - utcnow()).total_seconds(), 0.0)):
+                async with self._slots:
+                    asked = True
+                    return await self._client.query(upstream_id)
+        except TimeoutError:
+            if not asked:
+                raise _SlotTimeout from None
+            raise
+
+    async def _release(self, task: PollClaim) -> None:
+        async with self._factory() as session, session.begin():
+            await repository.release_poll(
+                await session.connection(), task.id, claimed_at=task.poll_claimed_at
+            )
 
     @staticmethod
     def _last_chance(task: PollClaim, now: datetime) -> bool:
@@ -220,7 +315,9 @@ class Reconciler:
     async def _apply_answers(self, answers: Sequence[tuple[PollClaim, Snapshot]]) -> None:
         """Apply the provider's answers and release the leases, one transaction for all.
 
-        Should the batch fail as a whole, each answer is tried in a transaction of its own.
+        Should the batch fail as a whole, each answer is tried in a transaction of its own;
+        one that fails alone is logged and left to its lease (never raised: the answers
+        still to come in the same batch must not be dropped).
         """
         if not answers:
             return
@@ -233,14 +330,12 @@ class Reconciler:
                 ]
         except Exception:
             if len(answers) == 1:
-                raise
+                # Its lease runs out and it is due again: asked later, not lost.
+                log.exception("poll_apply_failed", task_id=answers[0][0].id)
+                return
             log.warning("poll_batch_failed", tasks=len(answers), exc_info=True)
             for answer in answers:
-                try:
-                    await self._apply_answers([answer])
-                except Exception:
-                    # Its lease runs out and it is due again: asked later, not lost.
-                    log.exception("poll_apply_failed", task_id=answer[0].id)
+                await self._apply_answers([answer])
             return
         for (task, snapshot), (result, waiting) in zip(answers, applied, strict=True):
             log.info(
@@ -347,8 +442,12 @@ class Reconciler:
             "poll_lease_until": None,
             "confirm_requested_at": None,
         }
-        # Not while a callback's news is newer than this poll: ask once more first.
-        condition = repository.no_confirmation_asked_since(task.poll_claimed_at)
+        # Not while a callback's news is newer than this poll: ask once more first;
+        # nor once a later poll has claimed the task (it decides).
+        condition = and_(
+            repository.no_confirmation_asked_since(task.poll_claimed_at),
+            repository.claimed_by(task.poll_claimed_at),
+        )
         async with self._factory() as session, session.begin():
             db = await session.connection()
             failed = await repository.update_returning(db, task.id, condition, values)

@@ -6,6 +6,7 @@ import itertools
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,13 @@ from app.schemas import Snapshot, SnapshotImage
 from app.services import callbacks
 from app.services.snapshots import Outcome, apply_snapshot, classify, transition
 from tests.factories import make_task
+from tests.services.test_callback_races import (
+    PATHS,
+    Webhook,
+    delivered,
+    request_columns,
+    while_a_poll_writes,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -322,3 +330,61 @@ async def test_the_one_statement_confirmation_agrees_with_the_general_path(
     assert Outcome(fast.outcome) is general
     assert outcomes == [general.value]
     assert fast_row == general_row  # status and the confirmation request's columns
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("after", ACTIVE + TERMINAL)
+@pytest.mark.parametrize("reported", TERMINAL)
+async def test_the_one_statement_confirmation_agrees_with_the_general_path_in_a_race(
+    postgres_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    after: TaskStatus,
+    reported: TaskStatus,
+) -> None:
+    """A poll answering the waiting request and moving the task to `after` commits while
+    both paths wait on its row: both decide on the row as it left it, as the rules say."""
+    engine = create_engine(postgres_database)
+    webhook = Webhook(postgres_database, engine, tmp_path, monkeypatch)
+    now = utcnow()
+    try:
+        async with create_session_factory(engine)() as session:
+            tasks = [
+                await make_task(
+                    session,
+                    status="processing",
+                    confirm_requested_at=now - timedelta(seconds=5),
+                    poll_claimed_at=now - timedelta(seconds=2),
+                    poll_lease_until=now + timedelta(seconds=60),
+                )
+                for _ in PATHS
+            ]
+
+        async def answer(poll: Any) -> None:
+            for task in tasks:
+                values = {"id": task.id, "status": after.value, "later": now + POLL_AFTER}
+                await poll.execute(
+                    text(
+                        "UPDATE tasks SET status = :status, confirm_requested_at = NULL,"
+                        " next_poll_at = :later, poll_lease_until = NULL WHERE id = :id"
+                    ),
+                    values,
+                )
+
+        pairs = zip(tasks, PATHS, strict=True)
+        calls = [webhook.call(task, reported.value, path) for task, path in pairs]
+        outcomes = await while_a_poll_writes(engine, answer, calls)
+        recorded = [await delivered(engine, task.id) for task in tasks]
+        rows = [await request_columns(engine, task.id) for task in tasks]
+    finally:
+        await engine.dispose()
+    if after.terminal:
+        state = repository.TaskState(tasks[0].id, after, 100, tasks[0].upstream_task_id)
+        expected = classify(state, Snapshot(status=reported)).value
+    else:
+        expected = Outcome.CONFIRMING.value
+    assert outcomes == [expected, expected]
+    assert recorded == [[expected], [expected]]
+    requested = [row.confirm_requested_at is not None for row in rows]
+    assert requested == [not after.terminal] * 2
+    assert all(row.next_poll_at == row.confirm_requested_at for row in rows if not after.terminal)
