@@ -100,6 +100,9 @@ async def serve_image(
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     if variant is not None:
+        # End the transaction first: a render takes seconds, and on SQLite an open
+        # transaction holds the write lock every other writer waits for.
+        await session.commit()
         return await _serve_variant(runtime, image, image.key, variant, headers)
     if runtime.settings.image_redirect:
         url = await runtime.storage.presigned_url(image.key, PRESIGNED_SECONDS)

@@ -1,0 +1,141 @@
+"""Regressions of the console's review: the variant renders (transaction, bound,
+coalescing, remembered failures, corrupt originals), revocable sessions, a stream that
+ends with its session and carries task events only, session-bound anti-forgery tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import random
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy.engine import make_url
+
+from app import variants
+from app.api.deps import caller_id
+from app.console import auth
+from app.models import utcnow
+from app.services import events
+from tests.conftest import API_TOKEN, Service, make_settings
+from tests.console.helpers import console_client, csrf_from, sign_in, stored_task
+from tests.helpers import simulator_transport
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _service(service_factory: Any, url: str, tmp_path: Path, **settings: Any) -> Service:
+    built: Service = await service_factory(
+        make_settings(url, tmp_path, **settings), simulator_transport()[0]
+    )
+    return built
+
+
+def _corrupt_png() -> bytes:
+    """A PNG whose header is fine and whose second IDAT chunk has a broken type."""
+    rnd = random.Random(7)
+    pixels = bytes(rnd.randrange(256) for _ in range(300 * 300 * 3))
+    out = io.BytesIO()
+    PILImage.frombytes("RGB", (300, 300), pixels).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)
+    data[second : second + 4] = b"\x00@r\xe1"
+    return bytes(data)
+
+
+async def test_rendering_a_variant_on_request_does_not_hold_the_sqlite_write_lock(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While Pillow renders a missing variant (seconds for a big image), other writers
+    (callbacks, submissions, the worker) can still take SQLite's write lock."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path)
+    database = make_url(sqlite_url).database
+    seen: list[str] = []
+    real = variants.render
+
+    def render_while_another_writer_tries(original: bytes, long_side: int) -> bytes:
+        other = sqlite3.connect(str(database), timeout=0.5, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            seen.append("free")
+        except sqlite3.OperationalError as exc:
+            seen.append(str(exc))
+        finally:
+            other.close()
+        return real(original, long_side)
+
+    monkeypatch.setattr(variants, "render", render_while_another_writer_tries)
+    transport = httpx.ASGITransport(app=service.app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        thumb = await api.get(f"/tasks/{task.id}/image?variant=thumb", headers=headers)
+    assert thumb.status_code == 200
+    assert seen == ["free"], f"another writer during the render got: {seen}"
+
+
+async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> tuple[str, bool]:
+    """The console stream's body as it arrives, until `until` shows up (or `wait` passes),
+    and whether the service ended the stream by itself."""
+    received: list[str] = []
+    seen = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            received.append(message.get("body", b"").decode())
+            if until in "".join(received):
+                seen.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "https",
+        "path": "/console/stream",
+        "raw_path": b"/console/stream",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"imagetasks.test"),
+            (b"cookie", f"{auth.SESSION_COOKIE}={cookie}".encode()),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("imagetasks.test", 443),
+    }
+    running = asyncio.create_task(app(scope, receive, send))
+    waiting = asyncio.create_task(seen.wait())
+    await asyncio.wait({running, waiting}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    ended = running.done()
+    for task in (running, waiting):
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    return "".join(received), ended
+
+
+def _claimed_size_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a canvas of width x height (the pixels never come)."""
+    out = io.BytesIO()
+    PILImage.new("RGB", (4, 4)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    start = data.index(b"IHDR")
+    header = bytes(data[start : start + 17])
+    patched = header[:4] + struct.pack(">II", width, height) + header[12:]
+    data[start : start + 17] = patched
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(patched))
+    return bytes(data)
