@@ -29,8 +29,9 @@ log = structlog.get_logger(__name__)
 # Long side in pixels; smaller originals are re-encoded at their own size, never enlarged.
 VARIANTS: dict[str, int] = {"thumb": 256, "preview": 1024}
 WEBP_QUALITY = 80
-# Refuse absurd canvases before decoding (a decompression bomb is 1 KiB of PNG).
-MAX_PIXELS = 64 * 1024 * 1024
+# Refuse big canvases before decoding (a decompression bomb is 1 KiB of PNG): a PNG is
+# decoded whole, about 4 bytes a pixel, so this caps one render near 100 MB.
+MAX_PIXELS = 24 * 1024 * 1024
 STALE_TEMP_SECONDS = 30.0
 
 

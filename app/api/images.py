@@ -142,7 +142,8 @@ async def _serve_variant(
     runtime: Runtime, image: Image, key: str, variant: str, headers: dict[str, str]
 ) -> Response:
     """A variant from storage; one that was never made (an image stored before variants
-    existed, or whose rendering failed then) is made now from the original."""
+    existed, or whose rendering failed then) is made now from the original, outside
+    any transaction and within the process's bound on renders."""
     try:
         stored = await runtime.storage.open(variants.variant_key(key, variant))
     except ObjectNotFoundError:
@@ -153,8 +154,8 @@ async def _serve_variant(
         headers["Content-Length"] = str(stored.size)
         return StreamingResponse(stored.chunks, media_type="image/webp", headers=headers)
     try:
-        made = await variants.make_variants(
-            runtime.storage, key, names=[variant], max_bytes=runtime.settings.max_image_bytes
+        made = await runtime.variant_renders.make(
+            runtime.storage, key, variant, max_bytes=runtime.settings.max_image_bytes
         )
     except ObjectNotFoundError as exc:
         raise NotFound(
@@ -168,7 +169,7 @@ async def _serve_variant(
         raise NotFound(
             f"no {variant} variant can be made of this image: {exc}", code="variant_unavailable"
         ) from exc
-    return Response(made[variant], media_type="image/webp", headers=headers)
+    return Response(made, media_type="image/webp", headers=headers)
 
 
 def _unavailable(image: Image, exc: StorageError) -> ServiceUnavailable:

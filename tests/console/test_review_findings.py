@@ -52,6 +52,34 @@ def _corrupt_png() -> bytes:
     return bytes(data)
 
 
+async def test_concurrent_requests_for_a_missing_variant_render_it_once(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight browsers asking at once for a thumb not yet made decode the original once,
+    not eight times (each decode of a 64-Mpixel PNG holds about 512 MB)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite serializes these requests on its write lock (the test below)")
+    service = await _service(service_factory, database_url, tmp_path)
+    task = await stored_task(service, tmp_path)
+    calls: list[int] = []
+    real = variants.render
+
+    def counted(original: bytes, long_side: int) -> bytes:
+        calls.append(long_side)
+        time.sleep(0.2)  # a big image takes seconds: let the requests overlap
+        return real(original, long_side)
+
+    monkeypatch.setattr(variants, "render", counted)
+    transport = httpx.ASGITransport(app=service.app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        answers = await asyncio.gather(
+            *(api.get(f"/tasks/{task.id}/image?variant=thumb", headers=headers) for _ in range(8))
+        )
+    assert all(answer.status_code == 200 for answer in answers)
+    assert len(calls) == 1, f"the original was decoded {len(calls)} times for one thumb"
+
+
 async def test_rendering_a_variant_on_request_does_not_hold_the_sqlite_write_lock(
     service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,3 +167,49 @@ def _claimed_size_png(width: int, height: int) -> bytes:
     data[start : start + 17] = patched
     data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(patched))
     return bytes(data)
+
+
+async def test_on_demand_renders_are_bounded_per_process(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four different missing variants asked at once: at most two render at the same time."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    tasks = [await stored_task(service, tmp_path) for _ in range(2)]
+    lock = threading.Lock()
+    running: list[int] = [0]
+    most: list[int] = [0]
+    third = threading.Event()
+    real = variants.render
+
+    def overlapping(original: bytes, long_side: int) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] >= 3:
+                third.set()
+        third.wait(1.0)  # without a bound, a third render starts while these wait
+        try:
+            return real(original, long_side)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(variants, "render", overlapping)
+    transport = httpx.ASGITransport(app=service.app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        answers = await asyncio.gather(
+            *(
+                api.get(f"/tasks/{task.id}/image?variant={name}", headers=headers)
+                for task in tasks
+                for name in ("thumb", "preview")
+            )
+        )
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert most[0] == 2, f"{most[0]} renders ran at once"
+
+
+def test_a_canvas_over_the_variant_limit_is_refused_before_decoding() -> None:
+    """An 8192x8191 PNG (0.5 GB decoded) is refused from its header, not decoded."""
+    with pytest.raises(variants.VariantError, match="too large"):
+        variants.render(_claimed_size_png(8192, 8191), 256)
