@@ -52,6 +52,22 @@ def _corrupt_png() -> bytes:
     return bytes(data)
 
 
+async def test_a_variant_of_a_corrupt_stored_image_is_a_clear_404_not_a_500(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """GET ?variant=thumb on a stored PNG that Pillow cannot decode answers variant_unavailable."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path, data=_corrupt_png())
+    transport = httpx.ASGITransport(app=service.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        original = await api.get(f"/tasks/{task.id}/image", headers=headers)
+        assert original.status_code == 200
+        thumb = await api.get(f"/tasks/{task.id}/image?variant=thumb", headers=headers)
+        assert thumb.status_code == 404, (thumb.status_code, thumb.text[:200])
+        assert thumb.json()["error"]["code"] == "variant_unavailable"
+
+
 async def test_concurrent_requests_for_a_missing_variant_render_it_once(
     service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,6 +185,30 @@ def _claimed_size_png(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+async def test_a_failed_render_is_remembered_and_not_decoded_again(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrupt original is decoded once: later requests answer variant_unavailable at once."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path, data=_corrupt_png())
+    calls: list[int] = []
+    real = variants.render
+
+    def counted(original: bytes, long_side: int) -> bytes:
+        calls.append(long_side)
+        return real(original, long_side)
+
+    monkeypatch.setattr(variants, "render", counted)
+    transport = httpx.ASGITransport(app=service.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        for _ in range(3):
+            thumb = await api.get(f"/tasks/{task.id}/image?variant=thumb", headers=headers)
+            assert thumb.status_code == 404, (thumb.status_code, thumb.text[:200])
+            assert thumb.json()["error"]["code"] == "variant_unavailable"
+    assert calls == [256], f"the corrupt original was decoded {len(calls)} times"
+
+
 async def test_on_demand_renders_are_bounded_per_process(
     service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -213,3 +253,9 @@ def test_a_canvas_over_the_variant_limit_is_refused_before_decoding() -> None:
     """An 8192x8191 PNG (0.5 GB decoded) is refused from its header, not decoded."""
     with pytest.raises(variants.VariantError, match="too large"):
         variants.render(_claimed_size_png(8192, 8191), 256)
+
+
+def test_every_pillow_decode_error_of_a_corrupt_png_is_a_variant_error() -> None:
+    """A PNG broken in its data (Pillow raises SyntaxError) is a VariantError, not a crash."""
+    with pytest.raises(variants.VariantError):
+        variants.render(_corrupt_png(), 256)
