@@ -3,8 +3,10 @@ and the anti-forgery token every state-changing form carries.
 
 The session cookie holds no secret: its expiry, a random nonce and the caller's
 non-secret id (`caller_id` of the token), signed with HMAC-SHA256 under a key
-derived from the first WEBHOOK_SECRET. A session ends when it expires, when its
-token leaves API_TOKENS, or when the webhook secret is rotated.
+derived from the first WEBHOOK_SECRET. The nonce is the session's id. A session
+ends when it expires, when its token leaves API_TOKENS, when the webhook secret is
+rotated, or when its operator signs out (recorded in the database, so a copy of the
+cookie is refused on every replica).
 
 Forms carry `csrf_token`, an HMAC of a random nonce kept in its own HttpOnly,
 SameSite=Strict cookie: a page on another site can neither read the nonce nor
@@ -23,9 +25,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response
 
-from app.api.deps import SettingsDep, caller_id
+from app.api.deps import RuntimeDep, SettingsDep, caller_id
 from app.config import Settings
+from app.console import sign_outs
 from app.errors import DomainError
+from app.runtime import Runtime
 
 SESSION_COOKIE = "imagetasks_console"
 CSRF_COOKIE = "imagetasks_console_csrf"
@@ -72,6 +76,7 @@ def token_caller(settings: Settings, presented: str) -> str | None:
 class Session:
     caller: str
     expires_at: int
+    id: str = ""  # the cookie's nonce; empty for a session built by hand
 
 
 def issue_session(settings: Settings, caller: str, *, now: float | None = None) -> str:
@@ -93,14 +98,27 @@ def read_session(
     parts = body.split(".")
     if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
         return None
-    expires, caller = int(parts[1]), parts[3]
+    expires, session_id, caller = int(parts[1]), parts[2], parts[3]
     if expires <= (now or time.time()):
         return None
     if settings.auth_disabled:
-        return Session(caller, expires)
+        return Session(caller, expires, session_id)
     if caller not in {caller_id(token) for token in settings.api_tokens}:
         return None
-    return Session(caller, expires)
+    return Session(caller, expires, session_id)
+
+
+async def current_session(runtime: Runtime, value: str | None) -> Session | None:
+    """The session a cookie value proves, unless it was signed out (on any replica)."""
+    session = read_session(runtime.settings, value)
+    if session is None or await sign_outs.is_signed_out(runtime.engine, session.id):
+        return None
+    return session
+
+
+async def session_lasts(runtime: Runtime, value: str | None) -> bool:
+    """Whether a cookie's session still stands (for a stream opened with it)."""
+    return await current_session(runtime, value) is not None
 
 
 def cookie_path(request: Request) -> str:
@@ -167,9 +185,9 @@ async def check_csrf(request: Request, settings: Settings) -> None:
         )
 
 
-async def require_session(request: Request, settings: SettingsDep) -> Session:
+async def require_session(request: Request, runtime: RuntimeDep) -> Session:
     """The signed-in session; SignInRequired otherwise."""
-    session = read_session(settings, request.cookies.get(SESSION_COOKIE))
+    session = await current_session(runtime, request.cookies.get(SESSION_COOKIE))
     if session is None:
         raise SignInRequired("sign in to the console first")
     return session

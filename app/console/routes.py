@@ -14,7 +14,7 @@ from app import repository
 from app.api.deps import RuntimeDep, SessionDep, SettingsDep
 from app.api.events import SSE, SSE_HEADERS
 from app.api.tasks import base_url, decode_cursor
-from app.console import auth, queries
+from app.console import auth, queries, sign_outs
 from app.console.filters import GalleryFilters, parse
 from app.console.pages import TaskPathId, assets, checked_task_id, render, root_of
 from app.errors import NotFound, Unprocessable
@@ -78,8 +78,11 @@ async def sign_in(
 
 
 @router.post("/sign-out")
-async def sign_out(request: Request, _: auth.CsrfChecked) -> Response:
-    """End the session."""
+async def sign_out(request: Request, runtime: RuntimeDep, _: auth.CsrfChecked) -> Response:
+    """End the session everywhere: its cookie is refused from now on, wherever it is kept."""
+    ended = auth.read_session(runtime.settings, request.cookies.get(auth.SESSION_COOKIE))
+    if ended is not None:
+        await sign_outs.sign_out(runtime.engine, ended.id, ended.caller, ended.expires_at, utcnow())
     response = RedirectResponse(f"{root_of(request)}/console/sign-in", status_code=303)
     auth.end_session(request, response)
     return response

@@ -52,6 +52,23 @@ def _corrupt_png() -> bytes:
     return bytes(data)
 
 
+async def test_sign_out_ends_the_session_even_for_a_replayed_cookie(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """After sign-out, the old session cookie (copied before) no longer opens the console."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    async with console_client(service) as client:
+        assert (await sign_in(client)).status_code == 303
+        stolen = client.cookies.get(auth.SESSION_COOKIE)
+        page = await client.get("/console")
+        out = await client.post("/console/sign-out", data={"csrf_token": csrf_from(page.text)})
+        assert out.status_code == 303
+    async with console_client(service) as replay:
+        replay.cookies.set(auth.SESSION_COOKIE, stolen or "", path="/console")
+        again = await replay.get("/console", follow_redirects=False)
+        assert again.status_code == 303, "a signed-out session cookie still opens the gallery"
+
+
 async def test_a_variant_of_a_corrupt_stored_image_is_a_clear_404_not_a_500(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -259,3 +276,26 @@ def test_every_pillow_decode_error_of_a_corrupt_png_is_a_variant_error() -> None
     """A PNG broken in its data (Pillow raises SyntaxError) is a VariantError, not a crash."""
     with pytest.raises(variants.VariantError):
         variants.render(_corrupt_png(), 256)
+
+
+async def test_sign_out_on_one_replica_ends_the_session_on_the_other(
+    service_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Two replicas on one database: signing out on the first closes the console on the
+    second for that cookie, and only for that session."""
+    first = await _service(service_factory, database_url, tmp_path / "a")
+    second = await _service(service_factory, database_url, tmp_path / "b")
+    async with console_client(first) as other:
+        assert (await sign_in(other)).status_code == 303
+        kept = other.cookies.get(auth.SESSION_COOKIE)
+    async with console_client(first) as client:
+        assert (await sign_in(client)).status_code == 303
+        cookie = client.cookies.get(auth.SESSION_COOKIE)
+        page = await client.get("/console")
+        out = await client.post("/console/sign-out", data={"csrf_token": csrf_from(page.text)})
+        assert out.status_code == 303
+    for value, status in ((cookie, 303), (kept, 200)):
+        async with console_client(second) as replay:
+            replay.cookies.set(auth.SESSION_COOKIE, value or "", path="/console")
+            answer = await replay.get("/console", follow_redirects=False)
+            assert answer.status_code == status, (value == cookie, answer.status_code)
