@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -186,7 +187,11 @@ async def stream(
     task: Annotated[str | None, Query(max_length=64)] = None,
     last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> StreamingResponse:
-    """Every task's (or one task's) events from `after` (or Last-Event-ID), as SSE."""
+    """Every task's (or one task's) events from `after` (or Last-Event-ID), as SSE.
+
+    Only while the session that opened the stream lasts: it ends once the session
+    expires or ends.
+    """
     position: tuple[int, int] | None
     if last_event_id:
         position = decode_event_cursor(last_event_id, "Last-Event-ID")
@@ -199,6 +204,9 @@ async def stream(
         after=position,
         base=base_url(request),
         heartbeat_seconds=runtime.events.heartbeat_seconds,
+        still_allowed=partial(
+            auth.session_lasts, runtime, request.cookies.get(auth.SESSION_COOKIE)
+        ),
     )
     return StreamingResponse(body, media_type=SSE, headers=SSE_HEADERS)
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from app import variants
 from app.api.deps import caller_id
-from app.console import auth
+from app.console import auth, sign_outs
 from app.models import utcnow
 from app.services import events
 from tests.conftest import API_TOKEN, Service, make_settings
@@ -189,6 +189,22 @@ async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> 
     return "".join(received), ended
 
 
+async def test_an_open_console_stream_ends_when_its_session_expires(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A stream opened one second before its session expires is ended by the service
+    (at the latest at a heartbeat) rather than going on for as long as the process runs."""
+    service = await _service(service_factory, sqlite_url, tmp_path, console_session_hours=1)
+    service.runtime.events.heartbeat_seconds = 0.5
+    settings = service.runtime.settings
+    cookie = auth.issue_session(settings, caller_id(API_TOKEN), now=time.time() - 3600 + 1)
+    assert auth.read_session(settings, cookie) is not None
+    body, ended = await _read_stream(service.app, cookie, until="never sent", wait=6.0)
+    assert auth.read_session(settings, cookie) is None
+    assert body.startswith("retry:"), body[:200]
+    assert ended, f"the stream outlived its session by 5 s: {body.count('heartbeat')} heartbeats"
+
+
 def _claimed_size_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a canvas of width x height (the pixels never come)."""
     out = io.BytesIO()
@@ -299,3 +315,27 @@ async def test_sign_out_on_one_replica_ends_the_session_on_the_other(
             replay.cookies.set(auth.SESSION_COOKIE, value or "", path="/console")
             answer = await replay.get("/console", follow_redirects=False)
             assert answer.status_code == status, (value == cookie, answer.status_code)
+
+
+async def test_an_open_console_stream_ends_when_its_session_is_signed_out(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Signing the session out (here, as another replica would) ends its open stream."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    service.runtime.events.heartbeat_seconds = 0.5
+    settings = service.runtime.settings
+    cookie = auth.issue_session(settings, caller_id(API_TOKEN))
+    session = auth.read_session(settings, cookie)
+    assert session is not None
+
+    async def sign_out_soon() -> None:
+        await asyncio.sleep(1.0)
+        await sign_outs.sign_out(
+            service.runtime.engine, session.id, session.caller, session.expires_at, utcnow()
+        )
+
+    signing_out = asyncio.create_task(sign_out_soon())
+    body, ended = await _read_stream(service.app, cookie, until="never sent", wait=6.0)
+    await signing_out
+    assert body.startswith("retry:"), body[:200]
+    assert ended, f"the stream outlived its sign-out: {body.count('heartbeat')} heartbeats"
