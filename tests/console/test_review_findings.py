@@ -189,6 +189,26 @@ async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> 
     return "".join(received), ended
 
 
+async def test_the_console_stream_carries_no_other_callers_endpoint_urls(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The gallery only needs task ids: another caller's disabled endpoint (its URL may
+    carry a credential) is not pushed to every operator's browser."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    secret_url = "https://hooks.other.example/in?key=sk_live_do_not_leak"
+    async with service.runtime.engine.begin() as db:
+        await events.record_endpoint_disabled(
+            db,
+            {"id": "ep_other", "url": secret_url, "enabled": False},
+            owner="someone-else",
+            now=utcnow(),
+        )
+    cookie = auth.issue_session(service.runtime.settings, caller_id(API_TOKEN))
+    body, _ = await _read_stream(service.app, cookie, until="endpoint.disabled", wait=3.0)
+    assert "retry:" in body, body[:300]
+    assert secret_url not in body, "another caller's endpoint URL reached the console stream"
+
+
 async def test_an_open_console_stream_ends_when_its_session_expires(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
