@@ -9,8 +9,9 @@ rotated, or when its operator signs out (recorded in the database, so a copy of 
 cookie is refused on every replica).
 
 Forms carry `csrf_token`, an HMAC of a random nonce kept in its own HttpOnly,
-SameSite=Strict cookie: a page on another site can neither read the nonce nor
-send the cookie, so its forged POST is refused.
+SameSite=Strict cookie and, once signed in, of the session's id: a page on another
+site can neither read the nonce nor send the cookie, and a token minted for another
+browser's nonce (the sign-in form hands one to anyone) does not pass for a session.
 """
 
 from __future__ import annotations
@@ -161,24 +162,30 @@ def csrf_nonce(request: Request, response: Response, settings: Settings) -> str:
     return nonce
 
 
-def csrf_token(settings: Settings, nonce: str) -> str:
-    """The token a form carries for this nonce."""
-    return _mac(settings, "csrf", nonce)
+def csrf_token(settings: Settings, nonce: str, session_id: str | None = None) -> str:
+    """The token a form carries for this nonce, bound to the session once signed in."""
+    if session_id is None:
+        return _mac(settings, "csrf", f"pre-session.{nonce}")
+    return _mac(settings, "csrf", f"session.{session_id}.{nonce}")
+
+
+def form_session_id(request: Request, settings: Settings) -> str | None:
+    """The id of the session a form's token is bound to (None before signing in)."""
+    session = read_session(settings, request.cookies.get(SESSION_COOKIE))
+    return session.id if session is not None else None
 
 
 async def check_csrf(request: Request, settings: Settings) -> None:
-    """ForgeryRefused unless the form field (or X-CSRF-Token) matches the nonce cookie."""
+    """ForgeryRefused unless the form field (or X-CSRF-Token) matches the nonce cookie
+    and, with a session cookie, that session."""
     nonce = request.cookies.get(CSRF_COOKIE)
+    expected = csrf_token(settings, nonce or "", form_session_id(request, settings))
     presented = request.headers.get(CSRF_HEADER)
     if presented is None:
         form = await request.form()
         field = form.get(CSRF_FIELD)
         presented = field if isinstance(field, str) else None
-    if (
-        not nonce
-        or not presented
-        or not hmac.compare_digest(presented, csrf_token(settings, nonce))
-    ):
+    if not nonce or not presented or not hmac.compare_digest(presented, expected):
         raise ForgeryRefused(
             "refused: this form's anti-forgery token is missing or does not match your "
             "session; reload the page and try again"

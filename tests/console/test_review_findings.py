@@ -69,6 +69,25 @@ async def test_sign_out_ends_the_session_even_for_a_replayed_cookie(
         assert again.status_code == 303, "a signed-out session cookie still opens the gallery"
 
 
+async def test_an_anti_forgery_token_is_bound_to_the_session(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A (nonce, token) pair anyone gets from the public sign-in form does not pass for a
+    signed-in operator's session (double-submit tokens must be tied to the session)."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path)
+    async with console_client(service) as attacker:
+        form = await attacker.get("/console/sign-in")
+        nonce = attacker.cookies.get(auth.CSRF_COOKIE)
+        token = csrf_from(form.text)
+    async with console_client(service) as victim:
+        assert (await sign_in(victim, "second-token-bbbbbbbbbbbbbbbbbb")).status_code == 303
+        # The attacker's nonce in the victim's jar (a sibling host can set it: same site).
+        victim.cookies.set(auth.CSRF_COOKIE, nonce or "", path="/console")
+        forged = await victim.post(f"/console/tasks/{task.id}/retry", data={"csrf_token": token})
+        assert forged.status_code == 403, "a token minted for another browser was accepted"
+
+
 async def test_a_variant_of_a_corrupt_stored_image_is_a_clear_404_not_a_500(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
