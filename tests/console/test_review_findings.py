@@ -13,7 +13,9 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -164,11 +166,18 @@ async def test_rendering_a_variant_on_request_does_not_hold_the_sqlite_write_loc
     assert seen == ["free"], f"another writer during the render got: {seen}"
 
 
-async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> tuple[str, bool]:
+async def _read_stream(
+    app: Any,
+    cookie: str,
+    until: str,
+    wait: float = 5.0,
+    on_open: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[str, bool]:
     """The console stream's body as it arrives, until `until` shows up (or `wait` passes),
-    and whether the service ended the stream by itself."""
+    and whether the service ended the stream by itself; `on_open` runs once it is open."""
     received: list[str] = []
     seen = asyncio.Event()
+    opened: list[asyncio.Task[None]] = []
 
     async def receive() -> dict[str, Any]:
         await asyncio.sleep(3600)
@@ -177,6 +186,8 @@ async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
             received.append(message.get("body", b"").decode())
+            if on_open is not None and not opened and "".join(received).startswith("retry:"):
+                opened.append(asyncio.create_task(on_open()))
             if until in "".join(received):
                 seen.set()
 
@@ -201,6 +212,8 @@ async def _read_stream(app: Any, cookie: str, until: str, wait: float = 5.0) -> 
     waiting = asyncio.create_task(seen.wait())
     await asyncio.wait({running, waiting}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
     ended = running.done()
+    for done in opened:
+        await done
     for task in (running, waiting):
         task.cancel()
         with contextlib.suppress(BaseException):
@@ -229,16 +242,23 @@ async def test_the_console_stream_carries_no_other_callers_endpoint_urls(
 
 
 async def test_an_open_console_stream_ends_when_its_session_expires(
-    service_factory: Any, sqlite_url: str, tmp_path: Path
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stream opened one second before its session expires is ended by the service
-    (at the latest at a heartbeat) rather than going on for as long as the process runs."""
+    """A stream whose session expires while it is open is ended by the service (at the
+    latest at a heartbeat) rather than going on for as long as the process runs."""
     service = await _service(service_factory, sqlite_url, tmp_path, console_session_hours=1)
     service.runtime.events.heartbeat_seconds = 0.5
     settings = service.runtime.settings
-    cookie = auth.issue_session(settings, caller_id(API_TOKEN), now=time.time() - 3600 + 1)
-    assert auth.read_session(settings, cookie) is not None
-    body, ended = await _read_stream(service.app, cookie, until="never sent", wait=6.0)
+    cookie = auth.issue_session(settings, caller_id(API_TOKEN))
+    later = [0.0]
+    monkeypatch.setattr(auth, "time", SimpleNamespace(time=lambda: time.time() + later[0]))
+
+    async def two_hours_pass() -> None:
+        later[0] = 2 * 3600.0
+
+    body, ended = await _read_stream(
+        service.app, cookie, until="never sent", wait=6.0, on_open=two_hours_pass
+    )
     assert auth.read_session(settings, cookie) is None
     assert body.startswith("retry:"), body[:200]
     assert ended, f"the stream outlived its session by 5 s: {body.count('heartbeat')} heartbeats"
@@ -318,7 +338,7 @@ async def test_on_demand_renders_are_bounded_per_process(
             )
         )
     assert [answer.status_code for answer in answers] == [200] * 4
-    assert most[0] == 2, f"{most[0]} renders ran at once"
+    assert most[0] <= 2, f"{most[0]} renders ran at once"
 
 
 def test_a_canvas_over_the_variant_limit_is_refused_before_decoding() -> None:
@@ -367,14 +387,13 @@ async def test_an_open_console_stream_ends_when_its_session_is_signed_out(
     session = auth.read_session(settings, cookie)
     assert session is not None
 
-    async def sign_out_soon() -> None:
-        await asyncio.sleep(1.0)
+    async def sign_out() -> None:
         await sign_outs.sign_out(
             service.runtime.engine, session.id, session.caller, session.expires_at, utcnow()
         )
 
-    signing_out = asyncio.create_task(sign_out_soon())
-    body, ended = await _read_stream(service.app, cookie, until="never sent", wait=6.0)
-    await signing_out
+    body, ended = await _read_stream(
+        service.app, cookie, until="never sent", wait=6.0, on_open=sign_out
+    )
     assert body.startswith("retry:"), body[:200]
     assert ended, f"the stream outlived its sign-out: {body.count('heartbeat')} heartbeats"
