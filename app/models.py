@@ -355,3 +355,16 @@ class TaskActivity(SQLModel, table=True):
     outcome: str = Field(max_length=64)
     detail: str | None = Field(default=None, sa_column=Column(Text))
     at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ConsoleSignOut(SQLModel, table=True):
+    """A console session ended by its operator before it expired: its cookie no longer
+    opens the console on any replica. Kept until the session would have expired."""
+
+    __tablename__ = "console_sign_outs"
+    __table_args__ = (Index("ix_console_sign_outs_expires_at", "expires_at"),)
+
+    session_id: str = Field(primary_key=True, max_length=32)
+    caller: str = Field(max_length=64)
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    signed_out_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

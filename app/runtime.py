@@ -14,6 +14,7 @@ from app.fetch import SafeFetcher
 from app.services.reconcile import Reconciler
 from app.storage import Storage, storage_from_url
 from app.upstream import DEFAULT_TIMEOUT, RetryPolicy, StarMagicClient
+from app.variant_renders import OnDemandRenders
 from app.webhooks.endpoints import Endpoints
 
 
@@ -32,6 +33,7 @@ class Runtime:
     # The webhook queries the provider itself only where the loops run (RUN_BACKGROUND);
     # otherwise `imagetasks worker` claims due confirmations in batches.
     confirms_in_process: bool = True
+    variant_renders: OnDemandRenders = field(default_factory=OnDemandRenders)
     closers: list[object] = field(default_factory=list)
 
     @classmethod

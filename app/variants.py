@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import secrets
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +30,22 @@ log = structlog.get_logger(__name__)
 # Long side in pixels; smaller originals are re-encoded at their own size, never enlarged.
 VARIANTS: dict[str, int] = {"thumb": 256, "preview": 1024}
 WEBP_QUALITY = 80
-# Refuse absurd canvases before decoding (a decompression bomb is 1 KiB of PNG).
-MAX_PIXELS = 64 * 1024 * 1024
+# Refuse big canvases before decoding (a decompression bomb is 1 KiB of PNG): a PNG is
+# decoded whole, about 4 bytes a pixel, so this caps one render near 100 MB.
+MAX_PIXELS = 24 * 1024 * 1024
+# Every error class Pillow lets out of a broken file's decode (it has no common base).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    EOFError,
+    struct.error,
+    MemoryError,
+    PILImage.DecompressionBombError,
+)
 STALE_TEMP_SECONDS = 30.0
 
 
@@ -69,8 +84,8 @@ def render(original: bytes, long_side: int) -> bytes:
         frame.thumbnail((long_side, long_side), PILImage.Resampling.LANCZOS)
         out = io.BytesIO()
         frame.save(out, format="WEBP", quality=WEBP_QUALITY, method=4)
-    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
-        raise VariantError(f"cannot render the image: {exc}") from exc
+    except DECODE_ERRORS as exc:
+        raise VariantError(f"cannot render the image: {type(exc).__name__}: {exc}") from exc
     return out.getvalue()
 
 

@@ -100,6 +100,9 @@ async def serve_image(
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     if variant is not None:
+        # End the transaction first: a render takes seconds, and on SQLite an open
+        # transaction holds the write lock every other writer waits for.
+        await session.commit()
         return await _serve_variant(runtime, image, image.key, variant, headers)
     if runtime.settings.image_redirect:
         url = await runtime.storage.presigned_url(image.key, PRESIGNED_SECONDS)
@@ -139,7 +142,8 @@ async def _serve_variant(
     runtime: Runtime, image: Image, key: str, variant: str, headers: dict[str, str]
 ) -> Response:
     """A variant from storage; one that was never made (an image stored before variants
-    existed, or whose rendering failed then) is made now from the original."""
+    existed, or whose rendering failed then) is made now from the original, outside
+    any transaction and within the process's bound on renders."""
     try:
         stored = await runtime.storage.open(variants.variant_key(key, variant))
     except ObjectNotFoundError:
@@ -150,8 +154,8 @@ async def _serve_variant(
         headers["Content-Length"] = str(stored.size)
         return StreamingResponse(stored.chunks, media_type="image/webp", headers=headers)
     try:
-        made = await variants.make_variants(
-            runtime.storage, key, names=[variant], max_bytes=runtime.settings.max_image_bytes
+        made = await runtime.variant_renders.make(
+            runtime.storage, key, variant, max_bytes=runtime.settings.max_image_bytes
         )
     except ObjectNotFoundError as exc:
         raise NotFound(
@@ -165,7 +169,7 @@ async def _serve_variant(
         raise NotFound(
             f"no {variant} variant can be made of this image: {exc}", code="variant_unavailable"
         ) from exc
-    return Response(made[variant], media_type="image/webp", headers=headers)
+    return Response(made, media_type="image/webp", headers=headers)
 
 
 def _unavailable(image: Image, exc: StorageError) -> ServiceUnavailable:

@@ -3,12 +3,15 @@ and the anti-forgery token every state-changing form carries.
 
 The session cookie holds no secret: its expiry, a random nonce and the caller's
 non-secret id (`caller_id` of the token), signed with HMAC-SHA256 under a key
-derived from the first WEBHOOK_SECRET. A session ends when it expires, when its
-token leaves API_TOKENS, or when the webhook secret is rotated.
+derived from the first WEBHOOK_SECRET. The nonce is the session's id. A session
+ends when it expires, when its token leaves API_TOKENS, when the webhook secret is
+rotated, or when its operator signs out (recorded in the database, so a copy of the
+cookie is refused on every replica).
 
 Forms carry `csrf_token`, an HMAC of a random nonce kept in its own HttpOnly,
-SameSite=Strict cookie: a page on another site can neither read the nonce nor
-send the cookie, so its forged POST is refused.
+SameSite=Strict cookie and, once signed in, of the session's id: a page on another
+site can neither read the nonce nor send the cookie, and a token minted for another
+browser's nonce (the sign-in form hands one to anyone) does not pass for a session.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response
 
-from app.api.deps import SettingsDep, caller_id
+from app.api.deps import RuntimeDep, SettingsDep, caller_id
 from app.config import Settings
+from app.console import sign_outs
 from app.errors import DomainError
+from app.runtime import Runtime
 
 SESSION_COOKIE = "imagetasks_console"
 CSRF_COOKIE = "imagetasks_console_csrf"
@@ -72,6 +77,7 @@ def token_caller(settings: Settings, presented: str) -> str | None:
 class Session:
     caller: str
     expires_at: int
+    id: str = ""  # the cookie's nonce; empty for a session built by hand
 
 
 def issue_session(settings: Settings, caller: str, *, now: float | None = None) -> str:
@@ -93,14 +99,27 @@ def read_session(
     parts = body.split(".")
     if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
         return None
-    expires, caller = int(parts[1]), parts[3]
+    expires, session_id, caller = int(parts[1]), parts[2], parts[3]
     if expires <= (now or time.time()):
         return None
     if settings.auth_disabled:
-        return Session(caller, expires)
+        return Session(caller, expires, session_id)
     if caller not in {caller_id(token) for token in settings.api_tokens}:
         return None
-    return Session(caller, expires)
+    return Session(caller, expires, session_id)
+
+
+async def current_session(runtime: Runtime, value: str | None) -> Session | None:
+    """The session a cookie value proves, unless it was signed out (on any replica)."""
+    session = read_session(runtime.settings, value)
+    if session is None or await sign_outs.is_signed_out(runtime.engine, session.id):
+        return None
+    return session
+
+
+async def session_lasts(runtime: Runtime, value: str | None) -> bool:
+    """Whether a cookie's session still stands (for a stream opened with it)."""
+    return await current_session(runtime, value) is not None
 
 
 def cookie_path(request: Request) -> str:
@@ -143,33 +162,39 @@ def csrf_nonce(request: Request, response: Response, settings: Settings) -> str:
     return nonce
 
 
-def csrf_token(settings: Settings, nonce: str) -> str:
-    """The token a form carries for this nonce."""
-    return _mac(settings, "csrf", nonce)
+def csrf_token(settings: Settings, nonce: str, session_id: str | None = None) -> str:
+    """The token a form carries for this nonce, bound to the session once signed in."""
+    if session_id is None:
+        return _mac(settings, "csrf", f"pre-session.{nonce}")
+    return _mac(settings, "csrf", f"session.{session_id}.{nonce}")
+
+
+def form_session_id(request: Request, settings: Settings) -> str | None:
+    """The id of the session a form's token is bound to (None before signing in)."""
+    session = read_session(settings, request.cookies.get(SESSION_COOKIE))
+    return session.id if session is not None else None
 
 
 async def check_csrf(request: Request, settings: Settings) -> None:
-    """ForgeryRefused unless the form field (or X-CSRF-Token) matches the nonce cookie."""
+    """ForgeryRefused unless the form field (or X-CSRF-Token) matches the nonce cookie
+    and, with a session cookie, that session."""
     nonce = request.cookies.get(CSRF_COOKIE)
+    expected = csrf_token(settings, nonce or "", form_session_id(request, settings))
     presented = request.headers.get(CSRF_HEADER)
     if presented is None:
         form = await request.form()
         field = form.get(CSRF_FIELD)
         presented = field if isinstance(field, str) else None
-    if (
-        not nonce
-        or not presented
-        or not hmac.compare_digest(presented, csrf_token(settings, nonce))
-    ):
+    if not nonce or not presented or not hmac.compare_digest(presented, expected):
         raise ForgeryRefused(
             "refused: this form's anti-forgery token is missing or does not match your "
             "session; reload the page and try again"
         )
 
 
-async def require_session(request: Request, settings: SettingsDep) -> Session:
+async def require_session(request: Request, runtime: RuntimeDep) -> Session:
     """The signed-in session; SignInRequired otherwise."""
-    session = read_session(settings, request.cookies.get(SESSION_COOKIE))
+    session = await current_session(runtime, request.cookies.get(SESSION_COOKIE))
     if session is None:
         raise SignInRequired("sign in to the console first")
     return session

@@ -52,7 +52,7 @@ def render(
             "console": f"{root}/console",
             "static": lambda name: f"{root}/console/static/{assets.url_name(name)}",
             "csrf_field": auth.CSRF_FIELD,
-            "csrf_token": auth.csrf_token(settings, nonce),
+            "csrf_token": auth.csrf_token(settings, nonce, auth.form_session_id(request, settings)),
             **context,
         },
         status_code=status_code,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -14,7 +15,7 @@ from app import repository
 from app.api.deps import RuntimeDep, SessionDep, SettingsDep
 from app.api.events import SSE, SSE_HEADERS
 from app.api.tasks import base_url, decode_cursor
-from app.console import auth, queries
+from app.console import auth, queries, sign_outs
 from app.console.filters import GalleryFilters, parse
 from app.console.pages import TaskPathId, assets, checked_task_id, render, root_of
 from app.errors import NotFound, Unprocessable
@@ -78,8 +79,11 @@ async def sign_in(
 
 
 @router.post("/sign-out")
-async def sign_out(request: Request, _: auth.CsrfChecked) -> Response:
-    """End the session."""
+async def sign_out(request: Request, runtime: RuntimeDep, _: auth.CsrfChecked) -> Response:
+    """End the session everywhere: its cookie is refused from now on, wherever it is kept."""
+    ended = auth.read_session(runtime.settings, request.cookies.get(auth.SESSION_COOKIE))
+    if ended is not None:
+        await sign_outs.sign_out(runtime.engine, ended.id, ended.caller, ended.expires_at, utcnow())
     response = RedirectResponse(f"{root_of(request)}/console/sign-in", status_code=303)
     auth.end_session(request, response)
     return response
@@ -183,7 +187,11 @@ async def stream(
     task: Annotated[str | None, Query(max_length=64)] = None,
     last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> StreamingResponse:
-    """Every task's (or one task's) events from `after` (or Last-Event-ID), as SSE."""
+    """Every task's (or one task's) events from `after` (or Last-Event-ID), as SSE.
+
+    Only while the session that opened the stream lasts: it ends once the session
+    expires or ends.
+    """
     position: tuple[int, int] | None
     if last_event_id:
         position = decode_event_cursor(last_event_id, "Last-Event-ID")
@@ -196,6 +204,9 @@ async def stream(
         after=position,
         base=base_url(request),
         heartbeat_seconds=runtime.events.heartbeat_seconds,
+        still_allowed=partial(
+            auth.session_lasts, runtime, request.cookies.get(auth.SESSION_COOKIE)
+        ),
     )
     return StreamingResponse(body, media_type=SSE, headers=SSE_HEADERS)
 

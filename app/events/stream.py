@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,11 +35,13 @@ async def event_stream(
     after: tuple[int, int] | None,
     base: str,
     heartbeat_seconds: float,
+    still_allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[str]:
     """Every event in scope after the cursor, then each new one as it commits.
 
     A comment line every `heartbeat_seconds` keeps proxies from closing an idle
-    stream; the stream ends when the process stops.
+    stream; the stream ends when the process stops, or when `still_allowed` (asked
+    before each page and heartbeat) says the reader's right to it has ended.
     """
     loop = asyncio.get_running_loop()
     with bus.subscribe(lambda notice: matches(scope, notice)) as bell:
@@ -47,6 +49,8 @@ async def event_stream(
         last_sent = loop.time()
         recheck = RECHECK_FIRST_SECONDS
         while not bus.closing.is_set():
+            if still_allowed is not None and not await still_allowed():
+                return
             page = await read_page(engine, scope, after=after, limit=PAGE, base=base)
             for cursor, event in zip(page.cursors, page.items, strict=True):
                 yield sse_frame(cursor, event)
@@ -67,6 +71,8 @@ async def event_stream(
             else:
                 timeout, recheck = until_heartbeat, RECHECK_FIRST_SECONDS
             if not await bell.wait(timeout) and loop.time() - last_sent >= heartbeat_seconds:
+                if still_allowed is not None and not await still_allowed():
+                    return
                 yield ": heartbeat\n\n"
                 last_sent = loop.time()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from app import activity
 from app.events.repository import EVENTS
@@ -22,6 +23,7 @@ from app.repository import IMAGES
 from app.storage import StorageError
 from app.variants import VARIANTS, render, variant_key
 from tests.console.helpers import png
+from tests.console.test_review_findings import _corrupt_png
 from tests.services.test_downloads import CountingStorage, Queue, ScriptedFetcher, queue
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -199,3 +201,16 @@ async def test_the_record_and_its_event_do_not_wait_for_the_variants(queue: Queu
         storage.release.set()
         await asyncio.wait_for(job, timeout=30)
     assert len(storage.puts) == 3  # the original, then its two variants
+
+
+async def test_a_corrupt_original_is_one_warning_line_in_the_worker(queue: Queue) -> None:
+    """A PNG broken in its data (Pillow raises SyntaxError): one warning, no traceback."""
+    task = await queue.queued()
+    with capture_logs() as logs:
+        await queue.downloader(ScriptedFetcher([_corrupt_png()])).run(await queue.claim())
+    assert (await queue.image(task.id)).status == "stored"
+    failures = [entry for entry in logs if entry["event"].startswith("variants_")]
+    assert [entry["event"] for entry in failures] == ["variants_failed"]
+    assert failures[0]["log_level"] == "warning"
+    assert "exc_info" not in failures[0]
+    assert "SyntaxError" in failures[0]["reason"]
