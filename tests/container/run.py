@@ -352,9 +352,18 @@ def exercise(checks: Checks, logs: Path) -> None:
             listed = app.run(
                 "find", "var/images", "-path", "*/.tmp", "-prune", "-o", "-type", "f", "-print"
             )
-            files = listed.stdout.split()
+            files = sorted(listed.stdout.split())
+            originals = [
+                name for name in files if not name.endswith((".thumb.webp", ".preview.webp"))
+            ]
             checks.ok(
-                len(files) == 1 and task_id in files[0], f"the file is in the container: {files}"
+                len(originals) == 1 and task_id in originals[0],
+                f"the image is in the container: {originals}",
+            )
+            checks.ok(
+                sorted(name.rsplit("/", 1)[-1] for name in files if name not in originals)
+                == [f"{task_id}.preview.webp", f"{task_id}.thumb.webp"],
+                f"its two WebP variants sit beside it: {files}",
             )
         finally:
             for container in containers:
