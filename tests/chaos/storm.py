@@ -213,6 +213,7 @@ class Verdict:
     stored_twice: list[str]
     wrong_bytes: list[str]
     problems: list[str]
+    variant_temps_awaiting_sweep: int = 0  # a killed variant write's file, swept later
 
 
 async def verify(
@@ -302,8 +303,15 @@ async def verify(
     if strays:
         problems.append(f"objects of no completed task: {strays}")
     leftovers = cluster.spool_leftovers()
-    if leftovers:
-        problems.append(f"temp files left in the spool: {[p.name for p in leftovers]}")
+    # A process killed while writing a WebP variant leaves its temp file; nothing re-runs
+    # a stored image's variants, so the next variant write sweeps it once it is 30 s old
+    # (tests/services/test_variants.py). Only with kills, and never an image's own file.
+    awaiting_sweep = [
+        p for p in leftovers if crashes and p.name.startswith("variant-") and p.suffix == ".part"
+    ]
+    unexpected = [p.name for p in leftovers if p not in awaiting_sweep]
+    if unexpected:
+        problems.append(f"temp files left in the spool: {unexpected}")
 
     recorded_once = Counter(
         (line["task_id"], line.get("position")) for line in cluster.service_logs("image_stored")
@@ -376,6 +384,7 @@ async def verify(
         stored_twice=stored_twice,
         wrong_bytes=wrong,
         problems=problems,
+        variant_temps_awaiting_sweep=len(awaiting_sweep),
     )
 
 

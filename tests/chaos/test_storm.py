@@ -54,6 +54,7 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "tasks_lost": len(verdict.lost),
         "images_stored_twice": len(verdict.stored_twice),
         "images_with_wrong_bytes": len(verdict.wrong_bytes),
+        "variant_temp_files_awaiting_sweep": verdict.variant_temps_awaiting_sweep,
         "seconds": clock(),
         **extra,
     }
