@@ -10,12 +10,10 @@ effect on the original or its record. Pillow works in a thread, off the event lo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import secrets
 import struct
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import structlog
 from PIL import Image as PILImage
 
 from app.storage import Storage, StorageError, validate_key
+from app.storage.base import remove_stale_files
 
 log = structlog.get_logger(__name__)
 
@@ -47,18 +46,6 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     PILImage.DecompressionBombError,
 )
 STALE_TEMP_SECONDS = 30.0
-
-
-def remove_stale_files_matching(directory: Path, pattern: str, older_than: float) -> int:
-    """Delete files matching `pattern` in `directory` not modified for this long."""
-    cutoff = time.time() - older_than
-    removed = 0
-    for path in directory.glob(pattern):
-        with contextlib.suppress(FileNotFoundError):  # another process took it first
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-    return removed
 
 
 class VariantError(Exception):
@@ -104,7 +91,7 @@ async def _read(storage: Storage, key: str, limit: int) -> bytes:
 def _sweep(spool: Path) -> None:
     """Remove variant temp files a killed process left (blocking). A live write lasts
     milliseconds, so one this old is dead; nothing re-runs a stored image's variants."""
-    remove_stale_files_matching(spool, "variant-*.part", STALE_TEMP_SECONDS)
+    remove_stale_files(spool, STALE_TEMP_SECONDS, pattern="variant-*.part")
 
 
 async def _store(storage: Storage, key: str, data: bytes) -> None:

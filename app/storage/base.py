@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -108,8 +109,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_stale_files(directory: Path, older_than_seconds: float) -> int:
-    """Delete regular files in `directory` not modified for this long (blocking)."""
+def remove_stale_files(directory: Path, older_than_seconds: float, pattern: str = "*") -> int:
+    """Delete regular files in `directory` whose names match `pattern` and that were
+    not modified for this long (blocking)."""
     cutoff = time.time() - older_than_seconds
     removed = 0
     try:
@@ -117,6 +119,8 @@ def remove_stale_files(directory: Path, older_than_seconds: float) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
+        if not fnmatch.fnmatchcase(entry.name, pattern):
+            continue
         try:
             if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                 os.unlink(entry.path)
