@@ -57,6 +57,9 @@ async def test_several_images_are_each_stored_once(stacks: StackPool) -> None:
 
     # And two WebP variants of each, written just after it is stored.
     await wait_for(variants, timeout=30, what="a thumb and a preview of each image")
+    thumb = await stack.client.get(f"/tasks/{task['id']}/images/2", params={"variant": "thumb"})
+    assert (thumb.status_code, thumb.headers["content-type"]) == (200, "image/webp")
+    assert thumb.headers["etag"] == f'"{done["images"][2]["sha256"]}.thumb"'
     stats = await stack.sim.stats()
     assert sorted(stats["image_gets_per_link"].values()) == [1, 1, 1]
     listed = await stack.client.get("/tasks", params={"image_status": "stored"})
