@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from tests.e2e.pool import StackPool
-from tests.e2e.stack import wait_for
+from tests.e2e.stack import Stack, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -88,3 +88,51 @@ async def test_cancelling_a_running_task_is_confirmed_by_the_provider(stacks: St
     assert (after["status"], after["images"]) == ("cancelled", [])
     again = await stack.client.post(f"/tasks/{task['id']}/cancel")
     assert again.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("directives", "code", "retryable"),
+    [
+        ("outcome=failed,error_code=content_policy_violation", "content_policy_violation", False),
+        ("outcome=failed,error_code=generation_timeout", "generation_timeout", True),
+    ],
+)
+async def test_a_failed_task_keeps_the_providers_code_and_says_whether_to_resubmit(
+    stack: Stack, directives: str, code: str, retryable: bool
+) -> None:
+    """The published `error` of a failed task: its code on the task, and `retryable`."""
+    task = await stack.submit(f"a sketch [sim:{directives}]")
+    done = await stack.wait_status(task["id"], "failed")
+    assert (done["error"]["code"], done["error"]["retryable"]) == (code, retryable)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable", "answer"),
+    [
+        (400, "invalid_parameters", False, 502),
+        (401, "unauthorized", True, 502),
+        (402, "quota_exceeded", True, 502),
+        (403, "permission_denied", True, 502),
+        (429, "rate_limit_exceeded", True, 503),
+    ],
+)
+async def test_submit_refusals_keep_the_providers_code(
+    stack: Stack, status: int, code: str, retryable: bool, answer: int
+) -> None:
+    """Refused at submit: 502 (503 with Retry-After once 429s outlast our retries)."""
+    response = await stack.client.post("/tasks", json={"prompt": f"x [sim:submit_status={status}]"})
+    assert response.status_code == answer, response.text
+    detail = response.json()["error"]["details"][0]
+    assert (detail["provider_status"], detail["provider_code"]) == (status, code)
+    if status == 429:
+        assert int(response.headers["retry-after"]) >= 1
+    shown = await stack.task(detail["task_id"])
+    assert shown["status"] == "failed"
+    assert (shown["error"]["code"], shown["error"]["retryable"]) == (code, retryable)
+
+
+async def test_a_500_at_submit_leaves_the_outcome_unknown(stack: Stack) -> None:
+    """The provider may have created the task: it stays `submitting`, never re-sent."""
+    response = await stack.client.post("/tasks", json={"prompt": "x [sim:submit_status=500]"})
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "submitting"
