@@ -4,6 +4,7 @@ published shape (its default), and the service stores what it lists."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,45 @@ async def test_a_500_at_submit_leaves_the_outcome_unknown(stack: Stack) -> None:
     response = await stack.client.post("/tasks", json={"prompt": "x [sim:submit_status=500]"})
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "submitting"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": "gpt-image-2", "size": "1024x1536", "quality": "low"},
+        {"model": "gpt-image-2", "size": "16:9", "resolution": "2k"},
+        {"model": "gpt-image-2-beta", "size": "3:2", "resolution": "1K"},
+    ],
+    ids=["1.5-defaults", "2-wxh", "2-ratio", "beta-ratio"],
+)
+async def test_each_model_within_its_rules_is_accepted_and_stored(
+    stack: Stack, fields: dict[str, Any]
+) -> None:
+    """The simulator validates each model as the provider does: what we send, it takes."""
+    task = await stack.submit("a map", **fields)
+    assert task["model"] == fields.get("model", "gpt-image-1.5")
+    done = await stack.wait_image(task["id"])
+    assert done["image"]["status"] == "stored", done["image"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"model": "gpt-image-2", "size": "1000x1000"}, "size"),
+        ({"model": "gpt-image-2", "n": 11}, "n"),
+        ({"model": "gpt-image-2", "mask_url": "https://example.com/m.png"}, "mask_url"),
+        ({"model": "gpt-image-2-beta", "quality": "high"}, "quality"),
+        ({"model": "gpt-image-2-beta", "size": "1024x1024"}, "size"),
+        ({"model": "gpt-image-1.5", "resolution": "1K"}, "resolution"),
+    ],
+)
+async def test_a_request_outside_its_models_rules_never_reaches_the_provider(
+    stack: Stack, fields: dict[str, Any], field: str
+) -> None:
+    """422 naming the field; the simulator sees no submission."""
+    before = (await stack.sim.stats())["submit_requests"]
+    response = await stack.client.post("/tasks", json={"prompt": "p", **fields})
+    assert response.status_code == 422, response.text
+    assert field in [detail["field"] for detail in response.json()["error"]["details"]]
+    assert (await stack.sim.stats())["submit_requests"] == before
