@@ -170,6 +170,13 @@ def simulator(
         str | None,
         typer.Option(help="Serve every image at this WxH (e.g. 64x64), not the requested size."),
     ] = None,
+    body_shape: Annotated[
+        str,
+        typer.Option(
+            help="Shape of query answers and callbacks: published (the provider's documented "
+            "task object), envelope or bare (the enveloped shape and its data object)."
+        ),
+    ] = "published",
 ) -> None:
     """Run the StarMagic simulator alone."""
     from app.simulator import SimulatorConfig, run_simulator
@@ -185,6 +192,7 @@ def simulator(
             time_scale=time_scale,
             allow_http_callbacks=allow_http_callbacks,
             image_size=pinned,
+            body_shape=body_shape,  # type: ignore[arg-type]  # checked by SimulatorConfig
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

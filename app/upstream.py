@@ -42,12 +42,18 @@ class UpstreamError(Exception):
     """Something went wrong talking to StarMagic; `message` keeps its reason."""
 
     def __init__(
-        self, message: str, *, code: str = "upstream_error", status_code: int | None = None
+        self,
+        message: str,
+        *,
+        code: str = "upstream_error",
+        status_code: int | None = None,
+        retry_after: float | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.code = code
         self.status_code = status_code
+        self.retry_after = retry_after  # seconds, when the provider said (Retry-After)
 
 
 class UpstreamRejected(UpstreamError):
@@ -110,9 +116,26 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-def provider_reason(response: httpx.Response) -> tuple[str, str]:
-    """The provider's own error code and message, whatever shape it used."""
-    code, message = f"http_{response.status_code}", response.reason_phrase or "error"
+# The code the provider publishes for each status of a refused submission,
+# kept when the body of the refusal names none.
+SUBMIT_STATUS_CODES = {
+    400: "invalid_parameters",
+    401: "unauthorized",
+    402: "quota_exceeded",
+    403: "permission_denied",
+    422: "invalid_parameters",
+    429: "rate_limit_exceeded",
+}
+
+
+def provider_reason(
+    response: httpx.Response, codes: dict[int, str] | None = None
+) -> tuple[str, str]:
+    """The provider's own error code and message, whatever shape it used; without a
+    code in the body, the one `codes` gives for the status, else `http_<status>`."""
+    status = response.status_code
+    code = (codes or {}).get(status, f"http_{status}")
+    message = response.reason_phrase or "error"
     try:
         body = response.json()
     except ValueError:
@@ -163,13 +186,15 @@ class StarMagicClient:
                     code="submission_outcome_unknown",
                 ) from exc
             if response.status_code in (429, 503):
-                delay = _retry_after(response)
-                delay = self._retry.backoff(attempt) if delay is None else delay
+                asked = _retry_after(response)
+                delay = self._retry.backoff(attempt) if asked is None else asked
                 if not last_try and delay <= self._retry.max_retry_after:
                     await asyncio.sleep(delay)
                     continue
-                code, message = provider_reason(response)
-                raise UpstreamUnavailable(message, code=code, status_code=response.status_code)
+                code, message = provider_reason(response, SUBMIT_STATUS_CODES)
+                raise UpstreamUnavailable(
+                    message, code=code, status_code=response.status_code, retry_after=asked
+                )
             return self._submitted(response)
         raise AssertionError("unreachable: the loop returns or raises")
 
@@ -177,7 +202,7 @@ class StarMagicClient:
         status = response.status_code
         if 400 <= status < 500:
             # A client error: the provider looked at the request and did not take it.
-            code, message = provider_reason(response)
+            code, message = provider_reason(response, SUBMIT_STATUS_CODES)
             raise UpstreamRejected(message, code=code, status_code=status)
         if status >= 500:
             # 500, 502, 504…: the provider (or a gateway in front of it) may well have

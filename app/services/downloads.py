@@ -308,11 +308,13 @@ class Downloader:
         metrics.DOWNLOADS.labels(outcome="renewed").inc()
         log.info("image_link_renewed", task_id=job.task_id, position=job.position)
         now = utcnow()
+        # No expiry of its own: 24 h from the provider's completion, else from now.
+        start = min(snapshot.completed_at or now, now)
         await self._record(
             job,
             {
                 "source_url": fresh.url,
-                "source_expires_at": link_expiry(fresh.expires_at, now, now),
+                "source_expires_at": link_expiry(fresh.expires_at, start, now),
                 "renewed": True,
                 "next_attempt_at": now,
                 "lease_owner": None,

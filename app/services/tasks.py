@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +41,10 @@ log = structlog.get_logger(__name__)
 
 # A key whose first request is younger than this and still submitting is in flight.
 IN_FLIGHT_WINDOW = timedelta(seconds=60)
+# Retry-After told to a caller when the provider was unavailable: ours, or the
+# provider's own when longer, up to an hour.
+RETRY_AFTER_SECONDS = 5
+MAX_RETRY_AFTER_SECONDS = 3600
 
 
 def new_task_id() -> str:
@@ -236,7 +241,11 @@ def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnava
     details = [{"task_id": task_id, "provider_code": exc.code, "provider_status": exc.status_code}]
     if isinstance(exc, UpstreamRejected):
         return BadGateway(f"StarMagic refused the task: {exc.message}", details=details)
-    retry = {"Retry-After": "5"} if isinstance(exc, UpstreamUnavailable) else None
+    retry = None
+    if isinstance(exc, UpstreamUnavailable):
+        # The provider's own wait when it named a longer one than ours (bounded).
+        wait = min(max(RETRY_AFTER_SECONDS, exc.retry_after or 0), MAX_RETRY_AFTER_SECONDS)
+        retry = {"Retry-After": str(math.ceil(wait))}
     return ServiceUnavailable(
         f"StarMagic is unavailable: {exc.message}", details=details, headers=retry
     )

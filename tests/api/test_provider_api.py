@@ -261,3 +261,44 @@ async def test_a_refusal_keeps_the_key_bound_to_the_failed_task(
     assert replay.json()["status"] == "failed"
     assert replay.json()["error"]["retryable"] is False
     assert provider.methods() == ["POST"]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [
+        (400, "invalid_parameters", False),
+        (401, "unauthorized", True),
+        (402, "quota_exceeded", True),
+        (403, "permission_denied", True),
+    ],
+)
+async def test_a_submit_refusal_without_a_code_keeps_the_published_code_of_its_status(
+    service_factory: Any, settings: Settings, status: int, code: str, retryable: bool
+) -> None:
+    """A refusal whose body names no code: the task keeps the code published for its status."""
+    provider = Provider()
+    provider.submit = httpx.Response(status, json={"error": {"message": "refused"}})
+    service = await build(service_factory, settings, provider)
+    response = await service.client.post("/tasks", json={"prompt": "p"})
+    assert response.status_code == 502
+    assert response.json()["error"]["details"][0]["provider_code"] == code
+    task_id = response.json()["error"]["details"][0]["task_id"]
+    shown = (await service.client.get(f"/tasks/{task_id}")).json()
+    assert shown["error"] == {"code": code, "message": "refused", "retryable": retryable}
+    assert provider.methods() == ["POST"]
+
+
+async def test_a_429_passes_the_providers_retry_after_to_the_caller(
+    service_factory: Any, settings: Settings
+) -> None:
+    """Rate limited for two minutes: 503 with Retry-After 120, the task failed as retryable."""
+    provider = Provider()
+    provider.submit = httpx.Response(429, headers={"Retry-After": "120"})
+    service = await build(service_factory, settings, provider)
+    response = await service.client.post("/tasks", json={"prompt": "p"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "120"
+    task_id = response.json()["error"]["details"][0]["task_id"]
+    shown = (await service.client.get(f"/tasks/{task_id}")).json()
+    assert (shown["error"]["code"], shown["error"]["retryable"]) == ("rate_limit_exceeded", True)
+    assert provider.methods() == ["POST"]

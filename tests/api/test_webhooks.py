@@ -355,6 +355,23 @@ async def test_a_published_callback_queues_one_download_per_result(trusting: Sta
     assert timedelta(hours=23) < expiry - datetime.now(UTC) <= timedelta(hours=24)
 
 
+async def test_a_link_without_expiry_lives_24_hours_from_the_providers_completion(
+    trusting: Stack,
+) -> None:
+    """Enveloped, `completed` two hours ago, no `expires_at`: the link ends 22 h from now."""
+    task = await trusting.submit()
+    finished = int(datetime.now(UTC).timestamp()) - 2 * 3600
+    body = task_body("completed", upstream_id=task["upstream_task_id"])
+    body["data"]["completed"] = finished
+    del body["data"]["result"]["images"][0]["expires_at"]
+    response = await trusting.service.client.post(hook(task["id"]), content=json.dumps(body))
+    assert response.json()["outcome"] == "applied"
+    shown = await trusting.task(task["id"])
+    expiry = datetime.fromisoformat(shown["image"]["source_expires_at"])
+    expected = datetime.fromtimestamp(finished, UTC) + timedelta(hours=24)
+    assert abs(expiry - expected) < timedelta(seconds=2)
+
+
 async def test_a_published_failure_keeps_the_providers_code_and_says_what_to_do(
     trusting: Stack,
 ) -> None:

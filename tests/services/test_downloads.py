@@ -322,6 +322,25 @@ async def test_renewal_takes_the_link_of_the_same_image(queue: Queue) -> None:
     assert (await queue.image(task.id, 1)).source_url == "https://n/second.png"
 
 
+async def test_a_renewed_link_without_expiry_lives_24_hours_from_the_providers_completion(
+    queue: Queue,
+) -> None:
+    """An enveloped answer naming `completed` but no `expires_at`: 24 h from that time."""
+    task = await queue.queued()
+    finished = utcnow() - timedelta(hours=2)
+    fresh = task_body("completed", upstream_id=task.upstream_task_id or "", url="https://n/d.png")
+    fresh["data"]["completed"] = int(finished.timestamp())
+    del fresh["data"]["result"]["images"][0]["expires_at"]
+    queue.query_answers.append(httpx.Response(200, json=fresh))
+    forbidden = FetchError("http_403", "forbidden", status_code=403)
+    await queue.downloader(ScriptedFetcher([forbidden])).run(await queue.claim())
+    renewed = await queue.image(task.id)
+    assert renewed.source_url == "https://n/d.png"
+    assert renewed.source_expires_at is not None
+    expected = finished.replace(microsecond=0) + timedelta(hours=24)
+    assert abs(renewed.source_expires_at - expected) < timedelta(seconds=2)
+
+
 async def test_an_expired_link_is_renewed_before_fetching(queue: Queue) -> None:
     """A link past its expiry is not fetched; a fresh one is asked for."""
     task = await queue.queued(source_expires_at=utcnow() - timedelta(minutes=1))

@@ -1,5 +1,6 @@
 """Every path that parses a provider task reads every shape: the reconciler's poll
-and the confirmation of a callback (the webhook and link renewal have their own)."""
+and the confirmation of a callback (the webhook and link renewal have their own
+tests in tests/api/test_webhooks.py and tests/services/test_downloads.py)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,24 @@ from tests.helpers import scripted_transport, task_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-SHAPES = ["published", "envelope", "bare"]
+# The published shape, the enveloped one (its link a string or a list) and its bare data.
+SHAPES = ["published", "envelope", "envelope-url-list", "bare"]
 LINKS = ["https://cdn.example.com/first.png", "https://cdn.example.com/second.png"]
 
 
 def completed(shape: str, upstream_id: str) -> dict[str, Any]:
     """A realistic completed task with two images, in one of the shapes."""
-    return task_body(
+    body = task_body(
         "completed",
         upstream_id=upstream_id,
         urls=LINKS,
-        envelope=shape == "envelope",
+        envelope=shape.startswith("envelope"),
         published=shape == "published",
     )
+    if shape == "envelope-url-list":
+        for image in body["data"]["result"]["images"]:
+            image["url"] = [image["url"]]
+    return body
 
 
 class QueryAPI:
