@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.schema_version import head_revisions
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from app.schema_version import ROOT, head_revisions, migrations_dir
 from tests.ports import free_port
 
 from .helpers import clean_env, run_cli
@@ -20,6 +24,24 @@ def test_migrate_creates_then_reports_current(tmp_path: Path) -> None:
     again = run_cli("migrate", env=env, cwd=tmp_path, timeout=120)
     assert again.code == 0, again.stderr
     assert again.stdout.strip() == f"imagetasks: the schema is already current (revision {head})"
+
+
+def test_migrate_an_older_schema_names_both_revisions(tmp_path: Path) -> None:
+    """A database one revision behind is upgraded, and the line says from what to what."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    (head,) = head_revisions()
+    previous = ScriptDirectory(str(migrations_dir())).get_revision(head).down_revision
+    assert isinstance(previous, str)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, previous)
+    result = run_cli("migrate", env=clean_env(DATABASE_URL=url), cwd=tmp_path, timeout=120)
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"imagetasks: upgraded the schema from revision {previous} to {head}"
+    )
 
 
 def test_migrate_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
