@@ -52,3 +52,14 @@ def test_migrate_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("imagetasks: cannot migrate the database: ")
+
+
+def test_migrate_refuses_an_impossible_database_url_in_one_line(tmp_path: Path) -> None:
+    """A sync driver or an unparseable DATABASE_URL: exit 2 and one line, as serve says it."""
+    for url, reason in (
+        ("postgresql://postgres@127.0.0.1/x", "use an async driver: postgresql+asyncpg://…"),
+        ("garbage", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://"),
+    ):
+        result = run_cli("migrate", env=clean_env(DATABASE_URL=url), cwd=tmp_path, timeout=120)
+        assert result.code == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [f"imagetasks: DATABASE_URL: {reason}"]
