@@ -193,7 +193,7 @@ def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = Non
             return error_response(
                 503,
                 "schema_not_current",
-                f"the database {diagnosis.reason}",
+                f"the database is not ready: {diagnosis.reason}",
                 headers={"Retry-After": "30"},
             )
         outage.failed(UNREACHABLE, diagnosis.reason)
