@@ -47,9 +47,13 @@ def migrate() -> None:
     """Apply the database migrations to DATABASE_URL and say what changed."""
     from sqlalchemy.exc import DBAPIError
 
-    from app.config import DatabaseSettings
+    from app.config import load_database_settings
 
-    url = DatabaseSettings().database_url
+    try:
+        url = load_database_settings().database_url
+    except SettingsError as exc:
+        report_settings_error(exc)
+        raise typer.Exit(2) from None
     try:
         done = run_migrations(url)
     except (OSError, DBAPIError) as exc:

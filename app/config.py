@@ -42,6 +42,16 @@ _EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org")
 _PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replace-me")
 
 
+def _check_database_url(value: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme in ("sqlite", "postgresql", "postgres"):
+        hint = "sqlite+aiosqlite" if scheme == "sqlite" else "postgresql+asyncpg"
+        raise ValueError(f"use an async driver: {hint}://…")
+    if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+    return value
+
+
 def _is_placeholder(value: str) -> bool:
     lowered = value.lower()
     return any(word in lowered for word in _PLACEHOLDER_WORDS)
@@ -121,13 +131,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme in ("sqlite", "postgresql", "postgres"):
-            hint = "sqlite+aiosqlite" if scheme == "sqlite" else "postgresql+asyncpg"
-            raise ValueError(f"use an async driver: {hint}://…")
-        if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
-            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
-        return value
+        return _check_database_url(value)
 
     @field_validator("storage_url")
     @classmethod
@@ -310,3 +314,16 @@ class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     database_url: str = Settings.model_fields["database_url"].default
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return _check_database_url(value)
+
+
+def load_database_settings() -> DatabaseSettings:
+    """Just DATABASE_URL; SettingsError (one line) when it cannot work."""
+    try:
+        return DatabaseSettings()
+    except ValidationError as exc:
+        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None

@@ -112,8 +112,25 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
         if location and location[0] in _LOCATIONS:
             location = location[1:]
         reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if not location and error.get("type") == "missing":
+            reason = "is empty: send a JSON object"
+        elif not location and error.get("type") in ("model_attributes_type", "dict_type"):
+            reason = f"must be a JSON object, not {_json_kind(error.get('input'))}"
         details.append({"field": field_path(location) or "body", "reason": reason})
     return details
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, with its article: "an array", "a string", ..."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null" if value is None else type(value).__name__
 
 
 def _json_syntax_error(exc: RequestValidationError) -> str | None:
@@ -193,7 +210,7 @@ def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = Non
             return error_response(
                 503,
                 "schema_not_current",
-                f"the database {diagnosis.reason}",
+                f"the database is not ready: {diagnosis.reason}",
                 headers={"Retry-After": "30"},
             )
         outage.failed(UNREACHABLE, diagnosis.reason)

@@ -164,3 +164,22 @@ def test_the_wheel_ships_the_consoles_templates_and_static_files(tmp_path: Path)
     }
     assert wanted
     assert wanted <= shipped
+
+
+def _locked_names(lock: str) -> set[str]:
+    text = (ROOT / lock).read_text()
+    return {name.lower() for name in re.findall(r"(?m)^([A-Za-z0-9_.-]+)==", text)}
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    """`make run` installs requirements.lock, which holds no test or lint tool."""
+    makefile = (ROOT / "Makefile").read_text()
+    run_target = re.search(r"(?m)^run: (.*?)##", makefile)
+    assert run_target is not None
+    assert run_target.group(1).split() == ["$(BIN)/.installed-run"]
+    stamp = re.search(r"(?m)^\$\(BIN\)/\.installed-run: .*\n\t\$\(call install,([^,]+),", makefile)
+    assert stamp is not None
+    assert stamp.group(1) == "requirements.lock"
+    dev_tools = {"pytest", "ruff", "mypy", "moto", "matplotlib", "schemathesis", "playwright"}
+    assert _locked_names("requirements.lock") & dev_tools == set()
+    assert _locked_names("requirements-dev.lock") >= dev_tools

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 
 from app.cli import run_migrations
+from app.events import bus as bus_module
+from app.events.bus import EventBus
 from app.outage import SCHEMA, UNREACHABLE, OutageLog
 from app.runtime import Runtime
 from app.worker import BackgroundWorker
 from tests.conftest import LogLines, make_settings
-from tests.postgres import in_thread
+from tests.postgres import dsn, in_thread
 
 
 class Clock:
@@ -129,3 +131,36 @@ async def _until(condition: Any, timeout: float = 60) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_event_listener_tells_its_outage_as_a_story(
+    postgres_database: str, capture_logs: LogLines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty refused LISTEN connections: one start line, one end line, none per attempt."""
+    real_connect = bus_module.asyncpg.connect
+    attempts = 0
+
+    async def refused_twenty_times(*args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 20:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(bus_module.asyncpg, "connect", refused_twenty_times)
+    monkeypatch.setattr(bus_module, "MAX_RECONNECT_SECONDS", 0.01)
+    bus = EventBus()
+    listener = asyncio.create_task(bus._listen_forever(dsn(postgres_database)))
+    try:
+        await asyncio.wait_for(bus.listening.wait(), 60)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+    listener_lines = [e for e in capture_logs() if e["event"].startswith("event_listener")]
+    assert [(e["event"], e.get("failures")) for e in listener_lines] == [
+        ("event_listener_outage_started", None),
+        ("event_listener_outage_ended", 20),
+        ("event_listener_connected", None),
+    ]

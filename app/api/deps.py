@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -99,7 +99,15 @@ CallerDep = Annotated[str, Depends(require_caller)]
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-async def task_id_path(task_id: str) -> str:
+async def task_id_path(
+    task_id: Annotated[
+        str,
+        Path(
+            description="The task's id, as POST /tasks gave it.",
+            examples=["tsk_01JDZ6SZ0000000000000000AB"],
+        ),
+    ],
+) -> str:
     """A task id from the path; one that could never exist is 404 before any SQL."""
     if not TASK_ID.fullmatch(task_id):
         raise NotFound(f"task {task_id[:64]!r} does not exist")

@@ -43,7 +43,7 @@ TypesQuery = Annotated[
     str | None,
     Query(max_length=200, description="Comma-separated event types to keep (default: all)."),
 ]
-LimitQuery = Annotated[int, Query(ge=1, le=500)]
+LimitQuery = Annotated[int, Query(ge=1, le=500, description="Events per page (1 to 500).")]
 ScopeQuery = Annotated[
     Literal["mine", "all"],
     Query(
@@ -51,7 +51,13 @@ ScopeQuery = Annotated[
         "(endpoint events only ever to their own token)."
     ),
 ]
-LastEventId = Annotated[str | None, Header(max_length=40)]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        max_length=40,
+        description="The `id` of the last message received: the stream resumes after it.",
+    ),
+]
 
 
 def _scope(caller: str, scope: str, types: str | None, task_id: str | None = None) -> EventScope:
@@ -187,7 +193,10 @@ async def task_events(
     after: AfterQuery = None,
     types: TypesQuery = None,
     limit: LimitQuery = 100,
-    accept: Annotated[str | None, Header()] = None,
+    accept: Annotated[
+        str | None,
+        Header(description="`text/event-stream` for the live stream instead of a page."),
+    ] = None,
     last_event_id: LastEventId = None,
 ) -> TaskEventPage | StreamingResponse:
     """One task's story, oldest first, with webhook deliveries (or live, with

@@ -46,6 +46,10 @@ VariantQuery = Annotated[
         "long side; omit for the original bytes."
     ),
 ]
+IfNoneMatchHeader = Annotated[
+    str | None,
+    Header(description="An ETag (the image's sha256) already held: 304 when it still matches."),
+]
 
 
 @router.get("/{task_id}/image", response_class=Response, responses=_IMAGE_RESPONSES)
@@ -54,7 +58,7 @@ async def get_task_image(
     task_id: TaskIdDep,
     session: SessionDep,
     runtime: RuntimeDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatchHeader = None,
     variant: VariantQuery = None,
 ) -> Response:
     """The stored bytes of the task's first image (or a WebP variant), immutable once stored."""
@@ -68,7 +72,7 @@ async def get_task_image_at(
     index: Annotated[int, Path(ge=0, le=15, description="The image's position, from 0.")],
     session: SessionDep,
     runtime: RuntimeDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatchHeader = None,
     variant: VariantQuery = None,
 ) -> Response:
     """The stored bytes of one image of the task (tasks with `n` > 1 have several)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
 
 from app.api.deps import CallerDep, RuntimeDep
 from app.api.tasks import ERRORS
@@ -30,7 +30,12 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _ID_LENGTH = 64
 
 
-async def endpoint_id_path(endpoint_id: str) -> str:
+async def endpoint_id_path(
+    endpoint_id: Annotated[
+        str,
+        Path(description="The endpoint's id (`we_…`).", examples=["we_01JDZ6T5Q8M2W3X4Y5Z6A7B8C9"]),
+    ],
+) -> str:
     """An endpoint id from the path; an impossible one is 404 before any SQL."""
     if len(endpoint_id) > _ID_LENGTH or not endpoint_id.startswith("we_"):
         raise NotFound(f"webhook endpoint {endpoint_id[:_ID_LENGTH]!r} does not exist")
@@ -175,6 +180,13 @@ async def recover(
     responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such event for this token"}},
     tags=["events"],
 )
-async def redeliver(caller: CallerDep, event_id: str, runtime: RuntimeDep) -> Queued:
+async def redeliver(
+    caller: CallerDep,
+    event_id: Annotated[
+        str,
+        Path(description="The event's id (`evt_…`).", examples=["evt_01JDZ6T5Q8M2W3X4Y5Z6A7B8C9"]),
+    ],
+    runtime: RuntimeDep,
+) -> Queued:
     """Send one of this token's events again, same webhook-id, to each subscribed target."""
     return Queued(queued=await runtime.webhooks.redeliver(caller, event_id[:64]))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import metrics
 from app.api.deps import CallbackConnectionDep, RuntimeDep
@@ -26,8 +27,17 @@ class UnsupportedMediaType(DomainError):
 
 
 class CallbackAck(BaseModel):
-    received: bool
-    outcome: str
+    """The callback was recorded; what it did to the task."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"received": True, "outcome": "applied"}]}
+    )
+
+    received: bool = Field(description="Always true: the delivery was recorded.")
+    outcome: str = Field(
+        description="applied, duplicate, stale, anomaly or confirming (a terminal callback "
+        "waiting for the query API's word)."
+    )
 
 
 @router.post(
@@ -42,7 +52,11 @@ class CallbackAck(BaseModel):
     },
 )
 async def starmagic_callback(
-    task_id: str, token: str, request: Request, db: CallbackConnectionDep, runtime: RuntimeDep
+    task_id: Annotated[str, Path(description="The task the callback is about (our id).")],
+    token: Annotated[str, Path(description="The task's callback token (signed).")],
+    request: Request,
+    db: CallbackConnectionDep,
+    runtime: RuntimeDep,
 ) -> CallbackAck:
     """StarMagic's task callback; every accepted delivery gets 200, duplicates too."""
     started = time.perf_counter()

@@ -23,6 +23,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.outage import UNREACHABLE, OutageLog
+
 log = structlog.get_logger(__name__)
 
 CHANNEL = "imagetasks_events"
@@ -177,6 +179,9 @@ class EventBus:
             self.publish(notice)
 
     async def _listen_forever(self, dsn: str) -> None:
+        # Refused reconnections are one story (started, a summary now and then, ended),
+        # not a line per attempt for as long as the database is away.
+        outage = OutageLog("event_listener")
         delay = 0.5
         while True:
             connection = None
@@ -187,13 +192,14 @@ class EventBus:
                 await connection.add_listener(CHANNEL, self._on_notify)
                 self.listening.set()
                 delay = 0.5
+                outage.recovered()
                 self.ring_all()  # anything committed while we were away: look again
                 log.info("event_listener_connected")
                 await lost.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("event_listener_failed", reason=repr(exc)[:200])
+                outage.failed(UNREACHABLE, repr(exc)[:200])
             finally:
                 self.listening.clear()
                 if connection is not None:

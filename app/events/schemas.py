@@ -7,6 +7,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The values of app.services.events.EventType (a test keeps the two equal).
+EVENT_TYPE_NAMES: list[Any] = [
+    "task.created",
+    "task.processing",
+    "task.completed",
+    "task.failed",
+    "task.cancelled",
+    "image.stored",
+    "image.failed",
+    "image.queued",
+    "endpoint.disabled",
+]
 _EXAMPLE_EVENT: dict[str, Any] = {
     "id": "evt_01JDZ6T5Q8M2W3X4Y5Z6A7B8C9",
     "type": "image.stored",
@@ -35,9 +47,11 @@ class EventPublic(BaseModel):
     id: str = Field(description="`evt_` and a sortable id; also the webhook-id of its delivery.")
     type: str = Field(
         description="task.created, task.processing, task.completed, task.failed, "
-        "task.cancelled, image.stored, image.failed or image.queued."
+        "task.cancelled, image.stored, image.failed or image.queued (and endpoint.disabled, "
+        "about a webhook endpoint of this token).",
+        json_schema_extra={"enum": EVENT_TYPE_NAMES},
     )
-    created_at: datetime
+    created_at: datetime = Field(description="When the change was committed (UTC).")
     data: dict[str, Any] = Field(
         description="The task as GET /tasks/{id} showed it when the event happened; "
         "image.* events also carry `image_index`, the image they are about."
@@ -53,7 +67,7 @@ class EventPage(BaseModel):
         }
     )
 
-    items: list[EventPublic]
+    items: list[EventPublic] = Field(description="The events, oldest first.")
     next_cursor: str | None = Field(
         description="Pass back as `after` for the events that follow (null: none seen yet)."
     )

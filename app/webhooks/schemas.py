@@ -49,8 +49,10 @@ class EndpointCreate(BaseModel):
     event_types: list[str] | None = Field(
         default=None, max_length=20, description=_TYPES_DESCRIPTION
     )
-    description: str | None = Field(default=None, max_length=500)
-    enabled: bool = True
+    description: str | None = Field(
+        default=None, max_length=500, description="A note for people: who receives it, and why."
+    )
+    enabled: bool = Field(default=True, description="false creates it paused.")
 
 
 class EndpointUpdate(BaseModel):
@@ -61,9 +63,13 @@ class EndpointUpdate(BaseModel):
         json_schema_extra={"examples": [{"enabled": True}, {"event_types": ["image.stored"]}]},
     )
 
-    url: str | None = Field(default=None, max_length=2000)
-    event_types: list[str] | None = Field(default=None, max_length=20)
-    description: str | None = Field(default=None, max_length=500)
+    url: str | None = Field(
+        default=None, max_length=2000, description="A new destination (checked as on creation)."
+    )
+    event_types: list[str] | None = Field(
+        default=None, max_length=20, description="The event types to send from now on."
+    )
+    description: str | None = Field(default=None, max_length=500, description="A new note.")
     enabled: bool | None = Field(
         default=None, description="false pauses deliveries; true re-enables a disabled endpoint."
     )
@@ -74,18 +80,19 @@ class EndpointPublic(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [_ENDPOINT_EXAMPLE]})
 
-    id: str
-    url: str
-    event_types: list[str]
-    description: str | None
-    enabled: bool
+    id: str = Field(description="`we_` and a sortable id.")
+    url: str = Field(description="Where the events are POSTed.")
+    event_types: list[str] = Field(description="The event types sent there.")
+    description: str | None = Field(description="The note given when it was made.")
+    enabled: bool = Field(description="false: nothing is sent (paused, or disabled: see why).")
     disabled_reason: str | None = Field(
+        json_schema_extra={"enum": ["gone", "failing", "caller", None]},
         description="Why it was disabled: `gone` (it answered 410), `failing` (every delivery "
-        "failed for WEBHOOK_DISABLE_AFTER_SECONDS), `caller` (PATCH enabled=false)."
+        "failed for WEBHOOK_DISABLE_AFTER_SECONDS), `caller` (PATCH enabled=false).",
     )
     failing_since: datetime | None = Field(description="Since when every delivery has failed.")
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = Field(description="When it was made (UTC).")
+    updated_at: datetime = Field(description="When it last changed (UTC).")
 
 
 class EndpointCreated(EndpointPublic):
@@ -103,7 +110,7 @@ class EndpointList(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_ENDPOINT_EXAMPLE]}]})
 
-    items: list[EndpointPublic]
+    items: list[EndpointPublic] = Field(description="The endpoints, oldest first.")
 
 
 class SecretPublic(BaseModel):
@@ -113,7 +120,7 @@ class SecretPublic(BaseModel):
         json_schema_extra={"examples": [{"secret": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}]}
     )
 
-    secret: str
+    secret: str = Field(description="`whsec_` and the base64 key that signs webhook-signature.")
 
 
 class Queued(BaseModel):
@@ -121,26 +128,7 @@ class Queued(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"queued": 3}]})
 
-    queued: int
-
-
-class AttemptPublic(BaseModel):
-    """One try at sending a webhook."""
-
-    attempted_at: datetime
-    status_code: int | None = Field(description="The receiver's answer (null: none came).")
-    duration_ms: int
-    error: str | None = Field(description="Why it failed (null: it succeeded).")
-
-
-class DeliveryPublic(BaseModel):
-    """One event's delivery to one target, and every attempt at it."""
-
-    endpoint_id: str | None = Field(description="The endpoint (null: the task's webhook_url).")
-    status: str = Field(description="`pending` (queued or retrying), `delivered` or `failed`.")
-    attempts: list[AttemptPublic]
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
+    queued: int = Field(description="Deliveries queued (0: no target is subscribed).")
 
 
 _DELIVERY_EXAMPLE: dict[str, Any] = {
@@ -165,6 +153,34 @@ _DELIVERY_EXAMPLE: dict[str, Any] = {
 }
 
 
+class AttemptPublic(BaseModel):
+    """One try at sending a webhook."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_DELIVERY_EXAMPLE["attempts"][0]]})
+
+    attempted_at: datetime = Field(description="When the attempt started (UTC).")
+    status_code: int | None = Field(description="The receiver's answer (null: none came).")
+    duration_ms: int = Field(description="How long it took, in milliseconds.")
+    error: str | None = Field(description="Why it failed (null: it succeeded).")
+
+
+class DeliveryPublic(BaseModel):
+    """One event's delivery to one target, and every attempt at it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_DELIVERY_EXAMPLE]})
+
+    endpoint_id: str | None = Field(description="The endpoint (null: the task's webhook_url).")
+    status: str = Field(
+        description="`pending` (queued or retrying), `delivered` or `failed`.",
+        json_schema_extra={"enum": ["pending", "delivered", "failed"]},
+    )
+    attempts: list[AttemptPublic] = Field(description="Every attempt so far, oldest first.")
+    next_attempt_at: datetime | None = Field(
+        description="When it is tried next (null: not scheduled)."
+    )
+    delivered_at: datetime | None = Field(description="When a 2xx answer came (null: not yet).")
+
+
 class TaskEvent(EventPublic):
     """An event of the task, with its webhook deliveries (the task owner's)."""
 
@@ -172,12 +188,29 @@ class TaskEvent(EventPublic):
         json_schema_extra={"examples": [{**_EXAMPLE_EVENT, "deliveries": [_DELIVERY_EXAMPLE]}]}
     )
 
-    deliveries: list[DeliveryPublic] = Field(default_factory=list)
+    deliveries: list[DeliveryPublic] = Field(
+        default_factory=list,
+        description="Its webhook deliveries to this token's endpoints and task URLs.",
+    )
 
 
 class TaskEventPage(BaseModel):
     """A page of one task's events, oldest first, with their deliveries."""
 
-    items: list[TaskEvent]
-    next_cursor: str | None
-    has_more: bool
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{**_EXAMPLE_EVENT, "deliveries": [_DELIVERY_EXAMPLE]}],
+                    "next_cursor": "7319.42",
+                    "has_more": False,
+                }
+            ]
+        }
+    )
+
+    items: list[TaskEvent] = Field(description="The task's events, oldest first.")
+    next_cursor: str | None = Field(
+        description="Pass back as `after` for the events that follow (null: none seen yet)."
+    )
+    has_more: bool = Field(description="More events are already waiting after this page.")

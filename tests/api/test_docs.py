@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from app.services.events import EventType
 from tests.conftest import Service, make_settings
 from tests.helpers import simulator_transport
 
@@ -79,3 +80,51 @@ async def test_every_response_field_and_query_parameter_is_described(
     status_choices = by_name["status"]["schema"]["anyOf"][0]["enum"]
     assert "completed" in status_choices
     assert by_name["image_status"]["schema"]["anyOf"][0]["enum"] == ["pending", "stored", "failed"]
+
+
+async def test_every_public_field_and_parameter_of_every_route_is_described(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """No route is left out: events, webhook endpoints and images too, fixed values as enums."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    schema = (await service.client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    undescribed_fields = [
+        f"{model}.{name}"
+        for model, body in components.items()
+        for name, field in body.get("properties", {}).items()
+        if not field.get("description")
+    ]
+    assert undescribed_fields == []
+    undescribed_parameters = [
+        f"{method.upper()} {path} {parameter['in']} {parameter['name']}"
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        for parameter in operation.get("parameters", [])
+        if not parameter.get("description")
+    ]
+    assert undescribed_parameters == []
+
+    def has_examples(body: dict[str, Any]) -> bool:
+        fields = body.get("properties", {}).values()
+        return bool(body.get("examples")) or any(field.get("examples") for field in fields)
+
+    without_examples = [
+        model
+        for model, body in components.items()
+        if "properties" in body and not has_examples(body)
+    ]
+    assert without_examples == []
+
+    def enum_of(model: str, field: str) -> list[str | None]:
+        prop = components[model]["properties"][field]
+        for choice in [prop, *prop.get("anyOf", []), prop.get("items", {})]:
+            if "$ref" in choice:
+                choice = components[choice["$ref"].rsplit("/", 1)[1]]
+            if "enum" in choice:
+                return list(choice["enum"])
+        raise AssertionError(f"{model}.{field} is not an enum: {prop}")
+
+    assert enum_of("EventPublic", "type") == [kind.value for kind in EventType]
+    assert enum_of("DeliveryPublic", "status") == ["pending", "delivered", "failed"]
+    assert enum_of("EndpointPublic", "disabled_reason") == ["gone", "failing", "caller", None]

@@ -188,7 +188,10 @@ async def test_an_unmigrated_database_is_not_ready_and_says_to_migrate(
         response = await service.client.request(method, path, json={"prompt": "p"})
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "schema_not_current"
-        assert "run `imagetasks migrate`" in response.json()["error"]["message"]
+        assert response.json()["error"]["message"] == (
+            f"the database is not ready: no schema (expected revision "
+            f"{', '.join(head_revisions())}): run `imagetasks migrate`"
+        )
     started = [e for e in capture_logs() if e["event"].startswith("database_outage")]
     assert [(e["event"], e["kind"]) for e in started] == [
         ("database_outage_started", "schema_not_current")

@@ -79,3 +79,26 @@ def test_field_path_spelling() -> None:
     assert field_path(["metadata", "tags", 0, "name"]) == "metadata.tags[0].name"
     assert field_path([3]) == "[3]"
     assert field_path([]) == ""
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "is empty: send a JSON object"),
+        (b"[1]", "must be a JSON object, not an array"),
+        (b'"a lighthouse"', "must be a JSON object, not a string"),
+    ],
+)
+async def test_a_body_that_is_not_an_object_says_what_to_send(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, body: bytes, reason: str
+) -> None:
+    """An empty body or a JSON array is named as such, not as a pydantic error about `body`."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    response = await service.client.post(
+        "/tasks", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["details"] == [{"field": "body", "reason": reason}]
+    assert error["message"] == f"body: {reason}"

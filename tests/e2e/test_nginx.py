@@ -254,6 +254,15 @@ async def test_nginx_routes_forwards_and_keeps_callback_tokens_out_of_every_log(
     for token in tokens:
         assert token not in nginx_logs
         assert token not in service_logs
+    # What was checked, for a reader of `pytest -s` (the tokens themselves are never printed).
+    upstream_errors = [line for line in nginx_logs.splitlines() if "connect() failed" in line]
+    files = len(list(nginx.logs.iterdir()))
+    print(
+        f"\nnginx {PREFIX}: {len(tokens)} callback tokens, none in {files} nginx log files "
+        f"({len(upstream_errors)} upstream errors logged) or the service logs",
+        *[f"  hooks log: {line}" for line in hooks_log.splitlines()[-3:]],
+        sep="\n",
+    )
 
 
 async def _answers(process: Process, port: int) -> bool:
