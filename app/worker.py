@@ -157,6 +157,10 @@ class BackgroundWorker:
                 wait = max(interval, 1.0)
             else:
                 self.database_outage.recovered()
+            if self._stopping.is_set():
+                # The stop's cancel may have been swallowed inside the round (a database
+                # driver can): never pause, possibly for an hour, once stopping.
+                return
             await pause(interval if wait is None else wait)
 
     async def _download_round(self) -> float:

@@ -7,6 +7,7 @@ each dialect must accept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -164,3 +165,26 @@ def test_retention_settings_have_defaults_and_refuse_zero(
     assert (settings.callback_retention_days, settings.idempotency_retention_days) == (30, 7)
     with pytest.raises(SettingsError, match=name.upper()):
         make_settings(sqlite_url, tmp_path, **{name: 0})
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stop_during_a_prune_that_absorbs_the_cancel_still_stops(
+    service_factory: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop's cancel can land inside a database call that swallows it (aiosqlite can):
+    the retention loop still ends, instead of pausing an hour until its next pass."""
+    service = await build(service_factory, settings)
+    pruning = asyncio.Event()
+
+    async def absorbing(*_: Any, **__: Any) -> int:
+        pruning.set()
+        # The statement finished anyway, and the driver returned its result.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        return 0
+
+    monkeypatch.setattr(repository, "prune_callback_deliveries", absorbing)
+    worker = BackgroundWorker(service.runtime)
+    await worker.start()
+    await asyncio.wait_for(pruning.wait(), timeout=30)
+    await asyncio.wait_for(worker.stop(), timeout=30)

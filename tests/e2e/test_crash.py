@@ -75,10 +75,15 @@ async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) 
 async def test_a_worker_killed_mid_download_is_taken_over_without_waiting_out_a_long_lease(
     postgres_stacks: StackPool,
 ) -> None:
-    """kill -9 while streaming: another worker stores the image once its short lease lapses."""
+    """kill -9 while streaming: another process stores the image within 20 s of the kill.
+
+    The bound is the promise (with the old 60 s lease it took about 65 s): the 10 s lease
+    lapses, the new worker claims the image and downloads it again (3 s), with time to
+    spare on a busy machine.
+    """
     stack = await postgres_stacks.start(RUN_BACKGROUND=False)
     first = await stack.start_extra_worker()
-    task = await stack.submit("a slow canyon [sim:image_slow=6]")
+    task = await stack.submit("a slow canyon [sim:image_slow=3]")
     task_id, upstream_id = task["id"], task["upstream_task_id"]
     await download_in_flight(stack, task_id, upstream_id)
     first.kill()
@@ -89,8 +94,8 @@ async def test_a_worker_killed_mid_download_is_taken_over_without_waiting_out_a_
     assert done["image"]["status"] == "stored", done["image"]
     assert len(stack.stored_files()) == 1
     assert len(stack.all_logs("image_stored", task_id=task_id)) == 1
-    # Not a timing assertion: the figure is reported, the test only needs the takeover.
-    print(f"kill -9 to stored by another worker: {took:.1f} s (image trickles over 6 s)")
+    print(f"kill -9 to stored by another worker: {took:.1f} s (image trickles over 3 s)")
+    assert took < 20, f"kill -9 to stored took {took:.1f} s"
 
 
 async def test_graceful_restart_mid_download_finishes_it_first(stacks: StackPool) -> None:

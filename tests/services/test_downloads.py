@@ -428,6 +428,32 @@ async def test_an_image_is_fetched_and_stored_once_when_headers_outlast_the_leas
     assert (await queue.image(task.id)).status == "stored"
 
 
+async def test_an_upload_that_outlasts_the_lease_keeps_it(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat covers the storage write too (a slow S3 upload), not only the fetch."""
+    task = await queue.queued()
+    lease = 0.6
+    put_file = queue.storage.put_file
+
+    async def slow_put(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(lease * 4)
+        await put_file(*args, **kwargs)
+
+    monkeypatch.setattr(queue.storage, "put_file", slow_put)
+    fetcher = ScriptedFetcher([PNG])
+    job = await queue.claim("worker-a", lease=lease)
+    running = asyncio.create_task(queue.downloader(fetcher, "worker-a", lease=lease).run(job))
+    rivals: list[DownloadJob] = []
+    while not running.done():
+        rivals += await queue.claim_all("worker-b", lease=lease)
+        await asyncio.sleep(lease / 4)
+    await running
+    assert rivals == []
+    assert (len(fetcher.urls), len(queue.storage.puts)) == (1, 1)
+    assert (await queue.image(task.id)).status == "stored"
+
+
 async def test_a_job_that_loses_its_lease_stops_at_once(queue: Queue) -> None:
     """When a renewal matches no row, the job is cancelled before it writes anything."""
     task = await queue.queued()
