@@ -58,6 +58,25 @@ async def test_a_body_without_the_json_content_type_is_told_so(
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_body_with_no_content_type_at_all_is_told_so(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A client that sends bytes with no Content-Type (e.g. requests' data=) gets 415 too."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    request = service.client.build_request(
+        "POST", "/tasks", content=b'{"prompt": "a lighthouse"}'
+    )
+    request.headers.pop("Content-Type", None)
+    response = await service.client.send(request)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "`Content-Type: application/json`" in error["message"]
+    assert "no Content-Type" in error["message"]
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_field_paths_use_brackets_for_list_items(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
