@@ -177,8 +177,19 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("is required: StarMagic calls back there")
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL")
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            # Callback URLs are this value plus a path: a query or fragment would swallow it.
+            raise ValueError("no query (?) or fragment (#): an origin and an optional path only")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("no user or password in the URL: an origin and an optional path only")
+        if any(char.isspace() for char in value):
+            raise ValueError("no spaces: an origin and an optional path only")
+        try:
+            parts.port  # noqa: B018  # raises for a port out of range or not a number
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
         if _on_example_domain(value):
             raise ValueError(
                 f"{parts.hostname} is the example's placeholder; set the public HTTPS origin "
@@ -222,7 +233,10 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not value.startswith("/"):
             raise ValueError(f"must start with a slash (/{value}), not {value!r}")
-        return value.rstrip("/")
+        value = value.rstrip("/")
+        if "//" in value or any(char.isspace() or char in "?#" for char in value):
+            raise ValueError(f"must be a path like /imagetasks, not {value!r}")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

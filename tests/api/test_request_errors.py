@@ -63,9 +63,7 @@ async def test_a_body_with_no_content_type_at_all_is_told_so(
 ) -> None:
     """A client that sends bytes with no Content-Type (e.g. requests' data=) gets 415 too."""
     service = await build(service_factory, sqlite_url, tmp_path)
-    request = service.client.build_request(
-        "POST", "/tasks", content=b'{"prompt": "a lighthouse"}'
-    )
+    request = service.client.build_request("POST", "/tasks", content=b'{"prompt": "a lighthouse"}')
     request.headers.pop("Content-Type", None)
     response = await service.client.send(request)
     assert response.status_code == 415
