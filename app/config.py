@@ -6,6 +6,7 @@ import ipaddress
 import re
 from collections.abc import Iterator
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -35,6 +36,8 @@ CsvList = Annotated[list[str], NoDecode]
 # Shown as "***" by repr(), str() and rich: tracebacks and debug prints must not leak them.
 SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+# Read from the working directory, as UTF-8, under the real environment variables.
+ENV_FILE = ".env"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # Hosts reserved for documentation (RFC 2606): a URL on one is a copied example.
 _EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org")
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     Fields that another check reads (the opt-ins) come before the fields they govern.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./var/imagetasks.db"
     storage_url: str = "file://./var/images"
@@ -308,8 +311,27 @@ def _problem_line(error: ErrorDetails) -> str:
     return f"{field}: {reason}" if field else reason
 
 
+def check_env_file(path: str = ENV_FILE) -> None:
+    """SettingsError (one line) if `.env` exists but is not UTF-8 text, as the loader needs."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return  # missing (fine) or unreadable: the loader skips it as it would
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SettingsError(
+            [
+                f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                "save it as UTF-8"
+            ]
+        ) from None
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build the settings; SettingsError lists every problem, one line each."""
+    check_env_file()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -325,7 +347,7 @@ def get_settings() -> Settings:
 class DatabaseSettings(BaseSettings):
     """Just DATABASE_URL: enough to migrate without the service's secrets."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore")
 
     database_url: str = Settings.model_fields["database_url"].default
 
@@ -337,6 +359,7 @@ class DatabaseSettings(BaseSettings):
 
 def load_database_settings() -> DatabaseSettings:
     """Just DATABASE_URL; SettingsError (one line) when it cannot work."""
+    check_env_file()
     try:
         return DatabaseSettings()
     except ValidationError as exc:

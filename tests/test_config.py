@@ -174,3 +174,30 @@ def test_an_unknown_log_level_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     assert result.stderr.strip().splitlines() == [
         "imagetasks: LOG_LEVEL: must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG, not 'LOUD'"
     ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve", "--port", "1"], ["serve", "--sandbox", "--port", "1"], ["worker"], ["migrate"]],
+)
+def test_a_dotenv_that_is_not_utf8_is_one_line_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A .env saved in Latin-1 (an editor's choice) is named, with the byte, on one line."""
+    (tmp_path / ".env").write_bytes(b"STARMAGIC_API_KEY=cl\xe9\n")
+    script = Path(sys.executable).with_name("imagetasks")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    inherited.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [str(script), *command],
+        cwd=tmp_path,
+        env=inherited,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imagetasks: .env: not UTF-8 text (byte 0xe9 on line 1")
