@@ -224,3 +224,25 @@ async def test_a_database_at_another_revision_is_not_ready(
         f"schema at revision newer9999, newer than this code (which expects {head}): "
         "run the release that migrated it"
     )
+
+
+async def test_readiness_logs_a_change_not_every_probe(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """A probe every few seconds during an outage writes one line, and one when it is over."""
+    from app.storage import StorageError
+
+    service = await build(service_factory, sqlite_url, tmp_path)
+    working = service.runtime.storage.check
+
+    async def broken() -> None:
+        raise StorageError("bucket gone")
+
+    service.runtime.storage.check = broken  # type: ignore[method-assign]
+    for _ in range(5):
+        assert (await service.client.get("/readyz")).status_code == 503
+    service.runtime.storage.check = working  # type: ignore[method-assign]
+    for _ in range(3):
+        assert (await service.client.get("/readyz")).status_code == 200
+    events = [e["event"] for e in capture_logs() if e.get("logger") == "app.api.health"]
+    assert events == ["not_ready", "ready_again"]
