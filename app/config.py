@@ -36,6 +36,7 @@ CsvList = Annotated[list[str], NoDecode]
 # Shown as "***" by repr(), str() and rich: tracebacks and debug prints must not leak them.
 SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+MIN_SECRET_LENGTH = 16
 # Read from the working directory, as UTF-8, under the real environment variables.
 ENV_FILE = ".env"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -207,8 +208,8 @@ class Settings(BaseSettings):
     def _webhook_secret(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("is required: it signs the callback URLs")
-        if any(len(secret) < 16 for secret in value):
-            raise ValueError("every secret needs at least 16 characters")
+        if any(len(secret) < MIN_SECRET_LENGTH for secret in value):
+            raise ValueError(f"every secret needs at least {MIN_SECRET_LENGTH} characters")
         if any(_is_placeholder(secret) for secret in value):
             raise ValueError("is a placeholder; generate one (e.g. openssl rand -hex 32)")
         return value
@@ -220,6 +221,13 @@ class Settings(BaseSettings):
             raise ValueError("is required (or AUTH_DISABLED=true, for local use only)")
         if any(_is_placeholder(token) for token in value):
             raise ValueError("holds a placeholder; generate tokens (e.g. openssl rand -hex 24)")
+        if any(len(token) < MIN_SECRET_LENGTH for token in value):
+            # A short token is guessable, and the log redactor would blank every
+            # occurrence of its letters in every line ("tok" in "token", "tasks"...).
+            raise ValueError(
+                f"every token needs at least {MIN_SECRET_LENGTH} characters "
+                "(e.g. openssl rand -hex 24)"
+            )
         return value
 
     @field_validator("log_level")

@@ -18,7 +18,7 @@ GOOD: dict[str, Any] = {
     "starmagic_api_key": "sk-live-0123456789",
     "webhook_secret": "s" * 32,
     "public_base_url": "https://hooks.imagetasks.internal/imagetasks",
-    "api_tokens": "t1,t2",
+    "api_tokens": "token-one-0123456789,token-two-0123456789",
 }
 SETTING_PREFIXES = ("WEBHOOK", "API_", "PUBLIC", "STARMAGIC", "LOG_", "ROOT_", "TRUSTED")
 
@@ -26,7 +26,7 @@ SETTING_PREFIXES = ("WEBHOOK", "API_", "PUBLIC", "STARMAGIC", "LOG_", "ROOT_", "
 def test_good_settings_load_and_split_lists() -> None:
     """Comma-separated secrets and tokens become lists; the first secret signs."""
     settings = load_settings(**{**GOOD, "webhook_secret": "a" * 20 + "," + "b" * 20})
-    assert settings.api_tokens == ["t1", "t2"]
+    assert settings.api_tokens == ["token-one-0123456789", "token-two-0123456789"]
     assert settings.signing_secret == "a" * 20
     assert settings.public_base_url == "https://hooks.imagetasks.internal/imagetasks"
 
@@ -53,7 +53,8 @@ def test_good_settings_load_and_split_lists() -> None:
         ({"public_base_url": "https://hooks.test/a b"}, "PUBLIC_BASE_URL: no spaces"),
         ({"root_path": "//imagetasks"}, "ROOT_PATH: "),
         ({"api_tokens": ""}, "API_TOKENS: is required"),
-        ({"api_tokens": "good-token,change-me"}, "API_TOKENS: holds a placeholder"),
+        ({"api_tokens": "good-token-0123456789,change-me"}, "API_TOKENS: holds a placeholder"),
+        ({"api_tokens": "good-token-0123456789,abc"}, "API_TOKENS: every token needs at least 16"),
         ({"database_url": "postgresql://db/x"}, "DATABASE_URL: use an async driver"),
         ({"database_url": "mysql://db/x"}, "DATABASE_URL: must start with"),
         ({"storage_url": "ftp://bucket"}, "STORAGE_URL: must be file://"),
