@@ -194,6 +194,15 @@ def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI decodes JSON bodies as UTF-8 (RFC 8259), whatever charset is declared.
+            cause = exc.__cause__
+            return error_response(
+                422,
+                "invalid_json",
+                f"the body is not valid JSON: it is not UTF-8 text (byte "
+                f"0x{cause.object[cause.start]:02x} at offset {cause.start}); send it as UTF-8",
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, code, str(exc.detail), headers=headers)

@@ -119,3 +119,21 @@ async def test_a_body_that_is_not_an_object_says_what_to_send(
     error = response.json()["error"]
     assert error["details"] == [{"field": "body", "reason": reason}]
     assert error["message"] == f"body: {reason}"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_body_that_is_not_utf8_is_told_so(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """JSON sent in Latin-1 gets 422 invalid_json saying to send UTF-8, not a bare 400."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    response = await service.client.post(
+        "/tasks",
+        content='{"prompt": "café"}'.encode("latin-1"),
+        headers={"Content-Type": "application/json; charset=latin-1"},
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert "UTF-8" in error["message"]
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
