@@ -74,7 +74,7 @@ def migrate_or_exit(url: str) -> str:
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     sandbox: Annotated[
         bool,
         typer.Option(help="Run against a built-in StarMagic simulator; no configuration needed."),
@@ -170,7 +170,7 @@ def worker() -> None:
 @cli.command()
 def simulator(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 9000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 9000,
     time_scale: Annotated[
         float, typer.Option(help="Multiply the simulated processing time (0.05 = 20x faster).")
     ] = 1.0,

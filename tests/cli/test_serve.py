@@ -104,3 +104,19 @@ def test_the_readmes_uvicorn_command_honours_trusted_forwarded_headers(tmp_path:
         server.wait(timeout=30)
     assert response.status_code == 307
     assert response.headers["location"] == "https://public.test:8443/tasks"
+
+
+def test_a_port_out_of_range_is_refused_as_the_option_it_is(tmp_path: Path) -> None:
+    """`--port 70000` names --port, not a PUBLIC_BASE_URL the user never set."""
+    result = subprocess.run(
+        [IMAGETASKS, "serve", "--sandbox", "--port", "70000"],
+        env=clean_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--port" in result.stderr
+    assert "PUBLIC_BASE_URL" not in result.stderr
