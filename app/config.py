@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -37,6 +39,9 @@ CsvList = Annotated[list[str], NoDecode]
 SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 MIN_SECRET_LENGTH = 16
+# Its unparsable lines are reported with the other problems, not by python-dotenv.
+logging.getLogger("dotenv.main").setLevel(logging.ERROR)
+_S = TypeVar("_S", bound=BaseSettings)
 # Read from the working directory, as UTF-8, under the real environment variables.
 ENV_FILE = ".env"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -321,12 +326,16 @@ def _problem_line(error: ErrorDetails) -> str:
 
 def check_env_file(path: str = ENV_FILE) -> None:
     """SettingsError (one line) if `.env` exists but is not UTF-8 text, as the loader needs."""
+    _env_file_text(path)
+
+
+def _env_file_text(path: str) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError:
-        return  # missing (fine) or unreadable: the loader skips it as it would
+        return ""  # missing (fine) or unreadable: the loader skips it as it would
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise SettingsError(
@@ -337,13 +346,37 @@ def check_env_file(path: str = ENV_FILE) -> None:
         ) from None
 
 
+def _env_file_problems(path: str = ENV_FILE) -> list[str]:
+    """A line of `.env` that does not parse loses its setting: one problem per such line.
+
+    The line's text is not shown: it may hold a secret.
+    """
+    from dotenv.parser import parse_stream
+
+    text = _env_file_text(path)
+    return [
+        f"{path} line {binding.original.line}: cannot be parsed (NAME=value, quotes closed); "
+        "its setting is ignored"
+        for binding in parse_stream(io.StringIO(text))
+        if binding.error
+    ]
+
+
+def _load(factory: Callable[[], _S]) -> _S:
+    """Build settings, reporting `.env`'s unparsable lines with every other problem."""
+    problems = _env_file_problems()
+    try:
+        settings = factory()
+    except ValidationError as exc:
+        problems += [_problem_line(error) for error in exc.errors()]
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build the settings; SettingsError lists every problem, one line each."""
-    check_env_file()
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None
+    return _load(lambda: Settings(**overrides))  # type: ignore[arg-type]
 
 
 @lru_cache(maxsize=1)
@@ -367,8 +400,4 @@ class DatabaseSettings(BaseSettings):
 
 def load_database_settings() -> DatabaseSettings:
     """Just DATABASE_URL; SettingsError (one line) when it cannot work."""
-    check_env_file()
-    try:
-        return DatabaseSettings()
-    except ValidationError as exc:
-        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None
+    return _load(DatabaseSettings)

@@ -202,3 +202,23 @@ def test_a_dotenv_that_is_not_utf8_is_one_line_not_a_traceback(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("imagetasks: .env: not UTF-8 text (byte 0xe9 on line 1")
+
+
+def test_a_dotenv_line_that_does_not_parse_is_named_with_the_other_problems(
+    tmp_path: Path,
+) -> None:
+    """An unterminated quote loses its setting: the line is named (not its secret value),
+    alongside every other problem, once, in the service's own words."""
+    (tmp_path / ".env").write_text(
+        f"STARMAGIC_API_KEY={GOOD['starmagic_api_key']}\n"
+        'WEBHOOK_SECRET="s3cr3t-value-never-printed\n'
+        f"PUBLIC_BASE_URL={GOOD['public_base_url']}\n"
+    )
+    result = _serve(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "imagetasks: .env line 2: cannot be parsed (NAME=value, quotes closed); "
+        "its setting is ignored",
+        "imagetasks: WEBHOOK_SECRET: is required: it signs the callback URLs",
+        "imagetasks: API_TOKENS: is required (or AUTH_DISABLED=true, for local use only)",
+    ]
