@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 
 from app.client.api import Task
@@ -68,7 +69,8 @@ def print_task_table(tasks: list[Task]) -> None:
     room = max(out.width - fixed, _MIN_PROMPT) if out.is_terminal else None
     for row in rows:
         prompt = row[-1]
-        if room is not None and len(prompt) > room:
-            prompt = prompt[: room - 1] + "…"
+        if room is not None and cell_len(prompt) > room:
+            # Cut by terminal columns, not characters: CJK and emoji take two each.
+            prompt = set_cell_size(prompt, room - 1).rstrip() + "…"
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.print(_GAP.join([*cells, prompt]).rstrip(), markup=False, soft_wrap=True)

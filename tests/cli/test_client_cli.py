@@ -144,3 +144,19 @@ def test_control_characters_in_a_prompt_cannot_forge_output(sandbox: Sandbox) ->
             statuses = [line for line in result.stdout.splitlines() if line.startswith("status")]
             assert len(statuses) == 1, result.stdout
             assert result.field("prompt") == "one\\nstatus     completed\\x1b[2J\\x1b]0;owned\\x07"
+
+
+def test_a_wide_character_prompt_fits_the_terminal_too(sandbox: Sandbox) -> None:
+    """CJK and emoji take two columns each: the cut prompt still fits 80 columns."""
+    from rich.cells import cell_len
+
+    assert sandbox.run("submit", "灯台の夜明け、水彩画 🎨" * 8).code == 0
+    env = clean_env(
+        IMAGETASKS_URL=sandbox.url,
+        IMAGETASKS_TOKEN=sandbox.token,
+        COLUMNS="80",
+        TTY_COMPATIBLE="1",
+    )
+    listed = run_cli("list", "--limit", "5", env=env, cwd=sandbox.directory)
+    assert listed.code == 0, listed.stderr
+    assert all(cell_len(line) <= 80 for line in listed.stdout.splitlines()), listed.stdout
