@@ -235,6 +235,11 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:

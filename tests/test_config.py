@@ -222,3 +222,9 @@ def test_a_dotenv_line_that_does_not_parse_is_named_with_the_other_problems(
         "imagetasks: WEBHOOK_SECRET: is required: it signs the callback URLs",
         "imagetasks: API_TOKENS: is required (or AUTH_DISABLED=true, for local use only)",
     ]
+
+
+def test_log_format_is_read_like_log_level() -> None:
+    """LOG_LEVEL=debug works, so LOG_FORMAT=JSON (or with stray spaces) works too."""
+    assert load_settings(**GOOD, log_format="JSON").log_format == "json"
+    assert load_settings(**GOOD, log_format=" Console ").log_format == "console"
