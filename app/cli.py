@@ -45,8 +45,6 @@ def run_migrations(database_url: str) -> str:
 @cli.command()
 def migrate() -> None:
     """Apply the database migrations to DATABASE_URL and say what changed."""
-    from sqlalchemy.exc import DBAPIError
-
     from app.config import load_database_settings
 
     try:
@@ -54,19 +52,29 @@ def migrate() -> None:
     except SettingsError as exc:
         report_settings_error(exc)
         raise typer.Exit(2) from None
+    typer.echo(f"imagetasks: {migrate_or_exit(url)}")
+
+
+def migrate_or_exit(url: str) -> str:
+    """Run the migrations; one line on stderr and exit 1 when they cannot run."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+
+    from app.schema_version import SchemaNewerThanCode
+
     try:
-        done = run_migrations(url)
-    except (OSError, DBAPIError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return run_migrations(url)
+    except (OSError, DBAPIError, SchemaNewerThanCode, CommandError) as exc:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
         typer.echo(f"imagetasks: cannot migrate the database: {reason}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"imagetasks: {done}")
 
 
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     sandbox: Annotated[
         bool,
         typer.Option(help="Run against a built-in StarMagic simulator; no configuration needed."),
@@ -92,7 +100,7 @@ def serve(
         except SettingsError as exc:  # e.g. a LOG_LEVEL the sandbox cannot use either
             report_settings_error(exc)
             raise typer.Exit(2) from None
-        run_migrations(settings.database_url)
+        migrate_or_exit(settings.database_url)
         announcement = banner(settings)
     else:
         overrides = {} if background is None else {"run_background": background}
@@ -162,7 +170,7 @@ def worker() -> None:
 @cli.command()
 def simulator(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 9000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 9000,
     time_scale: Annotated[
         float, typer.Option(help="Multiply the simulated processing time (0.05 = 20x faster).")
     ] = 1.0,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -35,6 +38,12 @@ CsvList = Annotated[list[str], NoDecode]
 # Shown as "***" by repr(), str() and rich: tracebacks and debug prints must not leak them.
 SECRET_FIELDS = frozenset({"starmagic_api_key", "webhook_secret", "api_tokens"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+MIN_SECRET_LENGTH = 16
+# Its unparsable lines are reported with the other problems, not by python-dotenv.
+logging.getLogger("dotenv.main").setLevel(logging.ERROR)
+_S = TypeVar("_S", bound=BaseSettings)
+# Read from the working directory, as UTF-8, under the real environment variables.
+ENV_FILE = ".env"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # Hosts reserved for documentation (RFC 2606): a URL on one is a copied example.
 _EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org")
@@ -69,7 +78,7 @@ class Settings(BaseSettings):
     Fields that another check reads (the opt-ins) come before the fields they govern.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./var/imagetasks.db"
     storage_url: str = "file://./var/images"
@@ -177,8 +186,19 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("is required: StarMagic calls back there")
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL")
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            # Callback URLs are this value plus a path: a query or fragment would swallow it.
+            raise ValueError("no query (?) or fragment (#): an origin and an optional path only")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("no user or password in the URL: an origin and an optional path only")
+        if any(char.isspace() for char in value):
+            raise ValueError("no spaces: an origin and an optional path only")
+        try:
+            parts.port  # noqa: B018  # raises for a port out of range or not a number
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
         if _on_example_domain(value):
             raise ValueError(
                 f"{parts.hostname} is the example's placeholder; set the public HTTPS origin "
@@ -193,8 +213,8 @@ class Settings(BaseSettings):
     def _webhook_secret(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("is required: it signs the callback URLs")
-        if any(len(secret) < 16 for secret in value):
-            raise ValueError("every secret needs at least 16 characters")
+        if any(len(secret) < MIN_SECRET_LENGTH for secret in value):
+            raise ValueError(f"every secret needs at least {MIN_SECRET_LENGTH} characters")
         if any(_is_placeholder(secret) for secret in value):
             raise ValueError("is a placeholder; generate one (e.g. openssl rand -hex 32)")
         return value
@@ -206,7 +226,19 @@ class Settings(BaseSettings):
             raise ValueError("is required (or AUTH_DISABLED=true, for local use only)")
         if any(_is_placeholder(token) for token in value):
             raise ValueError("holds a placeholder; generate tokens (e.g. openssl rand -hex 24)")
+        if any(len(token) < MIN_SECRET_LENGTH for token in value):
+            # A short token is guessable, and the log redactor would blank every
+            # occurrence of its letters in every line ("tok" in "token", "tasks"...).
+            raise ValueError(
+                f"every token needs at least {MIN_SECRET_LENGTH} characters "
+                "(e.g. openssl rand -hex 24)"
+            )
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level")
     @classmethod
@@ -222,7 +254,10 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not value.startswith("/"):
             raise ValueError(f"must start with a slash (/{value}), not {value!r}")
-        return value.rstrip("/")
+        value = value.rstrip("/")
+        if "//" in value or any(char.isspace() or char in "?#" for char in value):
+            raise ValueError(f"must be a path like /imagetasks, not {value!r}")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -294,12 +329,59 @@ def _problem_line(error: ErrorDetails) -> str:
     return f"{field}: {reason}" if field else reason
 
 
+def check_env_file(path: str = ENV_FILE) -> None:
+    """SettingsError (one line) if `.env` exists but is not UTF-8 text, as the loader needs."""
+    _env_file_text(path)
+
+
+def _env_file_text(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return ""  # missing (fine) or unreadable: the loader skips it as it would
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SettingsError(
+            [
+                f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                "save it as UTF-8"
+            ]
+        ) from None
+
+
+def _env_file_problems(path: str = ENV_FILE) -> list[str]:
+    """A line of `.env` that does not parse loses its setting: one problem per such line.
+
+    The line's text is not shown: it may hold a secret.
+    """
+    from dotenv.parser import parse_stream
+
+    text = _env_file_text(path)
+    return [
+        f"{path} line {binding.original.line}: cannot be parsed (NAME=value, quotes closed); "
+        "its setting is ignored"
+        for binding in parse_stream(io.StringIO(text))
+        if binding.error
+    ]
+
+
+def _load(factory: Callable[[], _S]) -> _S:
+    """Build settings, reporting `.env`'s unparsable lines with every other problem."""
+    problems = _env_file_problems()
+    try:
+        settings = factory()
+    except ValidationError as exc:
+        problems += [_problem_line(error) for error in exc.errors()]
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build the settings; SettingsError lists every problem, one line each."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None
+    return _load(lambda: Settings(**overrides))  # type: ignore[arg-type]
 
 
 @lru_cache(maxsize=1)
@@ -311,7 +393,7 @@ def get_settings() -> Settings:
 class DatabaseSettings(BaseSettings):
     """Just DATABASE_URL: enough to migrate without the service's secrets."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore")
 
     database_url: str = Settings.model_fields["database_url"].default
 
@@ -323,7 +405,4 @@ class DatabaseSettings(BaseSettings):
 
 def load_database_settings() -> DatabaseSettings:
     """Just DATABASE_URL; SettingsError (one line) when it cannot work."""
-    try:
-        return DatabaseSettings()
-    except ValidationError as exc:
-        raise SettingsError([_problem_line(error) for error in exc.errors()]) from None
+    return _load(DatabaseSettings)

@@ -149,13 +149,17 @@ def _json_syntax_error(exc: RequestValidationError) -> str | None:
 
 
 def _not_json_content_type(request: Request, exc: RequestValidationError) -> str | None:
-    """The declared type of a body that FastAPI would not parse as JSON, if that is the problem."""
+    """What the request said of a body FastAPI would not parse as JSON, if that is the problem."""
     declared = request.headers.get("content-type", "")
     media_type = declared.split(";")[0].strip().lower()
-    if not media_type or media_type == "application/json" or media_type.endswith("+json"):
+    if media_type == "application/json" or media_type.endswith("+json"):
         return None
-    about_the_body = any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors())
-    return media_type if about_the_body else None
+    about_the_body = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
+    if not media_type:
+        # Without a Content-Type, FastAPI hands the raw bytes on: a body was sent, untyped.
+        sent_bytes = any(isinstance(e.get("input"), bytes) for e in about_the_body)
+        return "sent no Content-Type" if sent_bytes else None
+    return f"said {media_type}" if about_the_body else None
 
 
 def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = None) -> None:
@@ -178,7 +182,7 @@ def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = Non
                 415,
                 "unsupported_media_type",
                 f"the body must be JSON sent with `Content-Type: application/json` "
-                f"(this request said {media_type})",
+                f"(this request {media_type})",
             )
         syntax = _json_syntax_error(exc)
         if syntax is not None:
@@ -190,6 +194,15 @@ def install_error_handlers(app: FastAPI, database_outage: OutageLog | None = Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI decodes JSON bodies as UTF-8 (RFC 8259), whatever charset is declared.
+            cause = exc.__cause__
+            return error_response(
+                422,
+                "invalid_json",
+                f"the body is not valid JSON: it is not UTF-8 text (byte "
+                f"0x{cause.object[cause.start]:02x} at offset {cause.start}); send it as UTF-8",
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, code, str(exc.detail), headers=headers)

@@ -120,6 +120,8 @@ def configure_logging(settings: Settings) -> None:
         logger.disabled = False
         logger.setLevel(logging.NOTSET)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # "setup plugin …" at INFO whenever the migration scripts are first read (readiness).
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def uvicorn_log_config() -> dict[str, Any]:

@@ -22,6 +22,9 @@ from app.schema_version import schema_status
 log = structlog.get_logger(__name__)
 
 SUMMARY_SECONDS = 30.0
+# An outage ends at the first success after this long without a failure: when writes
+# fail (a full disk) while reads succeed, each success must not end the story.
+SETTLE_SECONDS = 5.0
 PROBE_TIMEOUT = 3.0
 UNREACHABLE = "unreachable"
 SCHEMA = "schema_not_current"
@@ -89,15 +92,18 @@ class OutageLog:
         dependency: str,
         *,
         summary_seconds: float = SUMMARY_SECONDS,
+        settle_seconds: float = SETTLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         **context: Any,
     ) -> None:
         self.dependency = dependency
         self._summary_seconds = summary_seconds
+        self._settle_seconds = settle_seconds
         self._clock = clock
         self._context = context
         self.kind: str | None = None  # None while healthy
         self._started = 0.0
+        self._last_failure = 0.0
         self._last_summary = 0.0
         self._failures = 0
         self._since_summary = 0
@@ -113,6 +119,7 @@ class OutageLog:
         schema): logged once when they start, with no periodic summary.
         """
         now = self._clock()
+        self._last_failure = now
         if kind != self.kind:
             if self.kind is not None:
                 self._ended(now)
@@ -137,9 +144,13 @@ class OutageLog:
             self._last_summary, self._since_summary = now, 0
 
     def recovered(self) -> None:
-        """Record a success; logs the end of an outage if there was one."""
-        if self.kind is not None:
-            self._ended(self._clock())
+        """Record a success; logs the end of an outage if there was one and it has settled
+        (no failure for `settle_seconds`)."""
+        if self.kind is None:
+            return
+        now = self._clock()
+        if now - self._last_failure >= self._settle_seconds:
+            self._ended(now)
             self.kind = None
 
     def _ended(self, now: float) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from app.config import Settings, load_settings
+from app.config import Settings, check_env_file, load_settings
 from app.simulator import SimulatorConfig
 
 SIMULATOR_PREFIX = "/_sandbox/starmagic"
@@ -33,6 +33,7 @@ def ensure_env_file(path: Path = ENV_FILE) -> bool:
 def prepare_sandbox(host: str, port: int) -> tuple[Settings, SimulatorConfig]:
     """Settings pointing at the mounted simulator, and the simulator's own config."""
     ensure_env_file()
+    check_env_file(str(ENV_FILE))
     local = {k: v for k, v in dotenv_values(ENV_FILE).items() if v}
     origin = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     settings = load_settings(

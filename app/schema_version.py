@@ -34,6 +34,19 @@ def head_revisions() -> frozenset[str]:
     return frozenset(ScriptDirectory(str(migrations_dir())).get_heads())
 
 
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    """Every revision the migration scripts define (read once)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(migrations_dir()))
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
+class SchemaNewerThanCode(Exception):
+    """The database records a revision these migration scripts do not know."""
+
+
 @dataclass(frozen=True)
 class SchemaStatus:
     """What `alembic_version` says, against what the code expects."""
@@ -45,6 +58,11 @@ class SchemaStatus:
     def current(self) -> bool:
         return self.applied == self.head
 
+    @property
+    def unknown(self) -> frozenset[str]:
+        """Applied revisions the code does not know: a newer release migrated the database."""
+        return frozenset(self.applied or ()) - known_revisions()
+
     def describe(self) -> str:
         """One line for an operator; says what to do when the schema is not current."""
         head = _names(self.head)
@@ -52,6 +70,11 @@ class SchemaStatus:
             return f"no schema (expected revision {head}): {MIGRATE_HINT}"
         if self.current:
             return f"schema at revision {head}"
+        if self.unknown:
+            return (
+                f"schema at revision {_names(self.applied)}, newer than this code "
+                f"(which expects {head}): run the release that migrated it"
+            )
         return f"schema at revision {_names(self.applied)}, expected {head}: {MIGRATE_HINT}"
 
 
@@ -92,6 +115,8 @@ def migrate(database_url: str) -> str:
     from alembic.config import Config
 
     before = asyncio.run(_status_at(database_url))
+    if before.unknown:
+        raise SchemaNewerThanCode(before.describe())
     ini = ROOT / "alembic.ini"
     config = Config(str(ini)) if ini.is_file() else Config()
     config.set_main_option("script_location", str(migrations_dir()))

@@ -18,7 +18,7 @@ GOOD: dict[str, Any] = {
     "starmagic_api_key": "sk-live-0123456789",
     "webhook_secret": "s" * 32,
     "public_base_url": "https://hooks.imagetasks.internal/imagetasks",
-    "api_tokens": "t1,t2",
+    "api_tokens": "token-one-0123456789,token-two-0123456789",
 }
 SETTING_PREFIXES = ("WEBHOOK", "API_", "PUBLIC", "STARMAGIC", "LOG_", "ROOT_", "TRUSTED")
 
@@ -26,7 +26,7 @@ SETTING_PREFIXES = ("WEBHOOK", "API_", "PUBLIC", "STARMAGIC", "LOG_", "ROOT_", "
 def test_good_settings_load_and_split_lists() -> None:
     """Comma-separated secrets and tokens become lists; the first secret signs."""
     settings = load_settings(**{**GOOD, "webhook_secret": "a" * 20 + "," + "b" * 20})
-    assert settings.api_tokens == ["t1", "t2"]
+    assert settings.api_tokens == ["token-one-0123456789", "token-two-0123456789"]
     assert settings.signing_secret == "a" * 20
     assert settings.public_base_url == "https://hooks.imagetasks.internal/imagetasks"
 
@@ -45,8 +45,16 @@ def test_good_settings_load_and_split_lists() -> None:
         ({"public_base_url": "ftp://x"}, "PUBLIC_BASE_URL: must be an http(s) URL"),
         ({"public_base_url": "https://imagetasks.example.com"}, "example's placeholder"),
         ({"public_base_url": "https://example.org/x"}, "example's placeholder"),
+        ({"public_base_url": "https://hooks.test/cb?x=1"}, "PUBLIC_BASE_URL: no query"),
+        ({"public_base_url": "https://hooks.test/cb#top"}, "PUBLIC_BASE_URL: no query"),
+        ({"public_base_url": "https://user:pw@hooks.test"}, "PUBLIC_BASE_URL: no user"),
+        ({"public_base_url": "https://:443"}, "PUBLIC_BASE_URL: must be an http(s) URL"),
+        ({"public_base_url": "https://hooks.test:99999"}, "PUBLIC_BASE_URL: the port"),
+        ({"public_base_url": "https://hooks.test/a b"}, "PUBLIC_BASE_URL: no spaces"),
+        ({"root_path": "//imagetasks"}, "ROOT_PATH: "),
         ({"api_tokens": ""}, "API_TOKENS: is required"),
-        ({"api_tokens": "good-token,change-me"}, "API_TOKENS: holds a placeholder"),
+        ({"api_tokens": "good-token-0123456789,change-me"}, "API_TOKENS: holds a placeholder"),
+        ({"api_tokens": "good-token-0123456789,abc"}, "API_TOKENS: every token needs at least 16"),
         ({"database_url": "postgresql://db/x"}, "DATABASE_URL: use an async driver"),
         ({"database_url": "mysql://db/x"}, "DATABASE_URL: must start with"),
         ({"storage_url": "ftp://bucket"}, "STORAGE_URL: must be file://"),
@@ -167,3 +175,56 @@ def test_an_unknown_log_level_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     assert result.stderr.strip().splitlines() == [
         "imagetasks: LOG_LEVEL: must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG, not 'LOUD'"
     ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve", "--port", "1"], ["serve", "--sandbox", "--port", "1"], ["worker"], ["migrate"]],
+)
+def test_a_dotenv_that_is_not_utf8_is_one_line_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A .env saved in Latin-1 (an editor's choice) is named, with the byte, on one line."""
+    (tmp_path / ".env").write_bytes(b"STARMAGIC_API_KEY=cl\xe9\n")
+    script = Path(sys.executable).with_name("imagetasks")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    inherited.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [str(script), *command],
+        cwd=tmp_path,
+        env=inherited,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imagetasks: .env: not UTF-8 text (byte 0xe9 on line 1")
+
+
+def test_a_dotenv_line_that_does_not_parse_is_named_with_the_other_problems(
+    tmp_path: Path,
+) -> None:
+    """An unterminated quote loses its setting: the line is named (not its secret value),
+    alongside every other problem, once, in the service's own words."""
+    (tmp_path / ".env").write_text(
+        f"STARMAGIC_API_KEY={GOOD['starmagic_api_key']}\n"
+        'WEBHOOK_SECRET="s3cr3t-value-never-printed\n'
+        f"PUBLIC_BASE_URL={GOOD['public_base_url']}\n"
+    )
+    result = _serve(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "imagetasks: .env line 2: cannot be parsed (NAME=value, quotes closed); "
+        "its setting is ignored",
+        "imagetasks: WEBHOOK_SECRET: is required: it signs the callback URLs",
+        "imagetasks: API_TOKENS: is required (or AUTH_DISABLED=true, for local use only)",
+    ]
+
+
+def test_log_format_is_read_like_log_level() -> None:
+    """LOG_LEVEL=debug works, so LOG_FORMAT=JSON (or with stray spaces) works too."""
+    assert load_settings(**GOOD, log_format="JSON").log_format == "json"
+    assert load_settings(**GOOD, log_format=" Console ").log_format == "console"

@@ -141,3 +141,12 @@ async def test_a_callback_writes_one_line_at_info(
     assert line.get("task_status") == (None if confirm else "failed")
     assert isinstance(line["duration_ms"], float)
     assert token not in log_stream.getvalue()
+
+
+def test_alembic_plugin_setup_is_not_logged(log_stream: io.StringIO) -> None:
+    """Alembic announces its plugins at INFO when the first readiness check reads the
+    migration scripts: seven lines of noise in a request's context, kept out."""
+    logging.getLogger("alembic.runtime.plugins").info("setup plugin %s", "alembic.x")
+    logging.getLogger("app.anything").info("kept")
+    assert "setup plugin" not in log_stream.getvalue()
+    assert "kept" in log_stream.getvalue()

@@ -42,6 +42,8 @@ def test_one_line_per_start_a_summary_per_period_one_per_end(capture_logs: LogLi
     for _ in range(70):
         outage.failed(UNREACHABLE, "OSError: connection refused")
         clock.now += 1
+    outage.recovered()  # too soon after the last failure: not over yet
+    clock.now += 5
     outage.recovered()
     outage.recovered()  # healthy stays quiet
     assert outage_events(capture_logs) == [
@@ -50,6 +52,27 @@ def test_one_line_per_start_a_summary_per_period_one_per_end(capture_logs: LogLi
         ("database_outage_continues", 30),
         ("database_outage_ended", 70),
     ]
+
+
+def test_writes_failing_while_reads_succeed_are_one_story_not_a_flap(
+    capture_logs: LogLines,
+) -> None:
+    """A full disk: each write fails and the loops' reads succeed between them. That is one
+    outage (started, summaries), ended only once no failure came for a settling period."""
+    clock = Clock()
+    outage = OutageLog("database", summary_seconds=30, settle_seconds=5, clock=clock)
+    for _ in range(40):
+        outage.failed(UNREACHABLE, "OperationalError: database or disk is full")
+        clock.now += 0.01
+        outage.recovered()  # a loop's read, just after
+        clock.now += 1.5
+    assert outage_events(capture_logs) == [
+        ("database_outage_started", None),
+        ("database_outage_continues", 20),
+    ]
+    clock.now += 5
+    outage.recovered()
+    assert outage_events(capture_logs)[-1] == ("database_outage_ended", 40)
 
 
 def test_a_schema_problem_is_logged_once_and_a_new_kind_starts_a_new_story(

@@ -55,8 +55,15 @@ async def readyz(runtime: RuntimeDep, request: Request) -> JSONResponse:
     if outage is not None and checks["database"] == "ok":
         outage.recovered()
     ready = all(value == "ok" for value in checks.values())
-    if not ready:
-        log.warning("not_ready", **{k: v for k, v in checks.items() if v != "ok"})
+    failing = {k: v for k, v in checks.items() if v != "ok"}
+    # Probes come every few seconds: log a change of state, not every answer.
+    previous: dict[str, str] = getattr(request.app.state, "readiness_failing", {})
+    if failing != previous:
+        if failing:
+            log.warning("not_ready", **failing)
+        else:
+            log.info("ready_again", was=", ".join(sorted(previous)))
+        request.app.state.readiness_failing = failing
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,

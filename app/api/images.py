@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import metrics, repository, variants
 from app.api.deps import CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.api.tasks import ERRORS, load_public
-from app.errors import Conflict, NotFound, ServiceUnavailable
+from app.errors import Conflict, DomainError, NotFound, ServiceUnavailable
 from app.models import Image, ImageStatus, utcnow
 from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskPublic
@@ -113,29 +113,11 @@ async def serve_image(
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     try:
-        try:
-            stored = await runtime.storage.open(image.key)
-        except ObjectNotFoundError:
-            # A storage that is gone (directory unmounted, bucket missing) also reports
-            # "not found": only a storage that answers its check has really lost the object.
-            await _check_storage(runtime)
-            raise
+        stored = await runtime.storage.open(image.key)
     except ObjectNotFoundError as exc:
-        # The row says stored but the object is gone: data loss, not an outage.
-        metrics.IMAGES_MISSING.inc()
-        log.error("image_missing", task_id=task.id, index=index, key=image.key)
-        raise NotFound(
-            f"image {index} of task {task.id} was stored but is missing from the storage; "
-            "this has been logged for the operators",
-            code="image_missing",
-        ) from exc
+        raise await _image_missing(runtime, image) from exc
     except StorageError as exc:
-        log.warning("storage_unavailable", task_id=task.id, index=index, reason=str(exc))
-        raise ServiceUnavailable(
-            "the image storage is unavailable; try again later",
-            code="storage_unavailable",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise _unavailable(image, exc) from exc
     headers["Content-Length"] = str(stored.size)
     return StreamingResponse(
         stored.chunks, media_type=image.content_type or stored.content_type, headers=headers
@@ -162,10 +144,7 @@ async def _serve_variant(
             runtime.storage, key, variant, max_bytes=runtime.settings.max_image_bytes
         )
     except ObjectNotFoundError as exc:
-        raise NotFound(
-            f"image {image.position} of task {image.task_id} is missing from the storage",
-            code="image_missing",
-        ) from exc
+        raise await _image_missing(runtime, image) from exc
     except StorageError as exc:
         raise _unavailable(image, exc) from exc
     except variants.VariantError as exc:
@@ -177,11 +156,31 @@ async def _serve_variant(
 
 
 def _unavailable(image: Image, exc: StorageError) -> ServiceUnavailable:
-    log.warning("storage_unavailable", task_id=image.task_id, reason=str(exc))
+    log.warning("storage_unavailable", task_id=image.task_id, index=image.position, reason=str(exc))
     return ServiceUnavailable(
         "the image storage is unavailable; try again later",
         code="storage_unavailable",
         headers={"Retry-After": "5"},
+    )
+
+
+async def _image_missing(runtime: Runtime, image: Image) -> DomainError:
+    """The error for a stored image whose object is not found.
+
+    A storage that is gone (directory unmounted, bucket missing) also reports "not
+    found": only a storage that answers its check has really lost the object, which
+    is data loss, not an outage: logged as an error and counted.
+    """
+    try:
+        await _check_storage(runtime)
+    except StorageError as exc:
+        return _unavailable(image, exc)
+    metrics.IMAGES_MISSING.inc()
+    log.error("image_missing", task_id=image.task_id, index=image.position, key=image.key)
+    return NotFound(
+        f"image {image.position} of task {image.task_id} was stored but is missing from "
+        "the storage; this has been logged for the operators",
+        code="image_missing",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 
 from app.client.api import Task
@@ -9,14 +10,24 @@ from app.client.api import Task
 Row = tuple[str, object] | None
 
 out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a message carrying a cursor or an id is never broken across lines.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def printable(value: object) -> str:
+    """The text with control characters escaped (\\n, \\x1b...): a prompt or a provider's
+    message cannot move the cursor, recolour the terminal or forge a line of output."""
+    return "".join(
+        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode()
+        for char in str(value)
+    )
 
 
 def print_fields(rows: list[Row]) -> None:
     """Aligned `label value` lines on stdout, never wrapped (easy to grep)."""
     for row in rows:
         if row is not None and row[1] is not None:
-            out.print(f"{row[0]:<11}{row[1]}", markup=False)
+            out.print(f"{row[0]:<11}{printable(row[1])}", markup=False)
 
 
 def image_rows(task: Task) -> list[Row]:
@@ -45,7 +56,7 @@ def _task_cells(task: Task) -> tuple[str, ...]:
     image = (task.get("image") or {}).get("status") or "-"
     progress = f" {task['progress']}%" if task["status"] == "processing" else ""
     created = str(task["created_at"])[:16].replace("T", " ")
-    prompt = " ".join(str(task["prompt"]).split())  # one line per task
+    prompt = printable(" ".join(str(task["prompt"]).split()))  # one line per task
     return (task["id"], task["status"] + progress, image, created, prompt)
 
 
@@ -58,7 +69,8 @@ def print_task_table(tasks: list[Task]) -> None:
     room = max(out.width - fixed, _MIN_PROMPT) if out.is_terminal else None
     for row in rows:
         prompt = row[-1]
-        if room is not None and len(prompt) > room:
-            prompt = prompt[: room - 1] + "…"
+        if room is not None and cell_len(prompt) > room:
+            # Cut by terminal columns, not characters: CJK and emoji take two each.
+            prompt = set_cell_size(prompt, room - 1).rstrip() + "…"
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.print(_GAP.join([*cells, prompt]).rstrip(), markup=False, soft_wrap=True)

@@ -181,7 +181,8 @@ class EventBus:
     async def _listen_forever(self, dsn: str) -> None:
         # Refused reconnections are one story (started, a summary now and then, ended),
         # not a line per attempt for as long as the database is away.
-        outage = OutageLog("event_listener")
+        # A LISTEN connection made is a recovery for certain: no settling period.
+        outage = OutageLog("event_listener", settle_seconds=0)
         delay = 0.5
         while True:
             connection = None

@@ -1,9 +1,10 @@
 """An S3-compatible bucket (AWS, MinIO, ...) as storage, through obstore.
 
-Credentials, region and endpoint come from the standard ``AWS_*`` variables, read by
-obstore itself; an ``http://`` ``AWS_ENDPOINT_URL`` (a local MinIO) is allowed
-explicitly. Uploads stream from the spool file in 5 MiB parts, so memory stays bounded,
-and S3 only shows an object once its PUT or multipart upload has completed.
+Credentials, region and endpoint come from the standard ``AWS_*`` variables, from the
+environment or ``.env`` (as every other setting); an ``http://`` ``AWS_ENDPOINT_URL``
+(a local MinIO) is allowed explicitly. Uploads stream from the spool file in 5 MiB
+parts, so memory stays bounded, and S3 only shows an object once its PUT or multipart
+upload has completed.
 """
 
 from __future__ import annotations
@@ -45,21 +46,53 @@ _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 
 
+# The AWS_* variables obstore reads, also taken from `.env` (lower-cased, they are its keys).
+_AWS_KEYS = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    }
+)
+
+
+def _aws_variables() -> dict[str, str]:
+    """AWS_* from `.env`, overridden by the real environment."""
+    from dotenv import dotenv_values
+
+    from app.config import ENV_FILE
+
+    found = {k: v for k, v in dotenv_values(ENV_FILE).items() if k.startswith("AWS_") and v}
+    found.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    return found
+
+
 class S3Storage:
     """Images in an S3 bucket, optionally under a key prefix."""
 
     def __init__(self, bucket: str, prefix: str = "", *, spool_dir: Path | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        aws = _aws_variables()
+        endpoint = aws.get("AWS_ENDPOINT_URL_S3") or aws.get("AWS_ENDPOINT_URL", "")
         client: ClientConfig = {
             "connect_timeout": timedelta(seconds=5),
             "timeout": timedelta(seconds=120),
             "allow_http": endpoint.startswith("http://"),
         }
         retry: RetryConfig = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
+        # From the environment and `.env` alike (the environment wins), as the settings are.
+        config = {name.lower(): value for name, value in aws.items() if name in _AWS_KEYS}
         self._store = S3Store(
-            bucket, prefix=self.prefix or None, client_options=client, retry_config=retry
+            bucket,
+            prefix=self.prefix or None,
+            config=config,  # type: ignore[arg-type]  # keys checked against _AWS_KEYS
+            client_options=client,
+            retry_config=retry,
         )
         self._spool = spool_dir or Path(tempfile.gettempdir()) / "imagetasks-spool"
         self._write_checked = False

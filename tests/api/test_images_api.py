@@ -211,3 +211,42 @@ async def test_a_vanished_storage_directory_is_503_not_image_missing(
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "storage_unavailable"
     assert (REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0) == before
+
+
+async def test_a_variant_of_an_image_gone_from_storage_is_logged_and_counted_too(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """?variant=thumb of a lost image is the same data loss: 404, one error line, one count."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    for path in (tmp_path / "images").rglob(f"{task.id}.*"):
+        path.unlink()
+    before = REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0
+    response = await service.client.get(f"/tasks/{task.id}/image", params={"variant": "thumb"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "image_missing"
+    assert "logged for the operators" in error["message"]
+    assert REGISTRY.get_sample_value("imagetasks_images_missing_total") == before + 1
+    errors = [e for e in capture_logs() if e["event"] == "image_missing"]
+    assert [(e["level"], e["task_id"]) for e in errors] == [("error", task.id)]
+
+
+async def test_a_variant_from_a_vanished_storage_directory_is_503(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The storage volume gone: a variant request is an outage too, not a lost image."""
+    service: Service = await service_factory(
+        make_settings(sqlite_url, tmp_path), simulator_transport()[0]
+    )
+    task = await stored_task(service, tmp_path)
+    images = tmp_path / "images"
+    images.rename(tmp_path / "images.away")
+    images.write_text("the storage volume is gone\n")
+    before = REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0
+    response = await service.client.get(f"/tasks/{task.id}/image", params={"variant": "thumb"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert (REGISTRY.get_sample_value("imagetasks_images_missing_total") or 0.0) == before

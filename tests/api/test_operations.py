@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from app.callback_urls import sign
-from app.schema_version import head_revisions
+from app.schema_version import head_revisions, migrations_dir
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET, LogLines, Service, make_settings
 from tests.helpers import dumps, simulator_transport, task_body
 from tests.postgres import admin, postgres_reachable, run_async, server_database_url
@@ -202,13 +203,46 @@ async def test_an_unmigrated_database_is_not_ready_and_says_to_migrate(
 async def test_a_database_at_another_revision_is_not_ready(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
-    """A schema at a revision the code does not expect names both revisions."""
+    """An older schema names both revisions and says to migrate; a newer one says it is newer."""
     service = await build(service_factory, sqlite_url, tmp_path)
+    (head,) = head_revisions()
+    older = ScriptDirectory(str(migrations_dir())).get_revision(head).down_revision
     async with service.runtime.engine.begin() as connection:
-        await connection.execute(text("UPDATE alembic_version SET version_num = 'older0001'"))
+        await connection.execute(
+            text("UPDATE alembic_version SET version_num = :older"), {"older": older}
+        )
     ready = await service.client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"] == (
-        f"schema at revision older0001, expected {', '.join(head_revisions())}: "
-        "run `imagetasks migrate`"
+        f"schema at revision {older}, expected {head}: run `imagetasks migrate`"
     )
+    async with service.runtime.engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = 'newer9999'"))
+    ready = await service.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] == (
+        f"schema at revision newer9999, newer than this code (which expects {head}): "
+        "run the release that migrated it"
+    )
+
+
+async def test_readiness_logs_a_change_not_every_probe(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """A probe every few seconds during an outage writes one line, and one when it is over."""
+    from app.storage import StorageError
+
+    service = await build(service_factory, sqlite_url, tmp_path)
+    working = service.runtime.storage.check
+
+    async def broken() -> None:
+        raise StorageError("bucket gone")
+
+    service.runtime.storage.check = broken  # type: ignore[method-assign]
+    for _ in range(5):
+        assert (await service.client.get("/readyz")).status_code == 503
+    service.runtime.storage.check = working  # type: ignore[method-assign]
+    for _ in range(3):
+        assert (await service.client.get("/readyz")).status_code == 200
+    events = [e["event"] for e in capture_logs() if e.get("logger") == "app.api.health"]
+    assert events == ["not_ready", "ready_again"]

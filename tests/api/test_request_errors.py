@@ -58,6 +58,23 @@ async def test_a_body_without_the_json_content_type_is_told_so(
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_body_with_no_content_type_at_all_is_told_so(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A client that sends bytes with no Content-Type (e.g. requests' data=) gets 415 too."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    request = service.client.build_request("POST", "/tasks", content=b'{"prompt": "a lighthouse"}')
+    request.headers.pop("Content-Type", None)
+    response = await service.client.send(request)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "`Content-Type: application/json`" in error["message"]
+    assert "no Content-Type" in error["message"]
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_field_paths_use_brackets_for_list_items(
     service_factory: Any, sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -102,3 +119,21 @@ async def test_a_body_that_is_not_an_object_says_what_to_send(
     error = response.json()["error"]
     assert error["details"] == [{"field": "body", "reason": reason}]
     assert error["message"] == f"body: {reason}"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_body_that_is_not_utf8_is_told_so(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """JSON sent in Latin-1 gets 422 invalid_json saying to send UTF-8, not a bare 400."""
+    service = await build(service_factory, sqlite_url, tmp_path)
+    response = await service.client.post(
+        "/tasks",
+        content='{"prompt": "café"}'.encode("latin-1"),
+        headers={"Content-Type": "application/json; charset=latin-1"},
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert "UTF-8" in error["message"]
+    assert await service.sql("SELECT count(*) FROM tasks") == [(0,)]

@@ -109,3 +109,54 @@ def test_list_never_shortens_ids_in_80_columns(sandbox: Sandbox, terminal: str) 
     else:
         assert rows[task_id].endswith(long_prompt.strip())
     assert sandbox.run("show", task_id).field("task") == task_id
+
+
+@pytest.mark.parametrize("terminal", ["0", "1"])
+def test_the_next_cursor_is_printed_whole_on_one_line(sandbox: Sandbox, terminal: str) -> None:
+    """The `more: --cursor …` hint is copied into the next call: it is never wrapped."""
+    for _ in range(2):
+        assert sandbox.run("submit", "a lighthouse").code == 0
+    env = clean_env(
+        IMAGETASKS_URL=sandbox.url,
+        IMAGETASKS_TOKEN=sandbox.token,
+        COLUMNS="40",
+        TTY_COMPATIBLE=terminal,
+    )
+    listed = run_cli("list", "--limit", "1", env=env, cwd=sandbox.directory)
+    assert listed.code == 0, listed.stderr
+    (hint,) = [line for line in listed.stderr.splitlines() if line.strip()]
+    cursor = sandbox.api("/tasks?limit=1").json()["next_cursor"]
+    assert hint == f"more: --cursor {cursor}"
+
+
+def test_control_characters_in_a_prompt_cannot_forge_output(sandbox: Sandbox) -> None:
+    """A prompt's newlines and escape sequences are shown escaped, never sent to the terminal."""
+    prompt = "one\nstatus     completed\x1b[2J\x1b]0;owned\x07"
+    submitted = sandbox.run("submit", prompt)
+    assert submitted.code == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    for args in (("show", task_id), ("list", "--limit", "200")):
+        result = sandbox.run(*args)
+        assert result.code == 0, result.stderr
+        assert "\x1b" not in result.stdout
+        assert "\x07" not in result.stdout
+        if args[0] == "show":
+            statuses = [line for line in result.stdout.splitlines() if line.startswith("status")]
+            assert len(statuses) == 1, result.stdout
+            assert result.field("prompt") == "one\\nstatus     completed\\x1b[2J\\x1b]0;owned\\x07"
+
+
+def test_a_wide_character_prompt_fits_the_terminal_too(sandbox: Sandbox) -> None:
+    """CJK and emoji take two columns each: the cut prompt still fits 80 columns."""
+    from rich.cells import cell_len
+
+    assert sandbox.run("submit", "灯台の夜明け、水彩画 🎨" * 8).code == 0
+    env = clean_env(
+        IMAGETASKS_URL=sandbox.url,
+        IMAGETASKS_TOKEN=sandbox.token,
+        COLUMNS="80",
+        TTY_COMPATIBLE="1",
+    )
+    listed = run_cli("list", "--limit", "5", env=env, cwd=sandbox.directory)
+    assert listed.code == 0, listed.stderr
+    assert all(cell_len(line) <= 80 for line in listed.stdout.splitlines()), listed.stdout

@@ -140,3 +140,20 @@ def test_s3_url_gives_bucket_and_prefix(tmp_path: Path) -> None:
     storage = storage_from_url("s3://my-images/prod/v1/", spool_dir=tmp_path)
     assert isinstance(storage, S3Storage)
     assert (storage.bucket, storage.prefix, storage.spool_dir) == ("my-images", "prod/v1", tmp_path)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_aws_settings_in_the_env_file_are_used(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """.env.example puts the AWS_* variables beside STORAGE_URL: from .env they work too."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".env").write_text(
+        "".join(f"{name}={value}\n" for name, value in s3_server.env.items())
+    )
+    monkeypatch.chdir(tmp_path)
+    storage = S3Storage("imagetasks-test", "dotenv", spool_dir=tmp_path / "spool")
+    await storage.check()
