@@ -108,6 +108,8 @@ async def route(r: asyncio.StreamReader, w: Writer, path: str) -> None:
         await send(w, 302, Location=arg)
     elif name == "status":
         await send(w, int(arg), b"{}", **{"Retry-After": "7"})
+    elif name == "located":  # a 200 that carries a Location header anyway
+        await send(w, 200, PNG, Location="/html")
     elif name == "bomb":
         await send(w, 200, BOMB)
     elif name == "short":  # /short/<body>: fewer bytes than it takes to tell a type
@@ -158,7 +160,11 @@ async def serve(ssl_context: ssl.SSLContext | None = None) -> tuple[Server, asyn
             for line in request.split("\r\n")[1:]:
                 if line.lower().startswith("host:"):
                     state.hosts.append(line.split(":", 1)[1].strip())
-            await route(reader, writer, request.split(" ")[1])
+            method, path = request.split(" ")[:2]
+            if method != "GET":  # the fetcher only ever reads
+                await send(writer, 405)
+                return
+            await route(reader, writer, path)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
@@ -232,6 +238,7 @@ HOSTILE_URLS = [
     ("https://[::1]/", "blocked_address"), ("https://[::ffff:127.0.0.1]/", "blocked_address"),
     ("https://10.0.0.1/", "blocked_address"), ("https://169.254.169.254/x", "blocked_address"),
     ("https://[fe80::1]/", "blocked_address"), ("https://100.64.0.1/", "blocked_address"),
+    ("https:///a.png", "bad_url"), ("https://:443/a.png", "bad_url"),
 ]  # fmt: skip
 
 
@@ -428,6 +435,16 @@ async def test_three_redirects_followed_fourth_refused(
     with pytest.raises(FetchError) as info:
         await fetcher.fetch_to_file(server.url("/r/4"), tmp_path / "no")
     assert info.value.code == "too_many_redirects"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_location_header_is_followed_only_on_a_redirect(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """A 200 that also sends a Location header is the image itself: nothing else is fetched."""
+    result = await fetcher.fetch_to_file(server.url("/located"), tmp_path / "out")
+    assert result.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert result.final_url == server.url("/located")
 
 
 @pytest.mark.parametrize(
