@@ -108,6 +108,8 @@ async def route(r: asyncio.StreamReader, w: Writer, path: str) -> None:
         await send(w, 302, Location=arg)
     elif name == "status":
         await send(w, int(arg), b"{}", **{"Retry-After": "7"})
+    elif name == "cookie":  # a PNG that tries to set a cookie for later downloads
+        await send(w, 200, PNG, **{"Set-Cookie": "session=secret; Path=/"})
     elif name == "located":  # a 200 that carries a Location header anyway
         await send(w, 200, PNG, Location="/html")
     elif name == "bomb":
@@ -145,6 +147,7 @@ class Server:
 
     port: int
     hosts: list[str] = field(default_factory=list)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # by path, lower-case names
 
     def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
         """An absolute URL on this server."""
@@ -161,6 +164,11 @@ async def serve(ssl_context: ssl.SSLContext | None = None) -> tuple[Server, asyn
                 if line.lower().startswith("host:"):
                     state.hosts.append(line.split(":", 1)[1].strip())
             method, path = request.split(" ")[:2]
+            state.headers[path] = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(":") for line in request.split("\r\n")[1:])
+                if name
+            }
             if method != "GET":  # the fetcher only ever reads
                 await send(writer, 405)
                 return
@@ -480,6 +488,23 @@ async def test_connection_goes_to_the_resolved_address(server: Server, tmp_path:
     assert result.width == 37
     assert resolver.calls == ["img.test"]
     assert server.hosts[-1] == f"img.test:{server.port}"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_requests_ask_for_an_uncompressed_image_and_never_send_a_cookie(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """identity only (a compressed body could inflate past the limit), and a cookie one link
+    sets is never sent with the next download."""
+    await fetcher.fetch_to_file(server.url("/cookie"), tmp_path / "one")
+    await fetcher.fetch_to_file(server.url("/png/after-cookie"), tmp_path / "two")
+    sent = server.headers["/png/after-cookie"]
+    assert "cookie" not in sent
+    assert sent["accept-encoding"] == "identity"
+    assert (sent["accept"], sent["user-agent"]) == (
+        "image/png, image/jpeg, image/webp",
+        "imagetasks",
+    )
 
 
 @pytest.mark.asyncio(loop_scope="session")
