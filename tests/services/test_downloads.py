@@ -285,6 +285,20 @@ async def test_an_unexpected_exception_records_a_retry_and_releases_the_lease(
     assert stored.next_attempt_at > utcnow()
 
 
+async def test_a_crash_whose_retry_cannot_be_recorded_does_not_escape_the_job(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database gone as well: nothing is raised into the worker's loop; the lease lapses."""
+    await queue.queued()
+    downloader = queue.downloader(ScriptedFetcher([RuntimeError("boom")]))
+
+    async def database_gone(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(downloader, "_retry", database_gone)
+    await downloader.run(await queue.claim())
+
+
 async def test_a_refused_link_is_renewed_once_then_the_failure_is_final(queue: Queue) -> None:
     """403: ask the query API for a fresh link; a second 403 fails with its code."""
     task = await queue.queued()
