@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import email.utils
 import gc
 import hashlib
 import io
 import ssl
-from collections.abc import AsyncIterator
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
@@ -22,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from app.fetch import FetchError, SafeFetcher, address_allowed
+from app.fetch_errors import MAX_RETRY_AFTER_SECONDS, status_error
 
 MB = 1 << 20
 
@@ -33,8 +38,19 @@ def image_bytes(fmt: str, size: tuple[int, int] = (37, 23)) -> bytes:
     return out.getvalue()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 PNG = image_bytes("PNG")
 IMAGES = {"png": PNG, "jpeg": image_bytes("JPEG"), "webp": image_bytes("WEBP")}
+# A whole PNG (signature, header, IEND) whose header declares 9000 x 9000 pixels (81 million).
+BOMB = (
+    b"\x89PNG\r\n\x1a\n"
+    + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 9_000, 9_000, 8, 2, 0, 0, 0))
+    + png_chunk(b"IEND", b"")
+)
 
 
 class MapResolver:
@@ -92,6 +108,17 @@ async def route(r: asyncio.StreamReader, w: Writer, path: str) -> None:
         await send(w, 302, Location=arg)
     elif name == "status":
         await send(w, int(arg), b"{}", **{"Retry-After": "7"})
+    elif name == "cookie":  # a PNG that tries to set a cookie for later downloads
+        await send(w, 200, PNG, **{"Set-Cookie": "session=secret; Path=/"})
+    elif name == "located":  # a 200 that carries a Location header anyway
+        await send(w, 200, PNG, Location="/html")
+    elif name == "bomb":
+        await send(w, 200, BOMB)
+    elif name == "short":  # /short/<body>: fewer bytes than it takes to tell a type
+        await send(w, 200, arg.encode())
+    elif name == "text":  # /text/N: N bytes of text, no Content-Length
+        w.write(head(200, {}) + b"a" * int(arg))
+        await w.drain()
     elif name == "declared":  # claims a huge body, sends only the start of it
         w.write(head(200, {"Content-Length": int(arg)}) + PNG[:16])
         await w.drain()
@@ -120,6 +147,7 @@ class Server:
 
     port: int
     hosts: list[str] = field(default_factory=list)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # by path, lower-case names
 
     def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
         """An absolute URL on this server."""
@@ -135,7 +163,16 @@ async def serve(ssl_context: ssl.SSLContext | None = None) -> tuple[Server, asyn
             for line in request.split("\r\n")[1:]:
                 if line.lower().startswith("host:"):
                     state.hosts.append(line.split(":", 1)[1].strip())
-            await route(reader, writer, request.split(" ")[1])
+            method, path = request.split(" ")[:2]
+            state.headers[path] = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(":") for line in request.split("\r\n")[1:])
+                if name
+            }
+            if method != "GET":  # the fetcher only ever reads
+                await send(writer, 405)
+                return
+            await route(reader, writer, path)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
@@ -209,6 +246,7 @@ HOSTILE_URLS = [
     ("https://[::1]/", "blocked_address"), ("https://[::ffff:127.0.0.1]/", "blocked_address"),
     ("https://10.0.0.1/", "blocked_address"), ("https://169.254.169.254/x", "blocked_address"),
     ("https://[fe80::1]/", "blocked_address"), ("https://100.64.0.1/", "blocked_address"),
+    ("https:///a.png", "bad_url"), ("https://:443/a.png", "bad_url"),
 ]  # fmt: skip
 
 
@@ -318,6 +356,40 @@ async def test_html_is_not_an_image(server: Server, fetcher: SafeFetcher, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("body", ["", "GIF8"])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_body_too_short_to_tell_its_type_is_not_an_image(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path, body: str
+) -> None:
+    """An empty body, or one that ends before its first 12 bytes, is refused as not an image."""
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file(server.url(f"/short/{body}"), tmp_path / "out")
+    assert (info.value.code, info.value.retryable) == ("not_an_image", False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_non_image_is_refused_from_its_first_bytes(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """A body that is not an image is refused when its first bytes arrive, not read to the limit."""
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file(server.url(f"/text/{3 * MB}"), tmp_path / "out")
+    assert (info.value.code, info.value.retryable) == ("not_an_image", False)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_whole_png_declaring_too_many_pixels_is_not_an_image(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """Magic bytes and IEND are not enough: a header that cannot be accepted is refused."""
+    with pytest.raises(FetchError) as info:
+        await fetcher.fetch_to_file(server.url("/bomb"), tmp_path / "out")
+    assert (info.value.code, info.value.retryable) == ("not_an_image", False)
+    assert "unacceptable dimensions 9000x9000" in info.value.message
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_declared_length_over_limit_refused_before_reading(
     server: Server, fetcher: SafeFetcher, tmp_path: Path
@@ -353,6 +425,15 @@ async def test_body_exactly_at_the_limit_is_accepted(
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_declared_length_exactly_at_the_limit_is_accepted(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """The limit is inclusive for a Content-Length too, not only for the bytes counted."""
+    result = await fetcher.fetch_to_file(server.url(f"/sized/{MB}"), tmp_path / "out")
+    assert result.size_bytes == MB == (tmp_path / "out").stat().st_size
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_three_redirects_followed_fourth_refused(
     server: Server, fetcher: SafeFetcher, tmp_path: Path
 ) -> None:
@@ -362,6 +443,16 @@ async def test_three_redirects_followed_fourth_refused(
     with pytest.raises(FetchError) as info:
         await fetcher.fetch_to_file(server.url("/r/4"), tmp_path / "no")
     assert info.value.code == "too_many_redirects"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_location_header_is_followed_only_on_a_redirect(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """A 200 that also sends a Location header is the image itself: nothing else is fetched."""
+    result = await fetcher.fetch_to_file(server.url("/located"), tmp_path / "out")
+    assert result.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert result.final_url == server.url("/located")
 
 
 @pytest.mark.parametrize(
@@ -397,6 +488,23 @@ async def test_connection_goes_to_the_resolved_address(server: Server, tmp_path:
     assert result.width == 37
     assert resolver.calls == ["img.test"]
     assert server.hosts[-1] == f"img.test:{server.port}"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_requests_ask_for_an_uncompressed_image_and_never_send_a_cookie(
+    server: Server, fetcher: SafeFetcher, tmp_path: Path
+) -> None:
+    """identity only (a compressed body could inflate past the limit), and a cookie one link
+    sets is never sent with the next download."""
+    await fetcher.fetch_to_file(server.url("/cookie"), tmp_path / "one")
+    await fetcher.fetch_to_file(server.url("/png/after-cookie"), tmp_path / "two")
+    sent = server.headers["/png/after-cookie"]
+    assert "cookie" not in sent
+    assert sent["accept-encoding"] == "identity"
+    assert (sent["accept"], sent["user-agent"]) == (
+        "image/png, image/jpeg, image/webp",
+        "imagetasks",
+    )
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -453,7 +561,8 @@ async def test_https_verifies_the_hostname_while_connecting_to_the_checked_ip(
 
 @pytest.mark.parametrize(
     ("status", "retryable", "renew"),
-    [(503, True, False), (500, True, False), (429, True, False), (404, False, True),
+    [(503, True, False), (500, True, False), (429, True, False), (408, True, False),
+     (404, False, True),
      (403, False, True), (410, False, True), (400, False, False)],
 )  # fmt: skip
 @pytest.mark.asyncio(loop_scope="session")
@@ -467,6 +576,46 @@ async def test_http_errors_say_whether_to_retry(
     assert (err.code, err.status_code) == (f"http_{status}", status)
     assert (err.retryable, err.renew_link) == (retryable, renew)
     assert err.retry_after == 7.0
+
+
+def http_date(when: dt.datetime) -> str:
+    """`when` as an HTTP date; a naive datetime gets the "-0000" (unknown) zone."""
+    return email.utils.format_datetime(when)
+
+
+IN_TWO_MINUTES = dt.timedelta(minutes=2)
+PLUS_2H = dt.timezone(dt.timedelta(hours=2))
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("7", 7.0),
+        (" 7 ", 7.0),
+        ("99999999999999", MAX_RETRY_AFTER_SECONDS),
+        ("soon", None),
+        ("\u00b2", None),
+        ("-5", None),
+        (lambda now: http_date(now + IN_TWO_MINUTES), 120.0),
+        (lambda now: http_date((now + IN_TWO_MINUTES).astimezone(PLUS_2H)), 120.0),
+        (lambda now: http_date((now + IN_TWO_MINUTES).replace(tzinfo=None)), 120.0),
+        (lambda now: http_date(now - IN_TWO_MINUTES), 0.0),
+    ],
+    ids=["absent", "seconds", "padded", "huge", "word", "superscript", "negative",
+         "date-gmt", "date-plus-2h", "date-unknown-zone", "date-past"],
+)  # fmt: skip
+def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(
+    header: str | Callable[[dt.datetime], str] | None, expected: float | None
+) -> None:
+    """Delta-seconds or an HTTP date, never negative, clamped to a day; anything else is none."""
+    value = header(dt.datetime.now(dt.UTC)) if callable(header) else header
+    headers = {} if value is None else {b"Retry-After": value.encode()}
+    retry_after = status_error(httpx.Response(503, headers=headers)).retry_after
+    if expected == 120.0:  # an HTTP date has whole seconds
+        assert retry_after == pytest.approx(expected, abs=1.5)
+    else:
+        assert retry_after == expected
 
 
 @pytest.mark.asyncio(loop_scope="session")

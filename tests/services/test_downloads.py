@@ -17,7 +17,7 @@ import pytest_asyncio
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import repository
+from app import metrics, repository
 from app.db import create_engine, create_session_factory
 from app.events import repository as event_repository
 from app.events.repository import EventScope
@@ -25,7 +25,7 @@ from app.fetch import FetchError, FetchResult
 from app.models import Image, Task, utcnow
 from app.repository import IMAGES, DownloadJob
 from app.services.downloads import Downloader, image_key, retry_delay
-from app.storage import LocalStorage
+from app.storage import LocalStorage, StorageError
 from app.upstream import RetryPolicy, StarMagicClient
 from tests.factories import make_task
 from tests.helpers import task_body
@@ -43,6 +43,7 @@ class ScriptedFetcher:
     urls: list[str] = field(default_factory=list)
     destinations: list[Path] = field(default_factory=list)
     delay: float = 0.0
+    finished: int = 0  # fetches that ran to the end, not cancelled while waiting
 
     async def fetch_to_file(
         self, url: str, dest: Path, *, on_progress: Callable[[], Awaitable[None]] | None = None
@@ -52,6 +53,7 @@ class ScriptedFetcher:
         outcome = self.outcomes.pop(0)
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.finished += 1
         if isinstance(outcome, BaseException):
             raise outcome
         dest.write_bytes(outcome)
@@ -283,6 +285,20 @@ async def test_an_unexpected_exception_records_a_retry_and_releases_the_lease(
     assert stored.next_attempt_at > utcnow()
 
 
+async def test_a_crash_whose_retry_cannot_be_recorded_does_not_escape_the_job(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database gone as well: nothing is raised into the worker's loop; the lease lapses."""
+    await queue.queued()
+    downloader = queue.downloader(ScriptedFetcher([RuntimeError("boom")]))
+
+    async def database_gone(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(downloader, "_retry", database_gone)
+    await downloader.run(await queue.claim())
+
+
 async def test_a_refused_link_is_renewed_once_then_the_failure_is_final(queue: Queue) -> None:
     """403: ask the query API for a fresh link; a second 403 fails with its code."""
     task = await queue.queued()
@@ -466,10 +482,123 @@ async def test_a_job_that_loses_its_lease_stops_at_once(queue: Queue) -> None:
         await db.execute(
             update(IMAGES).where(IMAGES.c.task_id == task.id).values(lease_owner="someone-else")
         )
-    await asyncio.wait_for(running, timeout=lease * 5)
+    # asyncio.wait, not wait_for: a timeout must not cancel the job and so stop it for us.
+    done, _ = await asyncio.wait({running}, timeout=lease * 5)
+    if not done:
+        running.cancel()
+    assert done, "the job ran on after its lease was lost"
+    assert slow.finished == 0  # stopped mid-fetch
     assert queue.storage.puts == []
     assert (await queue.image(task.id)).lease_owner == "someone-else"
     assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_a_database_blip_during_renewals_does_not_stop_the_job(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that fails while the lease is still ours keeps the job; it stores once."""
+    task = await queue.queued()
+    lease = 0.6
+    slow = ScriptedFetcher([PNG], delay=lease * 4)
+    job = await queue.claim("worker-a", lease=lease)
+    downloader = queue.downloader(slow, "worker-a", lease=lease)
+    renew = downloader._renew
+    calls = 0
+
+    async def blip(job: DownloadJob) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # after more than a lease length of successful renewals
+            raise ConnectionError("database restarting")
+        return await renew(job)
+
+    monkeypatch.setattr(downloader, "_renew", blip)
+    await downloader.run(job)
+    assert calls > 6
+    assert (slow.finished, queue.storage.puts) == (1, [image_key(job, "png")])
+    assert (await queue.image(task.id)).status == "stored"
+
+
+async def test_a_job_whose_renewals_keep_failing_stops_when_its_lease_runs_out(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database gone for good: the job stops once the lease it last got has lapsed."""
+    await queue.queued()
+    lease = 0.6
+    slow = ScriptedFetcher([PNG], delay=lease * 6)
+    job = await queue.claim("worker-a", lease=lease)
+    downloader = queue.downloader(slow, "worker-a", lease=lease)
+
+    async def unreachable(job: DownloadJob) -> bool:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(downloader, "_renew", unreachable)
+    running = asyncio.create_task(downloader.run(job))
+    done, _ = await asyncio.wait({running}, timeout=lease * 4)
+    if not done:
+        running.cancel()
+    assert done, "the job ran on with a lease it could no longer prove"
+    assert (slow.finished, queue.storage.puts) == (0, [])
+
+
+async def test_a_lease_lost_during_the_storage_write_is_not_counted_as_stored(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fenced at the record too: the image taken over mid-upload is the new owner's to record."""
+    task = await queue.queued()
+    job = await queue.claim()
+    put_file = queue.storage.put_file
+
+    async def handed_over_meanwhile(*args: Any, **kwargs: Any) -> None:
+        await put_file(*args, **kwargs)
+        async with queue.engine.begin() as db:
+            await db.execute(
+                update(IMAGES).where(IMAGES.c.task_id == task.id).values(lease_owner="other")
+            )
+
+    monkeypatch.setattr(queue.storage, "put_file", handed_over_meanwhile)
+    lost, stored = (metrics.DOWNLOADS.labels(outcome=o) for o in ("lease_lost", "stored"))
+    before = (lost._value.get(), stored._value.get())
+    await queue.downloader(ScriptedFetcher([PNG])).run(job)
+    assert (lost._value.get(), stored._value.get()) == (before[0] + 1, before[1])
+    image = await queue.image(task.id)
+    assert (image.status, image.lease_owner) == ("pending", "other")
+
+
+async def test_a_lease_lost_before_a_retry_is_recorded_records_nothing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage failure after the image was taken over: no retry is written, the job just ends."""
+    task = await queue.queued()
+    job = await queue.claim()
+
+    async def handed_over_then_failed(*args: Any, **kwargs: Any) -> None:
+        async with queue.engine.begin() as db:
+            await db.execute(
+                update(IMAGES).where(IMAGES.c.task_id == task.id).values(lease_owner="other")
+            )
+        raise StorageError("bucket unavailable")
+
+    monkeypatch.setattr(queue.storage, "put_file", handed_over_then_failed)
+    lost = metrics.DOWNLOADS.labels(outcome="lease_lost")
+    before = lost._value.get()
+    await queue.downloader(ScriptedFetcher([PNG])).run(job)
+    assert lost._value.get() == before + 1
+    image = await queue.image(task.id)
+    assert (image.status, image.lease_owner, image.error_code) == ("pending", "other", None)
+
+
+async def test_an_attempt_removes_the_temp_files_of_earlier_attempts(queue: Queue) -> None:
+    """A crashed attempt's spool file is removed by the next one; other images' files stay."""
+    task = await queue.queued()
+    spool = queue.storage.spool_dir
+    leftover = spool / f"{task.id}-0-0123456789ab.part"
+    other = spool / f"{task.id}-1-0123456789ab.part"
+    leftover.write_bytes(b"half an image")
+    other.write_bytes(b"another image's download")
+    await queue.downloader(ScriptedFetcher([PNG])).run(await queue.claim())
+    assert (await queue.image(task.id)).status == "stored"
+    assert list(spool.iterdir()) == [other]
 
 
 async def test_every_attempt_spools_to_its_own_file(queue: Queue) -> None:

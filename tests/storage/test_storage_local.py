@@ -71,15 +71,74 @@ async def test_crash_before_rename_leaves_nothing_under_the_key(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_source_outside_the_spool_is_copied_then_renamed(tmp_path: Path) -> None:
-    """A file from another directory (maybe another filesystem) is still stored atomically."""
+async def test_a_source_outside_the_spool_is_copied_then_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file from another directory (maybe another filesystem) is still stored atomically:
+    copied into the spool, on the root's filesystem, and renamed from there."""
     storage = LocalStorage(tmp_path / "images")
     source = tmp_path / "elsewhere.bin"
     source.write_bytes(b"abc")
+    renamed_from: list[Path] = []
+    real_replace = os.replace
+
+    def spy(src: str | Path, dst: str | Path) -> None:
+        renamed_from.append(Path(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
     await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(b"abc"))
+    assert [path.parent for path in renamed_from] == [tmp_path / "images" / ".tmp"]
     assert (tmp_path / "images" / KEY).read_bytes() == b"abc"
     assert not source.exists()
     assert list((tmp_path / "images" / ".tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("in_spool", [True, False])
+@pytest.mark.parametrize("hashed_on_write", [True, False])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_stored_file_is_synced_before_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_spool: bool, hashed_on_write: bool
+) -> None:
+    """Every file renamed into place was fsynced first, except the downloader's own spool
+    file (it syncs what it wrote); the directory is synced after the rename."""
+    storage = LocalStorage(tmp_path / "images")
+    source = (storage.spool_dir if in_spool else tmp_path) / "dl"
+    source.write_bytes(b"image bytes")
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace = local._fsync_path, os.replace
+
+    def fsync_spy(path: Path, flags: int = os.O_RDONLY) -> None:
+        events.append(("fsync", Path(path)))
+        real_fsync(path, flags)
+
+    def replace_spy(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", Path(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(local, "_fsync_path", fsync_spy)
+    monkeypatch.setattr(os, "replace", replace_spy)
+    await storage.put_file(
+        KEY, source, content_type="image/jpeg", sha256=sha(b"image bytes"),
+        hashed_on_write=hashed_on_write,
+    )  # fmt: skip
+    [renamed] = [path for event, path in events if event == "replace"]
+    synced_before = ("fsync", renamed) in events[: events.index(("replace", renamed))]
+    assert synced_before == (not (in_spool and hashed_on_write))
+    assert events[-1] == ("fsync", tmp_path / "images" / Path(KEY).parent)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_object_is_read_back_in_bounded_chunks(tmp_path: Path) -> None:
+    """Serving a stored image streams it in pieces, never the whole file in memory at once."""
+    storage = LocalStorage(tmp_path / "images")
+    data = os.urandom(1_000_000)
+    source = storage.spool_dir / "dl"
+    source.write_bytes(data)
+    await storage.put_file(KEY, source, content_type="image/jpeg", sha256=sha(data))
+    sizes = [len(chunk) async for chunk in (await storage.open(KEY)).chunks]
+    assert sum(sizes) == len(data)
+    assert max(sizes) <= 256 * 1024
 
 
 @pytest.mark.asyncio(loop_scope="session")
