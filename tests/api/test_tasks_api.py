@@ -13,6 +13,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from app import repository
 from app.config import Settings
 from app.models import utcnow
 from app.schemas import TaskCreate
@@ -717,3 +718,30 @@ async def test_fingerprints_of_requests_without_the_new_fields_are_unchanged() -
     }
     canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert fingerprint(request) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def test_listing_filters_keep_their_edges(service: Service) -> None:
+    """created_after is inclusive and created_before exclusive; prompt text matches in any
+    case and literally (`%` and `_` are not wildcards); a metadata key with an empty value."""
+    instant = utcnow() - timedelta(minutes=5)
+    async with service.runtime.sessions() as session:
+        at_instant = await make_task(session, created_at=instant, prompt="A Lighthouse 100%")
+        later = await make_task(
+            session, created_at=instant + timedelta(seconds=1), prompt="lighthouse_2"
+        )
+        await make_task(session, created_at=instant - timedelta(seconds=1), prompt="lighthouses")
+        blank = await make_task(session, meta={"ticket": ""}, prompt="x")
+        await make_task(session, meta={"ticket": "XXXX"}, prompt="y")
+
+    async def listed(**filters: Any) -> list[str]:
+        async with service.runtime.sessions() as session:
+            found = await repository.list_tasks(
+                session, repository.TaskFilter(**filters), limit=50, after=None
+            )
+        return [task.id for task in found]
+
+    window = {"created_after": instant, "created_before": instant + timedelta(seconds=1)}
+    assert await listed(**window) == [at_instant.id]
+    assert await listed(prompt_contains="LIGHTHOUSE 100%") == [at_instant.id]
+    assert await listed(prompt_contains="thouse_") == [later.id]
+    assert await listed(metadata_key="ticket") == [blank.id]
