@@ -7,18 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The values of app.services.events.EventType (a test keeps the two equal).
-EVENT_TYPE_NAMES: list[Any] = [
-    "task.created",
-    "task.processing",
-    "task.completed",
-    "task.failed",
-    "task.cancelled",
-    "image.stored",
-    "image.failed",
-    "image.queued",
-    "endpoint.disabled",
-]
+from app.services.events import EventType
+
 _EXAMPLE_EVENT: dict[str, Any] = {
     "id": "evt_01JDZ6T5Q8M2W3X4Y5Z6A7B8C9",
     "type": "image.stored",
@@ -49,7 +39,7 @@ class EventPublic(BaseModel):
         description="task.created, task.processing, task.completed, task.failed, "
         "task.cancelled, image.stored, image.failed or image.queued (and endpoint.disabled, "
         "about a webhook endpoint of this token).",
-        json_schema_extra={"enum": EVENT_TYPE_NAMES},
+        json_schema_extra={"enum": [kind.value for kind in EventType]},
     )
     created_at: datetime = Field(description="When the change was committed (UTC).")
     data: dict[str, Any] = Field(

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.events.schemas import _EXAMPLE_EVENT, EventPublic
+from app.webhooks.repository import DELIVERED, FAILED, PENDING
 
 _TYPES_DESCRIPTION = (
     "Event types to send (default: the settled ones: task.failed, task.cancelled, "
@@ -172,7 +173,7 @@ class DeliveryPublic(BaseModel):
     endpoint_id: str | None = Field(description="The endpoint (null: the task's webhook_url).")
     status: str = Field(
         description="`pending` (queued or retrying), `delivered` or `failed`.",
-        json_schema_extra={"enum": ["pending", "delivered", "failed"]},
+        json_schema_extra={"enum": [PENDING, DELIVERED, FAILED]},
     )
     attempts: list[AttemptPublic] = Field(description="Every attempt so far, oldest first.")
     next_attempt_at: datetime | None = Field(
