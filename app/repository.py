@@ -331,8 +331,8 @@ def due_unless_confirming(due: datetime) -> ColumnElement[datetime]:
     return case((CONFIRMATION_WAITING, TASKS.c.next_poll_at), else_=_at(due))
 
 
-# Where a terminal callback's confirmation request may be made, or dated anew:
-# shared by the general path below and the single statement after it.
+# Where a terminal callback's confirmation request may be made, or dated anew (the
+# general path; `CONFIRM_BATCH_SQL` below states the same conditions in SQL).
 MAY_REQUEST: ColumnElement[bool] = and_(IS_ACTIVE, TASKS.c.confirm_requested_at.is_(None))
 MAY_RENEW: ColumnElement[bool] = and_(
     IS_ACTIVE, TASKS.c.confirm_requested_at < TASKS.c.poll_claimed_at
@@ -359,91 +359,70 @@ async def renew_confirmation(
     )
 
 
-def _confirm_in_one_statement() -> Any:
-    """PostgreSQL: read, request (or renew) the confirmation and record the delivery at once.
-
-    The same decisions as `services.callbacks._queue_confirmation`, taken on the row
-    as it is once locked (a poll writing it meanwhile has committed by then), for a
-    task that already carries the callback's provider id; any other case (no such
-    task, no provider id on either side, or a different one) decides nothing and
-    records nothing (outcome NULL), and the general path takes over. Data-modifying
-    CTEs run whether or not they are read.
-    """
-    now = bindparam("now", type_=UTCDateTime())
-    task_id: Any = bindparam("task_id", type_=TASKS.c.id.type)
-    upstream_id: Any = bindparam("upstream_id", type_=TASKS.c.upstream_task_id.type)
-    reported: Any = bindparam("reported", type_=TASKS.c.status.type)
-    # Locked first: the statement's snapshot may predate a poll's write that it waits
-    # for, and a decision taken on that old row could lose this callback's request.
-    current = (
-        select(
-            TASKS.c.status,
-            TASKS.c.upstream_task_id,
-            TASKS.c.confirm_requested_at,
-            TASKS.c.poll_claimed_at,
-        )
-        .where(TASKS.c.id == task_id)
-        .with_for_update(key_share=True)
-        .cte("cur")
-    )
-    decides = and_(current.c.status.in_(ACTIVE_STATUSES), current.c.upstream_task_id == upstream_id)
-    may_request = select(current.c.status).where(decides, current.c.confirm_requested_at.is_(None))
-    may_renew = select(current.c.status).where(
-        decides, current.c.confirm_requested_at < current.c.poll_claimed_at
-    )
-    requested = (
-        update(TASKS)
-        .where(TASKS.c.id == task_id, may_request.exists())
-        .values(confirm_requested_at=now, next_poll_at=now, last_event_at=now)
-        .returning(TASKS.c.id)
-        .cte("requested")
-    )
-    renewed = (
-        update(TASKS)
-        .where(TASKS.c.id == task_id, may_renew.exists())
-        .values(confirm_requested_at=now, last_event_at=now)
-        .returning(TASKS.c.id)
-        .cte("renewed")
-    )
-    terminal = [status.value for status in TaskStatus if status.terminal]
-    outcome = case(
-        (
-            or_(upstream_id.is_(None), current.c.upstream_task_id.is_distinct_from(upstream_id)),
-            null(),
-        ),
-        (
-            current.c.status.in_(terminal),
-            case((current.c.status == reported, "duplicate"), else_="anomaly"),
-        ),
-        (select(requested.c.id).exists(), "confirming"),
-        else_="duplicate",  # a request already waits (renewed if its poll was out)
-    )
-    decided = select(outcome.label("outcome"), current.c.status).cte("decided")
-    recorded = (
-        insert(DELIVERIES)
-        .from_select(
-            ["task_id", "body_sha256", "upstream_status", "outcome", "changed", "received_at"],
-            select(
-                task_id,
-                bindparam("body_sha256"),
-                reported,
-                decided.c.outcome,
-                literal(False),
-                now,
-            ).where(decided.c.outcome.is_not(None)),
-        )
-        .returning(DELIVERIES.c.id)
-        .cte("recorded")
-    )
-    return select(
-        select(decided.c.outcome).scalar_subquery().label("outcome"),
-        select(decided.c.status).scalar_subquery().label("status"),
-        select(func.count()).select_from(renewed).scalar_subquery().label("renewed"),
-        select(func.count()).select_from(recorded).scalar_subquery().label("recorded"),
-    )
+def _sql_list(values: Sequence[str]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
 
 
-_CONFIRM_IN_ONE_STATEMENT = _confirm_in_one_statement()
+_TERMINAL_STATUSES = tuple(status.value for status in TaskStatus if status.terminal)
+
+# PostgreSQL: read, request (or renew) the confirmation and record the delivery of a
+# batch of terminal callbacks at once, one task each. The same decisions as
+# `services.callbacks._queue_confirmation`, taken on each row as it is once locked
+# (a poll writing it meanwhile has committed by then), for a task that already
+# carries the callback's provider id; any other case (no such task, no provider id
+# on either side, or a different one) decides nothing and records nothing (outcome
+# NULL), and the general path takes over. Rows are locked in id order, so batches
+# on several replicas wait for one another instead of deadlocking. Data-modifying
+# CTEs run whether or not they are read. Parameters: task ids, provider ids,
+# reported statuses and body hashes (arrays in the same order), and the time.
+CONFIRM_BATCH_SQL = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+        AS i (task_id, upstream_id, reported, body_sha256)
+), cur AS (
+    SELECT id, status, upstream_task_id, confirm_requested_at, poll_claimed_at
+    FROM {TASKS.name} WHERE id = ANY($1::text[])
+    ORDER BY id
+    FOR NO KEY UPDATE
+), decided AS (
+    SELECT i.task_id, i.reported, i.body_sha256, c.status,
+        CASE
+            WHEN c.id IS NULL OR i.upstream_id IS NULL
+                OR c.upstream_task_id IS DISTINCT FROM i.upstream_id THEN NULL
+            WHEN c.status IN ({_sql_list(_TERMINAL_STATUSES)}) THEN
+                CASE WHEN c.status = i.reported THEN 'duplicate' ELSE 'anomaly' END
+            WHEN c.confirm_requested_at IS NULL THEN 'confirming'
+            ELSE 'duplicate'  -- a request already waits (renewed if its poll is out)
+        END AS outcome,
+        c.confirm_requested_at < c.poll_claimed_at AS poll_out
+    FROM input AS i LEFT JOIN cur AS c ON c.id = i.task_id
+), requested AS (
+    UPDATE {TASKS.name} SET confirm_requested_at = $5, next_poll_at = $5, last_event_at = $5
+    FROM decided AS d
+    WHERE {TASKS.name}.id = d.task_id AND d.outcome = 'confirming'
+), renewed AS (
+    UPDATE {TASKS.name} SET confirm_requested_at = $5, last_event_at = $5
+    FROM decided AS d
+    WHERE {TASKS.name}.id = d.task_id AND d.status IN ({_sql_list(ACTIVE_STATUSES)})
+        AND d.outcome IS NOT NULL AND d.poll_out
+), recorded AS (
+    INSERT INTO {DELIVERIES.name}
+        (task_id, body_sha256, upstream_status, outcome, changed, received_at)
+    SELECT task_id, body_sha256, reported, outcome, false, $5
+    FROM decided WHERE outcome IS NOT NULL
+)
+SELECT task_id, outcome, status FROM decided
+"""  # noqa: S608 (built from the schema's names and the status enum, never from input)
+
+
+@dataclass(frozen=True)
+class TerminalCallback:
+    """What the batched confirmation needs of one terminal callback."""
+
+    task_id: str
+    upstream_id: str
+    reported: str
+    body_sha256: str
 
 
 @dataclass(frozen=True)
@@ -455,25 +434,35 @@ class OneStatement:
     status: str | None
 
 
+async def confirm_in_batch(
+    db: AsyncConnection, callbacks: Sequence[TerminalCallback], now: datetime
+) -> dict[str, OneStatement]:
+    """Run `CONFIRM_BATCH_SQL` (PostgreSQL only) for callbacks about distinct tasks,
+    straight on the driver: one prepared statement, one round trip. By task id."""
+    raw = await db.get_raw_connection()
+    rows = await raw.driver_connection.fetch(  # type: ignore[union-attr]
+        CONFIRM_BATCH_SQL,
+        [c.task_id for c in callbacks],
+        [c.upstream_id for c in callbacks],
+        [c.reported for c in callbacks],
+        [c.body_sha256 for c in callbacks],
+        now,
+    )
+    return {row["task_id"]: OneStatement(row["outcome"], row["status"]) for row in rows}
+
+
 async def confirm_in_one_statement(
     db: AsyncConnection,
     *,
     task_id: str,
-    upstream_id: str | None,
+    upstream_id: str,
     reported: str,
     body_sha256: str,
     now: datetime,
 ) -> OneStatement:
-    """Run `_confirm_in_one_statement` (PostgreSQL only)."""
-    params = {
-        "task_id": task_id,
-        "upstream_id": upstream_id,
-        "reported": reported,
-        "body_sha256": body_sha256,
-        "now": now,
-    }
-    row = (await db.execute(_CONFIRM_IN_ONE_STATEMENT, params)).one()
-    return OneStatement(row.outcome, row.status)
+    """One terminal callback through `CONFIRM_BATCH_SQL` (PostgreSQL only)."""
+    callback = TerminalCallback(task_id, upstream_id, reported, body_sha256)
+    return (await confirm_in_batch(db, [callback], now))[task_id]
 
 
 def _asked_since(claimed_at: datetime) -> ColumnElement[bool]:

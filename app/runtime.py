@@ -11,6 +11,7 @@ from app.config import Settings
 from app.db import SessionFactory, create_engine, create_session_factory
 from app.events.bus import EventBus
 from app.fetch import SafeFetcher
+from app.services.callback_batches import ConfirmationBatches
 from app.services.reconcile import Reconciler
 from app.storage import Storage, storage_from_url
 from app.upstream import DEFAULT_TIMEOUT, RetryPolicy, StarMagicClient
@@ -34,6 +35,8 @@ class Runtime:
     # otherwise `imagetasks worker` claims due confirmations in batches.
     confirms_in_process: bool = True
     variant_renders: OnDemandRenders = field(default_factory=OnDemandRenders)
+    # PostgreSQL: terminal callbacks arriving together are decided by one statement.
+    callback_batches: ConfirmationBatches | None = None
     closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -72,11 +75,16 @@ class Runtime:
             reconciler=Reconciler(sessions, starmagic, settings),
             webhooks=Endpoints(engine, settings),
             confirms_in_process=settings.run_background,
+            callback_batches=(
+                ConfirmationBatches(engine) if engine.dialect.name == "postgresql" else None
+            ),
         )
 
     async def aclose(self) -> None:
         """Close everything in the reverse order of use."""
         await self.events.aclose()
+        if self.callback_batches is not None:
+            await self.callback_batches.aclose()
         await self.reconciler.aclose()
         await self.fetcher.aclose()
         await self.storage.aclose()

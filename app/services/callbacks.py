@@ -20,8 +20,9 @@ from app.config import Settings
 from app.db import transaction
 from app.errors import DomainError, NotFound, Unprocessable
 from app.models import utcnow
-from app.repository import TASKS, TaskState
+from app.repository import TASKS, OneStatement, TaskState, TerminalCallback
 from app.schemas import Snapshot
+from app.services.callback_batches import ConfirmationBatches
 from app.services.snapshots import Outcome, apply_snapshot, owns_upstream_id
 from app.upstream import SnapshotError, parse_snapshot
 
@@ -125,29 +126,28 @@ async def receive_callback(
     )
 
 
-async def _confirm_in_one_statement(
-    db: AsyncConnection, task_id: str, raw: bytes
-) -> Received | None:
-    """The usual terminal callback on PostgreSQL in one round trip; None: not decided here.
-
-    Taken only for a well-formed terminal snapshot that names its provider task;
-    the statement itself leaves to the general path a task that does not carry
-    that id yet (or carries another), having written nothing.
-    """
+def _terminal_callback(task_id: str, raw: bytes) -> tuple[Snapshot, TerminalCallback] | None:
+    """The usual terminal callback, which a single statement may decide; None: not one."""
     try:
         snapshot, _ = parse_body(raw)
     except DomainError:
         return None  # the general path answers 404 for an unknown task first
     if not snapshot.status.terminal or not snapshot.upstream_id:
         return None
-    result = await repository.confirm_in_one_statement(
-        db,
+    callback = TerminalCallback(
         task_id=task_id,
         upstream_id=snapshot.upstream_id,
         reported=snapshot.status.value,
         body_sha256=hashlib.sha256(raw).hexdigest(),
-        now=utcnow(),
     )
+    return snapshot, callback
+
+
+def _decided(snapshot: Snapshot, task_id: str, result: OneStatement | None) -> Received | None:
+    """What the single statement decided, as the webhook answers it; None: the
+    statement left it to the general path."""
+    if result is None:  # its batch failed, having written nothing
+        return None
     if result.status is None:
         raise NotFound(UNKNOWN_CALLBACK)
     if result.outcome is None:
@@ -160,6 +160,37 @@ async def _confirm_in_one_statement(
         "outcome": outcome.value,
     }
     return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=fields)
+
+
+async def receive_in_batch(
+    batches: ConfirmationBatches, settings: Settings, task_id: str, token: str, raw: bytes
+) -> Received | None:
+    """The usual terminal callback on PostgreSQL, decided together with the others
+    arriving at the same time, already committed; None: `receive_callback` decides it."""
+    if not callback_urls.verify(task_id, token, settings.webhook_secret):
+        raise NotFound(UNKNOWN_CALLBACK)
+    terminal = _terminal_callback(task_id, raw)
+    if terminal is None:
+        return None
+    snapshot, callback = terminal
+    return _decided(snapshot, task_id, await batches.decide(callback))
+
+
+async def _confirm_in_one_statement(
+    db: AsyncConnection, task_id: str, raw: bytes
+) -> Received | None:
+    """The usual terminal callback on PostgreSQL in one round trip; None: not decided here.
+
+    Taken only for a well-formed terminal snapshot that names its provider task;
+    the statement itself leaves to the general path a task that does not carry
+    that id yet (or carries another), having written nothing.
+    """
+    terminal = _terminal_callback(task_id, raw)
+    if terminal is None:
+        return None
+    snapshot, callback = terminal
+    results = await repository.confirm_in_batch(db, [callback], utcnow())
+    return _decided(snapshot, task_id, results[task_id])
 
 
 async def _locked(db: AsyncConnection, state: TaskState) -> TaskState:

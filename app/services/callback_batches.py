@@ -1,0 +1,111 @@
+"""Terminal callbacks that arrive together are decided by one statement (PostgreSQL).
+
+Under load many callbacks wait on the database at once. Instead of one
+statement and one pooled connection each, they queue here and a few batches
+run at a time, each one `repository.confirm_in_batch` round trip: while a
+batch is out, new arrivals gather into the next. A lone callback goes out at
+once, so batching adds no wait when the service is quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import repository
+from app.models import utcnow
+from app.repository import OneStatement, TerminalCallback
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 64
+BATCHES_IN_FLIGHT = 2
+
+
+@dataclass
+class _Waiting:
+    callback: TerminalCallback
+    answer: asyncio.Future[OneStatement | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class ConfirmationBatches:
+    """Decide terminal callbacks in batches of distinct tasks, a few batches at a time."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = MAX_BATCH,
+        in_flight: int = BATCHES_IN_FLIGHT,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.in_flight = in_flight
+        self._queue: list[_Waiting] = []
+        self._drainers: set[asyncio.Task[None]] = set()
+
+    async def decide(self, callback: TerminalCallback) -> OneStatement | None:
+        """What the batch statement did for this callback; None when its batch failed
+        (a deadlock, a lost connection): nothing was written, the general path decides."""
+        waiting = _Waiting(callback)
+        self._queue.append(waiting)
+        if len(self._drainers) < self.in_flight:
+            drainer = asyncio.create_task(self._drain())
+            self._drainers.add(drainer)
+            drainer.add_done_callback(self._drainers.discard)
+        return await waiting.answer
+
+    def _take(self) -> list[_Waiting]:
+        """The next batch: the oldest callbacks, one per task (a statement can change a
+        row once); a second callback about the same task waits for a later batch."""
+        batch: list[_Waiting] = []
+        seen: set[str] = set()
+        rest: list[_Waiting] = []
+        for waiting in self._queue:
+            task_id = waiting.callback.task_id
+            if len(batch) < self.max_batch and task_id not in seen:
+                seen.add(task_id)
+                batch.append(waiting)
+            else:
+                rest.append(waiting)
+        self._queue = rest
+        return batch
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            try:
+                decided = await self._run([w.callback for w in batch], utcnow())
+            except asyncio.CancelledError:
+                for waiting in batch:
+                    waiting.answer.cancel()
+                raise
+            except Exception as exc:  # the general path retries each and reports what fails
+                log.debug("callback_batch_failed", size=len(batch), error=type(exc).__name__)
+                decided = {}
+            for waiting in batch:
+                if not waiting.answer.done():  # its request may have been cancelled
+                    waiting.answer.set_result(decided.get(waiting.callback.task_id))
+
+    async def _run(
+        self, callbacks: list[TerminalCallback], now: datetime
+    ) -> dict[str, OneStatement]:
+        async with self.engine.connect() as db:
+            try:
+                return await repository.confirm_in_batch(db, callbacks, now)
+            except BaseException:
+                # The statement ran on the driver, out of the pool's sight: a connection
+                # it may have broken must not go back for the next request.
+                await db.invalidate()
+                raise
+
+    async def aclose(self) -> None:
+        """Let the batches out finish (their callbacks are being answered)."""
+        if self._drainers:
+            await asyncio.gather(*self._drainers, return_exceptions=True)
