@@ -14,7 +14,7 @@ import hashlib
 import io
 import secrets
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -29,6 +29,9 @@ log = structlog.get_logger(__name__)
 # Long side in pixels; smaller originals are re-encoded at their own size, never enlarged.
 VARIANTS: dict[str, int] = {"thumb": 256, "preview": 1024}
 WEBP_QUALITY = 80
+# libwebp's compression effort (0-6; its default is 4). At 2 a 1024 px variant encodes
+# in about a third of the time for about 7 % more bytes, at the same quality setting.
+WEBP_METHOD = 2
 # Refuse big canvases before decoding (a decompression bomb is 1 KiB of PNG): a PNG is
 # decoded whole, about 4 bytes a pixel, so this caps one render near 100 MB.
 MAX_PIXELS = 24 * 1024 * 1024
@@ -62,18 +65,28 @@ def variant_key(key: str, variant: str) -> str:
 
 def render(original: bytes, long_side: int) -> bytes:
     """The image scaled to at most `long_side` on its long side, as WebP (blocking)."""
+    return render_all(original, [long_side])[0]
+
+
+def render_all(original: bytes, long_sides: Sequence[int]) -> list[bytes]:
+    """`render` for several sizes, decoding the original once (blocking)."""
     try:
         with PILImage.open(io.BytesIO(original)) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise VariantError(f"image of {image.width}x{image.height} is too large")
-            image.draft("RGB", (long_side, long_side))  # JPEG: decode at a smaller scale
-            frame = image.convert("RGBA" if _has_alpha(image) else "RGB")
-        frame.thumbnail((long_side, long_side), PILImage.Resampling.LANCZOS)
-        out = io.BytesIO()
-        frame.save(out, format="WEBP", quality=WEBP_QUALITY, method=4)
+            largest = max(long_sides)
+            image.draft("RGB", (largest, largest))  # JPEG: decode at a smaller scale
+            decoded = image.convert("RGBA" if _has_alpha(image) else "RGB")
+        rendered = []
+        for long_side in long_sides:
+            frame = decoded.copy()
+            frame.thumbnail((long_side, long_side), PILImage.Resampling.LANCZOS)
+            out = io.BytesIO()
+            frame.save(out, format="WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
+            rendered.append(out.getvalue())
     except DECODE_ERRORS as exc:
         raise VariantError(f"cannot render the image: {type(exc).__name__}: {exc}") from exc
-    return out.getvalue()
+    return rendered
 
 
 def _has_alpha(image: PILImage.Image) -> bool:
@@ -113,9 +126,12 @@ async def make_variants(
     VariantError (or StorageError) when the original cannot be read or rendered.
     """
     original = await _read(storage, key, max_bytes)
+    names = list(names)
+    rendered = await anyio.to_thread.run_sync(
+        render_all, original, [VARIANTS[name] for name in names]
+    )
     made: dict[str, bytes] = {}
-    for name in names:
-        data = await anyio.to_thread.run_sync(render, original, VARIANTS[name])
+    for name, data in zip(names, rendered, strict=True):
         await _store(storage, variant_key(key, name), data)
         made[name] = data
     return made

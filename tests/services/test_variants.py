@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from app import activity
+from app import activity, variants
 from app.events.repository import EVENTS
 from app.fetch import FetchError
 from app.models import utcnow
@@ -51,6 +51,29 @@ async def test_a_stored_image_gets_thumb_and_preview_variants_beside_it(queue: Q
     assert _size((root / variant_key(stored.key, "preview")).read_bytes()) == (1024, 512)
     assert variant_key(stored.key, "thumb") == stored.key.removesuffix(".png") + ".thumb.webp"
     assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_the_original_is_decoded_once_for_all_its_variants(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding is a good part of a variant's cost: both sizes come from one decode."""
+    opened: list[object] = []
+    real_open = PILImage.open
+
+    def counting_open(*args: object, **kwargs: object) -> PILImage.Image:
+        opened.append(args[0])
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(variants.PILImage, "open", counting_open)
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(1600, 800)])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.key is not None
+    root = queue.root / "images"
+    monkeypatch.undo()
+    assert _size((root / variant_key(stored.key, "thumb")).read_bytes()) == (256, 128)
+    assert _size((root / variant_key(stored.key, "preview")).read_bytes()) == (1024, 512)
+    assert len(opened) == 1
 
 
 async def test_a_variant_that_cannot_be_made_leaves_the_original_stored(
