@@ -437,18 +437,23 @@ class OneStatement:
 async def confirm_in_batch(
     db: AsyncConnection, callbacks: Sequence[TerminalCallback], now: datetime
 ) -> dict[str, OneStatement]:
-    """Run `CONFIRM_BATCH_SQL` (PostgreSQL only) for callbacks about distinct tasks,
-    straight on the driver: one prepared statement, one round trip. By task id."""
-    raw = await db.get_raw_connection()
-    rows = await raw.driver_connection.fetch(  # type: ignore[union-attr]
-        CONFIRM_BATCH_SQL,
+    """Run `CONFIRM_BATCH_SQL` (PostgreSQL only) for callbacks about distinct tasks:
+    one prepared statement, one round trip. By task id.
+
+    Through the engine's driver-level execute, not the driver itself: a failure is
+    the engine's, so a connection the server dropped invalidates the pool (the
+    general path that takes over gets a live one) and the error handler answers
+    503, as for any other statement.
+    """
+    parameters = (
         [c.task_id for c in callbacks],
         [c.upstream_id for c in callbacks],
         [c.reported for c in callbacks],
         [c.body_sha256 for c in callbacks],
         now,
     )
-    return {row["task_id"]: OneStatement(row["outcome"], row["status"]) for row in rows}
+    rows = await db.exec_driver_sql(CONFIRM_BATCH_SQL, parameters)
+    return {row.task_id: OneStatement(row.outcome, row.status) for row in rows}
 
 
 async def confirm_in_one_statement(

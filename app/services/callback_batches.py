@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
+from app.db import statement_commits
 from app.models import utcnow
 from app.repository import OneStatement, TerminalCallback
 
@@ -102,12 +103,13 @@ class ConfirmationBatches:
     async def _run(
         self, callbacks: list[TerminalCallback], now: datetime
     ) -> dict[str, OneStatement]:
-        async with self.engine.connect() as db:
+        # Autocommit: the statement commits alone, no BEGIN and COMMIT round trips.
+        async with statement_commits(self.engine) as db:
             try:
                 return await repository.confirm_in_batch(db, callbacks, now)
             except BaseException:
-                # The statement ran on the driver, out of the pool's sight: a connection
-                # it may have broken must not go back for the next request.
+                # Whatever failed it (a deadlock, a cancelled wait), the connection
+                # does not go back for the next request: a new one costs little.
                 await db.invalidate()
                 raise
 

@@ -66,7 +66,7 @@ async def _callbacks_after_a_drop(
     return stack, answers
 
 
-@pytest.mark.parametrize("status", ["processing"])
+@pytest.mark.parametrize("status", ["processing", "completed"])
 async def test_callbacks_after_the_server_dropped_the_pool_are_never_answered_500(
     service_factory: Any, postgres_database: str, tmp_path: Path, status: str
 ) -> None:
