@@ -371,8 +371,10 @@ _TERMINAL_STATUSES = tuple(status.value for status in TaskStatus if status.termi
 # (a poll writing it meanwhile has committed by then), for a task that already
 # carries the callback's provider id; any other case (no such task, no provider id
 # on either side, or a different one) decides nothing and records nothing (outcome
-# NULL), and the general path takes over. Rows are locked in id order, so batches
-# on several replicas wait for one another instead of deadlocking. Data-modifying
+# NULL), and the general path takes over. Rows are locked in id order (byte order,
+# whatever the database's collation: Python's `sorted` on the ids agrees), so batches
+# on several replicas, and the worker applying answers about several tasks, wait for
+# one another instead of deadlocking. Data-modifying
 # CTEs run whether or not they are read. Parameters: task ids, provider ids,
 # reported statuses and body hashes (arrays in the same order), and the time.
 CONFIRM_BATCH_SQL = f"""
@@ -382,7 +384,7 @@ WITH input AS (
 ), cur AS (
     SELECT id, status, upstream_task_id, confirm_requested_at, poll_claimed_at
     FROM {TASKS.name} WHERE id = ANY($1::text[])
-    ORDER BY id
+    ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE
 ), decided AS (
     SELECT i.task_id, i.reported, i.body_sha256, c.status,
