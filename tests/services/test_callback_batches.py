@@ -340,3 +340,43 @@ async def test_a_poll_batch_and_a_callback_batch_on_the_same_tasks_do_not_deadlo
 
 def _id(item: Any) -> str:
     return str(item["id"] if isinstance(item, dict) else item.id)
+
+
+async def test_two_processes_batching_repeats_of_the_same_tasks_confirm_each_once(
+    postgres_database: str,
+) -> None:
+    """Two replicas (two engines, two sets of batches) get every task's callback several
+    times at once: no batch fails (rows are locked in one order), each task gets
+    exactly one 'confirming' and every delivery is recorded."""
+    engines = [create_engine(postgres_database) for _ in range(2)]
+    replicas = [CountedBatches(engine, max_batch=8) for engine in engines]
+    try:
+        async with create_session_factory(engines[0])() as session:
+            tasks = [await make_task(session, status="processing") for _ in range(24)]
+        callbacks = [
+            TerminalCallback(t.id, t.upstream_task_id or "", "completed", "0" * 64) for t in tasks
+        ]
+        repeats = 4
+        deliveries = [
+            (replicas[(n + k) % 2], callback)
+            for k in range(repeats)
+            for n, callback in enumerate(callbacks)
+        ]
+        results = await asyncio.gather(*(batches.decide(cb) for batches, cb in deliveries))
+        assert None not in results  # no batch failed
+        assert sum(len(r.sizes) for r in replicas) > 2  # several batches, on both
+        by_task: dict[str, list[str | None]] = {}
+        for (_, callback), result in zip(deliveries, results, strict=True):
+            assert result is not None
+            by_task.setdefault(callback.task_id, []).append(result.outcome)
+        for task in tasks:
+            outcomes = by_task[task.id]
+            assert sorted(o or "" for o in outcomes) == ["confirming"] + ["duplicate"] * (
+                repeats - 1
+            )
+            assert sorted((await _written(engines[0], task.id))[1]) == sorted(
+                o or "" for o in outcomes
+            )
+    finally:
+        for engine in engines:
+            await engine.dispose()
