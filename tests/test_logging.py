@@ -170,3 +170,27 @@ def test_alembic_plugin_setup_is_not_logged(log_stream: io.StringIO) -> None:
     logging.getLogger("app.anything").info("kept")
     assert "setup plugin" not in log_stream.getvalue()
     assert "kept" in log_stream.getvalue()
+
+
+def test_the_quick_check_never_changes_what_the_patterns_redact() -> None:
+    """Over many mixes of case, separators, encodings and look-alike letters, text is
+    redacted exactly as the three patterns alone would redact it."""
+    from app.logging import _BEARER, _CALLBACK_TOKEN, _SIGNING_SECRET
+
+    def patterns_only(text: str) -> str:
+        text = _SIGNING_SECRET.sub("***", text)
+        return _BEARER.sub(r"\1***", _CALLBACK_TOKEN.sub(r"\1***", text))
+
+    heads = ["bearer", "BEARER", "BeArEr", "bear er", "bearer\u00a0", "bearer\t", "Bearer:"]
+    heads += ["whsec_", "WHSEC_", "whsec-", "/webhooks/starmagic/tsk_1/", "/WEBHOOKS/starmagic/"]
+    heads += ["/webhooks%2Fstarmagic/tsk_1/", "/webhooks/starmagic/tsk 1/", "\u212aey "]
+    tails = ["s3cr3t", " s3cr3t", "\u00a0s3cr3t", "tok?x=1", '"tok"', "", "c2Vj+/=_-"]
+    around = [("", ""), ("Authorization: ", ""), ('{"u": "https://h', '"}'), ("x\n", "\ny")]
+    checked = 0
+    for head in heads:
+        for tail in tails:
+            for before, after in around:
+                text = f"{before}{head}{tail}{after}"
+                assert redact_text(text) == patterns_only(text), text
+                checked += 1
+    assert checked == len(heads) * len(tails) * len(around)
