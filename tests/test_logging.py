@@ -194,3 +194,24 @@ def test_the_quick_check_never_changes_what_the_patterns_redact() -> None:
                 assert redact_text(text) == patterns_only(text), text
                 checked += 1
     assert checked == len(heads) * len(tails) * len(around)
+
+
+def test_any_other_handler_gets_the_app_lines_already_redacted(log_stream: io.StringIO) -> None:
+    """The app's own lines are redacted before they reach the handlers: another handler
+    on the root logger (an agent's, a file an operator adds, pytest's capture) never
+    sees a callback token or a bearer credential; ours still hides traceback text."""
+    other = io.StringIO()
+    handler = logging.StreamHandler(other)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    log = structlog.get_logger("tests")
+    log.info("request", path="/webhooks/starmagic/tsk_1/deadbeefdeadbeef", auth="Bearer abc.def")
+    try:
+        raise RuntimeError("calling /webhooks/starmagic/tsk_2/feedfacefeedface failed")
+    except RuntimeError:
+        log.exception("failed")
+    for text in (other.getvalue(), log_stream.getvalue()):
+        assert "deadbeefdeadbeef" not in text
+        assert "abc.def" not in text
+    assert "feedfacefeedface" not in log_stream.getvalue()
+    assert "/webhooks/starmagic/tsk_2/***" in log_stream.getvalue()
