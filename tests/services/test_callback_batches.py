@@ -380,3 +380,32 @@ async def test_two_processes_batching_repeats_of_the_same_tasks_confirm_each_onc
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_closing_waits_for_the_batch_out_and_its_callbacks_get_their_answers(
+    postgres_database: str,
+) -> None:
+    """Shutdown while a batch waits on a row lock: closing waits for it (not for ever:
+    the lock's holder ends), the callback gets its answer, and the queue is empty."""
+    engine = create_engine(postgres_database)
+    batches = CountedBatches(engine)
+    try:
+        async with create_session_factory(engine)() as session:
+            task = await make_task(session, status="processing")
+        assert task.upstream_task_id
+        async with engine.connect() as holder:
+            await holder.execute(select(TASKS.c.id).where(TASKS.c.id == task.id).with_for_update())
+            answer = asyncio.ensure_future(
+                batches.decide(TerminalCallback(task.id, task.upstream_task_id, "completed", ""))
+            )
+            await _await_a_lock_wait(postgres_database)
+            closing = asyncio.ensure_future(batches.aclose())
+            await asyncio.sleep(0)
+            assert not closing.done()  # the batch is still out
+            await holder.rollback()
+        await closing
+        assert await answer == OneStatement("confirming", "processing")
+        assert batches._queue == []
+        assert not batches._drainers
+    finally:
+        await engine.dispose()
