@@ -94,7 +94,10 @@ async def statement_commits(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
         try:
             yield connection
         finally:
-            connection.info.pop(_AUTOCOMMIT, None)
+            # An invalidated connection (the server dropped it) has no info to clean,
+            # and asking for it would raise over the error that invalidated it.
+            if not connection.invalidated:
+                connection.info.pop(_AUTOCOMMIT, None)
 
 
 @asynccontextmanager

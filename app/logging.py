@@ -57,6 +57,16 @@ def _redact(_: Any, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _redact_rendered(_: Any, __: str, event: EventDict) -> EventDict:
+    # The text the formatter itself made (tracebacks, stacks): the fields were
+    # redacted already, before the line reached any handler.
+    for key in ("exception", "stack"):
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = redact_text(value)
+    return event
+
+
 def _redact_values(secrets: list[str]) -> Processor:
     """Replace the literal secret values wherever they appear in a rendered line."""
     known = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
@@ -92,6 +102,9 @@ def configure_logging(settings: Settings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _render_stdlib_message,
+        # Here, not in the formatter: every handler on the root logger gets the line
+        # redacted, not only ours. Once per line: the formatter only adds tracebacks.
+        _redact,
     ]
     renderer: Processor = (
         structlog.processors.JSONRenderer()
@@ -114,7 +127,7 @@ def configure_logging(settings: Settings) -> None:
             # Tracebacks become text first (no locals), so the redactors see them.
             structlog.processors.format_exc_info,
             structlog.processors.StackInfoRenderer(),
-            _redact,
+            _redact_rendered,
             _redact_values(
                 [*settings.webhook_secret, *settings.api_tokens, settings.starmagic_api_key]
             ),

@@ -371,8 +371,10 @@ _TERMINAL_STATUSES = tuple(status.value for status in TaskStatus if status.termi
 # (a poll writing it meanwhile has committed by then), for a task that already
 # carries the callback's provider id; any other case (no such task, no provider id
 # on either side, or a different one) decides nothing and records nothing (outcome
-# NULL), and the general path takes over. Rows are locked in id order, so batches
-# on several replicas wait for one another instead of deadlocking. Data-modifying
+# NULL), and the general path takes over. Rows are locked in id order (byte order,
+# whatever the database's collation: Python's `sorted` on the ids agrees), so batches
+# on several replicas, and the worker applying answers about several tasks, wait for
+# one another instead of deadlocking. Data-modifying
 # CTEs run whether or not they are read. Parameters: task ids, provider ids,
 # reported statuses and body hashes (arrays in the same order), and the time.
 CONFIRM_BATCH_SQL = f"""
@@ -382,7 +384,7 @@ WITH input AS (
 ), cur AS (
     SELECT id, status, upstream_task_id, confirm_requested_at, poll_claimed_at
     FROM {TASKS.name} WHERE id = ANY($1::text[])
-    ORDER BY id
+    ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE
 ), decided AS (
     SELECT i.task_id, i.reported, i.body_sha256, c.status,
@@ -437,18 +439,23 @@ class OneStatement:
 async def confirm_in_batch(
     db: AsyncConnection, callbacks: Sequence[TerminalCallback], now: datetime
 ) -> dict[str, OneStatement]:
-    """Run `CONFIRM_BATCH_SQL` (PostgreSQL only) for callbacks about distinct tasks,
-    straight on the driver: one prepared statement, one round trip. By task id."""
-    raw = await db.get_raw_connection()
-    rows = await raw.driver_connection.fetch(  # type: ignore[union-attr]
-        CONFIRM_BATCH_SQL,
+    """Run `CONFIRM_BATCH_SQL` (PostgreSQL only) for callbacks about distinct tasks:
+    one prepared statement, one round trip. By task id.
+
+    Through the engine's driver-level execute, not the driver itself: a failure is
+    the engine's, so a connection the server dropped invalidates the pool (the
+    general path that takes over gets a live one) and the error handler answers
+    503, as for any other statement.
+    """
+    parameters = (
         [c.task_id for c in callbacks],
         [c.upstream_id for c in callbacks],
         [c.reported for c in callbacks],
         [c.body_sha256 for c in callbacks],
         now,
     )
-    return {row["task_id"]: OneStatement(row["outcome"], row["status"]) for row in rows}
+    rows = await db.exec_driver_sql(CONFIRM_BATCH_SQL, parameters)
+    return {row.task_id: OneStatement(row.outcome, row.status) for row in rows}
 
 
 async def confirm_in_one_statement(

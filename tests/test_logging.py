@@ -170,3 +170,48 @@ def test_alembic_plugin_setup_is_not_logged(log_stream: io.StringIO) -> None:
     logging.getLogger("app.anything").info("kept")
     assert "setup plugin" not in log_stream.getvalue()
     assert "kept" in log_stream.getvalue()
+
+
+def test_the_quick_check_never_changes_what_the_patterns_redact() -> None:
+    """Over many mixes of case, separators, encodings and look-alike letters, text is
+    redacted exactly as the three patterns alone would redact it."""
+    from app.logging import _BEARER, _CALLBACK_TOKEN, _SIGNING_SECRET
+
+    def patterns_only(text: str) -> str:
+        text = _SIGNING_SECRET.sub("***", text)
+        return _BEARER.sub(r"\1***", _CALLBACK_TOKEN.sub(r"\1***", text))
+
+    heads = ["bearer", "BEARER", "BeArEr", "bear er", "bearer\u00a0", "bearer\t", "Bearer:"]
+    heads += ["whsec_", "WHSEC_", "whsec-", "/webhooks/starmagic/tsk_1/", "/WEBHOOKS/starmagic/"]
+    heads += ["/webhooks%2Fstarmagic/tsk_1/", "/webhooks/starmagic/tsk 1/", "\u212aey "]
+    tails = ["s3cr3t", " s3cr3t", "\u00a0s3cr3t", "tok?x=1", '"tok"', "", "c2Vj+/=_-"]
+    around = [("", ""), ("Authorization: ", ""), ('{"u": "https://h', '"}'), ("x\n", "\ny")]
+    checked = 0
+    for head in heads:
+        for tail in tails:
+            for before, after in around:
+                text = f"{before}{head}{tail}{after}"
+                assert redact_text(text) == patterns_only(text), text
+                checked += 1
+    assert checked == len(heads) * len(tails) * len(around)
+
+
+def test_any_other_handler_gets_the_app_lines_already_redacted(log_stream: io.StringIO) -> None:
+    """The app's own lines are redacted before they reach the handlers: another handler
+    on the root logger (an agent's, a file an operator adds, pytest's capture) never
+    sees a callback token or a bearer credential; ours still hides traceback text."""
+    other = io.StringIO()
+    handler = logging.StreamHandler(other)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    log = structlog.get_logger("tests")
+    log.info("request", path="/webhooks/starmagic/tsk_1/deadbeefdeadbeef", auth="Bearer abc.def")
+    try:
+        raise RuntimeError("calling /webhooks/starmagic/tsk_2/feedfacefeedface failed")
+    except RuntimeError:
+        log.exception("failed")
+    for text in (other.getvalue(), log_stream.getvalue()):
+        assert "deadbeefdeadbeef" not in text
+        assert "abc.def" not in text
+    assert "feedfacefeedface" not in log_stream.getvalue()
+    assert "/webhooks/starmagic/tsk_2/***" in log_stream.getvalue()

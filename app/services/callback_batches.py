@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
+from app.db import statement_commits
 from app.models import utcnow
 from app.repository import OneStatement, TerminalCallback
 
@@ -78,30 +79,37 @@ class ConfirmationBatches:
         return batch
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = self._take()
-            try:
-                decided = await self._run([w.callback for w in batch], utcnow())
-            except asyncio.CancelledError:
+        try:
+            while self._queue:
+                batch = self._take()
+                try:
+                    decided = await self._run([w.callback for w in batch], utcnow())
+                except asyncio.CancelledError:
+                    for waiting in batch:
+                        waiting.answer.cancel()
+                    raise
+                except Exception as exc:  # the general path retries each and reports what fails
+                    log.debug("callback_batch_failed", size=len(batch), error=type(exc).__name__)
+                    decided = {}
                 for waiting in batch:
-                    waiting.answer.cancel()
-                raise
-            except Exception as exc:  # the general path retries each and reports what fails
-                log.debug("callback_batch_failed", size=len(batch), error=type(exc).__name__)
-                decided = {}
-            for waiting in batch:
-                if not waiting.answer.done():  # its request may have been cancelled
-                    waiting.answer.set_result(decided.get(waiting.callback.task_id))
+                    if not waiting.answer.done():  # its request may have been cancelled
+                        waiting.answer.set_result(decided.get(waiting.callback.task_id))
+        finally:
+            # Counted out in the same step as the empty queue was seen: a done callback
+            # runs a turn later, and a callback queued in between would find every
+            # drainer slot taken by drainers that have ended, and wait forever.
+            self._drainers.discard(asyncio.current_task())
 
     async def _run(
         self, callbacks: list[TerminalCallback], now: datetime
     ) -> dict[str, OneStatement]:
-        async with self.engine.connect() as db:
+        # Autocommit: the statement commits alone, no BEGIN and COMMIT round trips.
+        async with statement_commits(self.engine) as db:
             try:
                 return await repository.confirm_in_batch(db, callbacks, now)
             except BaseException:
-                # The statement ran on the driver, out of the pool's sight: a connection
-                # it may have broken must not go back for the next request.
+                # Whatever failed it (a deadlock, a cancelled wait), the connection
+                # does not go back for the next request: a new one costs little.
                 await db.invalidate()
                 raise
 

@@ -321,6 +321,9 @@ class Reconciler:
         """
         if not answers:
             return
+        # Rows are locked in id order, as a callback batch locks them
+        # (`repository.CONFIRM_BATCH_SQL`): in any other order the two can deadlock.
+        answers = sorted(answers, key=lambda answer: answer[0].id)
         now = utcnow()
         try:
             async with self._factory() as session, session.begin():

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
@@ -21,13 +21,15 @@ from app.db import create_engine, create_session_factory
 from app.errors import NotFound
 from app.models import TaskStatus, utcnow
 from app.repository import DELIVERIES, TASKS, OneStatement, TerminalCallback
-from app.services import callback_batches
+from app.services import callback_batches, reconcile
 from app.services.callback_batches import ConfirmationBatches
 from app.services.callbacks import receive_in_batch
+from app.upstream import parse_snapshot
 from tests.api.test_webhooks import build_stack, hook
 from tests.conftest import WEBHOOK_SECRET, make_settings
 from tests.factories import make_task
 from tests.helpers import dumps, task_body
+from tests.postgres import dsn
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
@@ -255,5 +257,155 @@ async def test_a_forged_callback_never_reaches_a_batch(postgres_database: str) -
         assert real is not None
         assert real.outcome.value == "confirming"
         assert batches.sizes == [1]
+    finally:
+        await engine.dispose()
+
+
+async def _await_a_lock_wait(url: str) -> None:
+    """Until some statement in the database waits for a row lock (bounded)."""
+    admin = await asyncpg.connect(dsn(url))
+    try:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        for _ in range(500):
+            if await admin.fetchval(waiting):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no statement came to wait for a lock")
+    finally:
+        await admin.close()
+
+
+async def test_a_poll_batch_and_a_callback_batch_on_the_same_tasks_do_not_deadlock(
+    service_factory: Any, postgres_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker applies answers about several tasks in one transaction while a callback
+    batch locks the same rows: both take them in the same order, so one waits for the
+    other instead of PostgreSQL killing one of them as a deadlock (a second later)."""
+    stack = await build_stack(service_factory, make_settings(postgres_database, tmp_path))
+    reconciler = stack.service.runtime.reconciler
+    submitted = sorted([await stack.submit("a cat"), await stack.submit("a dog")], key=_id)
+    claims = []
+    async with stack.service.runtime.engine.begin() as db:
+        for task in submitted:
+            due = update(TASKS).where(TASKS.c.id == task["id"])
+            await db.execute(due.values(next_poll_at=utcnow() - timedelta(minutes=1)))
+            claim = await repository.claim_poll(
+                db, task["id"], now=utcnow(), lease=timedelta(minutes=1), spacing=timedelta(0)
+            )
+            assert claim is not None
+            claims.append(claim)
+    # The answers in the order they arrived: the later id first.
+    answers = [
+        (claim, parse_snapshot(task_body("processing", upstream_id=claim.upstream_task_id)))
+        for claim in reversed(claims)
+    ]
+    applied_one = asyncio.Event()
+    real_apply = reconcile.apply_snapshot
+
+    async def apply_then_let_the_batch_in(*args: Any, **kwargs: Any) -> Any:
+        result = await real_apply(*args, **kwargs)
+        if not applied_one.is_set():
+            applied_one.set()  # one row locked in the worker's transaction
+            await _await_a_lock_wait(postgres_database)  # the batch waits on a row
+        return result
+
+    monkeypatch.setattr(reconcile, "apply_snapshot", apply_then_let_the_batch_in)
+    tries: list[int] = []
+    real_apply_answers = reconciler._apply_answers
+
+    async def counted(batch: Any) -> None:
+        tries.append(len(batch))
+        await real_apply_answers(batch)
+
+    monkeypatch.setattr(reconciler, "_apply_answers", counted)
+    batches = CountedBatches(stack.service.runtime.engine)
+    worker = asyncio.ensure_future(reconciler._apply_answers(answers))
+    await applied_one.wait()
+    decided = await asyncio.gather(
+        *(
+            batches.decide(TerminalCallback(c.id, c.upstream_task_id or "", "completed", ""))
+            for c in claims
+        )
+    )
+    await worker
+    assert batches.sizes == [2]
+    assert decided == [OneStatement("confirming", "processing")] * 2  # not failed
+    assert tries == [2]  # the worker's batch went through whole
+    for task in submitted:
+        assert (await _written(stack.service.runtime.engine, task["id"]))[1] == ["confirming"]
+
+
+def _id(item: Any) -> str:
+    return str(item["id"] if isinstance(item, dict) else item.id)
+
+
+async def test_two_processes_batching_repeats_of_the_same_tasks_confirm_each_once(
+    postgres_database: str,
+) -> None:
+    """Two replicas (two engines, two sets of batches) get every task's callback several
+    times at once: no batch fails (rows are locked in one order), each task gets
+    exactly one 'confirming' and every delivery is recorded."""
+    engines = [create_engine(postgres_database) for _ in range(2)]
+    replicas = [CountedBatches(engine, max_batch=8) for engine in engines]
+    try:
+        async with create_session_factory(engines[0])() as session:
+            tasks = [await make_task(session, status="processing") for _ in range(24)]
+        callbacks = [
+            TerminalCallback(t.id, t.upstream_task_id or "", "completed", "0" * 64) for t in tasks
+        ]
+        repeats = 4
+        deliveries = [
+            (replicas[(n + k) % 2], callback)
+            for k in range(repeats)
+            for n, callback in enumerate(callbacks)
+        ]
+        results = await asyncio.gather(*(batches.decide(cb) for batches, cb in deliveries))
+        assert None not in results  # no batch failed
+        assert sum(len(r.sizes) for r in replicas) > 2  # several batches, on both
+        by_task: dict[str, list[str | None]] = {}
+        for (_, callback), result in zip(deliveries, results, strict=True):
+            assert result is not None
+            by_task.setdefault(callback.task_id, []).append(result.outcome)
+        for task in tasks:
+            outcomes = by_task[task.id]
+            assert sorted(o or "" for o in outcomes) == ["confirming"] + ["duplicate"] * (
+                repeats - 1
+            )
+            assert sorted((await _written(engines[0], task.id))[1]) == sorted(
+                o or "" for o in outcomes
+            )
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_closing_waits_for_the_batch_out_and_its_callbacks_get_their_answers(
+    postgres_database: str,
+) -> None:
+    """Shutdown while a batch waits on a row lock: closing waits for it (not for ever:
+    the lock's holder ends), the callback gets its answer, and the queue is empty."""
+    engine = create_engine(postgres_database)
+    batches = CountedBatches(engine)
+    try:
+        async with create_session_factory(engine)() as session:
+            task = await make_task(session, status="processing")
+        assert task.upstream_task_id
+        async with engine.connect() as holder:
+            await holder.execute(select(TASKS.c.id).where(TASKS.c.id == task.id).with_for_update())
+            answer = asyncio.ensure_future(
+                batches.decide(TerminalCallback(task.id, task.upstream_task_id, "completed", ""))
+            )
+            await _await_a_lock_wait(postgres_database)
+            closing = asyncio.ensure_future(batches.aclose())
+            await asyncio.sleep(0)
+            assert not closing.done()  # the batch is still out
+            await holder.rollback()
+        await closing
+        assert await answer == OneStatement("confirming", "processing")
+        assert batches._queue == []
+        assert not batches._drainers
     finally:
         await engine.dispose()
