@@ -14,6 +14,10 @@ CALLBACK_SECONDS = Histogram(
     "Time to handle one webhook delivery.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+CALLBACK_BATCHES_FAILED = Counter(
+    "imagetasks_callback_batches_failed_total",
+    "Batched callback statements that failed; their callbacks took the general path.",
+)
 SUBMISSIONS = Counter(
     "imagetasks_submissions_total",
     "POST /tasks outcomes (accepted, replayed, refused, unavailable, unknown).",

@@ -10,13 +10,14 @@ once, so batching adds no wait when the service is quiet.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import repository
+from app import metrics, repository
 from app.db import statement_commits
 from app.models import utcnow
 from app.repository import OneStatement, TerminalCallback
@@ -25,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 64
 BATCHES_IN_FLIGHT = 2
+FAILURE_LOG_SECONDS = 60.0
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ConfirmationBatches:
         self.in_flight = in_flight
         self._queue: list[_Waiting] = []
         self._drainers: set[asyncio.Task[None]] = set()
+        self._said_at = -FAILURE_LOG_SECONDS
+        self._failures_unsaid = 0
 
     async def decide(self, callback: TerminalCallback) -> OneStatement | None:
         """What the batch statement did for this callback; None when its batch failed
@@ -89,7 +93,7 @@ class ConfirmationBatches:
                         waiting.answer.cancel()
                     raise
                 except Exception as exc:  # the general path retries each and reports what fails
-                    log.debug("callback_batch_failed", size=len(batch), error=type(exc).__name__)
+                    self._failed(exc, len(batch))
                     decided = {}
                 for waiting in batch:
                     if not waiting.answer.done():  # its request may have been cancelled
@@ -99,6 +103,21 @@ class ConfirmationBatches:
             # runs a turn later, and a callback queued in between would find every
             # drainer slot taken by drainers that have ended, and wait forever.
             self._drainers.discard(asyncio.current_task())
+
+    def _failed(self, exc: Exception, size: int) -> None:
+        """Counted, and said at most once a minute: a deadlock now and then is harmless,
+        a statement that always fails would slow every callback unseen."""
+        metrics.CALLBACK_BATCHES_FAILED.inc()
+        self._failures_unsaid += 1
+        now = time.monotonic()
+        if now - self._said_at >= FAILURE_LOG_SECONDS:
+            log.warning(
+                "callback_batches_failed",
+                batches=self._failures_unsaid,
+                size=size,
+                error=type(exc).__name__,
+            )
+            self._said_at, self._failures_unsaid = now, 0
 
     async def _run(
         self, callbacks: list[TerminalCallback], now: datetime

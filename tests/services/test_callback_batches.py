@@ -12,10 +12,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import repository
+from app import metrics, repository
 from app.callback_urls import sign
 from app.db import create_engine, create_session_factory
 from app.errors import NotFound
@@ -198,12 +199,24 @@ async def test_a_failed_batch_writes_nothing_and_each_callback_takes_the_general
         callback_batches, "repository", SimpleNamespace(confirm_in_batch=deadlocked)
     )
     body = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
-    response = await stack.service.client.post(hook(task["id"]), content=body)
+    failed_before = metrics.CALLBACK_BATCHES_FAILED._value.get()
+    with structlog.testing.capture_logs() as logged:
+        response = await stack.service.client.post(hook(task["id"]), content=body)
+        again = await stack.service.client.post(hook(task["id"]), content=body)
     assert response.status_code == 200, response.text
     assert response.json() == {"received": True, "outcome": "confirming"}
-    assert len(seen) == 1
+    assert again.status_code == 200, again.text
+    assert len(seen) == 2
     assert not seen[0].is_valid  # invalidated: never handed out again
-    assert await stack.deliveries(task["id"]) == [("confirming", False)]
+    recorded = await stack.deliveries(task["id"])
+    assert recorded[0] == ("confirming", False)
+    assert len(recorded) == 2
+    # Counted each time, said once a minute: a failing statement is seen, not flooded.
+    assert metrics.CALLBACK_BATCHES_FAILED._value.get() == failed_before + 2
+    warnings = [line for line in logged if line["event"] == "callback_batches_failed"]
+    assert len(warnings) == 1
+    assert warnings[0]["log_level"] == "warning"
+    assert warnings[0]["error"] == "DeadlockDetectedError"
 
 
 async def test_a_callback_whose_request_went_away_is_still_recorded(
