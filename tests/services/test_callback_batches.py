@@ -150,6 +150,17 @@ def _changed(written: tuple[Any, ...], task: Any) -> list[bool]:
     return [now != then for now, then in zip(written[1:], before, strict=True)]
 
 
+async def _completions(engine: AsyncEngine, count: int) -> list[TerminalCallback]:
+    """Tasks in `processing`, and the terminal callback each gets."""
+    callbacks = []
+    async with create_session_factory(engine)() as session:
+        for _ in range(count):
+            task = await make_task(session, status="processing")
+            assert task.upstream_task_id
+            callbacks.append(TerminalCallback(task.id, task.upstream_task_id, "completed", ""))
+    return callbacks
+
+
 async def test_callbacks_about_one_task_are_decided_one_batch_after_another(
     postgres_database: str,
 ) -> None:
@@ -158,13 +169,7 @@ async def test_callbacks_about_one_task_are_decided_one_batch_after_another(
     engine = create_engine(postgres_database)
     batches = CountedBatches(engine, in_flight=1)
     try:
-        async with create_session_factory(engine)() as session:
-            task = await make_task(session, status="processing")
-            other = await make_task(session, status="processing")
-        assert task.upstream_task_id
-        assert other.upstream_task_id
-        same = TerminalCallback(task.id, task.upstream_task_id, "completed", "0" * 64)
-        another = TerminalCallback(other.id, other.upstream_task_id, "completed", "0" * 64)
+        same, another = await _completions(engine, 2)
         results = await asyncio.gather(
             batches.decide(same), batches.decide(same), batches.decide(another),
             batches.decide(same),
@@ -176,7 +181,11 @@ async def test_callbacks_about_one_task_are_decided_one_batch_after_another(
             "duplicate",
         ]
         assert batches.sizes == [2, 1, 1]
-        assert (await _written(engine, task.id))[1] == ["confirming", "duplicate", "duplicate"]
+        assert (await _written(engine, same.task_id))[1] == [
+            "confirming",
+            "duplicate",
+            "duplicate",
+        ]
     finally:
         await engine.dispose()
 
@@ -227,24 +236,16 @@ async def test_a_callback_whose_request_went_away_is_still_recorded(
     engine = create_engine(postgres_database)
     batches = CountedBatches(engine, in_flight=1)
     try:
-        async with create_session_factory(engine)() as session:
-            gone = await make_task(session, status="processing")
-            kept = await make_task(session, status="processing")
-        assert gone.upstream_task_id
-        assert kept.upstream_task_id
-        hung_up = asyncio.ensure_future(
-            batches.decide(TerminalCallback(gone.id, gone.upstream_task_id, "completed", ""))
-        )
-        waiting = asyncio.ensure_future(
-            batches.decide(TerminalCallback(kept.id, kept.upstream_task_id, "completed", ""))
-        )
+        gone, kept = await _completions(engine, 2)
+        hung_up = asyncio.ensure_future(batches.decide(gone))
+        waiting = asyncio.ensure_future(batches.decide(kept))
         await asyncio.sleep(0)  # both queued, their batch started
         hung_up.cancel()
         result = await waiting
         assert result == OneStatement("confirming", "processing")
         await batches.aclose()
         assert hung_up.cancelled()
-        assert (await _written(engine, gone.id))[1] == ["confirming"]
+        assert (await _written(engine, gone.task_id))[1] == ["confirming"]
         assert batches.sizes == [2]
     finally:
         await engine.dispose()
