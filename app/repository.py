@@ -206,17 +206,19 @@ def _answer_statement(
 
 async def accept_submission(
     db: AsyncConnection,
+    task: Task,
     shape: Any,
     build: Callable[[], tuple[ColumnElement[bool], dict[str, Any]]],
     params: dict[str, Any],
     activity: dict[str, Any],
-) -> Task | None:
+) -> bool:
     """The guarded UPDATE of the provider's answer to our submission and, only if it
-    matched, its activity row; the row as it now is, or None (nothing written).
+    matched, its activity row; False when it did not match (nothing written).
 
-    `build` gives the guard and values over named parameters (`params`); the
-    statement is built once per dialect and `shape`. On PostgreSQL it is one
-    statement, safe in autocommit."""
+    `task` is the task as inserted: it is brought up to date with the row the UPDATE
+    returns (cheaper than building another). `build` gives the guard and values
+    over named parameters (`params`); the statement is built once per dialect and
+    `shape`. On PostgreSQL it is one statement, safe in autocommit."""
     dialect = db.dialect.name
     statements = _ANSWER_STATEMENTS.get((dialect, shape))
     if statements is None:
@@ -224,12 +226,17 @@ async def accept_submission(
     statement, note = statements
     if note is None:
         row = (await db.execute(statement, {**params, **_prefixed("a_", activity)})).first()
-        return task_from_row(row) if row is not None else None
-    row = (await db.execute(statement, params)).first()
+    else:
+        row = (await db.execute(statement, params)).first()
+        if row is not None:
+            await db.execute(note, activity)
     if row is None:
-        return None
-    await db.execute(note, activity)
-    return task_from_row(row)
+        return False
+    for name, value in row._mapping.items():
+        attribute = "meta" if name == "metadata" else name
+        if getattr(task, attribute) != value:
+            setattr(task, attribute, value)
+    return True
 
 
 async def release_idempotency_key(

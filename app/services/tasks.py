@@ -208,7 +208,7 @@ async def submit_task(
         await _mark_failed(factory, task.id, exc, owner=owner, release_key=release)
         raise _caller_error(task.id, exc) from exc
 
-    applied = await _record_answer(engine, settings, task.id, snapshot)
+    applied = await _record_answer(engine, settings, task, snapshot)
     current = applied.task
     if current is None:
         # A callback got there first: read the task as it now is.
@@ -232,14 +232,16 @@ class _KeyTaken(Exception):
 
 
 async def _record_answer(
-    engine: AsyncEngine, settings: Settings, task_id: str, snapshot: Snapshot
+    engine: AsyncEngine, settings: Settings, task: Task, snapshot: Snapshot
 ) -> Applied:
     """Apply the provider's answer to the task we inserted, and note it in the activity.
 
     The common answer (pending, to a task still submitting) is one guarded UPDATE
     built from the state machine's own rules (`transition`, `owns_upstream_id`);
     anything else, or a task a callback moved since, goes through `apply_snapshot`.
+    On the common path `task` (as inserted) is brought up to date and returned.
     """
+    task_id = task.id
     now = utcnow()
     poll_after = first_poll_delay(settings, snapshot.estimated_time)
     answer = f"StarMagic task {snapshot.upstream_id}, {snapshot.status.value}"
@@ -248,14 +250,15 @@ async def _record_answer(
         if snapshot.status is TaskStatus.PENDING and snapshot.upstream_id:
             # Submitting to pending tells no event and queues no image.
             shape = submit_answer.Shape.of(snapshot)
-            task = await repository.accept_submission(
+            moved = await repository.accept_submission(
                 db,
+                task,
                 shape,
                 lambda: submit_answer.template(shape),
                 submit_answer.params(task_id, snapshot, now=now, poll_after=poll_after),
                 note,
             )
-            if task is not None:
+            if moved:
                 status = TaskStatus(task.status)
                 state = TaskState(task.id, status, task.progress, task.upstream_task_id)
                 return Applied(Outcome.APPLIED, state, task)
