@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -39,16 +40,28 @@ async def note(
     detail: str | None = None,
 ) -> None:
     """Append one activity row in the caller's transaction."""
-    await db.execute(
-        insert(ACTIVITY).values(
-            task_id=task_id,
-            kind=kind.value,
-            position=position,
-            outcome=outcome[:64],
-            detail=detail[:DETAIL_CHARS] if detail else None,
-            at=at,
-        )
-    )
+    values = row(task_id, kind, outcome, at=at, position=position, detail=detail)
+    await db.execute(insert(ACTIVITY).values(**values))
+
+
+def row(
+    task_id: str,
+    kind: Kind,
+    outcome: str,
+    *,
+    at: datetime,
+    position: int | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    """One activity row's values (outcome and detail cut to fit)."""
+    return {
+        "task_id": task_id,
+        "kind": kind.value,
+        "position": position,
+        "outcome": outcome[:64],
+        "detail": detail[:DETAIL_CHARS] if detail else None,
+        "at": at,
+    }
 
 
 async def for_task(

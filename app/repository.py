@@ -39,19 +39,13 @@ from app.models import (
     TaskStatus,
     UTCDateTime,
 )
+from app.webhooks import repository as webhook_repository
 
 ACTIVE_STATUSES = tuple(status.value for status in TaskStatus if not status.terminal)
 
 
 def _rowcount(result: Result[Any]) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
-
-
-def _insert(session: AsyncSession, model: type[Any]) -> postgresql.Insert | sqlite.Insert:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(model)
-    return sqlite.insert(model)
 
 
 async def get_task(session: AsyncSession, task_id: str) -> Task | None:
@@ -62,21 +56,187 @@ async def get_task(session: AsyncSession, task_id: str) -> Task | None:
     return (await session.execute(statement)).scalar_one_or_none()
 
 
-async def add_task(session: AsyncSession, task: Task) -> None:
-    """Insert a new task."""
-    session.add(task)
-    await session.flush()
+# -- submission: the new task, its key, its task.created event and outbox rows -------
+
+_TASKS = metadata.tables["tasks"]
+_KEYS = metadata.tables["idempotency_records"]
+_EVENTS = metadata.tables["events"]
+_OUTBOX = metadata.tables["webhook_deliveries"]
+_ACTIVITY = metadata.tables["task_activity"]
+_EVENT_COLUMNS = ("id", "type", "task_id", "owner", "created_at", "data")
+_CREATED = "task.created"
 
 
-async def claim_idempotency_key(session: AsyncSession, record: IdempotencyRecord) -> bool:
-    """Insert the key if it is new; True when this request owns it."""
-    statement = (
-        _insert(session, IdempotencyRecord)
-        .values(**record.model_dump())
-        .on_conflict_do_nothing(index_elements=["owner", "key"])
+def task_row(task: Task) -> dict[str, Any]:
+    """A Task as the tasks table's columns (the inverse of `task_from_row`)."""
+    values = task.model_dump()
+    values["metadata"] = values.pop("meta")
+    return values
+
+
+def _params(prefix: str, table: Table, names: Sequence[str]) -> list[Any]:
+    return [bindparam(prefix + name, type_=table.c[name].type) for name in names]
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + name: value for name, value in values.items()}
+
+
+def _submission_outbox(own_url: bool, after: ColumnElement[bool] | None) -> Any:
+    """The task.created event's outbox rows, from the event's own parameters."""
+    event_id, task_id, owner, now = _params("e_", _EVENTS, ("id", "task_id", "owner", "created_at"))
+    rows = webhook_repository.fan_out_rows(
+        event_id, _CREATED, task_id, owner, now, own_url=own_url, after=after
     )
-    result = await session.execute(statement)
-    return bool(_rowcount(result))
+    return insert(_OUTBOX).from_select(list(webhook_repository.DELIVERY_COLUMNS), rows)
+
+
+def _submission_statement(keyed: bool, own_url: bool) -> Any:
+    """PostgreSQL, one statement: the key (if any, and only if new), then the task, its
+    event and the event's outbox rows, each only if the one before it was inserted.
+    Returns how many tasks it inserted (0: the key was already taken)."""
+    task_columns = [column.name for column in _TASKS.c]
+    task_values = select(*_params("t_", _TASKS, task_columns))
+    ctes = []
+    if keyed:
+        key = (
+            postgresql.insert(_KEYS)
+            .values(dict(zip(_KEYS.c.keys(), _params("k_", _KEYS, _KEYS.c.keys()), strict=True)))
+            .on_conflict_do_nothing(index_elements=["owner", "key"])
+            .returning(_KEYS.c.owner)
+            .cte("new_key")
+        )
+        task_values = task_values.where(select(key.c.owner).exists())
+    new_task = (
+        insert(_TASKS).from_select(task_columns, task_values).returning(_TASKS.c.id).cte("new_task")
+    )
+    event_values = select(*_params("e_", _EVENTS, _EVENT_COLUMNS)).where(
+        select(new_task.c.id).exists()
+    )
+    new_event = (
+        insert(_EVENTS)
+        .from_select(list(_EVENT_COLUMNS), event_values)
+        .returning(_EVENTS.c.id)
+        .cte("new_event")
+    )
+    outbox = _submission_outbox(own_url, select(new_event.c.id).exists())
+    ctes.extend([new_event, outbox.cte("new_outbox")])
+    return select(func.count()).select_from(new_task).add_cte(*ctes)
+
+
+_SUBMISSION_STATEMENTS = {
+    (keyed, own_url): _submission_statement(keyed, own_url)
+    for keyed in (False, True)
+    for own_url in (False, True)
+}
+_INSERT_TASK = insert(_TASKS)
+_INSERT_EVENT = insert(_EVENTS)
+_INSERT_KEY = sqlite.insert(_KEYS).on_conflict_do_nothing(index_elements=["owner", "key"])
+_INSERT_OUTBOX = {own_url: _submission_outbox(own_url, None) for own_url in (False, True)}
+
+
+async def insert_submission(
+    db: AsyncConnection,
+    task: dict[str, Any],
+    event: dict[str, Any],
+    key: dict[str, Any] | None,
+) -> bool:
+    """Record a new task, its task.created event (with its outbox rows) and its
+    Idempotency-Key; False when the key was already taken, and then nothing may
+    commit (on SQLite the caller rolls back: the task went in first, for its
+    foreign key). On PostgreSQL it is one statement, safe in autocommit."""
+    wants = webhook_repository.wants_own_url
+    own_url = wants(task["webhook_url"], task["webhook_events"], _CREATED)
+    if db.dialect.name == "postgresql":
+        params = {**_prefixed("t_", task), **_prefixed("e_", event)}
+        if key is not None:
+            params.update(_prefixed("k_", key))
+        statement = _SUBMISSION_STATEMENTS[(key is not None, own_url)]
+        return bool((await db.execute(statement, params)).scalar_one())
+    await db.execute(_INSERT_TASK, task)
+    await db.execute(_INSERT_EVENT, event)
+    await db.execute(_INSERT_OUTBOX[own_url], _prefixed("e_", event))
+    if key is None:
+        return True
+    return bool(_rowcount(await db.execute(_INSERT_KEY, key)))
+
+
+_OTHER_TASK = _TASKS.alias("other")
+
+
+def owns_upstream_id_sql(task_id: Any, upstream_id: Any) -> ColumnElement[bool]:
+    """`snapshots.owns_upstream_id` in SQL: the task carries this provider id, or none
+    while no other task carries it (both given as values or bind parameters)."""
+    taken = (
+        select(_OTHER_TASK.c.id)
+        .where(_OTHER_TASK.c.upstream_task_id == upstream_id, _OTHER_TASK.c.id != task_id)
+        .exists()
+    )
+    return or_(
+        _TASKS.c.upstream_task_id == upstream_id,
+        and_(_TASKS.c.upstream_task_id.is_(None), ~taken),
+    )
+
+
+_ACTIVITY_COLUMNS = ("task_id", "kind", "position", "outcome", "detail", "at")
+_ANSWER_STATEMENTS: dict[tuple[str, Any], Any] = {}
+
+
+def _answer_statement(
+    dialect: str, guard: ColumnElement[bool], values: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The guarded UPDATE of a submission's answer (parameter `task_id`) returning the
+    row, and, on PostgreSQL, one statement that also writes the activity row
+    (parameters `a_…`) only if the UPDATE matched."""
+    moved = (
+        update(_TASKS)
+        .where(_TASKS.c.id == bindparam("task_id", type_=_TASKS.c.id.type), guard)
+        .values(**values)
+        .returning(*_TASKS.c)
+    )
+    if dialect != "postgresql":
+        return moved, insert(_ACTIVITY)
+    done = moved.cte("moved")
+    noted = insert(_ACTIVITY).from_select(
+        list(_ACTIVITY_COLUMNS),
+        select(*_params("a_", _ACTIVITY, _ACTIVITY_COLUMNS)).where(select(done.c.id).exists()),
+    )
+    return select(done).add_cte(noted.cte("noted")), None
+
+
+async def accept_submission(
+    db: AsyncConnection,
+    task: Task,
+    shape: Any,
+    build: Callable[[], tuple[ColumnElement[bool], dict[str, Any]]],
+    params: dict[str, Any],
+    activity: dict[str, Any],
+) -> bool:
+    """The guarded UPDATE of the provider's answer to our submission and, only if it
+    matched, its activity row; False when it did not match (nothing written).
+
+    `task` is the task as inserted: it is brought up to date with the row the UPDATE
+    returns (cheaper than building another). `build` gives the guard and values
+    over named parameters (`params`); the statement is built once per dialect and
+    `shape`. On PostgreSQL it is one statement, safe in autocommit."""
+    dialect = db.dialect.name
+    statements = _ANSWER_STATEMENTS.get((dialect, shape))
+    if statements is None:
+        statements = _ANSWER_STATEMENTS[(dialect, shape)] = _answer_statement(dialect, *build())
+    statement, note = statements
+    if note is None:
+        row = (await db.execute(statement, {**params, **_prefixed("a_", activity)})).first()
+    else:
+        row = (await db.execute(statement, params)).first()
+        if row is not None:
+            await db.execute(note, activity)
+    if row is None:
+        return False
+    for name, value in row._mapping.items():
+        attribute = "meta" if name == "metadata" else name
+        if getattr(task, attribute) != value:
+            setattr(task, attribute, value)
+    return True
 
 
 async def release_idempotency_key(

@@ -15,6 +15,7 @@ from app import repository
 from app.api.deps import TASK_ID, CallerDep, RuntimeDep, SessionDep, TaskIdDep
 from app.errors import NotFound, Unprocessable
 from app.events.waiting import requested_wait, wait_until_settled
+from app.middleware import log_on_request_line
 from app.models import Image, Task, TaskStatus
 from app.runtime import Runtime
 from app.schemas import ErrorBody, TaskCreate, TaskPage, TaskPublic
@@ -144,6 +145,7 @@ async def create_task(
         await runtime.webhooks.check_url(url, "webhook_url")
 
     result = await submit_task(
+        runtime.engine,
         runtime.sessions,
         runtime.starmagic,
         runtime.settings,
@@ -152,6 +154,8 @@ async def create_task(
         idempotency_key=idempotency_key,
         check_webhook_url=check_webhook_url,
     )
+    if result.log_fields:
+        log_on_request_line(request.scope, "submit_accepted", **result.log_fields)
     response.headers["Location"] = str(request.url_for("get_task", task_id=result.task.id))
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"

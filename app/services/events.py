@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -86,6 +87,28 @@ async def record_requeued(
         await record(db, EventType.IMAGE_QUEUED, task, images, now=now, image_index=position)
 
 
+def event_row(
+    kind: EventType,
+    task: Task,
+    images: Sequence[Image],
+    *,
+    now: datetime,
+    image_index: int | None = None,
+) -> dict[str, Any]:
+    """One new event's row: `data` is the task as GET /tasks/{id} shows it."""
+    data = task_view(task, images, base="").model_dump(mode="json")
+    if image_index is not None:
+        data["image_index"] = image_index
+    return {
+        "id": new_event_id(),
+        "type": kind.value,
+        "task_id": task.id,
+        "owner": task.owner,
+        "created_at": now,
+        "data": data,
+    }
+
+
 async def record(
     db: AsyncConnection,
     kind: EventType,
@@ -96,21 +119,9 @@ async def record(
     image_index: int | None = None,
 ) -> str:
     """Append one event in the caller's transaction, and queue its webhooks; its id."""
-    data = task_view(task, images, base="").model_dump(mode="json")
-    if image_index is not None:
-        data["image_index"] = image_index
-    event_id = new_event_id()
-    await event_repository.insert_event(
-        db,
-        {
-            "id": event_id,
-            "type": kind.value,
-            "task_id": task.id,
-            "owner": task.owner,
-            "created_at": now,
-            "data": data,
-        },
-    )
+    values = event_row(kind, task, images, now=now, image_index=image_index)
+    event_id: str = values["id"]
+    await event_repository.insert_event(db, values)
     # The outbox: one more statement, in the same transaction as the event.
     await webhook_repository.fan_out(
         db, event_id=event_id, kind=kind.value, task_id=task.id, owner=task.owner, now=now

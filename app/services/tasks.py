@@ -9,25 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from app import activity, metrics, repository
 from app.callback_urls import callback_url
 from app.config import Settings
-from app.db import SessionFactory
+from app.db import SessionFactory, statement_commits, transaction
 from app.errors import BadGateway, Conflict, ServiceUnavailable, Unprocessable
+from app.events.bus import Notice, queue_after_commit
 from app.ids import ulid
-from app.models import IdempotencyRecord, Task, TaskStatus, utcnow
+from app.models import Task, TaskStatus, utcnow
 from app.repository import TaskState
-from app.schemas import TaskCreate
-from app.services import events
-from app.services.snapshots import apply_snapshot
+from app.schemas import Snapshot, TaskCreate
+from app.services import events, submit_answer
+from app.services.snapshots import Applied, Outcome, apply_snapshot
 from app.upstream import (
     StarMagicClient,
     UpstreamError,
@@ -70,6 +73,8 @@ def _webhook_events(request: TaskCreate) -> str | None:
 class SubmitResult:
     task: Task
     replayed: bool
+    # What the request's log line tells of an accepted submission (empty: a replay).
+    log_fields: dict[str, object] = field(default_factory=dict)
 
 
 def first_poll_delay(settings: Settings, estimated_time: int | None) -> timedelta:
@@ -108,6 +113,7 @@ async def _replay(
 
 
 async def submit_task(
+    engine: AsyncEngine,
     factory: SessionFactory,
     client: StarMagicClient,
     settings: Settings,
@@ -127,7 +133,8 @@ async def submit_task(
         reason = f"model {request.model!r} is not enabled here (enabled: {allowed})"
         raise Unprocessable(f"model: {reason}", details=[{"field": "model", "reason": reason}])
     now = utcnow()
-    digest = fingerprint(request)
+    # Only a key's request is ever compared with another.
+    digest = fingerprint(request) if idempotency_key is not None else ""
     if request.webhook_url is not None and check_webhook_url is not None:
         # A key already used answers as a replay (or a reuse) whatever the URL is now;
         # only a new request has its destination checked (which resolves its host).
@@ -158,28 +165,31 @@ async def submit_task(
         # reconciler settles it once no callback can be expected any more.
         next_poll_at=now + timedelta(seconds=settings.submit_unknown_after_seconds),
     )
-    async with factory() as session, session.begin():
-        await repository.add_task(session, task)
-        await events.record(
-            await session.connection(), events.EventType.TASK_CREATED, task, [], now=now
-        )
-        if idempotency_key is not None:
-            record = IdempotencyRecord(
-                owner=owner,
-                key=idempotency_key,
-                request_sha256=digest,
-                task_id=task.id,
-                created_at=now,
-            )
-            if not await repository.claim_idempotency_key(session, record):
-                await session.rollback()
-                replay = await _replay(factory, owner, idempotency_key, digest, now)
-                metrics.SUBMISSIONS.labels(outcome="replayed").inc()
-                return replay
+    key = None
+    if idempotency_key is not None:
+        key = {
+            "owner": owner,
+            "key": idempotency_key,
+            "request_sha256": digest,
+            "task_id": task.id,
+            "created_at": now,
+        }
+    created = events.event_row(events.EventType.TASK_CREATED, task, [], now=now)
+    try:
+        async with statement_commits(engine) as db:
+            if not await repository.insert_submission(db, repository.task_row(task), created, key):
+                raise _KeyTaken  # nothing of this request may stay (SQLite rolls back)
+            queue_after_commit(db, Notice(created["type"], task.id, owner))
+    except _KeyTaken:
+        assert idempotency_key is not None
+        replay = await _replay(factory, owner, idempotency_key, digest, now)
+        metrics.SUBMISSIONS.labels(outcome="replayed").inc()
+        return replay
 
     body = request.upstream_body()
     body["callback_url"] = callback_url(settings.public_base_url, task.id, settings.signing_secret)
-    log.debug("submit_started", task_id=task.id)  # submit_accepted or a failure line follows
+    if logging.getLogger(__name__).isEnabledFor(logging.DEBUG):  # processing costs a line
+        log.debug("submit_started", task_id=task.id)  # submit_accepted or a failure follows
     try:
         snapshot = await client.submit(body)
     except UpstreamOutcomeUnknown as exc:
@@ -198,43 +208,69 @@ async def submit_task(
         await _mark_failed(factory, task.id, exc, owner=owner, release_key=release)
         raise _caller_error(task.id, exc) from exc
 
-    now = utcnow()
-    async with factory() as session, session.begin():
-        applied = await apply_snapshot(
-            await session.connection(),
-            task.id,
-            snapshot,
-            now=now,
-            poll_after=first_poll_delay(settings, snapshot.estimated_time),
-            # What we inserted; if a callback moved it since, the guarded UPDATE
-            # misses and the state machine reads the row and decides again.
-            state=TaskState(task.id, TaskStatus.SUBMITTING, 0, None),
-            quiet=True,  # submit_accepted below tells the move
-        )
-        answer = f"StarMagic task {snapshot.upstream_id}, {snapshot.status.value}"
-        await activity.note(
-            await session.connection(),
-            task.id,
-            activity.Kind.SUBMIT,
-            "accepted",
-            at=now,
-            detail=answer,
-        )
-        # Our own answer moved the task: the state machine returned its row.
-        # A callback that got there first: read it.
-        current = applied.task or await repository.get_task(session, task.id)
+    applied = await _record_answer(engine, settings, task, snapshot)
+    current = applied.task
+    if current is None:
+        # A callback got there first: read the task as it now is.
+        async with factory() as session:
+            current = await repository.get_task(session, task.id)
     assert current is not None  # tasks are never deleted
     metrics.SUBMISSIONS.labels(outcome="accepted").inc()
     # The status this answer moved the task to (none when a callback got there first).
-    moved = {"status": applied.state.status.value} if applied.changed else {}
-    log.info(
-        "submit_accepted",
-        task_id=task.id,
-        upstream_task_id=current.upstream_task_id,
-        outcome=applied.outcome.value,
+    moved = {"task_status": applied.state.status.value} if applied.changed else {}
+    log_fields: dict[str, object] = {
+        "task_id": task.id,
+        "upstream_task_id": current.upstream_task_id,
+        "outcome": applied.outcome.value,
         **moved,
-    )
-    return SubmitResult(current, replayed=False)
+    }
+    return SubmitResult(current, replayed=False, log_fields=log_fields)
+
+
+class _KeyTaken(Exception):
+    """The Idempotency-Key was already bound: this request's rows must not commit."""
+
+
+async def _record_answer(
+    engine: AsyncEngine, settings: Settings, task: Task, snapshot: Snapshot
+) -> Applied:
+    """Apply the provider's answer to the task we inserted, and note it in the activity.
+
+    The common answer (pending, to a task still submitting) is one guarded UPDATE
+    built from the state machine's own rules (`transition`, `owns_upstream_id`);
+    anything else, or a task a callback moved since, goes through `apply_snapshot`.
+    On the common path `task` (as inserted) is brought up to date and returned.
+    """
+    task_id = task.id
+    now = utcnow()
+    poll_after = first_poll_delay(settings, snapshot.estimated_time)
+    answer = f"StarMagic task {snapshot.upstream_id}, {snapshot.status.value}"
+    note = activity.row(task_id, activity.Kind.SUBMIT, "accepted", at=now, detail=answer)
+    async with statement_commits(engine) as db:
+        if snapshot.status is TaskStatus.PENDING and snapshot.upstream_id:
+            # Submitting to pending tells no event and queues no image.
+            shape = submit_answer.Shape.of(snapshot)
+            moved = await repository.accept_submission(
+                db,
+                task,
+                shape,
+                lambda: submit_answer.template(shape),
+                submit_answer.params(task_id, snapshot, now=now, poll_after=poll_after),
+                note,
+            )
+            if moved:
+                status = TaskStatus(task.status)
+                state = TaskState(task.id, status, task.progress, task.upstream_task_id)
+                return Applied(Outcome.APPLIED, state, task)
+        # Nothing written yet: the state machine reads the row and decides.
+        async with transaction(db):
+            applied = await apply_snapshot(
+                db, task_id, snapshot, now=now, poll_after=poll_after, quiet=True
+            )
+            await activity.note(
+                db, task_id, activity.Kind.SUBMIT, "accepted", at=now, detail=answer
+            )
+    return applied
 
 
 def _caller_error(task_id: str, exc: UpstreamError) -> BadGateway | ServiceUnavailable:

@@ -35,7 +35,7 @@ EVENTS: Table = metadata.tables["events"]
 
 TASK_TARGET = "task"  # the target of a delivery to the task's own webhook_url
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-_DELIVERY_COLUMNS = (
+DELIVERY_COLUMNS = (
     "event_id",
     "task_id",
     "owner",
@@ -62,39 +62,66 @@ def _wants(column: Any, kind: str) -> Any:
     return column.like(f"%,{kind},%")
 
 
-async def fan_out(
-    db: AsyncConnection, *, event_id: str, kind: str, task_id: str, owner: str, now: datetime
-) -> None:
-    """One statement: queue the event for each of the owner's enabled endpoints that
-    want its type, and for the task's own webhook_url if it wants it."""
+def fan_out_rows(
+    event_id: Any,
+    kind: str,
+    task_id: Any,
+    owner: Any,
+    now: Any,
+    *,
+    own_url: bool | None = None,
+    after: Any = None,
+) -> Any:
+    """The outbox rows of one event, as a SELECT: one per the owner's enabled endpoint
+    that wants its type, and one for the task's own webhook_url if it wants it.
+
+    `event_id`, `task_id`, `owner` and `now` are SQL expressions (literals or bind
+    parameters). `own_url` says whether the task's own URL wants the event when the
+    task's row is not visible to the statement (inserted by the same statement);
+    None reads it from the row. `after`, a condition, gates every row (the event's
+    own insert in the same statement).
+    """
 
     def columns(target: Any) -> list[Any]:
-        return [
-            literal(event_id),
-            literal(task_id),
-            literal(owner),
-            target,
-            literal(PENDING),
-            literal(0),
-            literal(now, ENDPOINTS.c.created_at.type),
-            literal(now, ENDPOINTS.c.created_at.type),
-            literal(now, ENDPOINTS.c.created_at.type),
-        ]
+        return [event_id, task_id, owner, target, literal(PENDING), literal(0), now, now, now]
 
     endpoints = select(*columns(ENDPOINTS.c.id)).where(
         ENDPOINTS.c.owner == owner,
         ENDPOINTS.c.enabled.is_(True),
         _wants(ENDPOINTS.c.event_types, kind),
     )
-    own_url = select(*columns(literal(TASK_TARGET))).where(
-        TASKS.c.id == task_id,
-        TASKS.c.webhook_url.is_not(None),
-        TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
-        _wants(TASKS.c.webhook_events, kind),
-    )
-    await db.execute(
-        insert(DELIVERIES).from_select(list(_DELIVERY_COLUMNS), union_all(endpoints, own_url))
-    )
+    if after is not None:
+        endpoints = endpoints.where(after)
+    if own_url is False:
+        return endpoints
+    if own_url:
+        own = select(*columns(literal(TASK_TARGET)))
+        if after is not None:
+            own = own.where(after)
+    else:
+        own = select(*columns(literal(TASK_TARGET))).where(
+            TASKS.c.id == task_id,
+            TASKS.c.webhook_url.is_not(None),
+            TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
+            _wants(TASKS.c.webhook_events, kind),
+        )
+    return union_all(endpoints, own)
+
+
+def wants_own_url(webhook_url: str | None, webhook_events: str | None, kind: str) -> bool:
+    """Whether a new task's own webhook_url hears `kind` (`fan_out_rows`'s rule for a row
+    it cannot read yet; a new task has never answered 410)."""
+    return webhook_url is not None and kind in parse_type_list(webhook_events)
+
+
+async def fan_out(
+    db: AsyncConnection, *, event_id: str, kind: str, task_id: str, owner: str, now: datetime
+) -> None:
+    """One statement: queue the event for each of the owner's enabled endpoints that
+    want its type, and for the task's own webhook_url if it wants it."""
+    stamp = literal(now, ENDPOINTS.c.created_at.type)
+    rows = fan_out_rows(literal(event_id), kind, literal(task_id), literal(owner), stamp)
+    await db.execute(insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), rows))
 
 
 # -- endpoints -----------------------------------------------------------------------
@@ -323,7 +350,7 @@ async def redeliver(
         _wants(ENDPOINTS.c.event_types, kind),
         ENDPOINTS.c.id.not_in(existing),
     )
-    await db.execute(insert(DELIVERIES).from_select(list(_DELIVERY_COLUMNS), endpoints))
+    await db.execute(insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), endpoints))
     return reset + (await _count(db, event_id) - before)
 
 

@@ -323,11 +323,9 @@ async def verify(
     transitions = Counter(
         line["task_id"]
         for line in cluster.service_logs()
-        # A submit's own answer tells its move on the submit_accepted line.
-        if (
-            line.get("event") in ("task_transition", "submit_accepted")
-            and line.get("status") in TERMINAL
-        )
+        if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
+        # A submit's own answer tells its move on its request line (submit_accepted).
+        or (line.get("event") == "submit_accepted" and line.get("task_status") in TERMINAL)
         # A callback applied as it came tells its move on its own request line.
         or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
         or line.get("event") == "task_given_up"
