@@ -68,10 +68,11 @@ def render(original: bytes, long_side: int) -> bytes:
     return render_all(original, [long_side])[0]
 
 
-def render_all(original: bytes, long_sides: Sequence[int]) -> list[bytes]:
-    """`render` for several sizes, decoding the original once (blocking)."""
+def render_all(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
+    """`render` for several sizes, decoding the original (bytes or a file) once (blocking)."""
+    source = io.BytesIO(original) if isinstance(original, bytes) else original
     try:
-        with PILImage.open(io.BytesIO(original)) as image:
+        with PILImage.open(source) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise VariantError(f"image of {image.width}x{image.height} is too large")
             largest = max(long_sides)
@@ -93,22 +94,31 @@ def _has_alpha(image: PILImage.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
-async def _read(storage: Storage, key: str, limit: int) -> bytes:
+async def _spool_original(storage: Storage, key: str, limit: int) -> Path:
+    """The original copied to a spool file chunk by chunk: Pillow then reads only what
+    it decodes, so an original with large ancillary chunks is never in memory whole."""
     stored = await storage.open(key)
     if stored.size > limit:
         raise VariantError(f"the original is {stored.size} bytes, over {limit}")
-    parts = [chunk async for chunk in stored.chunks]
-    return b"".join(parts)
+    path = storage.spool_dir / f"variant-{secrets.token_hex(8)}.original.part"
+    try:
+        async with await anyio.open_file(path, "wb") as out:
+            async for chunk in stored.chunks:
+                await out.write(chunk)
+    except BaseException:
+        await anyio.Path(path).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _sweep(spool: Path) -> None:
-    """Remove variant temp files a killed process left (blocking). A live write lasts
-    milliseconds, so one this old is dead; nothing re-runs a stored image's variants."""
+    """Remove variant temp files a killed process left (blocking). A live one lasts a
+    render at most (seconds), so one this old is dead; nothing re-runs a stored image's
+    variants."""
     remove_stale_files(spool, STALE_TEMP_SECONDS, pattern="variant-*.part")
 
 
 async def _store(storage: Storage, key: str, data: bytes) -> None:
-    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
     spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
     await anyio.Path(spool).write_bytes(data)
     try:
@@ -125,11 +135,15 @@ async def make_variants(
 
     VariantError (or StorageError) when the original cannot be read or rendered.
     """
-    original = await _read(storage, key, max_bytes)
+    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
+    original = await _spool_original(storage, key, max_bytes)
     names = list(names)
-    rendered = await anyio.to_thread.run_sync(
-        render_all, original, [VARIANTS[name] for name in names]
-    )
+    try:
+        rendered = await anyio.to_thread.run_sync(
+            render_all, original, [VARIANTS[name] for name in names]
+        )
+    finally:
+        await anyio.Path(original).unlink(missing_ok=True)
     made: dict[str, bytes] = {}
     for name, data in zip(names, rendered, strict=True):
         await _store(storage, variant_key(key, name), data)

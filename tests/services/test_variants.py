@@ -74,6 +74,19 @@ async def test_the_original_is_decoded_once_for_all_its_variants(
     assert _size((root / variant_key(stored.key, "thumb")).read_bytes()) == (256, 128)
     assert _size((root / variant_key(stored.key, "preview")).read_bytes()) == (1024, 512)
     assert len(opened) == 1
+    # Read from a spool copy, not from bytes in memory: an original padded with large
+    # ancillary chunks never sits in the worker's memory whole. The copy is gone after.
+    assert isinstance(opened[0], Path)
+    assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_the_spool_copy_of_an_original_that_cannot_be_rendered_is_removed(
+    queue: Queue,
+) -> None:
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([_corrupt_png()])).run(await queue.claim())
+    assert (await queue.image(task.id)).status == "stored"
+    assert list(queue.storage.spool_dir.iterdir()) == []
 
 
 async def test_a_variant_that_cannot_be_made_leaves_the_original_stored(
