@@ -68,8 +68,43 @@ def render(original: bytes, long_side: int) -> bytes:
     return render_all(original, [long_side])[0]
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", 0xAE426082)
+
+
+def _trim_png_tail(path: Path) -> None:
+    """Cut a PNG file after its image data, ending it there (blocking).
+
+    Pillow reads every chunk after the image data whole (and keeps private ones),
+    though none changes a pixel: a PNG padded with large trailing chunks would sit in
+    memory once more. Anything that is not a PNG, or has nothing after its image
+    data, is left as it is.
+    """
+    with path.open("r+b") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return
+        position, seen_data = 8, False
+        while header := f.read(8):
+            if len(header) < 8:
+                return
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IDAT":
+                seen_data = True
+            elif seen_data:
+                if kind != b"IEND":
+                    f.truncate(position)
+                    f.seek(position)
+                    f.write(_PNG_END)
+                return
+            position += 12 + length
+            f.seek(position)
+
+
 def render_all(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
-    """`render` for several sizes, decoding the original (bytes or a file) once (blocking)."""
+    """`render` for several sizes, decoding the original (bytes, or a spool file of
+    its own that may be trimmed) once (blocking)."""
+    if isinstance(original, Path):
+        _trim_png_tail(original)
     source = io.BytesIO(original) if isinstance(original, bytes) else original
     try:
         with PILImage.open(source) as image:
@@ -100,6 +135,7 @@ async def _spool_original(storage: Storage, key: str, limit: int) -> Path:
     stored = await storage.open(key)
     if stored.size > limit:
         raise VariantError(f"the original is {stored.size} bytes, over {limit}")
+    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
     path = storage.spool_dir / f"variant-{secrets.token_hex(8)}.original.part"
     try:
         async with await anyio.open_file(path, "wb") as out:
@@ -135,7 +171,6 @@ async def make_variants(
 
     VariantError (or StorageError) when the original cannot be read or rendered.
     """
-    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
     original = await _spool_original(storage, key, max_bytes)
     names = list(names)
     try:

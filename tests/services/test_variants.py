@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import io
 import os
+import struct
 import time
+import zlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -240,7 +242,9 @@ async def test_the_record_and_its_event_do_not_wait_for_the_variants(queue: Queu
 
 
 async def test_a_corrupt_original_is_one_warning_line_in_the_worker(queue: Queue) -> None:
-    """A PNG broken in its data (Pillow raises SyntaxError): one warning, no traceback."""
+    """A PNG broken in its data: one warning, no traceback. (The worker's spool copy
+    ends at the broken chunk, so Pillow finds it truncated; read whole from memory,
+    Pillow raises SyntaxError, which is caught as well.)"""
     task = await queue.queued()
     with capture_logs() as logs:
         await queue.downloader(ScriptedFetcher([_corrupt_png()])).run(await queue.claim())
@@ -249,4 +253,42 @@ async def test_a_corrupt_original_is_one_warning_line_in_the_worker(queue: Queue
     assert [entry["event"] for entry in failures] == ["variants_failed"]
     assert failures[0]["log_level"] == "warning"
     assert "exc_info" not in failures[0]
-    assert "SyntaxError" in failures[0]["reason"]
+    assert "truncated" in failures[0]["reason"]
+    with pytest.raises(variants.VariantError, match="SyntaxError"):
+        render(_corrupt_png(), 256)
+
+
+def _with_trailing_chunk(image: bytes, kind: bytes, size: int) -> bytes:
+    """A PNG with a chunk of `size` zero bytes between its image data and IEND."""
+    end = image.rindex(b"IEND") - 4
+    payload = bytes(size)
+    chunk = struct.pack(">I", size) + kind + payload
+    chunk += struct.pack(">I", zlib.crc32(kind + payload))
+    return image[:end] + chunk + image[end:]
+
+
+@pytest.mark.parametrize("kind", [b"prVt", b"tEXt"])
+async def test_a_pngs_trailing_chunks_are_cut_before_decoding(tmp_path: Path, kind: bytes) -> None:
+    """Pillow would read a trailing chunk whole; the spool copy ends after the image data
+    instead, and decodes to the same pixels."""
+    original = png(300, 200)
+    padded = _with_trailing_chunk(original, kind, 3_000_000)
+    spool = tmp_path / "copy.png"
+    spool.write_bytes(padded)
+    variants._trim_png_tail(spool)
+    trimmed = spool.read_bytes()
+    assert len(trimmed) < 100_000
+    assert trimmed.endswith(b"IEND\xae\x42\x60\x82")
+    with PILImage.open(io.BytesIO(trimmed)) as a, PILImage.open(io.BytesIO(original)) as b:
+        assert a.tobytes() == b.tobytes()
+    assert _size(variants.render_all(spool, [256])[0]) == (256, 171)
+
+
+async def test_files_that_are_not_png_or_end_at_their_image_data_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "copy"
+    for data in (png(40, 40), b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(64), b""):
+        spool.write_bytes(data)
+        variants._trim_png_tail(spool)
+        assert spool.read_bytes() == data
