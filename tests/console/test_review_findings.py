@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -116,14 +116,14 @@ async def test_concurrent_requests_for_a_missing_variant_render_it_once(
     service = await _service(service_factory, database_url, tmp_path)
     task = await stored_task(service, tmp_path)
     calls: list[int] = []
-    real = variants.render
+    real = variants.render_all
 
-    def counted(original: bytes, long_side: int) -> bytes:
-        calls.append(long_side)
+    def counted(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
+        calls.extend(long_sides)
         time.sleep(0.2)  # a big image takes seconds: let the requests overlap
-        return real(original, long_side)
+        return real(original, long_sides)
 
-    monkeypatch.setattr(variants, "render", counted)
+    monkeypatch.setattr(variants, "render_all", counted)
     transport = httpx.ASGITransport(app=service.app)
     async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -143,9 +143,11 @@ async def test_rendering_a_variant_on_request_does_not_hold_the_sqlite_write_loc
     task = await stored_task(service, tmp_path)
     database = make_url(sqlite_url).database
     seen: list[str] = []
-    real = variants.render
+    real = variants.render_all
 
-    def render_while_another_writer_tries(original: bytes, long_side: int) -> bytes:
+    def render_while_another_writer_tries(
+        original: bytes | Path, long_sides: Sequence[int]
+    ) -> list[bytes]:
         other = sqlite3.connect(str(database), timeout=0.5, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -155,9 +157,9 @@ async def test_rendering_a_variant_on_request_does_not_hold_the_sqlite_write_loc
             seen.append(str(exc))
         finally:
             other.close()
-        return real(original, long_side)
+        return real(original, long_sides)
 
-    monkeypatch.setattr(variants, "render", render_while_another_writer_tries)
+    monkeypatch.setattr(variants, "render_all", render_while_another_writer_tries)
     transport = httpx.ASGITransport(app=service.app)
     async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -284,13 +286,13 @@ async def test_a_failed_render_is_remembered_and_not_decoded_again(
     service = await _service(service_factory, sqlite_url, tmp_path)
     task = await stored_task(service, tmp_path, data=_corrupt_png())
     calls: list[int] = []
-    real = variants.render
+    real = variants.render_all
 
-    def counted(original: bytes, long_side: int) -> bytes:
-        calls.append(long_side)
-        return real(original, long_side)
+    def counted(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
+        calls.extend(long_sides)
+        return real(original, long_sides)
 
-    monkeypatch.setattr(variants, "render", counted)
+    monkeypatch.setattr(variants, "render_all", counted)
     transport = httpx.ASGITransport(app=service.app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -311,9 +313,9 @@ async def test_on_demand_renders_are_bounded_per_process(
     running: list[int] = [0]
     most: list[int] = [0]
     third = threading.Event()
-    real = variants.render
+    real = variants.render_all
 
-    def overlapping(original: bytes, long_side: int) -> bytes:
+    def overlapping(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -321,12 +323,12 @@ async def test_on_demand_renders_are_bounded_per_process(
                 third.set()
         third.wait(1.0)  # without a bound, a third render starts while these wait
         try:
-            return real(original, long_side)
+            return real(original, long_sides)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(variants, "render", overlapping)
+    monkeypatch.setattr(variants, "render_all", overlapping)
     transport = httpx.ASGITransport(app=service.app)
     async with httpx.AsyncClient(transport=transport, base_url="https://imagetasks.test") as api:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
