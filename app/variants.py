@@ -135,16 +135,28 @@ async def _spool_original(storage: Storage, key: str, limit: int) -> Path:
     stored = await storage.open(key)
     if stored.size > limit:
         raise VariantError(f"the original is {stored.size} bytes, over {limit}")
-    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
-    path = storage.spool_dir / f"variant-{secrets.token_hex(8)}.original.part"
+    try:
+        spool = storage.spool_dir
+        await anyio.to_thread.run_sync(_sweep, spool)
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    path = spool / f"variant-{secrets.token_hex(8)}.original.part"
     try:
         async with await anyio.open_file(path, "wb") as out:
             async for chunk in stored.chunks:
                 await out.write(chunk)
-    except BaseException:
+    except BaseException as exc:
         await anyio.Path(path).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _spool_error(exc) from exc
         raise
     return path
+
+
+def _spool_error(exc: OSError) -> StorageError:
+    """A local spool file that cannot be written (full or unusable disk) is storage
+    trouble, as in the backends: an outage to retry, not the image's fault."""
+    return StorageError(f"local spool file: {exc}")
 
 
 def _sweep(spool: Path) -> None:
@@ -155,8 +167,15 @@ def _sweep(spool: Path) -> None:
 
 
 async def _store(storage: Storage, key: str, data: bytes) -> None:
-    spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
-    await anyio.Path(spool).write_bytes(data)
+    try:
+        spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    try:
+        await anyio.Path(spool).write_bytes(data)
+    except OSError as exc:
+        await anyio.Path(spool).unlink(missing_ok=True)
+        raise _spool_error(exc) from exc
     try:
         digest = hashlib.sha256(data).hexdigest()
         await storage.put_file(key, spool, content_type="image/webp", sha256=digest)
@@ -177,6 +196,9 @@ async def make_variants(
         rendered = await anyio.to_thread.run_sync(
             render_all, original, [VARIANTS[name] for name in names]
         )
+    except OSError as exc:
+        # The spool copy's own I/O: render_all turns Pillow's errors into VariantError.
+        raise _spool_error(exc) from exc
     finally:
         await anyio.Path(original).unlink(missing_ok=True)
     made: dict[str, bytes] = {}
