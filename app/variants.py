@@ -16,6 +16,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
 import anyio
 import structlog
@@ -72,39 +73,50 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", 0xAE426082)
 
 
-def _trim_png_tail(path: Path) -> None:
-    """Cut a PNG file after its image data, ending it there (blocking).
+def _trim_png_tail(file: Path | IO[bytes]) -> None:
+    """Cut a PNG file (a path, or a file open for reading and writing) after its image
+    data, ending it there (blocking).
 
     Pillow reads every chunk after the image data whole (and keeps private ones),
     though none changes a pixel: a PNG padded with large trailing chunks would sit in
     memory once more. Anything that is not a PNG, or has nothing after its image
     data, is left as it is.
     """
-    with path.open("r+b") as f:
-        if f.read(8) != _PNG_SIGNATURE:
+    if isinstance(file, Path):
+        with file.open("r+b") as f:
+            _trim_open_png_tail(f)
+    else:
+        file.seek(0)
+        _trim_open_png_tail(file)
+
+
+def _trim_open_png_tail(f: IO[bytes]) -> None:
+    if f.read(8) != _PNG_SIGNATURE:
+        return
+    position, seen_data = 8, False
+    while header := f.read(8):
+        if len(header) < 8:
             return
-        position, seen_data = 8, False
-        while header := f.read(8):
-            if len(header) < 8:
-                return
-            length, kind = struct.unpack(">I4s", header)
-            if kind == b"IDAT":
-                seen_data = True
-            elif seen_data:
-                if kind != b"IEND":
-                    f.truncate(position)
-                    f.seek(position)
-                    f.write(_PNG_END)
-                return
-            position += 12 + length
-            f.seek(position)
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IDAT":
+            seen_data = True
+        elif seen_data:
+            if kind != b"IEND":
+                f.truncate(position)
+                f.seek(position)
+                f.write(_PNG_END)
+            return
+        position += 12 + length
+        f.seek(position)
 
 
-def render_all(original: bytes | Path, long_sides: Sequence[int]) -> list[bytes]:
+def render_all(original: bytes | Path | IO[bytes], long_sides: Sequence[int]) -> list[bytes]:
     """`render` for several sizes, decoding the original (bytes, or a spool file of
-    its own that may be trimmed) once (blocking)."""
-    if isinstance(original, Path):
+    its own that may be trimmed: a path or an open file) once (blocking)."""
+    if not isinstance(original, bytes):
         _trim_png_tail(original)
+        if not isinstance(original, Path):
+            original.seek(0)
     source = io.BytesIO(original) if isinstance(original, bytes) else original
     try:
         with PILImage.open(source) as image:
@@ -129,22 +141,42 @@ def _has_alpha(image: PILImage.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
-async def _spool_original(storage: Storage, key: str, limit: int) -> Path:
+async def _spool_original(storage: Storage, key: str, limit: int) -> tuple[Path, IO[bytes]]:
     """The original copied to a spool file chunk by chunk: Pillow then reads only what
-    it decodes, so an original with large ancillary chunks is never in memory whole."""
+    it decodes, so an original with large ancillary chunks is never in memory whole.
+
+    The file stays open until rendered (the caller closes and removes it): a copy
+    waiting long for a render thread looks dead to another job's sweep, which then
+    only removes its name."""
     stored = await storage.open(key)
     if stored.size > limit:
         raise VariantError(f"the original is {stored.size} bytes, over {limit}")
-    await anyio.to_thread.run_sync(_sweep, storage.spool_dir)
-    path = storage.spool_dir / f"variant-{secrets.token_hex(8)}.original.part"
     try:
-        async with await anyio.open_file(path, "wb") as out:
-            async for chunk in stored.chunks:
-                await out.write(chunk)
-    except BaseException:
+        spool = storage.spool_dir
+        await anyio.to_thread.run_sync(_sweep, spool)
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    path = spool / f"variant-{secrets.token_hex(8)}.original.part"
+    out: anyio.AsyncFile[bytes] | None = None
+    try:
+        out = await anyio.open_file(path, "w+b")
+        async for chunk in stored.chunks:
+            await out.write(chunk)
+        await out.flush()
+    except BaseException as exc:
+        if out is not None:
+            out.wrapped.close()
         await anyio.Path(path).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _spool_error(exc) from exc
         raise
-    return path
+    return path, out.wrapped
+
+
+def _spool_error(exc: OSError) -> StorageError:
+    """A local spool file that cannot be written (full or unusable disk) is storage
+    trouble, as in the backends: an outage to retry, not the image's fault."""
+    return StorageError(f"local spool file: {exc}")
 
 
 def _sweep(spool: Path) -> None:
@@ -155,8 +187,15 @@ def _sweep(spool: Path) -> None:
 
 
 async def _store(storage: Storage, key: str, data: bytes) -> None:
-    spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
-    await anyio.Path(spool).write_bytes(data)
+    try:
+        spool = storage.spool_dir / f"variant-{secrets.token_hex(8)}.part"
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    try:
+        await anyio.Path(spool).write_bytes(data)
+    except OSError as exc:
+        await anyio.Path(spool).unlink(missing_ok=True)
+        raise _spool_error(exc) from exc
     try:
         digest = hashlib.sha256(data).hexdigest()
         await storage.put_file(key, spool, content_type="image/webp", sha256=digest)
@@ -171,14 +210,18 @@ async def make_variants(
 
     VariantError (or StorageError) when the original cannot be read or rendered.
     """
-    original = await _spool_original(storage, key, max_bytes)
+    path, original = await _spool_original(storage, key, max_bytes)
     names = list(names)
     try:
         rendered = await anyio.to_thread.run_sync(
             render_all, original, [VARIANTS[name] for name in names]
         )
+    except OSError as exc:
+        # The spool copy's own I/O: render_all turns Pillow's errors into VariantError.
+        raise _spool_error(exc) from exc
     finally:
-        await anyio.Path(original).unlink(missing_ok=True)
+        original.close()
+        await anyio.Path(path).unlink(missing_ok=True)
     made: dict[str, bytes] = {}
     for name, data in zip(names, rendered, strict=True):
         await _store(storage, variant_key(key, name), data)

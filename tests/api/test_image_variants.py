@@ -110,3 +110,21 @@ async def test_variants_on_s3_are_made_stored_and_served(
     assert await service.runtime.storage.exists(variant_key(key, "preview"))
     stored = await service.runtime.storage.open(key)
     assert b"".join([chunk async for chunk in stored.chunks]) == original
+
+
+async def test_a_variant_that_cannot_be_spooled_is_a_storage_outage(
+    service_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The original's local copy cannot be written (the spool is unusable): 503
+    storage_unavailable with Retry-After, as any storage trouble, not a 500."""
+    service = await _service(service_factory, sqlite_url, tmp_path)
+    task = await stored_task(service, tmp_path, png(600, 300))
+    spool = service.runtime.storage.spool_dir
+    for entry in spool.iterdir():
+        entry.unlink()
+    spool.rmdir()
+    spool.write_bytes(b"not a directory")  # every write under it fails
+    response = await service.client.get(f"/tasks/{task.id}/image?variant=thumb")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert response.headers["retry-after"] == "5"

@@ -3,6 +3,7 @@ the provider's usual answer applied by a statement built from the state machine.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,9 +14,10 @@ from sqlalchemy import and_, bindparam, insert, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import repository
 from app.config import Settings
 from app.db import create_engine, create_session_factory, metadata
-from app.errors import Unprocessable
+from app.errors import Conflict, Unprocessable
 from app.models import TaskStatus
 from app.repository import TASKS, owns_upstream_id_sql
 from app.schemas import Snapshot, TaskCreate
@@ -190,3 +192,69 @@ async def test_the_created_event_reaches_the_owners_endpoints(
         engine, "SELECT target, status FROM webhook_deliveries WHERE task_id = :t", t=result.task.id
     )
     assert [(row.target, row.status) for row in rows] == [("we_1", "pending")]
+
+
+class SlowProvider(Provider):
+    """Answers after other requests had time to try the same key."""
+
+    async def submit(self, body: dict[str, Any]) -> Snapshot:
+        self.bodies.append(body)
+        await asyncio.sleep(0.1)
+        return self.answer
+
+
+@ASYNC
+async def test_concurrent_requests_with_one_key_make_one_task_and_one_submit(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    """Same key, same body, at once: one task, one event, one provider call; the
+    others are told it is in flight, and a later retry replays the same task."""
+    provider = SlowProvider(Snapshot(TaskStatus.PENDING, "up_k"))
+    results = await asyncio.gather(
+        *[_submit(engine, settings, provider, key="key-k") for _ in range(4)],
+        return_exceptions=True,
+    )
+    accepted = [result for result in results if not isinstance(result, BaseException)]
+    refused = [result for result in results if isinstance(result, BaseException)]
+    assert len(accepted) == 1
+    assert all(isinstance(error, Conflict) for error in refused)
+    assert len(provider.bodies) == 1
+    tasks = await _rows(engine, "SELECT id FROM tasks")
+    events = await _rows(engine, "SELECT id FROM events")
+    assert ([row.id for row in tasks], len(events)) == ([accepted[0].task.id], 1)
+    replay = await _submit(engine, settings, provider, key="key-k")
+    assert (replay.replayed, replay.task.id) == (True, accepted[0].task.id)
+
+
+@ASYNC
+async def test_the_answered_task_is_the_row_as_stored(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    """The task returned after the prepared answer equals the row read back, nested
+    and unicode metadata, empty objects and image_urls included, and a replay too."""
+    metadata = {"a": {"b": [1, 2.5, None, True, "é☃"], "c": {}}, "empty": {}, "z": "☃"}
+    body = {
+        "prompt": "a lighthouse",
+        "metadata": metadata,
+        "image_urls": ["https://example.test/a.png", "https://example.test/é.png"],
+    }
+    answer = Snapshot(TaskStatus.PENDING, "up_m", can_cancel=False, usage={"n": 1})
+    factory = create_session_factory(engine)
+    results = [
+        await submit_task(
+            engine,
+            factory,
+            Provider(answer),
+            settings,
+            TaskCreate.model_validate(body),
+            owner="tests",
+            idempotency_key="key-m",
+        )  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    async with factory() as session:
+        stored = await repository.get_task(session, results[0].task.id)
+    assert stored is not None
+    assert stored.meta == metadata
+    assert [result.replayed for result in results] == [False, True]
+    assert all(result.task.model_dump() == stored.model_dump() for result in results)

@@ -78,7 +78,7 @@ async def test_the_original_is_decoded_once_for_all_its_variants(
     assert len(opened) == 1
     # Read from a spool copy, not from bytes in memory: an original padded with large
     # ancillary chunks never sits in the worker's memory whole. The copy is gone after.
-    assert isinstance(opened[0], Path)
+    assert Path(opened[0].name).parent == queue.storage.spool_dir  # type: ignore[attr-defined]
     assert list(queue.storage.spool_dir.iterdir()) == []
 
 
@@ -292,3 +292,28 @@ async def test_files_that_are_not_png_or_end_at_their_image_data_are_left_alone(
         spool.write_bytes(data)
         variants._trim_png_tail(spool)
         assert spool.read_bytes() == data
+
+
+async def test_a_live_spool_copy_survives_another_jobs_sweep(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that waited for a render thread longer than the stale age looks dead to
+    the next job's sweep; the render still reads it whole, and the copy is gone after."""
+    real_render_all = variants.render_all
+
+    def render_after_a_sweep(original: object, long_sides: list[int]) -> list[bytes]:
+        spool = queue.storage.spool_dir
+        old = time.time() - 3600
+        for copy in spool.glob("variant-*.original.part"):
+            os.utime(copy, (old, old))  # as if it waited this long for a thread
+        variants._sweep(spool)  # what another job starting now does
+        return real_render_all(original, long_sides)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(variants, "render_all", render_after_a_sweep)
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(600, 300)])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.key is not None
+    root = queue.root / "images"
+    assert _size((root / variant_key(stored.key, "thumb")).read_bytes()) == (256, 128)
+    assert list(queue.storage.spool_dir.iterdir()) == []
