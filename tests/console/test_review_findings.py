@@ -343,13 +343,13 @@ async def test_on_demand_renders_are_bounded_per_process(
     assert most[0] <= 2, f"{most[0]} renders ran at once"
 
 
-def test_a_canvas_over_the_variant_limit_is_refused_before_decoding() -> None:
+async def test_a_canvas_over_the_variant_limit_is_refused_before_decoding() -> None:
     """An 8192x8191 PNG (0.5 GB decoded) is refused from its header, not decoded."""
     with pytest.raises(variants.VariantError, match="too large"):
         variants.render(_claimed_size_png(8192, 8191), 256)
 
 
-def test_every_pillow_decode_error_of_a_corrupt_png_is_a_variant_error() -> None:
+async def test_every_pillow_decode_error_of_a_corrupt_png_is_a_variant_error() -> None:
     """A PNG broken in its data (Pillow raises SyntaxError) is a VariantError, not a crash."""
     with pytest.raises(variants.VariantError):
         variants.render(_corrupt_png(), 256)
