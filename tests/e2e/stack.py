@@ -463,6 +463,16 @@ class Stack:
             if path.is_file() and ".tmp" not in path.relative_to(self.storage_dir).parts
         )
 
+    async def variants_made(self, count: int = 2) -> None:
+        """Until `count` WebP variants are stored. They are rendered after the image is
+        recorded, from a spool copy of it that is removed before they are stored: a
+        test that checks the spool is empty waits for them first."""
+
+        async def made() -> bool:
+            return len(self.variant_files()) >= count
+
+        await wait_for(made, what=f"{count} variants")
+
     def spool_files(self, pattern: str = "*.part") -> list[Path]:
         """Download temp files left in the storage's ``.tmp`` directory."""
         spool = self.storage_dir / ".tmp"

@@ -65,6 +65,7 @@ async def test_kill_during_download_leaves_one_intact_object(stacks: StackPool) 
     assert objects[0].name == f"{task_id}.png"
     assert sha256(objects[0].read_bytes()) == sha256(original) == done["image"]["sha256"]
     assert done["image"]["size_bytes"] == len(original)
+    await stack.variants_made()
     assert stack.spool_files() == []
     served = await stack.image(task_id)
     assert served.content == original
@@ -119,6 +120,7 @@ async def test_graceful_restart_mid_download_finishes_it_first(stacks: StackPool
     assert len(first_run) == 1
     assert first_run[0]["released_leases"] == 0  # nothing left to hand over
     assert len(stack.logs("image_stored", task_id=task_id)) == 1
+    await stack.variants_made()
     assert stack.spool_files() == []
 
 
