@@ -302,6 +302,12 @@ async def verify(
     strays = sorted(p.name for p in stored_files if p.stem.split("-")[0] not in completed_ids)
     if strays:
         problems.append(f"objects of no completed task: {strays}")
+    # The variants of the last images stored may still be rendering, from a spool copy
+    # of the original that lives until they are made: give them a moment.
+    for _ in range(100):
+        if not any(p.name.startswith("variant-") for p in cluster.spool_leftovers()):
+            break
+        await asyncio.sleep(0.1)
     leftovers = cluster.spool_leftovers()
     # A process killed while writing a WebP variant leaves its temp file; nothing re-runs
     # a stored image's variants, so the next variant write sweeps it once it is 30 s old
