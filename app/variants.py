@@ -73,24 +73,16 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", 0xAE426082)
 
 
-def _trim_png_tail(file: Path | IO[bytes]) -> None:
-    """Cut a PNG file (a path, or a file open for reading and writing) after its image
-    data, ending it there (blocking).
+def _trim_png_tail(f: IO[bytes]) -> None:
+    """Cut a PNG spool file (open for reading and writing) after its image data,
+    ending it there (blocking).
 
     Pillow reads every chunk after the image data whole (and keeps private ones),
     though none changes a pixel: a PNG padded with large trailing chunks would sit in
     memory once more. Anything that is not a PNG, or has nothing after its image
     data, is left as it is.
     """
-    if isinstance(file, Path):
-        with file.open("r+b") as f:
-            _trim_open_png_tail(f)
-    else:
-        file.seek(0)
-        _trim_open_png_tail(file)
-
-
-def _trim_open_png_tail(f: IO[bytes]) -> None:
+    f.seek(0)
     if f.read(8) != _PNG_SIGNATURE:
         return
     position, seen_data = 8, False
@@ -110,14 +102,15 @@ def _trim_open_png_tail(f: IO[bytes]) -> None:
         f.seek(position)
 
 
-def render_all(original: bytes | Path | IO[bytes], long_sides: Sequence[int]) -> list[bytes]:
-    """`render` for several sizes, decoding the original (bytes, or a spool file of
-    its own that may be trimmed: a path or an open file) once (blocking)."""
-    if not isinstance(original, bytes):
+def render_all(original: bytes | IO[bytes], long_sides: Sequence[int]) -> list[bytes]:
+    """`render` for several sizes, decoding the original (bytes, or an open spool file
+    of its own, which may be trimmed) once (blocking)."""
+    if isinstance(original, bytes):
+        source: IO[bytes] = io.BytesIO(original)
+    else:
         _trim_png_tail(original)
-        if not isinstance(original, Path):
-            original.seek(0)
-    source = io.BytesIO(original) if isinstance(original, bytes) else original
+        original.seek(0)
+        source = original
     try:
         with PILImage.open(source) as image:
             if image.width * image.height > MAX_PIXELS:
