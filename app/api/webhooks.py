@@ -78,13 +78,14 @@ async def starmagic_callback(
             raise UnsupportedMediaType("callbacks must be JSON")
         raw = await request.body()
         received = None
-        if settings.confirm_callbacks and runtime.callback_batches is not None:
-            received = await receive_in_batch(
-                runtime.callback_batches, settings, task_id, token, raw
-            )
+        batches = runtime.callback_batches if settings.confirm_callbacks else None
+        if batches is not None:
+            received = await receive_in_batch(batches, settings, task_id, token, raw)
         if received is None:
             async with statement_commits(runtime.engine) as db:
-                received = await receive_callback(db, settings, task_id, token, raw)
+                received = await receive_callback(
+                    db, settings, task_id, token, raw, one_statement=batches is None
+                )
                 await db.commit()  # recorded before we answer, and before confirming
         outcome = received.outcome.value
         log_on_request_line(request.scope, "callback_received", **received.log)

@@ -57,13 +57,22 @@ def parse_body(raw: bytes) -> tuple[Snapshot, Any]:
 
 
 async def receive_callback(
-    db: AsyncConnection, settings: Settings, task_id: str, token: str, raw: bytes
+    db: AsyncConnection,
+    settings: Settings,
+    task_id: str,
+    token: str,
+    raw: bytes,
+    *,
+    one_statement: bool = True,
 ) -> Received:
-    """Check the token, record the delivery, and apply it (or queue its confirmation)."""
+    """Check the token, record the delivery, and apply it (or queue its confirmation).
+
+    `one_statement=False`: the batch statement already had this callback and left
+    it here; the same statement alone would decide no differently."""
     if not callback_urls.verify(task_id, token, settings.webhook_secret):
         raise NotFound(UNKNOWN_CALLBACK)
     # A valid token was signed by us, so the id is one of ours and safe for SQL.
-    if settings.confirm_callbacks and db.dialect.name == "postgresql":
+    if one_statement and settings.confirm_callbacks and db.dialect.name == "postgresql":
         received = await _confirm_in_one_statement(db, task_id, raw)
         if received is not None:
             return received
