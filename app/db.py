@@ -100,17 +100,26 @@ async def statement_commits(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
                 connection.info.pop(_AUTOCOMMIT, None)
 
 
+def each_statement_commits(db: AsyncConnection) -> bool:
+    """Whether a statement on `db` commits on its own: a `statement_commits`
+    connection (PostgreSQL) outside `transaction`."""
+    return bool(db.info.get(_AUTOCOMMIT))
+
+
 @asynccontextmanager
 async def transaction(db: AsyncConnection) -> AsyncIterator[AsyncConnection]:
     """Statements that commit together: a transaction of their own on a
     `statement_commits` connection, else the transaction `db` is already in."""
-    if not db.info.get(_AUTOCOMMIT):
+    if not each_statement_commits(db):
         yield db
         return
     await db.commit()  # ends the autocommitted statements' logical transaction: no round trip
     await db.execution_options(isolation_level=db.dialect.default_isolation_level)
+    db.info[_AUTOCOMMIT] = False  # until it ends: a `transaction` inside joins this one
     try:
         async with db.begin():
             yield db
     finally:
+        if not db.invalidated:
+            db.info[_AUTOCOMMIT] = True
         await db.execution_options(isolation_level="AUTOCOMMIT")

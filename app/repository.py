@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col
 
@@ -353,6 +354,17 @@ async def upstream_id_taken(db: AsyncConnection, upstream_id: str, other_than: s
         TASKS.c.upstream_task_id == upstream_id, TASKS.c.id != other_than
     )
     return (await db.execute(statement)).first() is not None
+
+
+# The unique index that keeps a provider task to one of ours: PostgreSQL names it,
+# SQLite names its column.
+_UPSTREAM_ID_UNIQUE = ("uq_tasks_upstream_task_id", "tasks.upstream_task_id")
+
+
+def upstream_id_conflict(exc: IntegrityError) -> bool:
+    """Whether a write failed because another task already carries the provider id
+    it gave (one committed after the write's guard looked)."""
+    return any(name in str(exc.orig) for name in _UPSTREAM_ID_UNIQUE)
 
 
 async def update_where(

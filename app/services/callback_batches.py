@@ -10,7 +10,10 @@ once, so batching adds no wait when the service is quiet.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,6 +35,7 @@ FAILURE_LOG_SECONDS = 60.0
 @dataclass
 class _Waiting:
     callback: TerminalCallback
+    arrival: int  # its place in the order callbacks were queued
     answer: asyncio.Future[OneStatement | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -50,7 +54,12 @@ class ConfirmationBatches:
         self.engine = engine
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self._queue: list[_Waiting] = []
+        # Each task's callbacks, oldest first; and each waiting task once, by the
+        # arrival of its oldest callback: a batch takes from the front of that order
+        # without looking at the repeats that wait behind (thousands, for one task).
+        self._by_task: dict[str, deque[_Waiting]] = {}
+        self._oldest: list[tuple[int, str]] = []  # a heap of (arrival, task id)
+        self._arrivals = itertools.count()
         self._drainers: set[asyncio.Task[None]] = set()
         self._said_at = -FAILURE_LOG_SECONDS
         self._failures_unsaid = 0
@@ -58,33 +67,45 @@ class ConfirmationBatches:
     async def decide(self, callback: TerminalCallback) -> OneStatement | None:
         """What the batch statement did for this callback; None when its batch failed
         (a deadlock, a lost connection): nothing was written, the general path decides."""
-        waiting = _Waiting(callback)
-        self._queue.append(waiting)
+        waiting, task_id = _Waiting(callback, next(self._arrivals)), callback.task_id
+        queued = self._by_task.get(task_id)
+        if queued is None:
+            self._by_task[task_id] = deque([waiting])
+            heapq.heappush(self._oldest, (waiting.arrival, task_id))
+        else:
+            queued.append(waiting)
         if len(self._drainers) < self.in_flight:
             drainer = asyncio.create_task(self._drain())
             self._drainers.add(drainer)
             drainer.add_done_callback(self._drainers.discard)
         return await waiting.answer
 
+    @property
+    def queued(self) -> int:
+        """How many callbacks wait for a batch."""
+        return sum(len(queued) for queued in self._by_task.values())
+
     def _take(self) -> list[_Waiting]:
         """The next batch: the oldest callbacks, one per task (a statement can change a
-        row once); a second callback about the same task waits for a later batch."""
-        batch: list[_Waiting] = []
-        seen: set[str] = set()
-        rest: list[_Waiting] = []
-        for waiting in self._queue:
-            task_id = waiting.callback.task_id
-            if len(batch) < self.max_batch and task_id not in seen:
-                seen.add(task_id)
-                batch.append(waiting)
+        row once); a second callback about the same task waits for a later batch.
+        Its cost grows with the batch (and the log of the tasks waiting), never with
+        the repeats waiting behind."""
+        taken: list[str] = []
+        while self._oldest and len(taken) < self.max_batch:
+            taken.append(heapq.heappop(self._oldest)[1])
+        batch = [self._by_task[task_id].popleft() for task_id in taken]
+        # A task with repeats waits again, placed by the arrival of its next callback.
+        for task_id in taken:
+            queued = self._by_task[task_id]
+            if queued:
+                heapq.heappush(self._oldest, (queued[0].arrival, task_id))
             else:
-                rest.append(waiting)
-        self._queue = rest
+                del self._by_task[task_id]
         return batch
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
+            while self._oldest:
                 batch = self._take()
                 try:
                     decided = await self._run([w.callback for w in batch], utcnow())

@@ -23,7 +23,13 @@ from app.models import utcnow
 from app.repository import TASKS, OneStatement, TaskState, TerminalCallback
 from app.schemas import Snapshot
 from app.services.callback_batches import ConfirmationBatches
-from app.services.snapshots import Outcome, apply_snapshot, owns_upstream_id
+from app.services.snapshots import (
+    Outcome,
+    UpstreamIdTaken,
+    adopting,
+    apply_snapshot,
+    owns_upstream_id,
+)
 from app.upstream import SnapshotError, parse_snapshot
 
 log = structlog.get_logger(__name__)
@@ -227,6 +233,17 @@ async def _queue_confirmation(
     if snapshot.upstream_id:
         # A submit whose answer was lost learns the provider's id here.
         values["upstream_task_id"] = func.coalesce(TASKS.c.upstream_task_id, snapshot.upstream_id)
+    try:
+        async with adopting(db, state, snapshot.upstream_id):
+            return await _request_confirmation(db, state, snapshot, now, values)
+    except UpstreamIdTaken:
+        return Outcome.MISMATCH
+
+
+async def _request_confirmation(
+    db: AsyncConnection, state: TaskState, snapshot: Snapshot, now: datetime, values: dict[str, Any]
+) -> Outcome:
+    """Request (or renew) the task's confirmation query, giving it `values` too."""
     if await repository.request_confirmation(db, state.id, now, values):
         return Outcome.CONFIRMING
     # A request already waits: this delivery adds no query. Only if that request's

@@ -10,15 +10,19 @@ plain connection with Core statements: the webhook's hot path stays cheap.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
 from sqlalchemy import ColumnElement, and_, case, func, or_
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository
+from app.db import each_statement_commits
 from app.errors import NotFound
 from app.models import Image, ImageStatus, Task, TaskStatus
 from app.repository import TASKS, TaskState
@@ -74,6 +78,41 @@ async def owns_upstream_id(db: AsyncConnection, state: TaskState, upstream_id: s
     if state.upstream_task_id is not None:
         return state.upstream_task_id == upstream_id
     return not await repository.upstream_id_taken(db, upstream_id, other_than=state.id)
+
+
+class UpstreamIdTaken(Exception):
+    """Another task took the provider id after `owns_upstream_id` allowed it: the
+    write giving it to this task was undone, and the guard's answer is now no."""
+
+
+@asynccontextmanager
+async def adopting(
+    db: AsyncConnection, state: TaskState, upstream_id: str | None
+) -> AsyncIterator[None]:
+    """Around writes that may give the task `upstream_id`, which `owns_upstream_id`
+    allowed.
+
+    The guard cannot see another task's write of the same id before it commits:
+    both pass, and the second meets the unique index (PostgreSQL; SQLite's write
+    lock keeps them apart). In a PostgreSQL transaction such writes run in a
+    savepoint, so the refused one is undone alone (a statement that commits on its
+    own, or one on SQLite, is undone by itself), and `UpstreamIdTaken` ends it as
+    the guard would have. Only a task without a provider id pays for the savepoint:
+    one that has one keeps it.
+    """
+    if upstream_id is None or state.upstream_task_id is not None:
+        yield
+        return
+    try:
+        if db.dialect.name == "postgresql" and not each_statement_commits(db):
+            async with db.begin_nested():
+                yield
+        else:
+            yield
+    except IntegrityError as exc:
+        if not repository.upstream_id_conflict(exc):
+            raise
+        raise UpstreamIdTaken(upstream_id) from exc
 
 
 def _status_in(statuses: list[TaskStatus]) -> ColumnElement[bool]:
@@ -196,13 +235,7 @@ async def apply_snapshot(
     if state is None:
         raise NotFound(f"task {task_id} does not exist")
     if not await owns_upstream_id(db, state, snapshot.upstream_id):
-        log.warning(
-            "snapshot_mismatch",
-            task_id=task_id,
-            upstream_task_id=state.upstream_task_id,
-            snapshot_upstream_id=snapshot.upstream_id,
-        )
-        return Applied(Outcome.MISMATCH, state)
+        return _mismatch(state, snapshot)
 
     outcome = classify(state, snapshot)
     condition, values = transition(snapshot, now=now, poll_after=poll_after)
@@ -210,7 +243,11 @@ async def apply_snapshot(
     for _ in range(3):
         if outcome is not Outcome.APPLIED:
             break
-        task = await repository.update_returning(db, task_id, condition, values)
+        try:
+            async with adopting(db, state, snapshot.upstream_id):
+                task = await repository.update_returning(db, task_id, condition, values)
+        except UpstreamIdTaken:
+            return _mismatch(state, snapshot)
         if task is not None:
             images: list[Image] = []
             if snapshot.status is TaskStatus.COMPLETED:
@@ -247,3 +284,14 @@ async def apply_snapshot(
             reported=snapshot.status.value,
         )
     return Applied(outcome, state)
+
+
+def _mismatch(state: TaskState, snapshot: Snapshot) -> Applied:
+    """The snapshot names a provider task another of ours carries: nothing changes."""
+    log.warning(
+        "snapshot_mismatch",
+        task_id=state.id,
+        upstream_task_id=state.upstream_task_id,
+        snapshot_upstream_id=snapshot.upstream_id,
+    )
+    return Applied(Outcome.MISMATCH, state)

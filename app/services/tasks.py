@@ -30,7 +30,7 @@ from app.models import Task, TaskStatus, utcnow
 from app.repository import TaskState
 from app.schemas import Snapshot, TaskCreate
 from app.services import events, submit_answer
-from app.services.snapshots import Applied, Outcome, apply_snapshot
+from app.services.snapshots import Applied, Outcome, UpstreamIdTaken, adopting, apply_snapshot
 from app.upstream import (
     StarMagicClient,
     UpstreamError,
@@ -250,14 +250,22 @@ async def _record_answer(
         if snapshot.status is TaskStatus.PENDING and snapshot.upstream_id:
             # Submitting to pending tells no event and queues no image.
             shape = submit_answer.Shape.of(snapshot)
-            moved = await repository.accept_submission(
-                db,
-                task,
-                shape,
-                lambda: submit_answer.template(shape),
-                submit_answer.params(task_id, snapshot, now=now, poll_after=poll_after),
-                note,
-            )
+            inserted = TaskState(task_id, TaskStatus(task.status), task.progress, None)
+            try:
+                async with adopting(db, inserted, snapshot.upstream_id):
+                    moved = await repository.accept_submission(
+                        db,
+                        task,
+                        shape,
+                        lambda: submit_answer.template(shape),
+                        submit_answer.params(task_id, snapshot, now=now, poll_after=poll_after),
+                        note,
+                    )
+            except UpstreamIdTaken:
+                # Another task took the id after the guard looked (its write had not
+                # committed): nothing was written, and the state machine below now
+                # sees the id taken, as if that task had been first.
+                moved = False
             if moved:
                 status = TaskStatus(task.status)
                 state = TaskState(task.id, status, task.progress, task.upstream_task_id)

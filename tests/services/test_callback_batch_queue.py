@@ -72,3 +72,58 @@ async def test_every_callback_of_a_burst_is_decided_in_batches_of_at_most_the_li
     assert all(len(batch) <= 8 and len(set(batch)) == len(batch) for batch in batches.batches)
     assert sorted(i for batch in batches.batches for i in batch) == sorted(ids)
     await batches.aclose()
+
+
+def _batches_by_scanning(ids: list[str], limit: int) -> list[list[str]]:
+    """The rule, stated as a scan of the whole queue: each batch holds the oldest
+    callback of each task, oldest first, up to `limit` tasks; the rest keep their order."""
+    queue, batches = list(ids), []
+    while queue:
+        batch: list[str] = []
+        rest: list[str] = []
+        for task_id in queue:
+            (batch if len(batch) < limit and task_id not in batch else rest).append(task_id)
+        batches.append(batch)
+        queue = rest
+    return batches
+
+
+async def test_batches_take_the_oldest_callback_of_each_task_in_arrival_order() -> None:
+    """A task's repeats wait for later batches; a batch holds the tasks whose oldest
+    waiting callback came first, in that order, whatever was taken before."""
+    batches = InstantBatches(in_flight=1)
+    batches.max_batch = 3
+    ids = ["a", "b", "a", "c", "a", "d", "b", "e", "a", "c", "f", "a", "a", "g", "b"]
+    await asyncio.gather(*(batches.decide(_callback(i)) for i in ids))
+    assert batches.batches == _batches_by_scanning(ids, 3)
+    assert batches.batches[:2] == [["a", "b", "c"], ["a", "d", "b"]]
+    await batches.aclose()
+
+
+class CountedCallback(TerminalCallback):
+    """A callback that counts how often the queue looks at its task id."""
+
+    reads = 0
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "task_id":
+            CountedCallback.reads += 1
+        return super().__getattribute__(name)
+
+
+async def test_many_repeats_of_one_task_cost_work_in_proportion_to_their_number() -> None:
+    """Thousands of callbacks about one task, a few others among them: one batch each
+    (the others ride along), and the queue looks at each callback a bounded number
+    of times, not once per batch it waits through."""
+    repeats = 2000
+    batches = InstantBatches(in_flight=1)
+    ids = ["tsk_hot"] * repeats
+    ids[1:1] = ["tsk_b", "tsk_c"]
+    callbacks = [CountedCallback(i, f"up-{i}", "completed", "0" * 64) for i in ids]
+    CountedCallback.reads = 0
+    answers = await asyncio.gather(*(batches.decide(c) for c in callbacks))
+    assert answers == [OneStatement("confirming", "processing")] * len(ids)
+    assert batches.batches[0] == ["tsk_hot", "tsk_b", "tsk_c"]
+    assert batches.batches[1:] == [["tsk_hot"]] * (repeats - 1)
+    assert CountedCallback.reads <= 4 * len(ids)
+    await batches.aclose()

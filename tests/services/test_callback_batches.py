@@ -419,7 +419,7 @@ async def test_closing_waits_for_the_batch_out_and_its_callbacks_get_their_answe
             await holder.rollback()
         await closing
         assert await answer == OneStatement("confirming", "processing")
-        assert batches._queue == []
+        assert batches.queued == 0
         assert not batches._drainers
     finally:
         await engine.dispose()
