@@ -239,6 +239,10 @@ async def apply_snapshot(
 
     outcome = classify(state, snapshot)
     condition, values = transition(snapshot, now=now, poll_after=poll_after)
+    if snapshot.upstream_id:
+        # `state` may predate this transaction (the webhook reads it first): the row
+        # must still carry this provider id, or none, when the move is written.
+        condition = and_(condition, _carries_or_none(snapshot.upstream_id))
     # Re-decide if another delivery moved the task between our read and our write.
     for _ in range(3):
         if outcome is not Outcome.APPLIED:
@@ -272,6 +276,8 @@ async def apply_snapshot(
             return Applied(Outcome.APPLIED, state, task)
         reread = await repository.task_state(db, task_id)
         assert reread is not None  # tasks are never deleted
+        if not await owns_upstream_id(db, reread, snapshot.upstream_id):
+            return _mismatch(reread, snapshot)
         state, outcome = reread, classify(reread, snapshot)
     else:
         outcome = Outcome.STALE  # three races lost in a row: newer news won each time
@@ -284,6 +290,10 @@ async def apply_snapshot(
             reported=snapshot.status.value,
         )
     return Applied(outcome, state)
+
+
+def _carries_or_none(upstream_id: str) -> ColumnElement[bool]:
+    return or_(TASKS.c.upstream_task_id.is_(None), TASKS.c.upstream_task_id == upstream_id)
 
 
 def _mismatch(state: TaskState, snapshot: Snapshot) -> Applied:

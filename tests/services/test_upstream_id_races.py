@@ -24,6 +24,7 @@ import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import repository
 from app.callback_urls import sign
 from app.config import Settings
 from app.db import create_engine, create_session_factory, statement_commits
@@ -282,3 +283,38 @@ async def test_concurrent_submissions_answered_with_one_id_give_it_to_one_task(
     assert [row.id for row in stored] == carriers
     statuses = sorted(result.task.status for result in results)
     assert statuses == sorted([status.value] + ["submitting"] * (submissions - 1))
+
+
+@pytest.mark.parametrize("status", [TaskStatus.PENDING, TaskStatus.PROCESSING])
+async def test_a_snapshot_decided_on_a_state_read_before_the_task_took_its_id_is_refused(
+    engine: AsyncEngine, taken: str, status: TaskStatus
+) -> None:
+    """The webhook reads a task's state before its transaction; if the task's own
+    submit answer gives it an id in between, a snapshot naming another id must not
+    move it (it describes a provider task that is not this one's)."""
+    async with create_session_factory(engine)() as session:
+        task = await make_task(session, status="submitting", upstream_task_id=None)
+    async with engine.connect() as db:
+        read_before = await repository.task_state(db, task.id)
+    assert read_before is not None
+    assert read_before.upstream_task_id is None
+    async with engine.begin() as db:  # the submit answer, committed meanwhile
+        await db.execute(
+            text("UPDATE tasks SET upstream_task_id = :id WHERE id = :task"),
+            {"id": taken, "task": task.id},
+        )
+    other = f"task-unified-1757156493-{secrets.token_hex(4)}"
+    async with engine.begin() as db:
+        applied = await apply_snapshot(
+            db,
+            task.id,
+            Snapshot(status, other, progress=60),
+            now=utcnow(),
+            poll_after=timedelta(seconds=60),
+            state=read_before,
+        )
+    assert applied.outcome is Outcome.MISMATCH
+    rows = await _rows(
+        engine, "SELECT status, progress, upstream_task_id FROM tasks WHERE id = :id", id=task.id
+    )
+    assert rows == [("submitting", 0, taken)]
