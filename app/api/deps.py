@@ -56,16 +56,18 @@ async def get_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
 
 
-async def get_callback_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
-    """The webhook's connection: statements that stand alone commit on their own
+async def get_statement_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """A connection on which statements that stand alone commit on their own
     (PostgreSQL), saving the BEGIN and COMMIT round trips (`app.db.statement_commits`)."""
     async with statement_commits(runtime.engine) as connection:
         yield connection
 
 
-CallbackConnectionDep = Annotated[
-    AsyncConnection, Depends(get_callback_connection, scope="function")
+# The webhook's connection, and any read that is one statement (a listing page).
+StatementConnectionDep = Annotated[
+    AsyncConnection, Depends(get_statement_connection, scope="function")
 ]
+CallbackConnectionDep = StatementConnectionDep
 
 _bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}

@@ -812,7 +812,8 @@ async def test_fingerprints_of_requests_without_the_new_fields_are_unchanged() -
 
 async def test_listing_filters_keep_their_edges(service: Service) -> None:
     """created_after is inclusive and created_before exclusive; prompt text matches in any
-    case and literally (`%` and `_` are not wildcards); a metadata key with an empty value."""
+    case and literally (`%`, `_` and `/` are not wildcards nor escapes); a metadata key with
+    an empty value, or with one alongside the prompt."""
     instant = utcnow() - timedelta(minutes=5)
     async with service.runtime.sessions() as session:
         at_instant = await make_task(session, created_at=instant, prompt="A Lighthouse 100%")
@@ -822,16 +823,22 @@ async def test_listing_filters_keep_their_edges(service: Service) -> None:
         await make_task(session, created_at=instant - timedelta(seconds=1), prompt="lighthouses")
         blank = await make_task(session, meta={"ticket": ""}, prompt="x")
         await make_task(session, meta={"ticket": "XXXX"}, prompt="y")
+        slashed = await make_task(session, meta={"ticket": "XXXX"}, prompt="a/b/%")
+        await make_task(session, prompt="a/b/c")
 
     async def listed(**filters: Any) -> list[str]:
-        async with service.runtime.sessions() as session:
+        async with service.runtime.engine.connect() as db:
             found = await repository.list_tasks(
-                session, repository.TaskFilter(**filters), limit=50, after=None
+                db, repository.TaskFilter(**filters), limit=50, after=None
             )
-        return [task.id for task in found]
+        return [task.id for task, _ in found]
 
     window = {"created_after": instant, "created_before": instant + timedelta(seconds=1)}
     assert await listed(**window) == [at_instant.id]
     assert await listed(prompt_contains="LIGHTHOUSE 100%") == [at_instant.id]
     assert await listed(prompt_contains="thouse_") == [later.id]
     assert await listed(metadata_key="ticket") == [blank.id]
+    assert await listed(prompt_contains="A/B/%") == [slashed.id]
+    assert await listed(prompt_contains="b/%", metadata_key="ticket", metadata_value="XXXX") == [
+        slashed.id
+    ]
