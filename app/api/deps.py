@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import Settings
-from app.db import statement_commits
+from app.db import single_read, statement_commits
 from app.errors import NotFound, Unauthorized
 from app.runtime import Runtime
 
@@ -56,18 +56,26 @@ async def get_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
 
 
-async def get_statement_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
-    """A connection on which statements that stand alone commit on their own
+async def get_callback_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """The webhook's connection: statements that stand alone commit on their own
     (PostgreSQL), saving the BEGIN and COMMIT round trips (`app.db.statement_commits`)."""
     async with statement_commits(runtime.engine) as connection:
         yield connection
 
 
-# The webhook's connection, and any read that is one statement (a listing page).
-StatementConnectionDep = Annotated[
-    AsyncConnection, Depends(get_statement_connection, scope="function")
+CallbackConnectionDep = Annotated[
+    AsyncConnection, Depends(get_callback_connection, scope="function")
 ]
-CallbackConnectionDep = StatementConnectionDep
+
+
+async def get_read_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """A connection for a read that is one statement (a listing page): no transaction
+    around it, so no BEGIN and COMMIT round trips (`app.db.single_read`)."""
+    async with single_read(runtime.engine) as connection:
+        yield connection
+
+
+ReadConnectionDep = Annotated[AsyncConnection, Depends(get_read_connection, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}

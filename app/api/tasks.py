@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import repository
-from app.api.deps import TASK_ID, CallerDep, RuntimeDep, StatementConnectionDep, TaskIdDep
+from app.api.deps import TASK_ID, CallerDep, ReadConnectionDep, RuntimeDep, TaskIdDep
 from app.errors import NotFound, Unprocessable
 from app.events.waiting import requested_wait, wait_until_settled
 from app.middleware import log_on_request_line
@@ -169,7 +169,7 @@ async def create_task(
 async def list_tasks(
     _: CallerDep,
     request: Request,
-    db: StatementConnectionDep,
+    db: ReadConnectionDep,
     status_filter: Annotated[
         TaskStatusName | None,
         Query(alias="status", description="Only tasks in this state.", examples=["completed"]),

@@ -411,6 +411,23 @@ async def test_next_cursor_names_the_last_task_of_the_page(service: Service) -> 
     assert raw == json.dumps([second.isoformat(), last["id"]]).encode()
 
 
+async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: Service) -> None:
+    """A page is one statement outside any transaction: it neither waits for a writer
+    (SQLite's write lock) nor sees what the writer has not committed."""
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, prompt="before")
+    async with service.runtime.engine.begin() as writer:
+        await writer.execute(
+            repository.TASKS.update()
+            .where(repository.TASKS.c.id == task.id)
+            .values(prompt="uncommitted")
+        )
+        response = await service.client.get("/tasks", timeout=3)
+        assert response.status_code == 200
+        assert [item["prompt"] for item in response.json()["items"]] == ["before"]
+        await writer.rollback()
+
+
 @pytest.mark.parametrize(
     "params",
     [
