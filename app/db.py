@@ -46,6 +46,8 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.info.get(_SINGLE_READ):
+            return  # no transaction: the statement runs on its own (`single_read`)
         # IMMEDIATE takes the write lock up front: a deferred transaction that
         # later upgrades can fail with SQLITE_BUSY instead of waiting its turn.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -74,6 +76,7 @@ def create_session_factory(engine: AsyncEngine) -> SessionFactory:
 
 
 _AUTOCOMMIT = "imagetasks.autocommit"
+_SINGLE_READ = "imagetasks.single_read"
 
 
 @asynccontextmanager
@@ -104,6 +107,28 @@ def each_statement_commits(db: AsyncConnection) -> bool:
     """Whether a statement on `db` commits on its own: a `statement_commits`
     connection (PostgreSQL) outside `transaction`."""
     return bool(db.info.get(_AUTOCOMMIT))
+
+
+@asynccontextmanager
+async def single_read(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for a read that is one statement, run outside any transaction.
+
+    One statement reads one snapshot on both databases, so it needs none: this
+    saves the BEGIN and COMMIT round trips, and on SQLite the write lock that an
+    immediate transaction would take (a read then never waits for a writer).
+    Nothing written on it would commit together with anything else.
+    """
+    if engine.dialect.name == "postgresql":
+        async with statement_commits(engine) as connection:
+            yield connection
+        return
+    async with engine.connect() as connection:
+        connection.info[_SINGLE_READ] = True
+        try:
+            yield connection
+        finally:
+            if not connection.invalidated:
+                connection.info.pop(_SINGLE_READ, None)
 
 
 @asynccontextmanager

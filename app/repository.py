@@ -7,10 +7,12 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Table,
     and_,
     bindparam,
@@ -40,6 +42,7 @@ from app.models import (
     TaskStatus,
     UTCDateTime,
 )
+from app.task_view import ImageRow, TaskRow
 from app.webhooks import repository as webhook_repository
 
 ACTIVE_STATUSES = tuple(status.value for status in TaskStatus if not status.terminal)
@@ -275,40 +278,99 @@ class TaskFilter:
     task_id: str | None = None  # one task, if it matches the rest (a live update)
 
 
+# A listing page reads plain rows of the columns its views show: building ORM objects
+# of whole rows cost more than the SQL. The page and its images come in one statement.
+_LISTED_TASK = [_TASKS.c["metadata" if name == "meta" else name] for name in TaskRow._fields]
+_LISTED_IMAGE = [metadata.tables["images"].c[name] for name in ImageRow._fields]
+_TASK_WIDTH = len(_LISTED_TASK)
+ListedPage = list[tuple[TaskRow, list[ImageRow]]]
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally by LIKE … ESCAPE '/' (what `autoescape` does for a literal)."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+def _listing_query(
+    filters: TaskFilter, limit: int, after: tuple[datetime, str] | None
+) -> tuple[Any, dict[str, Any]]:
+    """The statement for these filters (built once per shape) and its parameters."""
+    values: dict[str, Any] = {
+        "status": filters.status or None,
+        "image_status": filters.image_status or None,
+        "created_after": filters.created_after or None,
+        "created_before": filters.created_before or None,
+        "task_id": filters.task_id,
+        "metadata_value": None if filters.metadata_key is None else (filters.metadata_value or ""),
+        "prompt": _like_escaped(filters.prompt_contains.lower())
+        if filters.prompt_contains
+        else None,
+        "after_created": after[0] if after else None,
+        "after_id": after[1] if after else None,
+    }
+    params = {name: value for name, value in values.items() if value is not None}
+    statement = _listing_statement(frozenset(params), filters.metadata_key)
+    params["limit"] = limit
+    return statement, params
+
+
+@lru_cache(maxsize=64)
+def _listing_statement(names: frozenset[str], metadata_key: str | None) -> Any:
+    """The page's tasks (keyset order) under the filters named, each joined to its
+    images in position order. Built once: building it costs more than running it."""
+    tasks = _TASKS.c
+    conditions: list[ColumnElement[bool]] = []
+    for name in ("status", "image_status", "task_id"):
+        if name in names:
+            conditions.append(tasks[name if name != "task_id" else "id"] == bindparam(name))
+    if "created_after" in names:
+        conditions.append(tasks.created_at >= bindparam("created_after"))
+    if "created_before" in names:
+        conditions.append(tasks.created_at < bindparam("created_before"))
+    if metadata_key is not None:
+        value = tasks.metadata[metadata_key].as_string()
+        conditions.append(value == bindparam("metadata_value"))
+    if "prompt" in names:
+        conditions.append(func.lower(tasks.prompt).contains(bindparam("prompt"), escape="/"))
+    if "after_created" in names:
+        after = tuple_(
+            bindparam("after_created", type_=tasks.created_at.type),
+            bindparam("after_id", type_=tasks.id.type),
+        )
+        conditions.append(tuple_(tasks.created_at, tasks.id) < after)
+    page = (
+        select(*_LISTED_TASK)
+        .where(*conditions)
+        .order_by(tasks.created_at.desc(), tasks.id.desc())
+        .limit(bindparam("limit", type_=Integer()))
+        .subquery("page")
+    )
+    images = metadata.tables["images"]
+    return (
+        select(*page.c, *_LISTED_IMAGE)
+        .select_from(page.outerjoin(images, images.c.task_id == page.c.id))
+        .order_by(page.c.created_at.desc(), page.c.id.desc(), images.c.position)
+    )
+
+
 async def list_tasks(
-    session: AsyncSession,
+    db: AsyncConnection,
     filters: TaskFilter,
     *,
     limit: int,
     after: tuple[datetime, str] | None,
-) -> Sequence[Task]:
-    """Newest first, by keyset: (created_at, id) strictly below the cursor."""
-    conditions: list[ColumnElement[bool]] = []
-    if filters.status:
-        conditions.append(col(Task.status) == filters.status)
-    if filters.image_status:
-        conditions.append(col(Task.image_status) == filters.image_status)
-    if filters.created_after:
-        conditions.append(col(Task.created_at) >= filters.created_after)
-    if filters.created_before:
-        conditions.append(col(Task.created_at) < filters.created_before)
-    if filters.task_id is not None:
-        conditions.append(col(Task.id) == filters.task_id)
-    if filters.metadata_key is not None:
-        value = col(Task.meta)[filters.metadata_key].as_string()
-        conditions.append(value == (filters.metadata_value or ""))
-    if filters.prompt_contains:
-        needle = filters.prompt_contains.lower()
-        conditions.append(func.lower(col(Task.prompt)).contains(needle, autoescape=True))
-    if after:
-        conditions.append(tuple_(col(Task.created_at), col(Task.id)) < tuple_(*after))
-    statement = (
-        select(Task)
-        .where(*conditions)
-        .order_by(col(Task.created_at).desc(), col(Task.id).desc())
-        .limit(limit)
-    )
-    return (await session.execute(statement)).scalars().all()
+) -> ListedPage:
+    """Newest first, by keyset: (created_at, id) strictly below the cursor; each task
+    with its images. One statement: one snapshot, and no transaction needed around it."""
+    listed: ListedPage = []
+    statement, params = _listing_query(filters, limit, after)
+    for row in await db.execute(statement, params):
+        values = tuple(row)
+        if not listed or listed[-1][0].id != values[0]:
+            listed.append((TaskRow._make(values[:_TASK_WIDTH]), []))
+        if values[_TASK_WIDTH] is not None:  # the outer join's NULLs: a task without images
+            listed[-1][1].append(ImageRow._make(values[_TASK_WIDTH:]))
+    return listed
 
 
 # Core statements on the tables skip the ORM's per-row work (the webhook's hot path).

@@ -11,7 +11,6 @@ import re
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ from sqlalchemy import event, text
 
 from app import repository
 from app.api.tasks import encode_cursor
-from app.db import create_engine, create_session_factory
+from app.db import create_engine
 from bench.databases import Database, insert_tasks, task_row
 from bench.ids import task_id_at
 from bench.launcher import NOOP_PREFIX
@@ -118,7 +117,7 @@ async def _deep_cursor(url: str) -> str:
         await engine.dispose()
     created = row[0] if isinstance(row[0], datetime) else datetime.fromisoformat(row[0])
     created = created.replace(tzinfo=UTC) if created.tzinfo is None else created
-    return encode_cursor(SimpleNamespace(created_at=created, id=row[1]))  # type: ignore[arg-type]
+    return encode_cursor(created, row[1])
 
 
 def seed(database: Database) -> dict[str, Any]:
@@ -207,13 +206,12 @@ async def _plans(database: Database, cursor: str) -> dict[str, str]:
         captured.append((statement, parameters))
 
     plans: dict[str, str] = {}
-    sessions = create_session_factory(engine)
     try:
         for name, after in (("first_page", None), ("deep_page", decode_cursor(cursor))):
             captured.clear()
-            async with sessions() as session:
+            async with engine.connect() as db:
                 await repository.list_tasks(
-                    session, repository.TaskFilter(status=STATUS), limit=PAGE + 1, after=after
+                    db, repository.TaskFilter(status=STATUS), limit=PAGE + 1, after=after
                 )
             statement, parameters = next(c for c in captured if "FROM tasks" in c[0])
             prefix = (

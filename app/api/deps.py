@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import Settings
-from app.db import statement_commits
+from app.db import single_read, statement_commits
 from app.errors import NotFound, Unauthorized
 from app.runtime import Runtime
 
@@ -66,6 +66,16 @@ async def get_callback_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncCon
 CallbackConnectionDep = Annotated[
     AsyncConnection, Depends(get_callback_connection, scope="function")
 ]
+
+
+async def get_read_connection(runtime: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """A connection for a read that is one statement (a listing page): no transaction
+    around it, so no BEGIN and COMMIT round trips (`app.db.single_read`)."""
+    async with single_read(runtime.engine) as connection:
+        yield connection
+
+
+ReadConnectionDep = Annotated[AsyncConnection, Depends(get_read_connection, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="One of the service's API_TOKENS.")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagetasks"'}

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, and_, func, literal_column, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import activity, repository
 from app.api.tasks import encode_cursor
@@ -36,23 +36,22 @@ TIMELINE_LIMIT = 500
 
 @dataclass(frozen=True)
 class GalleryPage:
-    tasks: list[tuple[Task, list[Image]]]
+    tasks: repository.ListedPage
     next_cursor: str | None
 
 
 async def gallery_page(
-    session: AsyncSession,
+    db: AsyncConnection,
     filters: repository.TaskFilter,
     *,
     after: tuple[datetime, str] | None,
     limit: int,
 ) -> GalleryPage:
     """Newest tasks matching the filters, with their images, and the next page's cursor."""
-    tasks = await repository.list_tasks(session, filters, limit=limit + 1, after=after)
-    page = list(tasks[:limit])
-    next_cursor = encode_cursor(page[-1]) if len(tasks) > limit else None
-    images = await repository.task_images(session, [task.id for task in page])
-    return GalleryPage([(task, images[task.id]) for task in page], next_cursor)
+    listed = await repository.list_tasks(db, filters, limit=limit + 1, after=after)
+    last = listed[limit - 1][0] if len(listed) > limit else None
+    next_cursor = encode_cursor(last.created_at, last.id) if last else None
+    return GalleryPage(listed[:limit], next_cursor)
 
 
 async def stream_start(engine: AsyncEngine) -> str | None:

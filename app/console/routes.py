@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import repository
 from app.api.deps import RuntimeDep, SessionDep, SettingsDep
@@ -93,10 +94,11 @@ async def sign_out(request: Request, runtime: RuntimeDep, _: auth.CsrfChecked) -
 
 
 async def _page(
-    request: Request, session: Any, filters: GalleryFilters, cursor: str | None
+    request: Request, session: AsyncSession, filters: GalleryFilters, cursor: str | None
 ) -> queries.GalleryPage:
     after = decode_cursor(cursor) if cursor else None
-    return await queries.gallery_page(session, filters.task_filter, after=after, limit=PAGE_SIZE)
+    db = await session.connection()
+    return await queries.gallery_page(db, filters.task_filter, after=after, limit=PAGE_SIZE)
 
 
 @router.get("", response_class=HTMLResponse)
@@ -163,7 +165,8 @@ async def card(
         return Response(status_code=204)
     # The filter itself decides: the same query, narrowed to this one task.
     narrowed = dataclasses.replace(filters.task_filter, task_id=task.id)
-    matched = await queries.gallery_page(session, narrowed, after=None, limit=1)
+    db = await session.connection()
+    matched = await queries.gallery_page(db, narrowed, after=None, limit=1)
     if not matched.tasks:
         return Response(status_code=204)
     return render(request, "_cards.html", settings, page=matched, filters=filters)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from datetime import timedelta
@@ -19,7 +20,7 @@ from app.models import utcnow
 from app.schemas import TaskCreate
 from app.services.tasks import fingerprint
 from tests.conftest import API_TOKEN, Service
-from tests.factories import make_task
+from tests.factories import make_image, make_task
 from tests.helpers import scripted_transport, simulator_transport
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -319,6 +320,112 @@ async def test_tasks_created_in_the_same_instant_page_once_each_in_order(
         if cursor is None:
             break
     assert seen == sorted(ids, reverse=True)
+
+
+async def test_a_listed_task_is_byte_for_byte_its_own_representation(service: Service) -> None:
+    """Every field, set or not, reads the same in a page as from GET /tasks/{id}: a
+    completed task with three images (stored, failed, pending) and every optional field
+    set, a failed task with its error, and a bare pending one."""
+    now = utcnow().replace(microsecond=123456)
+    async with service.runtime.sessions() as session:
+        full = await make_task(
+            session,
+            status="completed",
+            progress=100,
+            prompt="Un phare à l'aube, « aquarelle » 🌅",
+            model="gpt-image-2",
+            size="3:2",
+            quality="high",
+            resolution="2k",
+            n=3,
+            image_urls=["https://example.com/a.png", "https://example.com/b.png"],
+            mask_url="https://example.com/mask.png",
+            meta={"order": "A-1", "nested": {"list": [1, 2.5, None, True]}, "ü": "ß"},
+            can_cancel=False,
+            usage={"billing_rule": "per_call", "credits_reserved": 2.5},
+            created_at=now - timedelta(minutes=3),
+            completed_at=now - timedelta(minutes=2),
+            image_status="failed",
+        )
+        await make_image(
+            session,
+            full.id,
+            0,
+            status="stored",
+            content_type="image/png",
+            size_bytes=1843221,
+            sha256="ab" * 32,
+            width=1024,
+            height=1536,
+            stored_at=now - timedelta(minutes=1),
+        )
+        await make_image(
+            session, full.id, 1, status="failed", error_code="too_large", error_message="big"
+        )
+        await make_image(session, full.id, 2)
+        failed = await make_task(
+            session,
+            status="failed",
+            error_code="content_policy_violation",
+            error_message="the prompt was refused",
+            created_at=now - timedelta(minutes=2),
+            completed_at=now - timedelta(minutes=1),
+        )
+        bare = await make_task(
+            session, created_at=now - timedelta(minutes=1), upstream_task_id=None
+        )
+
+    listing = await service.client.get("/tasks", params={"limit": 3})
+    assert listing.status_code == 200
+    items = listing.json()["items"]
+    assert [item["id"] for item in items] == [bare.id, failed.id, full.id]
+    for item in items:
+        one = await service.client.get(f"/tasks/{item['id']}")
+        assert item == one.json()
+        assert one.content in listing.content  # the same bytes, not just equal values
+    shown = items[2]
+    unset = {name for name, value in shown.items() if value is None}
+    assert unset == {"error"}, f"the full task shows no {sorted(unset)}"  # completed: no error
+    assert shown["metadata"] == full.meta
+    assert shown["usage"] == full.usage
+    assert [image["status"] for image in shown["images"]] == ["stored", "failed", "pending"]
+    assert shown["images"][0]["url"].endswith(f"/tasks/{full.id}/image")
+    assert shown["images"][1]["error"] == {"code": "too_large", "message": "big", "retryable": None}
+    assert items[1]["error"]["code"] == "content_policy_violation"
+    assert items[1]["settled"] is True
+    assert shown["settled"] is False
+
+
+async def test_next_cursor_names_the_last_task_of_the_page(service: Service) -> None:
+    """The cursor is base64url (unpadded) JSON of the last item's created_at and id."""
+    instant = utcnow().replace(microsecond=654321) - timedelta(minutes=5)
+    async with service.runtime.sessions() as session:
+        for offset in range(3):
+            await make_task(session, created_at=instant + timedelta(seconds=offset))
+    page = (await service.client.get("/tasks", params={"limit": 2})).json()
+    last = page["items"][-1]
+    raw = base64.urlsafe_b64decode(page["next_cursor"] + "=" * (-len(page["next_cursor"]) % 4))
+    assert "=" not in page["next_cursor"]
+    second = instant + timedelta(seconds=1)
+    assert last["created_at"].startswith(second.strftime("%Y-%m-%dT%H:%M:%S.654321"))
+    assert raw == json.dumps([second.isoformat(), last["id"]]).encode()
+
+
+async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: Service) -> None:
+    """A page is one statement outside any transaction: it neither waits for a writer
+    (SQLite's write lock) nor sees what the writer has not committed."""
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, prompt="before")
+    async with service.runtime.engine.begin() as writer:
+        await writer.execute(
+            repository.TASKS.update()
+            .where(repository.TASKS.c.id == task.id)
+            .values(prompt="uncommitted")
+        )
+        response = await service.client.get("/tasks", timeout=3)
+        assert response.status_code == 200
+        assert [item["prompt"] for item in response.json()["items"]] == ["before"]
+        await writer.rollback()
 
 
 @pytest.mark.parametrize(
@@ -722,7 +829,8 @@ async def test_fingerprints_of_requests_without_the_new_fields_are_unchanged() -
 
 async def test_listing_filters_keep_their_edges(service: Service) -> None:
     """created_after is inclusive and created_before exclusive; prompt text matches in any
-    case and literally (`%` and `_` are not wildcards); a metadata key with an empty value."""
+    case and literally (`%`, `_` and `/` are not wildcards nor escapes); a metadata key with
+    an empty value, or with one alongside the prompt."""
     instant = utcnow() - timedelta(minutes=5)
     async with service.runtime.sessions() as session:
         at_instant = await make_task(session, created_at=instant, prompt="A Lighthouse 100%")
@@ -732,16 +840,22 @@ async def test_listing_filters_keep_their_edges(service: Service) -> None:
         await make_task(session, created_at=instant - timedelta(seconds=1), prompt="lighthouses")
         blank = await make_task(session, meta={"ticket": ""}, prompt="x")
         await make_task(session, meta={"ticket": "XXXX"}, prompt="y")
+        slashed = await make_task(session, meta={"ticket": "XXXX"}, prompt="a/b/%")
+        await make_task(session, prompt="a/b/c")
 
     async def listed(**filters: Any) -> list[str]:
-        async with service.runtime.sessions() as session:
+        async with service.runtime.engine.connect() as db:
             found = await repository.list_tasks(
-                session, repository.TaskFilter(**filters), limit=50, after=None
+                db, repository.TaskFilter(**filters), limit=50, after=None
             )
-        return [task.id for task in found]
+        return [task.id for task, _ in found]
 
     window = {"created_after": instant, "created_before": instant + timedelta(seconds=1)}
     assert await listed(**window) == [at_instant.id]
     assert await listed(prompt_contains="LIGHTHOUSE 100%") == [at_instant.id]
     assert await listed(prompt_contains="thouse_") == [later.id]
     assert await listed(metadata_key="ticket") == [blank.id]
+    assert await listed(prompt_contains="A/B/%") == [slashed.id]
+    assert await listed(prompt_contains="b/%", metadata_key="ticket", metadata_value="XXXX") == [
+        slashed.id
+    ]
