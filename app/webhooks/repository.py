@@ -105,6 +105,8 @@ def fan_out_rows(
             TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
             _wants(TASKS.c.webhook_events, kind),
         )
+        if after is not None:
+            own = own.where(after)
     return union_all(endpoints, own)
 
 
@@ -121,6 +123,17 @@ async def fan_out(
     want its type, and for the task's own webhook_url if it wants it."""
     stamp = literal(now, ENDPOINTS.c.created_at.type)
     rows = fan_out_rows(literal(event_id), kind, literal(task_id), literal(owner), stamp)
+    await db.execute(insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), rows))
+
+
+async def fan_out_events(
+    db: AsyncConnection, *, kind: str, event_ids: Sequence[str], now: datetime
+) -> None:
+    """`fan_out` of many events of one type already inserted in this transaction, in
+    one statement: the same rows, read from the events themselves."""
+    stamp = literal(now, ENDPOINTS.c.created_at.type)
+    chosen = EVENTS.c.id.in_(list(event_ids))
+    rows = fan_out_rows(EVENTS.c.id, kind, EVENTS.c.task_id, EVENTS.c.owner, stamp, after=chosen)
     await db.execute(insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), rows))
 
 
