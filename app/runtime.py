@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -80,13 +79,7 @@ class Runtime:
             webhooks=Endpoints(engine, settings),
             confirms_in_process=settings.run_background,
             callback_batches=ConfirmationBatches(engine) if postgres else None,
-            snapshot_batches=(
-                SnapshotBatches(
-                    engine, poll_after=timedelta(seconds=settings.reconcile_after_seconds)
-                )
-                if postgres
-                else None
-            ),
+            snapshot_batches=SnapshotBatches(engine) if postgres else None,
         )
 
     async def aclose(self) -> None:

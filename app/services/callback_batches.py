@@ -17,7 +17,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 import structlog
@@ -184,17 +184,13 @@ class ConfirmationBatches(_Batches[TerminalCallback, OneStatement]):
 class SnapshotBatches(_Batches[SnapshotCallback, BatchDecision]):
     """Confirmation off: each batch applies its callbacks in one transaction."""
 
-    def __init__(self, engine: AsyncEngine, *, poll_after: timedelta, **kwargs: int) -> None:
-        super().__init__(engine, **kwargs)
-        self.poll_after = poll_after
-
     async def _run(
         self, callbacks: list[SnapshotCallback], now: datetime
     ) -> dict[str, BatchDecision]:
         async with self.engine.connect() as db:
             try:
                 async with db.begin():
-                    return await apply_batch(db, callbacks, now=now, poll_after=self.poll_after)
+                    return await apply_batch(db, callbacks, now=now)
             except BaseException:
                 await db.invalidate()  # as above: a fresh connection for the next one
                 raise

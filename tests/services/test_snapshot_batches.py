@@ -38,6 +38,7 @@ PROVIDER_IDS = ["same", "none on the task", "another"]
 OWNER = "batch-owner"
 # The tasks' own times are older than this before their callback's moment.
 WRITTEN_SINCE = timedelta(seconds=30)
+USAGE = {"billing_rule": "per_image", "credits_reserved": 3}
 ERROR = {"code": "content_policy", "message": "refused"}
 
 
@@ -45,7 +46,7 @@ class CountedBatches(SnapshotBatches):
     """Batches that remember their sizes."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine, poll_after=timedelta(seconds=120), in_flight=1)
+        super().__init__(engine, in_flight=1)
         self.sizes: list[int] = []
 
     async def _run(
@@ -87,7 +88,11 @@ async def _twins(engine: AsyncEngine, start: datetime) -> list[tuple[dict[str, A
                             **times,
                         )
                         error = ERROR if reported == "failed" else None
-                        body = dumps(task_body(reported, upstream_id=named, error=error))
+                        snapshot = task_body(reported, upstream_id=named, error=error)
+                        if reported == "completed":  # the fields written only when given
+                            snapshot["data"]["estimated_time"] = 77
+                            snapshot["usage"] = USAGE
+                        body = dumps(snapshot)
                         pair.append({"task": task, "upstream_id": named, "body": body})
                     cases.append(tuple(pair))
     return cases
