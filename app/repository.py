@@ -14,7 +14,9 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     Table,
+    Text,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -415,7 +417,8 @@ async def task_state(db: AsyncConnection, task_id: str, *, lock: bool = False) -
 # other order batches on several replicas could deadlock.
 _LOCK_STATES = (
     select(TASKS.c.id, TASKS.c.status, TASKS.c.progress, TASKS.c.upstream_task_id)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
+    # = ANY(array): one SQL text (one prepared statement) whatever the batch's size.
+    .where(TASKS.c.id == any_(bindparam("task_ids", type_=postgresql.ARRAY(Text))))
     .order_by(TASKS.c.id.collate("C"))
     .with_for_update(key_share=True)
 )
