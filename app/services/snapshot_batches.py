@@ -145,7 +145,7 @@ def _moves_statement(shape: _Shape) -> Any:
     )
 
 
-async def _move(
+async def moves_for(
     db: AsyncConnection, callbacks: Sequence[SnapshotCallback], now: datetime
 ) -> dict[str, Task]:
     """The guarded UPDATEs of the callbacks `classify` found to be news, one statement
@@ -209,7 +209,7 @@ async def apply_batch(
                 reported=snapshot.status.value,
             )
     news = [c for c in ordered if outcomes.get(c.task_id) is Outcome.APPLIED]
-    moved = await _move(db, news, now)
+    moved = await moves_for(db, news, now)
     images: list[dict[str, Any]] = []
     told: list[tuple[events.EventType, Task, Sequence[Image]]] = []
     for callback in news:

@@ -20,11 +20,13 @@ from app.config import Settings
 from app.db import create_engine, create_session_factory, statement_commits
 from app.errors import DomainError
 from app.models import TaskStatus, utcnow
-from app.repository import TASKS
+from app.repository import TASKS, TaskState
 from app.services import events
 from app.services.callback_batches import SnapshotBatches
 from app.services.callbacks import apply_in_batch, receive_callback
-from app.services.snapshot_batches import BatchDecision, SnapshotCallback
+from app.services.snapshot_batches import BatchDecision, SnapshotCallback, moves_for
+from app.services.snapshots import Outcome, classify
+from app.upstream import parse_snapshot
 from app.webhooks import repository as webhook_repository
 from tests.conftest import WEBHOOK_SECRET, make_settings
 from tests.factories import make_task
@@ -32,7 +34,7 @@ from tests.helpers import dumps, task_body
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
-STATES = [TaskStatus.PENDING, TaskStatus.PROCESSING, TaskStatus.COMPLETED, TaskStatus.FAILED]
+STATES = list(TaskStatus)
 REPORTED = ["completed", "failed", "cancelled"]
 PROVIDER_IDS = ["same", "none on the task", "another"]
 OWNER = "batch-owner"
@@ -223,5 +225,26 @@ async def test_a_batch_writes_and_answers_each_callback_as_the_general_path_does
         assert decided_by_batch == {"applied", "duplicate", "anomaly"}
         # A provider id the task lacks, or another task's, is the general path's.
         assert sum(by_batch for _, by_batch in batched) == len(STATES) * len(REPORTED)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("current", list(TaskStatus))
+@pytest.mark.parametrize("reported", REPORTED)
+async def test_the_batch_update_alone_agrees_with_the_rules(
+    postgres_database: str, current: TaskStatus, reported: str
+) -> None:
+    """The batch's UPDATE, run without the batch's own `classify` in front of it (as a
+    race would find it), moves exactly the tasks `classify` says it may."""
+    engine = create_engine(postgres_database)
+    try:
+        async with create_session_factory(engine)() as session:
+            task = await make_task(session, status=current.value, progress=10)
+        snapshot = parse_snapshot(task_body(reported, upstream_id=str(task.upstream_task_id)))
+        state = TaskState(task.id, current, 10, task.upstream_task_id)
+        async with engine.connect() as db:
+            moved = await moves_for(db, [SnapshotCallback(task.id, snapshot, "")], utcnow())
+            await db.rollback()
+        assert (task.id in moved) == (classify(state, snapshot) is Outcome.APPLIED)
     finally:
         await engine.dispose()
