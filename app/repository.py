@@ -14,7 +14,9 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     Table,
+    Text,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -410,6 +412,28 @@ async def task_state(db: AsyncConnection, task_id: str, *, lock: bool = False) -
     return TaskState(row.id, TaskStatus(row.status), row.progress, row.upstream_task_id)
 
 
+# PostgreSQL: the states of a batch's tasks, locked in id order (byte order, whatever
+# the collation), as `CONFIRM_BATCH_SQL` and the worker's answers lock them: in any
+# other order batches on several replicas could deadlock.
+_LOCK_STATES = (
+    select(TASKS.c.id, TASKS.c.status, TASKS.c.progress, TASKS.c.upstream_task_id)
+    # = ANY(array): one SQL text (one prepared statement) whatever the batch's size.
+    .where(TASKS.c.id == any_(bindparam("task_ids", type_=postgresql.ARRAY(Text))))
+    .order_by(TASKS.c.id.collate("C"))
+    .with_for_update(key_share=True)
+)
+
+
+async def lock_states(db: AsyncConnection, task_ids: Sequence[str]) -> dict[str, TaskState]:
+    """`task_state(lock=True)` of many tasks in one statement (PostgreSQL); by task id,
+    an unknown task left out."""
+    rows = await db.execute(_LOCK_STATES, {"task_ids": list(task_ids)})
+    return {
+        row.id: TaskState(row.id, TaskStatus(row.status), row.progress, row.upstream_task_id)
+        for row in rows
+    }
+
+
 async def upstream_id_taken(db: AsyncConnection, upstream_id: str, other_than: str) -> bool:
     """Whether another task already carries this provider id."""
     statement = select(TASKS.c.id).where(
@@ -463,6 +487,12 @@ async def update_returning(
 async def insert_delivery(db: AsyncConnection, values: dict[str, Any]) -> None:
     """Keep one row per accepted webhook delivery."""
     await db.execute(_INSERT_DELIVERY, values)
+
+
+async def insert_deliveries(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """`insert_delivery` of many, in one statement."""
+    if rows:
+        await db.execute(_INSERT_DELIVERY, list(rows))
 
 
 async def update_task_where(

@@ -11,7 +11,7 @@ from app.config import Settings
 from app.db import SessionFactory, create_engine, create_session_factory
 from app.events.bus import EventBus
 from app.fetch import SafeFetcher
-from app.services.callback_batches import ConfirmationBatches
+from app.services.callback_batches import ConfirmationBatches, SnapshotBatches
 from app.services.reconcile import Reconciler
 from app.storage import Storage, storage_from_url
 from app.upstream import DEFAULT_TIMEOUT, RetryPolicy, StarMagicClient
@@ -37,6 +37,8 @@ class Runtime:
     variant_renders: OnDemandRenders = field(default_factory=OnDemandRenders)
     # PostgreSQL: terminal callbacks arriving together are decided by one statement.
     callback_batches: ConfirmationBatches | None = None
+    # PostgreSQL with confirmation off: they are applied together, in one transaction.
+    snapshot_batches: SnapshotBatches | None = None
     closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -50,6 +52,7 @@ class Runtime:
         """Wire the parts from the settings; nothing connects until first use."""
         engine = create_engine(settings.database_url)
         sessions = create_session_factory(engine)
+        postgres = engine.dialect.name == "postgresql"
         http = http or httpx.AsyncClient(
             timeout=DEFAULT_TIMEOUT,
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
@@ -75,9 +78,8 @@ class Runtime:
             reconciler=Reconciler(sessions, starmagic, settings),
             webhooks=Endpoints(engine, settings),
             confirms_in_process=settings.run_background,
-            callback_batches=(
-                ConfirmationBatches(engine) if engine.dialect.name == "postgresql" else None
-            ),
+            callback_batches=ConfirmationBatches(engine) if postgres else None,
+            snapshot_batches=SnapshotBatches(engine) if postgres else None,
         )
 
     async def aclose(self) -> None:
@@ -85,6 +87,8 @@ class Runtime:
         await self.events.aclose()
         if self.callback_batches is not None:
             await self.callback_batches.aclose()
+        if self.snapshot_batches is not None:
+            await self.snapshot_batches.aclose()
         await self.reconciler.aclose()
         await self.fetcher.aclose()
         await self.storage.aclose()

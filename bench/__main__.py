@@ -2,7 +2,7 @@
 
 python -m bench [--quick]
     [--only ingest,downloads,wake,listing,submit,waiting,fanout,subscribed]
-    [--no-postgres] [--no-sqlite]
+    [--no-postgres] [--no-sqlite] [--ingest-case noconfirm-split,...]
 """
 
 from __future__ import annotations
@@ -48,11 +48,18 @@ INGEST = {
 }
 
 
+def _case(confirm: bool, deployment: str) -> str:
+    """An ingest configuration's name for `--ingest-case`: confirm-split, noconfirm-single..."""
+    return f"{'' if confirm else 'no'}confirm-{'split' if deployment == ingest.SPLIT else 'single'}"
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[str, Any]:
+def run(
+    parts: set[str], kinds: list[str], quick: bool, workdir: Path, cases: set[str] | None = None
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     simulator, simulator_url = start_simulator(workdir)
     try:
@@ -67,6 +74,8 @@ def run(parts: set[str], kinds: list[str], quick: bool, workdir: Path) -> dict[s
                     _log(f"ingest/{kind}: seeding {plan.pool} tasks")
                     ingest.seed(database, pool)
                     for confirm, deployment, sweep in INGEST[kind]:
+                        if cases is not None and _case(confirm, deployment) not in cases:
+                            continue
                         _log(f"ingest/{kind}: {deployment}, CONFIRM_CALLBACKS={confirm}")
                         results["ingest"].append(
                             ingest.measure(
@@ -127,6 +136,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument(
+        "--ingest-case", help="comma-separated ingest configurations only (noconfirm-split...)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
     parts = {part.strip() for part in args.only.split(",") if part.strip()}
@@ -153,7 +165,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="imagetasks-bench-"))
     _log(f"scratch directory {workdir}")
     try:
-        results = run(parts, kinds, args.quick, workdir)
+        cases = set(args.ingest_case.split(",")) if args.ingest_case else None
+        results = run(parts, kinds, args.quick, workdir, cases)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

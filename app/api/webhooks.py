@@ -15,7 +15,7 @@ from app.errors import DomainError
 from app.middleware import log_on_request_line
 from app.runtime import Runtime
 from app.schemas import ErrorBody
-from app.services.callbacks import receive_callback, receive_in_batch
+from app.services.callbacks import apply_in_batch, receive_callback, receive_in_batch
 from app.services.snapshots import Outcome
 
 router = APIRouter(prefix=WEBHOOK_PATH, tags=["webhooks"])
@@ -81,6 +81,8 @@ async def starmagic_callback(
         batches = runtime.callback_batches if settings.confirm_callbacks else None
         if batches is not None:
             received = await receive_in_batch(batches, settings, task_id, token, raw)
+        elif not settings.confirm_callbacks and runtime.snapshot_batches is not None:
+            received = await apply_in_batch(runtime.snapshot_batches, settings, task_id, token, raw)
         if received is None:
             async with statement_commits(runtime.engine) as db:
                 received = await receive_callback(

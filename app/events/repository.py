@@ -62,6 +62,12 @@ async def insert_event(db: AsyncConnection, values: dict[str, Any]) -> None:
     await db.execute(_INSERT_EVENT, values)
 
 
+async def insert_events(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Append events in one statement, in the order given."""
+    if rows:
+        await db.execute(_INSERT_EVENT, list(rows))
+
+
 async def horizon(db: AsyncConnection) -> int | None:
     """Events of transactions below this id may be served (PostgreSQL); None on SQLite."""
     if db.dialect.name != "postgresql":

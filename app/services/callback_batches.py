@@ -1,10 +1,12 @@
-"""Terminal callbacks that arrive together are decided by one statement (PostgreSQL).
+"""Terminal callbacks that arrive together are decided together (PostgreSQL).
 
-Under load many callbacks wait on the database at once. Instead of one
-statement and one pooled connection each, they queue here and a few batches
-run at a time, each one `repository.confirm_in_batch` round trip: while a
-batch is out, new arrivals gather into the next. A lone callback goes out at
-once, so batching adds no wait when the service is quiet.
+Under load many callbacks wait on the database at once. Instead of one pooled
+connection and its statements each, they queue here and a few batches run at
+a time: while a batch is out, new arrivals gather into the next. A lone
+callback goes out at once, so batching adds no wait when the service is quiet.
+With confirmation on, a batch is one `repository.confirm_in_batch` round trip
+(`ConfirmationBatches`); with it off, one transaction of
+`snapshot_batches.apply_batch` (`SnapshotBatches`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,6 +27,7 @@ from app import metrics, repository
 from app.db import statement_commits
 from app.models import utcnow
 from app.repository import OneStatement, TerminalCallback
+from app.services.snapshot_batches import BatchDecision, SnapshotCallback, apply_batch
 
 log = structlog.get_logger(__name__)
 
@@ -32,17 +36,27 @@ BATCHES_IN_FLIGHT = 2
 FAILURE_LOG_SECONDS = 60.0
 
 
+class _AboutTask(Protocol):
+    @property
+    def task_id(self) -> str: ...
+
+
+CallbackT = TypeVar("CallbackT", bound=_AboutTask)
+AnswerT = TypeVar("AnswerT")
+
+
 @dataclass
-class _Waiting:
-    callback: TerminalCallback
+class _Waiting(Generic[CallbackT, AnswerT]):
+    callback: CallbackT
     arrival: int  # its place in the order callbacks were queued
-    answer: asyncio.Future[OneStatement | None] = field(
+    answer: asyncio.Future[AnswerT | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
-class ConfirmationBatches:
-    """Decide terminal callbacks in batches of distinct tasks, a few batches at a time."""
+class _Batches(Generic[CallbackT, AnswerT]):
+    """Decide callbacks in batches of distinct tasks, a few batches at a time;
+    `_run` decides one batch."""
 
     def __init__(
         self,
@@ -57,17 +71,18 @@ class ConfirmationBatches:
         # Each task's callbacks, oldest first; and each waiting task once, by the
         # arrival of its oldest callback: a batch takes from the front of that order
         # without looking at the repeats that wait behind (thousands, for one task).
-        self._by_task: dict[str, deque[_Waiting]] = {}
+        self._by_task: dict[str, deque[_Waiting[CallbackT, AnswerT]]] = {}
         self._oldest: list[tuple[int, str]] = []  # a heap of (arrival, task id)
         self._arrivals = itertools.count()
         self._drainers: set[asyncio.Task[None]] = set()
         self._said_at = -FAILURE_LOG_SECONDS
         self._failures_unsaid = 0
 
-    async def decide(self, callback: TerminalCallback) -> OneStatement | None:
-        """What the batch statement did for this callback; None when its batch failed
+    async def decide(self, callback: CallbackT) -> AnswerT | None:
+        """What the batch did for this callback; None when its batch failed
         (a deadlock, a lost connection): nothing was written, the general path decides."""
-        waiting, task_id = _Waiting(callback, next(self._arrivals)), callback.task_id
+        waiting: _Waiting[CallbackT, AnswerT] = _Waiting(callback, next(self._arrivals))
+        task_id = callback.task_id
         queued = self._by_task.get(task_id)
         if queued is None:
             self._by_task[task_id] = deque([waiting])
@@ -85,7 +100,7 @@ class ConfirmationBatches:
         """How many callbacks wait for a batch."""
         return sum(len(queued) for queued in self._by_task.values())
 
-    def _take(self) -> list[_Waiting]:
+    def _take(self) -> list[_Waiting[CallbackT, AnswerT]]:
         """The next batch: the oldest callbacks, one per task (a statement can change a
         row once); a second callback about the same task waits for a later batch.
         Its cost grows with the batch (and the log of the tasks waiting), never with
@@ -140,6 +155,18 @@ class ConfirmationBatches:
             )
             self._said_at, self._failures_unsaid = now, 0
 
+    async def _run(self, callbacks: list[CallbackT], now: datetime) -> dict[str, AnswerT]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Let the batches out finish (their callbacks are being answered)."""
+        if self._drainers:
+            await asyncio.gather(*self._drainers, return_exceptions=True)
+
+
+class ConfirmationBatches(_Batches[TerminalCallback, OneStatement]):
+    """Confirmation on: each batch is one statement that queues the confirmations."""
+
     async def _run(
         self, callbacks: list[TerminalCallback], now: datetime
     ) -> dict[str, OneStatement]:
@@ -153,7 +180,17 @@ class ConfirmationBatches:
                 await db.invalidate()
                 raise
 
-    async def aclose(self) -> None:
-        """Let the batches out finish (their callbacks are being answered)."""
-        if self._drainers:
-            await asyncio.gather(*self._drainers, return_exceptions=True)
+
+class SnapshotBatches(_Batches[SnapshotCallback, BatchDecision]):
+    """Confirmation off: each batch applies its callbacks in one transaction."""
+
+    async def _run(
+        self, callbacks: list[SnapshotCallback], now: datetime
+    ) -> dict[str, BatchDecision]:
+        async with self.engine.connect() as db:
+            try:
+                async with db.begin():
+                    return await apply_batch(db, callbacks, now=now)
+            except BaseException:
+                await db.invalidate()  # as above: a fresh connection for the next one
+                raise

@@ -22,7 +22,8 @@ from app.errors import DomainError, NotFound, Unprocessable
 from app.models import utcnow
 from app.repository import TASKS, OneStatement, TaskState, TerminalCallback
 from app.schemas import Snapshot
-from app.services.callback_batches import ConfirmationBatches
+from app.services.callback_batches import ConfirmationBatches, SnapshotBatches
+from app.services.snapshot_batches import SnapshotCallback
 from app.services.snapshots import (
     Outcome,
     UpstreamIdTaken,
@@ -189,6 +190,39 @@ async def receive_in_batch(
         return None
     snapshot, callback = terminal
     return _decided(snapshot, task_id, await batches.decide(callback))
+
+
+async def apply_in_batch(
+    batches: SnapshotBatches, settings: Settings, task_id: str, token: str, raw: bytes
+) -> Received | None:
+    """Confirmation off: the usual terminal callback on PostgreSQL, applied together
+    with the others arriving at the same time, already committed; None:
+    `receive_callback` decides it."""
+    if not callback_urls.verify(task_id, token, settings.webhook_secret):
+        raise NotFound(UNKNOWN_CALLBACK)
+    terminal = _terminal_callback(task_id, raw)
+    if terminal is None:
+        return None
+    snapshot, callback = terminal
+    decision = await batches.decide(SnapshotCallback(task_id, snapshot, callback.body_sha256))
+    if decision is None:  # its batch failed, having written nothing
+        return None
+    if decision.state is None:
+        raise NotFound(UNKNOWN_CALLBACK)
+    if decision.outcome is None:
+        return None
+    state, outcome = decision.state, decision.outcome
+    # The same line as `receive_callback` gives the same delivery.
+    fields: dict[str, Any] = {}
+    if outcome is Outcome.APPLIED:
+        fields = {"task_status": state.status.value, "progress": state.progress}
+    fields.update(
+        task_id=task_id,
+        upstream_task_id=snapshot.upstream_id or state.upstream_task_id,
+        reported=snapshot.status.value,
+        outcome=outcome.value,
+    )
+    return Received(outcome, task_id, needs_confirmation=False, log=fields)
 
 
 async def _confirm_in_one_statement(

@@ -130,6 +130,26 @@ async def record(
     return event_id
 
 
+async def record_many(
+    db: AsyncConnection,
+    moves: Sequence[tuple[EventType, Task, Sequence[Image]]],
+    *,
+    now: datetime,
+) -> list[str]:
+    """`record` of several events about distinct tasks (a batch of moves), each
+    statement once for all of them: the same rows, in the caller's transaction."""
+    rows = [event_row(kind, task, images, now=now) for kind, task, images in moves]
+    if not rows:
+        return []
+    await event_repository.insert_events(db, rows)
+    for kind in dict.fromkeys(row["type"] for row in rows):
+        ids = [row["id"] for row in rows if row["type"] == kind]
+        await webhook_repository.fan_out_events(db, kind=kind, event_ids=ids, now=now)
+    for kind, task, _ in moves:
+        queue_after_commit(db, Notice(kind.value, task.id, task.owner))
+    return [row["id"] for row in rows]
+
+
 async def record_endpoint_disabled(
     db: AsyncConnection, endpoint: dict[str, object], *, owner: str, now: datetime
 ) -> str:

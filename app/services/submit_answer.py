@@ -10,6 +10,7 @@ values change from one request to the next. Anything else goes the general way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,17 +23,20 @@ from app.repository import TASKS, owns_upstream_id_sql
 from app.schemas import Snapshot
 from app.services.snapshots import transition
 
-# Stand-ins no real answer carries; each becomes the bind parameter of its name.
-_NOW = datetime(1971, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
-_POLL_AFTER = timedelta(days=1234, microseconds=567)
-_STAND_INS: dict[str, Any] = {
-    "now": _NOW,
-    "due": _NOW + _POLL_AFTER,
+# Stand-ins no real answer carries; each becomes the bind parameter of its name
+# (or what `parametrize` is told to make of it: `snapshot_batches` uses them too).
+NOW = datetime(1971, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
+POLL_AFTER = timedelta(days=1234, microseconds=567)
+STAND_INS: dict[str, Any] = {
+    "now": NOW,
+    "due": NOW + POLL_AFTER,
     "progress": 987_654_321,
     "estimated_time": 987_654_322,
     "upstream_id": "\x00stand-in upstream id",
+    "error_code": "\x00stand-in error code",
+    "error_message": "\x00stand-in error message",
 }
-_USAGE: dict[str, Any] = {"\x00stand-in": "usage"}
+USAGE: dict[str, Any] = {"\x00stand-in": "usage"}
 _COLUMN_OF = {
     "now": "updated_at",
     "due": "next_poll_at",
@@ -59,10 +63,10 @@ class Shape:
 
 
 def _name_of(value: Any) -> str | None:
-    for name, stand_in in _STAND_INS.items():
+    for name, stand_in in STAND_INS.items():
         if type(value) is type(stand_in) and value == stand_in:
             return name
-    if value == _USAGE:
+    if value == USAGE:
         return "usage"
     return None
 
@@ -72,18 +76,18 @@ def _param(name: str) -> BindParameter[Any]:
     return bindparam(name, type_=column.type)
 
 
-def _parametrize(element: Any) -> Any:
+def parametrize(element: Any, make: Callable[[str], Any] = _param) -> Any:
     """`element` with every stand-in value (a literal, or a bind inside an expression)
-    replaced by its named parameter."""
+    replaced by `make(its name)`: by default its named parameter."""
     if not isinstance(element, ColumnElement):
         name = _name_of(element)
-        return _param(name) if name else element
+        return make(name) if name else element
 
     def replace(element: Any, **_: Any) -> Any:
         if isinstance(element, BindParameter):
             name = _name_of(element.value)
             if name:
-                return _param(name)
+                return make(name)
         return None
 
     return visitors.replacement_traverse(element, {}, replace)
@@ -94,20 +98,20 @@ def template(shape: Shape) -> tuple[ColumnElement[bool], dict[str, Any]]:
     over named parameters (see `params`), guarded by `owns_upstream_id` too."""
     stand_in = Snapshot(
         status=TaskStatus.PENDING,
-        upstream_id=_STAND_INS["upstream_id"],
-        progress=_STAND_INS["progress"],
-        estimated_time=_STAND_INS["estimated_time"] if shape.estimated_time else None,
+        upstream_id=STAND_INS["upstream_id"],
+        progress=STAND_INS["progress"],
+        estimated_time=STAND_INS["estimated_time"] if shape.estimated_time else None,
         can_cancel=True if shape.can_cancel else None,
-        usage=_USAGE if shape.usage else None,
+        usage=USAGE if shape.usage else None,
     )
-    condition, values = transition(stand_in, now=_NOW, poll_after=_POLL_AFTER)
+    condition, values = transition(stand_in, now=NOW, poll_after=POLL_AFTER)
     guard = and_(condition, owns_upstream_id_sql(_param("task_id"), _param("upstream_id")))
-    parametrized = {key: _parametrize(value) for key, value in values.items()}
+    parametrized = {key: parametrize(value) for key, value in values.items()}
     if shape.can_cancel:
         # A pending answer's can_cancel is stored as said (only a terminal one clears it).
         assert values["can_cancel"] is True
         parametrized["can_cancel"] = bindparam("can_cancel", type_=TASKS.c.can_cancel.type)
-    return _parametrize(guard), parametrized
+    return parametrize(guard), parametrized
 
 
 def params(

@@ -10,7 +10,10 @@ from typing import Any, cast
 from sqlalchemy import (
     Row,
     Table,
+    Text,
     and_,
+    any_,
+    bindparam,
     delete,
     func,
     insert,
@@ -21,6 +24,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -105,6 +109,8 @@ def fan_out_rows(
             TASKS.c.webhook_gone_at.is_(None),  # it answered 410 Gone: nothing more
             _wants(TASKS.c.webhook_events, kind),
         )
+        if after is not None:
+            own = own.where(after)
     return union_all(endpoints, own)
 
 
@@ -122,6 +128,28 @@ async def fan_out(
     stamp = literal(now, ENDPOINTS.c.created_at.type)
     rows = fan_out_rows(literal(event_id), kind, literal(task_id), literal(owner), stamp)
     await db.execute(insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), rows))
+
+
+_FAN_OUT_EVENTS: dict[str, Any] = {}
+
+
+def _fan_out_events_statement(kind: str) -> Any:
+    stamp = bindparam("now", type_=ENDPOINTS.c.created_at.type)
+    chosen = EVENTS.c.id == any_(bindparam("event_ids", type_=postgresql.ARRAY(Text)))
+    rows = fan_out_rows(EVENTS.c.id, kind, EVENTS.c.task_id, EVENTS.c.owner, stamp, after=chosen)
+    return insert(DELIVERIES).from_select(list(DELIVERY_COLUMNS), rows)
+
+
+async def fan_out_events(
+    db: AsyncConnection, *, kind: str, event_ids: Sequence[str], now: datetime
+) -> None:
+    """`fan_out` of many events of one type already inserted in this transaction, in
+    one statement (PostgreSQL), built once per type: the same rows, read from the
+    events themselves."""
+    statement = _FAN_OUT_EVENTS.get(kind)
+    if statement is None:
+        statement = _FAN_OUT_EVENTS[kind] = _fan_out_events_statement(kind)
+    await db.execute(statement, {"event_ids": list(event_ids), "now": now})
 
 
 # -- endpoints -----------------------------------------------------------------------

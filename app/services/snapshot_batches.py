@@ -1,0 +1,245 @@
+"""Terminal callbacks applied together, with confirmation off (PostgreSQL).
+
+The general path spends a pooled connection, a read, a BEGIN and a COMMIT and a
+statement per row on each callback. Here the callbacks that arrive together
+share one transaction: their rows are read and locked by one statement (in id
+order, as every batch locks them), each is decided by `classify`, those that are
+news are moved by `transition`'s guarded UPDATE (one statement for all of a
+shape, built once from a stand-in snapshot as `submit_answer` builds its own),
+and the images, events, outbox rows and deliveries of the whole batch are
+written one statement each. A move still
+commits with its images, its event, its outbox rows and its delivery.
+
+Only the usual case is taken: a task that already carries the callback's
+provider id. Anything else (an unknown provider id to adopt, another task's id)
+is left to the general path, which decides it exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import Integer, Text, bindparam, cast, func, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app import repository
+from app.models import Image, Task, TaskStatus
+from app.repository import TASKS, TaskState
+from app.schemas import Snapshot
+from app.services import events
+from app.services.snapshots import Outcome, classify, image_rows, transition
+from app.services.submit_answer import NOW, POLL_AFTER, STAND_INS, USAGE, parametrize
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SnapshotCallback:
+    """A well-formed terminal callback that names its provider task."""
+
+    task_id: str
+    snapshot: Snapshot
+    body_sha256: str
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    """What the batch did with one callback. `state`: the task as it stands after
+    (None: no such task); `outcome` None: decided nothing, the general path takes it."""
+
+    outcome: Outcome | None
+    state: TaskState | None
+
+
+class MoveLost(Exception):
+    """A guarded UPDATE did not match a row the batch holds locked (never expected):
+    the batch rolls back and each callback takes the general path."""
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What changes a batch's UPDATE (not just its values): the status it moves to,
+    and which of the fields `transition` writes per callback the callbacks have."""
+
+    target: TaskStatus
+    estimated_time: bool
+    error_code: bool
+    error_message: bool
+    usage: bool
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> _Shape:
+        return cls(
+            snapshot.status,
+            snapshot.estimated_time is not None,
+            snapshot.error_code is not None,
+            snapshot.error_message is not None,
+            snapshot.usage is not None,
+        )
+
+    def stand_in(self) -> Snapshot:
+        """A snapshot of this shape carrying `submit_answer`'s stand-in values."""
+        return Snapshot(
+            status=self.target,
+            upstream_id=STAND_INS["upstream_id"],
+            estimated_time=STAND_INS["estimated_time"] if self.estimated_time else None,
+            error_code=STAND_INS["error_code"] if self.error_code else None,
+            error_message=STAND_INS["error_message"] if self.error_message else None,
+            usage=USAGE if self.usage else None,
+        )
+
+    def inputs(self) -> list[str]:
+        """The per-callback values its statement takes, as arrays side by side."""
+        wanted = [
+            ("estimated_time", self.estimated_time),
+            ("error_code", self.error_code),
+            ("error_message", self.error_message),
+            ("usage", self.usage),
+        ]
+        return ["task_id", "upstream_id", *(name for name, has in wanted if has)]
+
+
+_INPUT_TYPES: dict[str, Any] = {
+    "task_id": Text,
+    "upstream_id": Text,
+    "estimated_time": Integer,
+    "error_code": Text,
+    "error_message": Text,
+    "usage": Text,  # JSON text, cast to the column's type
+}
+_MOVES: dict[_Shape, Any] = {}
+
+
+def _moves_statement(shape: _Shape) -> Any:
+    """One UPDATE for every callback of this shape in a batch: `transition`'s guard and
+    values for the shape's stand-in snapshot, each stand-in replaced by that
+    callback's own value (a column of the unnested arrays), RETURNING the rows."""
+    inputs = select(
+        *(
+            func.unnest(bindparam(name + "s", type_=postgresql.ARRAY(_INPUT_TYPES[name]))).label(
+                name
+            )
+            for name in shape.inputs()
+        )
+    ).subquery("callback")
+
+    def value_of(name: str) -> Any:
+        if name == "now":
+            return bindparam("now", type_=TASKS.c.updated_at.type)
+        if name == "usage":
+            return cast(inputs.c.usage, TASKS.c.usage.type)
+        return inputs.c[name]
+
+    condition, values = transition(shape.stand_in(), now=NOW, poll_after=POLL_AFTER)
+    return (
+        update(TASKS)
+        .where(TASKS.c.id == inputs.c.task_id, parametrize(condition, value_of))
+        .values({key: parametrize(value, value_of) for key, value in values.items()})
+        .returning(*TASKS.c)
+    )
+
+
+async def moves_for(
+    db: AsyncConnection, callbacks: Sequence[SnapshotCallback], now: datetime
+) -> dict[str, Task]:
+    """The guarded UPDATEs of the callbacks `classify` found to be news, one statement
+    per shape; the rows as they now are, by task id."""
+    shapes: dict[_Shape, list[Snapshot]] = {}
+    ids: dict[_Shape, list[str]] = {}
+    for callback in callbacks:
+        shape = _Shape.of(callback.snapshot)
+        shapes.setdefault(shape, []).append(callback.snapshot)
+        ids.setdefault(shape, []).append(callback.task_id)
+    moved: dict[str, Task] = {}
+    for shape, snapshots in shapes.items():
+        statement = _MOVES.get(shape)
+        if statement is None:
+            statement = _MOVES[shape] = _moves_statement(shape)
+        params: dict[str, Any] = {
+            "now": now,
+            "task_ids": ids[shape],
+            "upstream_ids": [s.upstream_id for s in snapshots],
+        }
+        if shape.estimated_time:
+            params["estimated_times"] = [s.estimated_time for s in snapshots]
+        if shape.error_code:
+            params["error_codes"] = [s.error_code for s in snapshots]
+        if shape.error_message:
+            params["error_messages"] = [s.error_message for s in snapshots]
+        if shape.usage:
+            params["usages"] = [json.dumps(s.usage) for s in snapshots]
+        for row in await db.execute(statement, params):
+            task = repository.task_from_row(row)
+            moved[task.id] = task
+    return moved
+
+
+async def apply_batch(
+    db: AsyncConnection,
+    callbacks: Sequence[SnapshotCallback],
+    *,
+    now: datetime,
+) -> dict[str, BatchDecision]:
+    """Decide and write callbacks about distinct tasks in the caller's transaction;
+    by task id."""
+    ordered = sorted(callbacks, key=lambda c: c.task_id)
+    states = await repository.lock_states(db, [c.task_id for c in ordered])
+    outcomes: dict[str, Outcome] = {}
+    decided: dict[str, BatchDecision] = {}
+    for callback in ordered:
+        task_id, snapshot = callback.task_id, callback.snapshot
+        state = states.get(task_id)
+        if state is None or state.upstream_task_id != snapshot.upstream_id:
+            decided[task_id] = BatchDecision(None, state)
+            continue
+        outcome = outcomes[task_id] = classify(state, snapshot)
+        decided[task_id] = BatchDecision(outcome, state)
+        if outcome is Outcome.ANOMALY:
+            log.warning(
+                "terminal_conflict",
+                task_id=task_id,
+                upstream_task_id=state.upstream_task_id,
+                status=state.status.value,
+                reported=snapshot.status.value,
+            )
+    news = [c for c in ordered if outcomes.get(c.task_id) is Outcome.APPLIED]
+    moved = await moves_for(db, news, now)
+    images: list[dict[str, Any]] = []
+    told: list[tuple[events.EventType, Task, Sequence[Image]]] = []
+    for callback in news:
+        task = moved.get(callback.task_id)
+        if task is None:
+            raise MoveLost(callback.task_id)
+        rows: list[dict[str, Any]] = []
+        if callback.snapshot.status is TaskStatus.COMPLETED:
+            rows = image_rows(task.id, callback.snapshot, now, task.n)
+            images.extend(rows)
+        kind = events.transition_event(task, now)
+        if kind is not None:
+            told.append((kind, task, [Image(**row) for row in rows]))
+        state = TaskState(task.id, TaskStatus(task.status), task.progress, task.upstream_task_id)
+        decided[task.id] = BatchDecision(Outcome.APPLIED, state)
+    await repository.queue_images(db, images)
+    await events.record_many(db, told, now=now)
+    await repository.insert_deliveries(
+        db,
+        [
+            {
+                "task_id": c.task_id,
+                "body_sha256": c.body_sha256,
+                "upstream_status": c.snapshot.status.value,
+                "outcome": outcomes[c.task_id].value,
+                "changed": outcomes[c.task_id] is Outcome.APPLIED,
+                "received_at": now,
+            }
+            for c in ordered
+            if c.task_id in outcomes
+        ],
+    )
+    return decided
