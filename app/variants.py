@@ -10,13 +10,19 @@ effect on the original or its record. Pillow works in a thread, off the event lo
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import io
+import os
 import secrets
 import struct
-from collections.abc import Iterable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import anyio
 import structlog
@@ -50,6 +56,15 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     PILImage.DecompressionBombError,
 )
 STALE_TEMP_SECONDS = 30.0
+# Renders run in threads of their own, at this much lower CPU priority (a nice
+# increment): a variant is a convenience, and on cores shared with the API (one
+# process doing everything, or a worker beside API replicas) it must take only
+# the time the API leaves. As many threads as cores: idle cores still render at
+# full speed.
+RENDER_NICENESS = 10
+RENDER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+T = TypeVar("T")
 
 
 class VariantError(Exception):
@@ -130,6 +145,46 @@ def render_all(original: bytes | IO[bytes], long_sides: Sequence[int]) -> list[b
     return rendered
 
 
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux sets nice per thread; elsewhere
+    this would lower the whole process, so there it does nothing). Never raised back:
+    these threads do nothing else."""
+    if sys.platform != "linux":
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + RENDER_NICENESS
+        )
+    except OSError:
+        pass  # a sandbox may forbid it: render at the usual priority
+
+
+@functools.cache
+def _render_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        RENDER_THREADS, thread_name_prefix="variant-render", initializer=_lower_priority
+    )
+
+
+async def in_render_thread(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` in a render thread (blocking work on an image).
+
+    A render cannot be stopped once started: cancelled meanwhile, this waits for it
+    to end before passing the cancellation on, so the caller's cleanup (closing and
+    removing the spool copy) never runs under a render still reading it."""
+    future = _render_threads().submit(function, *args)
+    waiting = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        if not future.cancel():  # started (or done): let it finish
+            await asyncio.wait([waiting])
+            if not waiting.cancelled():
+                waiting.exception()  # retrieved: the caller is gone, so nobody else will
+        raise
+
+
 def _has_alpha(image: PILImage.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
@@ -206,9 +261,7 @@ async def make_variants(
     path, original = await _spool_original(storage, key, max_bytes)
     names = list(names)
     try:
-        rendered = await anyio.to_thread.run_sync(
-            render_all, original, [VARIANTS[name] for name in names]
-        )
+        rendered = await in_render_thread(render_all, original, [VARIANTS[name] for name in names])
     except OSError as exc:
         # The spool copy's own I/O: render_all turns Pillow's errors into VariantError.
         raise _spool_error(exc) from exc

@@ -7,6 +7,8 @@ import hashlib
 import io
 import os
 import struct
+import sys
+import threading
 import time
 import zlib
 from datetime import timedelta
@@ -320,4 +322,66 @@ async def test_a_live_spool_copy_survives_another_jobs_sweep(
     assert stored.key is not None
     root = queue.root / "images"
     assert _size((root / variant_key(stored.key, "thumb")).read_bytes()) == (256, 128)
+    assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
+async def test_renders_run_at_a_lower_cpu_priority_than_the_event_loop(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render must take only the CPU the API leaves: its thread is niced below the
+    thread that serves requests, which keeps its own priority."""
+    real_render_all = variants.render_all
+    seen: list[int] = []
+
+    def noting_priority(original: object, long_sides: list[int]) -> list[bytes]:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real_render_all(original, long_sides)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(variants, "render_all", noting_priority)
+    loop_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(600, 300)])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.status == "stored"
+    assert seen == [min(19, loop_priority + variants.RENDER_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_priority
+
+
+async def test_a_render_cancelled_midway_ends_before_its_spool_copy_is_removed(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render cannot be stopped: cancelling the job waits for it, and only then is the
+    spool copy closed and removed (never pulled from under the decoder)."""
+    real_render_all = variants.render_all
+    started, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    def slow_render(original: object, long_sides: list[int]) -> list[bytes]:
+        started.set()
+        release.wait(5)
+        try:
+            rendered = real_render_all(original, long_sides)  # type: ignore[arg-type]
+        except Exception as exc:
+            outcome.append(f"failed: {exc!r}")
+            raise
+        outcome.append("rendered")
+        return rendered
+
+    task = await queue.queued()
+    await queue.downloader(ScriptedFetcher([png(600, 300)])).run(await queue.claim())
+    stored = await queue.image(task.id)
+    assert stored.key is not None
+    monkeypatch.setattr(variants, "render_all", slow_render)
+    making = asyncio.ensure_future(
+        variants.make_variants(queue.storage, stored.key, max_bytes=10 * 1024 * 1024)
+    )
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+    making.cancel()
+    await asyncio.sleep(0.05)
+    assert not making.done(), "the cancellation did not wait for the running render"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await making
+    assert outcome[-1] == "rendered"
     assert list(queue.storage.spool_dir.iterdir()) == []
