@@ -428,6 +428,12 @@ async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: S
         await writer.rollback()
 
 
+def _cursor_of(created_at: str, task_id: str = "tsk_01M8MV92R2FCEA6NW537R5XQK3") -> str:
+    """A cursor as the service encodes one, for an instant of our choosing."""
+    raw = json.dumps([created_at, task_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -437,6 +443,11 @@ async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: S
         {"image_status": "x"},
         {"cursor": "not-a-cursor"},
         {"created_after": "yesterday"},
+        # Instants whose offset carries them past year 1 or 9999 once in UTC.
+        {"cursor": _cursor_of("0001-01-01T00:00:00+01:00")},
+        {"cursor": _cursor_of("9999-12-31T23:59:59-01:00")},
+        {"created_after": "0001-01-01T00:00:00+01:00"},
+        {"created_before": "9999-12-31T23:59:59-01:00"},
     ],
 )
 async def test_list_refuses_bad_parameters(service: Service, params: dict[str, Any]) -> None:
