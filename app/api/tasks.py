@@ -94,16 +94,28 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             raise ValueError("bad cursor")
         if not TASK_ID.fullmatch(task_id):
             raise ValueError("bad cursor")
-        return stamp, task_id
-    except (ValueError, TypeError) as exc:
+        # In UTC here: an offset that carries the instant past year 1 or 9999 would
+        # otherwise fail only when bound to the query (a 500 for a forged cursor).
+        return stamp.astimezone(UTC), task_id
+    except (ValueError, TypeError, OverflowError) as exc:
         details = [{"field": "cursor", "reason": "not a cursor this service issued"}]
         raise Unprocessable("cursor: not a cursor this service issued", details=details) from exc
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def _utc(value: datetime | None, field: str) -> datetime | None:
+    """`value` in UTC (no offset means UTC); Unprocessable naming `field` if its
+    offset carries it outside the years 1 to 9999 (it could not be bound to the query)."""
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        reason = "out of range once in UTC"
+        raise Unprocessable(
+            f"{field}: {reason}", details=[{"field": field, "reason": reason}]
+        ) from exc
 
 
 @router.post(
@@ -209,8 +221,8 @@ async def list_tasks(
     filters = repository.TaskFilter(
         status=status_filter,
         image_status=image_status,
-        created_after=_utc(created_after),
-        created_before=_utc(created_before),
+        created_after=_utc(created_after, "created_after"),
+        created_before=_utc(created_before, "created_before"),
     )
     after = decode_cursor(cursor) if cursor else None
     listed = await repository.list_tasks(db, filters, limit=limit + 1, after=after)

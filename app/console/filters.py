@@ -58,7 +58,7 @@ def parse(params: QueryParams) -> GalleryFilters:
         if values[name]:
             try:
                 instants[name] = _instant(values[name])
-            except ValueError:
+            except (ValueError, OverflowError):  # overflow: an offset past year 1 or 9999
                 errors[name] = "not a date and time (YYYY-MM-DDTHH:MM, UTC)"
     meta_key = meta_value = None
     if values["meta"]:
@@ -71,6 +71,10 @@ def parse(params: QueryParams) -> GalleryFilters:
             meta_key, meta_value = key.strip(), value.strip()
     if len(values["q"]) > MAX_TEXT:
         errors["q"] = f"over {MAX_TEXT} characters"
+    for name in ("q", "meta"):
+        if "\x00" in values[name] and name not in errors:
+            # PostgreSQL text cannot hold one: the query would fail, not match nothing.
+            errors[name] = "contains a NUL character"
     if errors:
         return result
     result.task_filter = TaskFilter(

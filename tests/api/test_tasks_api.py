@@ -428,6 +428,67 @@ async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: S
         await writer.rollback()
 
 
+def _cursor_of(created_at: str, task_id: str = "tsk_01M8MV92R2FCEA6NW537R5XQK3") -> str:
+    """A cursor as the service encodes one, for an instant of our choosing."""
+    raw = json.dumps([created_at, task_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+async def test_a_page_never_shows_part_of_a_commit_that_moves_a_task_and_its_images(
+    service: Service,
+) -> None:
+    """A writer flips a task between completed with three images and pending with none,
+    each flip one transaction, while pages are read: a page shows the task and its
+    images as of one commit (the page and its images are one statement)."""
+    tasks, images = repository.TASKS, repository.metadata.tables["images"]
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="pending")
+    done = asyncio.Event()
+
+    async def flip() -> int:
+        flips = 0
+        while not done.is_set():
+            completed = flips % 2 == 0
+            async with service.runtime.engine.begin() as db:
+                status = "completed" if completed else "pending"
+                await db.execute(tasks.update().where(tasks.c.id == task.id).values(status=status))
+                await db.execute(images.delete().where(images.c.task_id == task.id))
+                for position in range(3 if completed else 0):
+                    now = utcnow()
+                    await db.execute(
+                        images.insert().values(
+                            task_id=task.id,
+                            position=position,
+                            status="pending",
+                            source_url="https://cdn.example.com/x.png",
+                            source_expires_at=now,
+                            next_attempt_at=now,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+            flips += 1
+            await asyncio.sleep(0)
+        return flips
+
+    async def read_pages() -> set[tuple[str, int]]:
+        seen = set()
+        for _ in range(100):
+            page = await service.client.get("/tasks")
+            assert page.status_code == 200, page.text
+            seen |= {(item["status"], len(item["images"])) for item in page.json()["items"]}
+        return seen
+
+    writer = asyncio.create_task(flip())
+    try:
+        seen = await asyncio.gather(read_pages(), read_pages())
+    finally:
+        done.set()
+        flips = await writer
+    assert flips > 2
+    assert set().union(*seen) <= {("completed", 3), ("pending", 0)}
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -437,6 +498,11 @@ async def test_a_listing_answers_while_a_writer_holds_its_transaction(service: S
         {"image_status": "x"},
         {"cursor": "not-a-cursor"},
         {"created_after": "yesterday"},
+        # Instants whose offset carries them past year 1 or 9999 once in UTC.
+        {"cursor": _cursor_of("0001-01-01T00:00:00+01:00")},
+        {"cursor": _cursor_of("9999-12-31T23:59:59-01:00")},
+        {"created_after": "0001-01-01T00:00:00+01:00"},
+        {"created_before": "9999-12-31T23:59:59-01:00"},
     ],
 )
 async def test_list_refuses_bad_parameters(service: Service, params: dict[str, Any]) -> None:

@@ -127,3 +127,40 @@ async def test_many_repeats_of_one_task_cost_work_in_proportion_to_their_number(
     assert batches.batches[1:] == [["tsk_hot"]] * (repeats - 1)
     assert CountedCallback.reads <= 4 * len(ids)
     await batches.aclose()
+
+
+class SlowBatches(InstantBatches):
+    """Batches whose statement takes a moment, so requests can go away meanwhile."""
+
+    async def _run(
+        self, callbacks: list[TerminalCallback], now: datetime
+    ) -> dict[str, OneStatement]:
+        self.batches.append([c.task_id for c in callbacks])
+        await asyncio.sleep(0.01)
+        return {c.task_id: OneStatement("confirming", "processing") for c in callbacks}
+
+
+async def test_requests_that_go_away_lose_no_other_callback_and_leave_nothing_queued() -> None:
+    """Callers cancelled while their callback waits, or while its batch is out: every
+    callback is still decided (it was received), the others are answered, and the
+    queue ends empty."""
+    batches = SlowBatches(in_flight=1)
+    batches.max_batch = 2
+    ids = ["a", "b", "a", "c", "a", "d", "b"]
+    jobs = [asyncio.ensure_future(batches.decide(_callback(i))) for i in ids]
+    await asyncio.sleep(0)
+    jobs[2].cancel()  # a repeat still queued
+    jobs[3].cancel()  # another task's, still queued
+    await asyncio.sleep(0.005)
+    jobs[0].cancel()  # its batch is out
+    # Bounded: a drainer killed by a cancelled answer would leave the rest waiting.
+    answers = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 5)
+    cancelled = {0, 2, 3}
+    for n, answer in enumerate(answers):
+        if n in cancelled:
+            assert isinstance(answer, asyncio.CancelledError)
+        else:
+            assert answer == OneStatement("confirming", "processing")
+    assert sorted(i for batch in batches.batches for i in batch) == sorted(ids)
+    assert batches.queued == 0
+    await batches.aclose()
