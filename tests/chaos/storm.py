@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from app.callback_urls import WEBHOOK_PATH
 from tests.chaos.cluster import TERMINAL, Cluster, expected_sha256
 from tests.e2e.stack import sha256, wait_for
 
@@ -190,6 +191,30 @@ def storm_index(row: dict[str, Any]) -> int | None:
     return index if isinstance(index, int) else None
 
 
+def caller_task_id(sim_task: dict[str, Any]) -> str | None:
+    """Our task id, from the callback URL the provider task was submitted with."""
+    url = sim_task["request"].get("callback_url") or ""
+    _, found, rest = url.partition(f"{WEBHOOK_PATH}/")
+    return rest.split("/")[0] if found else None
+
+
+def answer_died(sim_task: dict[str, Any], rows: dict[str, dict[str, Any]]) -> bool:
+    """A provider task whose submit answer died with a killed replica and that never
+    called back: nothing can tell us its id (the query API needs it, and StarMagic
+    has no lookup by anything else), so the task of ours it was submitted for ends
+    failed with submission_outcome_unknown, still without one. Only a kill (or a
+    30 s read timeout) loses the answer, and only a dropped callback leaves no
+    other way to learn the id; a callback answered 2xx must have told us."""
+    row = rows.get(caller_task_id(sim_task) or "")
+    called_back = any(200 <= (a["status_code"] or 0) < 300 for a in sim_task["callback_attempts"])
+    return (
+        row is not None
+        and row["upstream_task_id"] is None
+        and row["error_code"] == "submission_outcome_unknown"
+        and not called_back
+    )
+
+
 @dataclass
 class Verdict:
     """The storm's outcome, task by task and in total."""
@@ -205,7 +230,8 @@ class Verdict:
     deliveries_recorded: int
     callback_ms: dict[str, float]  # latency of the 2xx answers the provider got: p50, p99, max
     webhook_ms: dict[str, float]  # the replicas' own time per callback, from their access log
-    unknown_submissions: int  # killed before the provider was called: failed, not lost
+    unknown_submissions: int  # a kill mid-submit: failed (submission_outcome_unknown), not lost
+    answers_died: int  # ... of which the provider had the task, which never called back
     dropped: int
     duplicate_deliveries: int
     late_processing: int
@@ -246,9 +272,16 @@ async def verify(
     billed_twice = [uid for uid, n in upstream_ids.items() if uid and n > 1]
     if billed_twice:
         problems.append(f"provider tasks shared by several of ours: {billed_twice}")
+    # Each provider task names the task of ours it was submitted for in its callback URL.
+    submitted_for = Counter(caller_task_id(sim_task) for sim_task in provider.values())
+    submitted_twice = sorted(t for t, n in submitted_for.items() if t is not None and n > 1)
+    if submitted_twice:
+        problems.append(f"tasks of ours submitted to the provider twice: {submitted_twice}")
     orphans = sorted(set(provider) - set(upstream_ids))
-    if orphans:
-        problems.append(f"provider tasks no task of ours knows: {orphans}")
+    answer_lost = [uid for uid in orphans if crashes and answer_died(provider[uid], rows)]
+    unknown = [uid for uid in orphans if uid not in answer_lost]
+    if unknown:
+        problems.append(f"provider tasks no task of ours knows: {unknown}")
     if stats["submits"] != len(provider):
         problems.append(f"{stats['submits']} submits for {len(provider)} provider tasks")
 
@@ -381,6 +414,7 @@ async def verify(
         unknown_submissions=sum(
             1 for row in rows.values() if row["error_code"] == "submission_outcome_unknown"
         ),
+        answers_died=len(answer_lost),
         dropped=len(dropped),
         duplicate_deliveries=sum(max(0, t.deliveries - 1) for t in tasks),
         late_processing=sum(1 for t in tasks if t.late_processing),

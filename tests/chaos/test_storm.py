@@ -145,7 +145,8 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
         requests_failed_over_to_the_other_replica=cluster.proxy.failovers,
         timeline=monkey.timeline,
         mid_submit_client_answers=[t.answers for t in tasks[STORM_TASKS:]],
-        submissions_never_reaching_the_provider=verdict.unknown_submissions,
+        submissions_never_reaching_the_provider=verdict.unknown_submissions - verdict.answers_died,
+        provider_tasks_whose_answer_died_and_that_never_called_back=verdict.answers_died,
     )
     assert verdict.lost == []
     assert verdict.problems == []
