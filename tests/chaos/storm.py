@@ -359,19 +359,36 @@ async def verify(
     if twice:
         problems.append(f"image recorded as stored more than once: {twice}")
 
-    transitions = Counter(
-        line["task_id"]
-        for line in cluster.service_logs()
-        if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
-        # A submit's own answer tells its move on its request line (submit_accepted).
-        or (line.get("event") == "submit_accepted" and line.get("task_status") in TERMINAL)
-        # A callback applied as it came tells its move on its own request line.
-        or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
-        or line.get("event") == "task_given_up"
+    # The event log says it: a terminal event is written in the transaction that makes
+    # the move, so it exists if and only if the move committed.
+    terminal_events = Counter(
+        task_id
+        for (task_id,) in await cluster.query(
+            "SELECT task_id FROM events WHERE type IN (:completed, :failed, :cancelled)",
+            **{status: f"task.{status}" for status in TERMINAL},
+        )
     )
     for row in rows.values():
-        if row["status"] in TERMINAL and transitions[row["id"]] != 1:
-            problems.append(f"{row['id']} became terminal {transitions[row['id']]} times")
+        if row["status"] in TERMINAL and terminal_events[row["id"]] != 1:
+            problems.append(f"{row['id']} has {terminal_events[row['id']]} terminal events")
+    if not crashes:
+        # The log lines say it too, but a kill can part a line from its commit either
+        # way: the reconciler's task_transition is written before its transaction
+        # commits (a kill then leaves the line, and the next poll writes another), a
+        # callback's or a give-up's after (a kill then leaves none).
+        transitions = Counter(
+            line["task_id"]
+            for line in cluster.service_logs()
+            if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
+            # A submit's own answer tells its move on its request line (submit_accepted).
+            or (line.get("event") == "submit_accepted" and line.get("task_status") in TERMINAL)
+            # A callback applied as it came tells its move on its own request line.
+            or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
+            or line.get("event") == "task_given_up"
+        )
+        for row in rows.values():
+            if row["status"] in TERMINAL and transitions[row["id"]] != 1:
+                problems.append(f"{row['id']} became terminal {transitions[row['id']]} times")
 
     attempts = [a for task in provider.values() for a in task["callback_attempts"]]
     statuses = Counter(a["status_code"] or 0 for a in attempts)
