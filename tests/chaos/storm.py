@@ -239,6 +239,7 @@ class Verdict:
     stored_twice: list[str]
     wrong_bytes: list[str]
     problems: list[str]
+    callbacks_pending_when_settled: int = 0  # tasks whose callbacks were still being sent
     variant_temps_awaiting_sweep: int = 0  # a killed variant write's file, swept later
 
 
@@ -257,6 +258,16 @@ async def verify(
     """
     refetch_allowed = refetch_allowed or set()
     problems: list[str] = []
+    # A settled task's duplicate or retried callbacks may still be on their way, each
+    # recorded as a delivery when it lands: the provider's record is read once none can
+    # come, or a delivery recorded after that read would count against its attempts.
+    pending_when_settled = (await cluster.sim.stats())["callbacks_pending"]
+
+    async def callbacks_sent() -> bool:
+        return (await cluster.sim.stats())["callbacks_pending"] == 0
+
+    # 47 s: the longest a provider's delivery lasts (four 10 s attempts, 1, 2 and 4 s apart).
+    await wait_for(callbacks_sent, timeout=60, interval=0.2, what="the last callbacks")
     rows = {row["id"]: row for row in await cluster.table("tasks")}
     by_index = {storm_index(row): row for row in rows.values()}
     images_of: dict[str, dict[int, dict[str, Any]]] = {}
@@ -439,6 +450,7 @@ async def verify(
         stored_twice=stored_twice,
         wrong_bytes=wrong,
         problems=problems,
+        callbacks_pending_when_settled=pending_when_settled,
         variant_temps_awaiting_sweep=len(awaiting_sweep),
     )
 

@@ -54,6 +54,9 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "tasks_lost": len(verdict.lost),
         "images_stored_twice": len(verdict.stored_twice),
         "images_with_wrong_bytes": len(verdict.wrong_bytes),
+        "tasks_whose_callbacks_were_still_being_sent_when_settled": (
+            verdict.callbacks_pending_when_settled
+        ),
         "variant_temp_files_awaiting_sweep": verdict.variant_temps_awaiting_sweep,
         "seconds": clock(),
         **extra,
