@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from app.callback_urls import WEBHOOK_PATH
+from app.variants import VARIANTS
 from tests.chaos.cluster import TERMINAL, Cluster, expected_sha256
 from tests.e2e.stack import sha256, wait_for
 
@@ -347,12 +348,24 @@ async def verify(
     if strays:
         problems.append(f"objects of no completed task: {strays}")
     # The variants of the last images stored may still be rendering, from a spool copy
-    # of the original that lives until they are made: give them a moment.
+    # of the original that lives until they are made, and the spool has none of their
+    # files for a moment before each is written. Without kills every stored image gets
+    # its variants, each stored by renaming its own temp file: once all are there, no
+    # file is left to write. A kill mid-render leaves an image without them (nothing
+    # renders them again), so with kills only the variant files are waited for.
+    stored_images = sum(
+        1
+        for images in images_of.values()
+        for image in images.values()
+        if image["status"] == "stored"
+    )
+    wanted = 0 if crashes else len(VARIANTS) * stored_images
     for _ in range(100):
-        if not any(p.name.startswith("variant-") for p in cluster.spool_leftovers()):
+        leftovers = cluster.spool_leftovers()
+        rendering = any(p.name.startswith("variant-") for p in leftovers)
+        if not rendering and len(cluster.variant_files()) >= wanted:
             break
         await asyncio.sleep(0.1)
-    leftovers = cluster.spool_leftovers()
     # A process killed while writing a WebP variant leaves its temp file; nothing re-runs
     # a stored image's variants, so the next variant write sweeps it once it is 30 s old
     # (tests/services/test_variants.py). Only with kills, and never an image's own file.
