@@ -87,7 +87,7 @@ def finish(state: SimulatorState, task: SimTask, outcome: Outcome) -> bool:
         task.error = failure(task.faults.error_code)
     state.counters[outcome] += 1
     if task.submission.callback_url and not task.faults.drop:
-        state.spawn(send_terminal(state, task))
+        state.spawn_callbacks(send_terminal(state, task))
     return True
 
 

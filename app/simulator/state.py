@@ -140,6 +140,7 @@ class SimulatorState:
         self.counters: Counter[str] = Counter()
         self._client: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._senders: set[asyncio.Task[None]] = set()  # terminal callbacks being sent
         self._lock = asyncio.Lock()
 
     @property
@@ -162,6 +163,13 @@ class SimulatorState:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def spawn_callbacks(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """`spawn` a task's terminal callbacks, counted in stats until the last retry ends."""
+        task = self.spawn(work)
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
         return task
 
     async def _cancel_background(self) -> None:
@@ -206,6 +214,9 @@ class SimulatorState:
                 )
             },
             "tasks": len(self.tasks),
+            # Tasks whose terminal callbacks (duplicates and retries included) are not all
+            # sent yet: a test counting deliveries waits for none.
+            "callbacks_pending": len(self._senders),
             "queries_per_task": {task.id: task.queries for task in self.tasks.values()},
             "image_gets_per_task": {task.id: task.image_gets for task in self.tasks.values()},
             "image_gets_per_link": {name: link.gets for name, link in self.links.items()},

@@ -120,7 +120,13 @@ class RoundRobinProxy:
 
     async def _serve(self) -> None:
         assert self._server is not None
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        # A replica (uvicorn) closes a connection idle for 5 s, httpx's own default expiry:
+        # one reused at that very moment is closed under its request, and the caller got a
+        # 502 with both replicas up. Dropped sooner here, as an nginx upstream keepalive
+        # timeout must be shorter than its server's.
+        limits = httpx.Limits(
+            max_connections=200, max_keepalive_connections=50, keepalive_expiry=2.0
+        )
         async with httpx.AsyncClient(timeout=30, trust_env=False, limits=limits) as client:
             self._client = client
             await self._server.serve()

@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from app.callback_urls import WEBHOOK_PATH
+from app.variants import VARIANTS
 from tests.chaos.cluster import TERMINAL, Cluster, expected_sha256
 from tests.e2e.stack import sha256, wait_for
 
@@ -190,6 +192,30 @@ def storm_index(row: dict[str, Any]) -> int | None:
     return index if isinstance(index, int) else None
 
 
+def caller_task_id(sim_task: dict[str, Any]) -> str | None:
+    """Our task id, from the callback URL the provider task was submitted with."""
+    url = sim_task["request"].get("callback_url") or ""
+    _, found, rest = url.partition(f"{WEBHOOK_PATH}/")
+    return rest.split("/")[0] if found else None
+
+
+def answer_died(sim_task: dict[str, Any], rows: dict[str, dict[str, Any]]) -> bool:
+    """A provider task whose submit answer died with a killed replica and that never
+    called back: nothing can tell us its id (the query API needs it, and StarMagic
+    has no lookup by anything else), so the task of ours it was submitted for ends
+    failed with submission_outcome_unknown, still without one. Only a kill (or a
+    30 s read timeout) loses the answer, and only a dropped callback leaves no
+    other way to learn the id; a callback answered 2xx must have told us."""
+    row = rows.get(caller_task_id(sim_task) or "")
+    called_back = any(200 <= (a["status_code"] or 0) < 300 for a in sim_task["callback_attempts"])
+    return (
+        row is not None
+        and row["upstream_task_id"] is None
+        and row["error_code"] == "submission_outcome_unknown"
+        and not called_back
+    )
+
+
 @dataclass
 class Verdict:
     """The storm's outcome, task by task and in total."""
@@ -205,7 +231,8 @@ class Verdict:
     deliveries_recorded: int
     callback_ms: dict[str, float]  # latency of the 2xx answers the provider got: p50, p99, max
     webhook_ms: dict[str, float]  # the replicas' own time per callback, from their access log
-    unknown_submissions: int  # killed before the provider was called: failed, not lost
+    unknown_submissions: int  # a kill mid-submit: failed (submission_outcome_unknown), not lost
+    answers_died: int  # ... of which the provider had the task, which never called back
     dropped: int
     duplicate_deliveries: int
     late_processing: int
@@ -213,6 +240,7 @@ class Verdict:
     stored_twice: list[str]
     wrong_bytes: list[str]
     problems: list[str]
+    callbacks_pending_when_settled: int = 0  # tasks whose callbacks were still being sent
     variant_temps_awaiting_sweep: int = 0  # a killed variant write's file, swept later
 
 
@@ -231,6 +259,16 @@ async def verify(
     """
     refetch_allowed = refetch_allowed or set()
     problems: list[str] = []
+    # A settled task's duplicate or retried callbacks may still be on their way, each
+    # recorded as a delivery when it lands: the provider's record is read once none can
+    # come, or a delivery recorded after that read would count against its attempts.
+    pending_when_settled = (await cluster.sim.stats())["callbacks_pending"]
+
+    async def callbacks_sent() -> bool:
+        return (await cluster.sim.stats())["callbacks_pending"] == 0
+
+    # 47 s: the longest a provider's delivery lasts (four 10 s attempts, 1, 2 and 4 s apart).
+    await wait_for(callbacks_sent, timeout=60, interval=0.2, what="the last callbacks")
     rows = {row["id"]: row for row in await cluster.table("tasks")}
     by_index = {storm_index(row): row for row in rows.values()}
     images_of: dict[str, dict[int, dict[str, Any]]] = {}
@@ -246,9 +284,16 @@ async def verify(
     billed_twice = [uid for uid, n in upstream_ids.items() if uid and n > 1]
     if billed_twice:
         problems.append(f"provider tasks shared by several of ours: {billed_twice}")
+    # Each provider task names the task of ours it was submitted for in its callback URL.
+    submitted_for = Counter(caller_task_id(sim_task) for sim_task in provider.values())
+    submitted_twice = sorted(t for t, n in submitted_for.items() if t is not None and n > 1)
+    if submitted_twice:
+        problems.append(f"tasks of ours submitted to the provider twice: {submitted_twice}")
     orphans = sorted(set(provider) - set(upstream_ids))
-    if orphans:
-        problems.append(f"provider tasks no task of ours knows: {orphans}")
+    answer_lost = [uid for uid in orphans if crashes and answer_died(provider[uid], rows)]
+    unknown = [uid for uid in orphans if uid not in answer_lost]
+    if unknown:
+        problems.append(f"provider tasks no task of ours knows: {unknown}")
     if stats["submits"] != len(provider):
         problems.append(f"{stats['submits']} submits for {len(provider)} provider tasks")
 
@@ -303,12 +348,24 @@ async def verify(
     if strays:
         problems.append(f"objects of no completed task: {strays}")
     # The variants of the last images stored may still be rendering, from a spool copy
-    # of the original that lives until they are made: give them a moment.
+    # of the original that lives until they are made, and the spool has none of their
+    # files for a moment before each is written. Without kills every stored image gets
+    # its variants, each stored by renaming its own temp file: once all are there, no
+    # file is left to write. A kill mid-render leaves an image without them (nothing
+    # renders them again), so with kills only the variant files are waited for.
+    stored_images = sum(
+        1
+        for images in images_of.values()
+        for image in images.values()
+        if image["status"] == "stored"
+    )
+    wanted = 0 if crashes else len(VARIANTS) * stored_images
     for _ in range(100):
-        if not any(p.name.startswith("variant-") for p in cluster.spool_leftovers()):
+        leftovers = cluster.spool_leftovers()
+        rendering = any(p.name.startswith("variant-") for p in leftovers)
+        if not rendering and len(cluster.variant_files()) >= wanted:
             break
         await asyncio.sleep(0.1)
-    leftovers = cluster.spool_leftovers()
     # A process killed while writing a WebP variant leaves its temp file; nothing re-runs
     # a stored image's variants, so the next variant write sweeps it once it is 30 s old
     # (tests/services/test_variants.py). Only with kills, and never an image's own file.
@@ -326,19 +383,36 @@ async def verify(
     if twice:
         problems.append(f"image recorded as stored more than once: {twice}")
 
-    transitions = Counter(
-        line["task_id"]
-        for line in cluster.service_logs()
-        if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
-        # A submit's own answer tells its move on its request line (submit_accepted).
-        or (line.get("event") == "submit_accepted" and line.get("task_status") in TERMINAL)
-        # A callback applied as it came tells its move on its own request line.
-        or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
-        or line.get("event") == "task_given_up"
+    # The event log says it: a terminal event is written in the transaction that makes
+    # the move, so it exists if and only if the move committed.
+    terminal_events = Counter(
+        task_id
+        for (task_id,) in await cluster.query(
+            "SELECT task_id FROM events WHERE type IN (:completed, :failed, :cancelled)",
+            **{status: f"task.{status}" for status in TERMINAL},
+        )
     )
     for row in rows.values():
-        if row["status"] in TERMINAL and transitions[row["id"]] != 1:
-            problems.append(f"{row['id']} became terminal {transitions[row['id']]} times")
+        if row["status"] in TERMINAL and terminal_events[row["id"]] != 1:
+            problems.append(f"{row['id']} has {terminal_events[row['id']]} terminal events")
+    if not crashes:
+        # The log lines say it too, but a kill can part a line from its commit either
+        # way: the reconciler's task_transition is written before its transaction
+        # commits (a kill then leaves the line, and the next poll writes another), a
+        # callback's or a give-up's after (a kill then leaves none).
+        transitions = Counter(
+            line["task_id"]
+            for line in cluster.service_logs()
+            if (line.get("event") == "task_transition" and line.get("status") in TERMINAL)
+            # A submit's own answer tells its move on its request line (submit_accepted).
+            or (line.get("event") == "submit_accepted" and line.get("task_status") in TERMINAL)
+            # A callback applied as it came tells its move on its own request line.
+            or (line.get("event") == "callback_received" and line.get("task_status") in TERMINAL)
+            or line.get("event") == "task_given_up"
+        )
+        for row in rows.values():
+            if row["status"] in TERMINAL and transitions[row["id"]] != 1:
+                problems.append(f"{row['id']} became terminal {transitions[row['id']]} times")
 
     attempts = [a for task in provider.values() for a in task["callback_attempts"]]
     statuses = Counter(a["status_code"] or 0 for a in attempts)
@@ -381,6 +455,7 @@ async def verify(
         unknown_submissions=sum(
             1 for row in rows.values() if row["error_code"] == "submission_outcome_unknown"
         ),
+        answers_died=len(answer_lost),
         dropped=len(dropped),
         duplicate_deliveries=sum(max(0, t.deliveries - 1) for t in tasks),
         late_processing=sum(1 for t in tasks if t.late_processing),
@@ -388,6 +463,7 @@ async def verify(
         stored_twice=stored_twice,
         wrong_bytes=wrong,
         problems=problems,
+        callbacks_pending_when_settled=pending_when_settled,
         variant_temps_awaiting_sweep=len(awaiting_sweep),
     )
 

@@ -54,6 +54,9 @@ def summary(verdict: Verdict, clock: Clock, **extra: Any) -> dict[str, Any]:
         "tasks_lost": len(verdict.lost),
         "images_stored_twice": len(verdict.stored_twice),
         "images_with_wrong_bytes": len(verdict.wrong_bytes),
+        "tasks_whose_callbacks_were_still_being_sent_when_settled": (
+            verdict.callbacks_pending_when_settled
+        ),
         "variant_temp_files_awaiting_sweep": verdict.variant_temps_awaiting_sweep,
         "seconds": clock(),
         **extra,
@@ -145,7 +148,8 @@ async def test_storm_with_replicas_killed(clusters: ClusterPool, figures: Figure
         requests_failed_over_to_the_other_replica=cluster.proxy.failovers,
         timeline=monkey.timeline,
         mid_submit_client_answers=[t.answers for t in tasks[STORM_TASKS:]],
-        submissions_never_reaching_the_provider=verdict.unknown_submissions,
+        submissions_never_reaching_the_provider=verdict.unknown_submissions - verdict.answers_died,
+        provider_tasks_whose_answer_died_and_that_never_called_back=verdict.answers_died,
     )
     assert verdict.lost == []
     assert verdict.problems == []

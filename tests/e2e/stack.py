@@ -38,7 +38,13 @@ WEBHOOK_SECRET = "e2e-webhook-secret-0123456789abcdef"
 SIM_KEY = "sim-key"
 TIME_SCALE = 0.02  # the simulator's default estimated_time of 100 s takes 2 s
 SIM_IMAGE_SIZE = 64  # every image pinned small, whatever size the request implies
-START_TIMEOUT = 20.0
+# A start is waited for by its own signs (it answers, or it exited: check_alive fails at
+# once), so the bound only has to hold a slow one: on a busy 2-core machine a replica
+# started again mid-storm spent about 13 s importing before it served, and its first /readyz
+# (which reads the migration scripts) took 4 s, over 20 s in all.
+START_TIMEOUT = 60.0
+# One readiness probe: a slow 200 is still ready (see above), so not cut off at 2 s.
+PROBE_TIMEOUT = 10.0
 STOP_TIMEOUT = 15.0
 # Every setting the service reads: cleared from the inherited environment so the
 # runner's own shell cannot leak into the processes under test.
@@ -336,7 +342,7 @@ class Stack:
         async def ready() -> bool:
             process.check_alive()
             try:
-                response = await self.client.get(url, timeout=2)
+                response = await self.client.get(url, timeout=PROBE_TIMEOUT)
             except httpx.TransportError:
                 return False
             return response.status_code == 200

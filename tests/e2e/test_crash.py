@@ -1,13 +1,16 @@
-"""Crash safety: the service is killed (SIGKILL) mid-download and started again."""
+"""Crash safety: the service is killed (SIGKILL) mid-download or mid-submit and started again."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from typing import Any
 
+import httpx
 import pytest
 
+from app.callback_urls import WEBHOOK_PATH
 from tests.e2e.pool import StackPool
 from tests.e2e.stack import Stack, sha256, wait_for
 
@@ -147,3 +150,38 @@ async def test_callbacks_retried_while_the_service_is_down_still_land(stacks: St
     assert len({attempt["delivery"] for attempt in attempts}) == 1  # retries of one delivery
     # The reconciler waits a minute, so the retried callback is what completed the task.
     assert stack.logs("callback_received", task_id=task_id)
+
+
+async def test_a_submit_answer_lost_with_the_service_and_no_callback_fails_the_task(
+    stacks: StackPool,
+) -> None:
+    """Killed while the provider holds our submit, of a task whose callbacks it drops:
+    nothing can tell us the provider's id, so the task fails (submission_outcome_unknown)
+    at its deadline; the submit was sent once, and the client's retry does not resend it.
+    """
+    stack = await stacks.start(SUBMIT_UNKNOWN_AFTER_SECONDS=3)
+    prompt = "a word never heard [sim:submit_delay=3,drop,eta=50]"
+    body, headers = {"prompt": prompt}, {"Idempotency-Key": "lost-answer"}
+    submit = asyncio.create_task(stack.client.post("/tasks", json=body, headers=headers))
+
+    async def at_provider() -> dict[str, Any] | None:
+        held = [t for t in await stack.sim.tasks() if t["request"]["prompt"] == prompt]
+        return held[0] if held else None
+
+    upstream = await wait_for(at_provider, what="the provider to hold the submit")
+    stack.kill_service()
+    with pytest.raises(httpx.TransportError):
+        await submit
+    await stack.start_service()
+    # Only the URL the provider was given names our task; its answer died with us.
+    task_id = upstream["request"]["callback_url"].split(f"{WEBHOOK_PATH}/")[1].split("/")[0]
+
+    failed = await stack.wait_status(task_id, "failed")
+    assert failed["error"]["code"] == "submission_outcome_unknown"
+    assert failed["upstream_task_id"] is None
+    retried = await stack.client.post("/tasks", json=body, headers=headers)
+    assert (retried.status_code, retried.json()["id"]) == (202, task_id)
+    provider = await stack.sim.task(upstream["id"])
+    assert provider["status"] == "completed"  # done and billed, and never called back
+    assert provider["callback_attempts"] == []
+    assert (await stack.sim.stats())["submits"] == 1

@@ -243,3 +243,20 @@ async def test_manual_callback_needs_a_url(sim: Sim) -> None:
     route = f"/_sim/tasks/{task['id']}/callback"
     assert (await sim.client.post(route, json={})).status_code == 409
     assert (await sim.client.post("/_sim/tasks/nope/callback", json={})).status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_stats_count_a_task_until_its_last_callback_is_sent(
+    make_sim: SimFactory, receiver: Receiver
+) -> None:
+    """``callbacks_pending`` counts a task from its outcome until its last retry and
+    duplicate are sent, so a test counting deliveries knows when none can come."""
+    sim = await make_sim(retry_delays=(0.5,))
+    receiver.statuses.append(500)
+    task = await sim.submit(prompt="[sim:dup=2]", callback_url=receiver.url())
+    await wait_for(lambda: len(receiver.requests) == 1)
+    stats = (await sim.client.get("/_sim/stats")).json()
+    assert stats["callbacks_pending"] == 1  # the retry, then the duplicate, are to come
+    await wait_for(lambda: sim.state.stats()["callbacks_pending"] == 0)
+    assert [a.status_code for a in attempts(sim, task["id"])] == [500, 200, 200]
+    assert len(receiver.requests) == 3
