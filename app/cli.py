@@ -189,6 +189,14 @@ def simulator(
             "task object), envelope or bare (the enveloped shape and its data object)."
         ),
     ] = "published",
+    callback_retry_delays: Annotated[
+        str,
+        typer.Option(
+            envvar="SIMULATOR_CALLBACK_RETRY_DELAYS",
+            help="Seconds before each retry of a failed callback, comma-separated "
+            "(the provider's policy: 1,2,4; empty: no retries).",
+        ),
+    ] = "1,2,4",
 ) -> None:
     """Run the StarMagic simulator alone."""
     from app.simulator import SimulatorConfig, run_simulator
@@ -198,6 +206,13 @@ def simulator(
     if image_size is not None and pinned is None:
         raise typer.BadParameter("expected WxH, e.g. 64x64", param_hint="--image-size")
     try:
+        delays = tuple(float(d) for d in callback_retry_delays.split(",") if d.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            "expected seconds separated by commas, e.g. 1,2,4",
+            param_hint="--callback-retry-delays",
+        ) from None
+    try:
         config = SimulatorConfig(
             api_key=api_key,
             public_base_url=f"http://{host}:{port}",
@@ -205,6 +220,7 @@ def simulator(
             allow_http_callbacks=allow_http_callbacks,
             image_size=pinned,
             body_shape=body_shape,  # type: ignore[arg-type]  # checked by SimulatorConfig
+            retry_delays=delays,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -43,3 +43,31 @@ def test_an_unknown_body_shape_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     code, config = started(monkeypatch, "--body-shape", "xml")
     assert code == 2
     assert config is None
+
+
+def test_the_callback_retries_follow_the_providers_policy_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code, config = started(monkeypatch)
+    assert code == 0
+    assert config is not None
+    assert config.retry_delays == (1.0, 2.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("given", "delays"), [("1,5,30", (1.0, 5.0, 30.0)), ("0.5", (0.5,)), ("", ())]
+)
+def test_callback_retry_delays_can_be_set(
+    monkeypatch: pytest.MonkeyPatch, given: str, delays: tuple[float, ...]
+) -> None:
+    code, config = started(monkeypatch, "--callback-retry-delays", given)
+    assert code == 0
+    assert config is not None
+    assert config.retry_delays == delays
+
+
+@pytest.mark.parametrize("given", ["1,soon", "1,-2"])
+def test_bad_callback_retry_delays_are_refused(monkeypatch: pytest.MonkeyPatch, given: str) -> None:
+    code, config = started(monkeypatch, "--callback-retry-delays", given)
+    assert code == 2
+    assert config is None
