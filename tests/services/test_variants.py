@@ -385,3 +385,39 @@ async def test_a_render_cancelled_midway_ends_before_its_spool_copy_is_removed(
         await making
     assert outcome[-1] == "rendered"
     assert list(queue.storage.spool_dir.iterdir()) == []
+
+
+async def test_a_render_cancelled_twice_still_ends_before_the_caller_cleans_up() -> None:
+    """A second cancellation (a cancel scope that delivers it again, a second stop)
+    must not cut the wait short: the caller's cleanup would then close and remove the
+    spool copy while the render is still reading it."""
+    started, release = threading.Event(), threading.Event()
+    finished: list[bool] = []
+
+    def slow_render() -> str:
+        started.set()
+        release.wait(5)
+        finished.append(True)
+        return "rendered"
+
+    cleaned_up_while_rendering: list[bool] = []
+
+    async def caller() -> None:
+        try:
+            await variants.in_render_thread(slow_render)
+        finally:
+            cleaned_up_while_rendering.append(not finished)
+
+    job = asyncio.ensure_future(caller())
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+    job.cancel()
+    await asyncio.sleep(0.05)
+    job.cancel()
+    await asyncio.sleep(0.05)
+    try:
+        assert not job.done(), "a second cancellation ended the wait for the running render"
+    finally:
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    assert cleaned_up_while_rendering == [False]
