@@ -421,3 +421,34 @@ async def test_a_render_cancelled_twice_still_ends_before_the_caller_cleans_up()
         with pytest.raises(asyncio.CancelledError):
             await job
     assert cleaned_up_while_rendering == [False]
+
+
+async def test_renders_still_queued_when_cancelled_never_run() -> None:
+    """More renders than render threads, all cancelled (a worker stopping): those
+    still waiting for a thread never start later, when their spool copies are gone."""
+    release = threading.Event()
+    started: list[int] = []
+
+    def blocking_render(number: int) -> int:
+        started.append(number)
+        release.wait(5)
+        return number
+
+    jobs = [
+        asyncio.ensure_future(variants.in_render_thread(blocking_render, number))
+        for number in range(variants.RENDER_THREADS * 3)
+    ]
+    deadline = time.monotonic() + 5
+    while len(started) < variants.RENDER_THREADS and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for job in jobs:
+        job.cancel()
+    await asyncio.sleep(0.05)
+    running = list(started)
+    release.set()
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    # Give a queued render every chance to start, were it going to.
+    await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.2)
+    assert started == running
+    assert len(running) < len(jobs)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results)
