@@ -11,6 +11,7 @@ effect on the original or its record. Pillow works in a thread, off the event lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import io
@@ -179,7 +180,11 @@ async def in_render_thread(function: Callable[..., T], *args: object) -> T:
         return await asyncio.shield(waiting)
     except asyncio.CancelledError:
         if not future.cancel():  # started (or done): let it finish
-            await asyncio.wait([waiting])
+            # Through any further cancellation too (a cancel scope delivers it again):
+            # the first one is passed on once the render has ended.
+            while not waiting.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([waiting])
             if not waiting.cancelled():
                 waiting.exception()  # retrieved: the caller is gone, so nobody else will
         raise
