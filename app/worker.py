@@ -45,6 +45,10 @@ def worker_name() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+# Renders waiting or running in one worker, past which a stored image's variants are
+# left to their first request (made on demand): a backlog of renders must not hold
+# spool copies and files open without bound.
+RENDER_BACKLOG = 16
 # Events after which a download is due at once.
 _WAKES_DOWNLOADS = ("task.completed", "image.queued")
 
@@ -79,6 +83,7 @@ class BackgroundWorker:
             max_image_bytes=runtime.settings.max_image_bytes,
         )
         self._running: dict[asyncio.Task[None], tuple[str, int]] = {}
+        self._rendering: set[asyncio.Task[None]] = set()
         self.deliverer = Deliverer(
             runtime.engine,
             self._settings,
@@ -127,7 +132,7 @@ class BackgroundWorker:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        running = [*self._running, *self._sending]
+        running = [*self._running, *self._rendering, *self._sending]
         if running:
             _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
             for job in pending:
@@ -215,7 +220,23 @@ class BackgroundWorker:
 
     async def _guarded_download(self, job: DownloadJob) -> None:
         with structlog.contextvars.bound_contextvars(task_id=job.task_id):
-            await self.downloader.run(job)
+            stored = await self.downloader.store(job)
+            if stored is None:
+                return
+            # Stored and recorded: the download slot is free for the next image (whose
+            # link may be expiring) while this one's variants wait for a render thread.
+            job_task = asyncio.current_task()
+            assert job_task is not None
+            self._running.pop(job_task, None)
+            self._completed.ring(None)
+            if len(self._rendering) >= RENDER_BACKLOG:
+                log.info("variants_deferred", key=stored, position=job.position)
+                return
+            self._rendering.add(job_task)
+            try:
+                await self.downloader.render_variants(job, stored)
+            finally:
+                self._rendering.discard(job_task)
 
     async def _failed(self, exc: Exception, event: str, **context: object) -> None:
         """A database outage or missing schema joins the outage story; anything else is a bug."""

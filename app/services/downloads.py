@@ -103,7 +103,14 @@ class Downloader:
         self._max_image_bytes = max_image_bytes  # variants read the original back whole
 
     async def run(self, job: DownloadJob) -> None:
-        """Fetch, store and record one image; every failure is recorded, never raised."""
+        """Fetch, store and record one image, then render its variants."""
+        stored = await self.store(job)
+        if stored is not None:
+            await self.render_variants(job, stored)
+
+    async def store(self, job: DownloadJob) -> str | None:
+        """Fetch, store and record one image; its storage key once stored. Every failure
+        is recorded, never raised."""
         stored: str | None = None
         try:
             async with self._heartbeat(job):
@@ -116,15 +123,18 @@ class Downloader:
             log.exception("download_crashed", task_id=job.task_id, position=job.position)
             with contextlib.suppress(Exception):
                 await self._retry(job, self._expires_at(job), "internal_error", repr(exc)[:300])
-        if stored is not None:
-            # After the record and outside the lease: a variant is never worth a retry.
-            await variants.make_variants_quietly(
-                self._storage,
-                stored,
-                max_bytes=self._max_image_bytes,
-                task_id=job.task_id,
-                position=job.position,
-            )
+        return stored
+
+    async def render_variants(self, job: DownloadJob, stored: str) -> None:
+        """The stored image's variants, after its record and outside its lease: a variant
+        is never worth a retry (failures are logged, never raised)."""
+        await variants.make_variants_quietly(
+            self._storage,
+            stored,
+            max_bytes=self._max_image_bytes,
+            task_id=job.task_id,
+            position=job.position,
+        )
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, job: DownloadJob) -> AsyncIterator[None]:

@@ -452,37 +452,3 @@ async def test_renders_still_queued_when_cancelled_never_run() -> None:
     assert started == running
     assert len(running) < len(jobs)
     assert all(isinstance(result, asyncio.CancelledError) for result in results)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a download job renders its variants before it ends, so the worker's download "
-    "slot stays taken while the render waits for a (niced, few) render thread: downloads, "
-    "whose links expire, queue behind a convenience",
-)
-async def test_a_download_job_ends_once_its_image_is_stored_whatever_its_render_takes(
-    queue: Queue, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The worker counts a job against download_concurrency until `run` returns: the
-    image stored and recorded, the job must end without waiting for its variants."""
-    release = threading.Event()
-    real_render_all = variants.render_all
-
-    def held_render(original: object, long_sides: list[int]) -> list[bytes]:
-        release.wait(5)
-        return real_render_all(original, long_sides)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(variants, "render_all", held_render)
-    task = await queue.queued()
-    job = asyncio.ensure_future(
-        queue.downloader(ScriptedFetcher([png(600, 300)])).run(await queue.claim())
-    )
-    try:
-        deadline = time.monotonic() + 5
-        while (await queue.image(task.id)).status != "stored" and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)
-        assert job.done(), "the job still holds its download slot, waiting for its render"
-    finally:
-        release.set()
-        await job

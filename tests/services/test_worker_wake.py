@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from app import variants
+from app import worker as worker_module
 from app.worker import BackgroundWorker
 from tests.api.test_webhooks import build_stack, hook
 from tests.conftest import make_settings
+from tests.console.helpers import png
 from tests.helpers import dumps, task_body
+from tests.services.test_downloads import ScriptedFetcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -66,3 +72,94 @@ async def test_the_worker_confirms_a_callback_an_api_process_left_due(
         assert stack.upstream.queries[upstream_id] == 1
     finally:
         await worker.stop()
+
+
+async def test_a_download_slot_is_free_once_its_image_is_stored_while_its_variants_wait(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One download slot, the first image's render held: the second image is still
+    fetched and stored (its link expires; a variant is a convenience), and both get
+    their variants once the render goes on."""
+    settings = make_settings(
+        database_url, tmp_path, confirm_callbacks=False, download_concurrency=1
+    )
+    stack = await build_stack(service_factory, settings)
+    held, release, hold_over = threading.Event(), threading.Event(), threading.Event()
+    real_render_all = variants.render_all
+
+    def first_render_held(original: object, long_sides: list[int]) -> list[bytes]:
+        if not held.is_set():
+            held.set()
+            release.wait(60)
+            hold_over.set()
+        return real_render_all(original, long_sides)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(variants, "render_all", first_render_held)
+    # The provider's links are made up: the two fetches answer with real PNGs.
+    fetcher = ScriptedFetcher([png(600, 300), png(300, 600)])
+    monkeypatch.setattr(stack.service.runtime, "fetcher", fetcher)
+    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=0.2)
+    await worker.start()
+    try:
+        tasks = [await stack.submit() for _ in range(2)]
+
+        async def complete(task: dict[str, Any]) -> None:
+            raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+            answer = await stack.service.client.post(hook(task["id"]), content=raw)
+            assert answer.status_code == 200
+
+        async def stored(task: dict[str, Any]) -> bool:
+            return bool((await stack.task(task["id"]))["image"]["status"] == "stored")
+
+        await complete(tasks[0])
+        await asyncio.to_thread(held.wait, 10)
+        assert held.is_set(), "the first image's render never started"
+        await complete(tasks[1])
+        for _ in range(200):
+            if await stored(tasks[1]):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the second image waited for the first one's render")
+        assert not hold_over.is_set(), "the second image was stored only after the held render"
+    finally:
+        release.set()
+        await worker.stop()
+    for task in tasks:
+        rows = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
+        assert (tmp_path / "images" / variants.variant_key(rows[0][0], "thumb")).exists()
+
+
+async def test_variants_past_the_render_backlog_are_made_on_their_first_request(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the worker's renders at their bound, a stored image's variants are not
+    queued without end: they are left out, logged, and made when first asked for."""
+    settings = make_settings(database_url, tmp_path, confirm_callbacks=False)
+    stack = await build_stack(service_factory, settings)
+    monkeypatch.setattr(worker_module, "RENDER_BACKLOG", 0)  # as if the bound were reached
+    monkeypatch.setattr(stack.service.runtime, "fetcher", ScriptedFetcher([png(600, 300)]))
+    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=0.2)
+    await worker.start()
+    try:
+        with capture_logs() as logs:
+            task = await stack.submit()
+            raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+            assert (await stack.service.client.post(hook(task["id"]), content=raw)).is_success
+            for _ in range(200):
+                if (await stack.task(task["id"]))["image"]["status"] == "stored":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the image was never stored")
+            await asyncio.sleep(0.3)  # a render, were one started, has begun by now
+    finally:
+        await worker.stop()
+    key = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
+    thumb = tmp_path / "images" / variants.variant_key(key[0][0], "thumb")
+    assert not thumb.exists()
+    assert [line["key"] for line in logs if line["event"] == "variants_deferred"] == [key[0][0]]
+    answer = await stack.service.client.get(f"/tasks/{task['id']}/image?variant=thumb")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "image/webp"
+    assert thumb.exists()
