@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import structlog
 from sqlalchemy import Integer, Text, bindparam, cast, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -33,10 +32,14 @@ from app.models import Image, Task, TaskStatus
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot
 from app.services import events
-from app.services.snapshots import Outcome, classify, image_rows, transition
+from app.services.snapshots import (
+    Outcome,
+    classify,
+    image_rows,
+    log_terminal_conflict,
+    transition,
+)
 from app.services.submit_answer import NOW, POLL_AFTER, STAND_INS, USAGE, parametrize
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,13 +204,7 @@ async def apply_batch(
         outcome = outcomes[task_id] = classify(state, snapshot)
         decided[task_id] = BatchDecision(outcome, state)
         if outcome is Outcome.ANOMALY:
-            log.warning(
-                "terminal_conflict",
-                task_id=task_id,
-                upstream_task_id=state.upstream_task_id,
-                status=state.status.value,
-                reported=snapshot.status.value,
-            )
+            log_terminal_conflict(state, snapshot)
     news = [c for c in ordered if outcomes.get(c.task_id) is Outcome.APPLIED]
     moved = await moves_for(db, news, now)
     images: list[dict[str, Any]] = []

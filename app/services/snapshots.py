@@ -282,14 +282,19 @@ async def apply_snapshot(
     else:
         outcome = Outcome.STALE  # three races lost in a row: newer news won each time
     if outcome is Outcome.ANOMALY:
-        log.warning(
-            "terminal_conflict",
-            task_id=task_id,
-            upstream_task_id=state.upstream_task_id,
-            status=state.status.value,
-            reported=snapshot.status.value,
-        )
+        log_terminal_conflict(state, snapshot)
     return Applied(outcome, state)
+
+
+def log_terminal_conflict(state: TaskState, snapshot: Snapshot) -> None:
+    """A terminal task told of another terminal state: kept as it is, and said."""
+    log.warning(
+        "terminal_conflict",
+        task_id=state.id,
+        upstream_task_id=state.upstream_task_id,
+        status=state.status.value,
+        reported=snapshot.status.value,
+    )
 
 
 def _carries_or_none(upstream_id: str) -> ColumnElement[bool]:
