@@ -178,14 +178,22 @@ def _decided(snapshot: Snapshot, task_id: str, result: OneStatement | None) -> R
     return Received(outcome, task_id, needs_confirmation=outcome is Outcome.CONFIRMING, log=fields)
 
 
+def _verified_terminal(
+    settings: Settings, task_id: str, token: str, raw: bytes
+) -> tuple[Snapshot, TerminalCallback] | None:
+    """A batch's way in: the token checked (404 as on the general path), then
+    `_terminal_callback`."""
+    if not callback_urls.verify(task_id, token, settings.webhook_secret):
+        raise NotFound(UNKNOWN_CALLBACK)
+    return _terminal_callback(task_id, raw)
+
+
 async def receive_in_batch(
     batches: ConfirmationBatches, settings: Settings, task_id: str, token: str, raw: bytes
 ) -> Received | None:
     """The usual terminal callback on PostgreSQL, decided together with the others
     arriving at the same time, already committed; None: `receive_callback` decides it."""
-    if not callback_urls.verify(task_id, token, settings.webhook_secret):
-        raise NotFound(UNKNOWN_CALLBACK)
-    terminal = _terminal_callback(task_id, raw)
+    terminal = _verified_terminal(settings, task_id, token, raw)
     if terminal is None:
         return None
     snapshot, callback = terminal
@@ -198,9 +206,7 @@ async def apply_in_batch(
     """Confirmation off: the usual terminal callback on PostgreSQL, applied together
     with the others arriving at the same time, already committed; None:
     `receive_callback` decides it."""
-    if not callback_urls.verify(task_id, token, settings.webhook_secret):
-        raise NotFound(UNKNOWN_CALLBACK)
-    terminal = _terminal_callback(task_id, raw)
+    terminal = _verified_terminal(settings, task_id, token, raw)
     if terminal is None:
         return None
     snapshot, callback = terminal
