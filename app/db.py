@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +93,21 @@ async def statement_commits(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
         return
     async with engine.connect() as connection:
         await connection.execution_options(isolation_level="AUTOCOMMIT")
-        connection.info[_AUTOCOMMIT] = True
-        try:
+        with _marked(connection, _AUTOCOMMIT):
             yield connection
-        finally:
-            # An invalidated connection (the server dropped it) has no info to clean,
-            # and asking for it would raise over the error that invalidated it.
-            if not connection.invalidated:
-                connection.info.pop(_AUTOCOMMIT, None)
+
+
+@contextmanager
+def _marked(connection: AsyncConnection, flag: str) -> Iterator[None]:
+    """`flag` set in the pooled connection's info while the block runs."""
+    connection.info[flag] = True
+    try:
+        yield
+    finally:
+        # An invalidated connection (the server dropped it) has no info to clean,
+        # and asking for it would raise over the error that invalidated it.
+        if not connection.invalidated:
+            connection.info.pop(flag, None)
 
 
 def each_statement_commits(db: AsyncConnection) -> bool:
@@ -123,12 +130,8 @@ async def single_read(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             yield connection
         return
     async with engine.connect() as connection:
-        connection.info[_SINGLE_READ] = True
-        try:
+        with _marked(connection, _SINGLE_READ):
             yield connection
-        finally:
-            if not connection.invalidated:
-                connection.info.pop(_SINGLE_READ, None)
 
 
 @asynccontextmanager
