@@ -91,11 +91,19 @@ async def applied_revisions(connection: AsyncConnection) -> frozenset[str] | Non
     return frozenset(str(row[0]) for row in rows)
 
 
+def _read_scripts() -> frozenset[str]:
+    """The head revision(s), with every known revision read too (both cached)."""
+    known_revisions()
+    return head_revisions()
+
+
 async def schema_status(engine: AsyncEngine) -> SchemaStatus:
     """The database's schema status; connection errors propagate (the database is down)."""
     async with engine.connect() as connection:
         applied = await applied_revisions(connection)
-    return SchemaStatus(applied, head_revisions())
+    # The first read of the scripts takes seconds on a busy machine: not on the loop.
+    head = await asyncio.to_thread(_read_scripts)
+    return SchemaStatus(applied, head)
 
 
 async def _status_at(database_url: str) -> SchemaStatus:

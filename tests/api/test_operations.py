@@ -246,3 +246,43 @@ async def test_readiness_logs_a_change_not_every_probe(
         assert (await service.client.get("/readyz")).status_code == 200
     events = [e["event"] for e in capture_logs() if e.get("logger") == "app.api.health"]
     assert events == ["not_ready", "ready_again"]
+
+
+async def test_the_first_probe_reads_the_migration_scripts_off_the_event_loop(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the scripts is slow under load (seconds): other requests go on meanwhile."""
+    import asyncio
+    import threading
+    import time
+
+    import app.schema_version as schema_version
+
+    service = await build(service_factory, sqlite_url, tmp_path)
+    head_revisions.cache_clear()
+    schema_version.known_revisions.cache_clear()
+    reading = threading.Event()
+
+    def slow_heads() -> frozenset[str]:
+        reading.set()
+        time.sleep(0.5)
+        return head_revisions()
+
+    monkeypatch.setattr(schema_version, "head_revisions", slow_heads)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            gaps.append(time.perf_counter() - last)
+            last = time.perf_counter()
+
+    ticker = asyncio.create_task(tick())
+    try:
+        probe = await service.client.get("/readyz")
+    finally:
+        ticker.cancel()
+    assert reading.is_set()
+    assert probe.json()["checks"]["database"] == "ok"
+    assert max(gaps) < 0.3, f"the probe held the event loop for {max(gaps):.2f} s"
