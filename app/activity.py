@@ -44,6 +44,12 @@ async def note(
     await db.execute(insert(ACTIVITY).values(**values))
 
 
+async def note_many(db: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Append `row`s in the caller's transaction, one statement for all."""
+    if rows:
+        await db.execute(insert(ACTIVITY), list(rows))
+
+
 def row(
     task_id: str,
     kind: Kind,

@@ -156,3 +156,28 @@ def near_miss_token(kind: str, valid: str, *, other_task: str, retired: str) -> 
         "other_tasks_token": lambda: other_task,
         "rotated_out_secret": lambda: retired,
     }[kind]()
+
+
+def break_applying(monkeypatch: Any, task_id: str, error: Exception) -> asyncio.Event:
+    """Make the worker's apply of any answer about `task_id` raise `error`, whether
+    alone (the state machine) or with others (the batch); the event is set once it did."""
+    from app.services import reconcile, snapshot_batches
+
+    failed = asyncio.Event()
+    alone, together = reconcile.apply_snapshot, snapshot_batches.apply_snapshots
+
+    async def apply_alone(db: Any, about: str, *args: Any, **kwargs: Any) -> Any:
+        if about == task_id:
+            failed.set()
+            raise error
+        return await alone(db, about, *args, **kwargs)
+
+    async def apply_together(db: Any, snapshots: Any, **kwargs: Any) -> Any:
+        if any(about == task_id for about, _ in snapshots):
+            failed.set()
+            raise error
+        return await together(db, snapshots, **kwargs)
+
+    monkeypatch.setattr(reconcile, "apply_snapshot", apply_alone)
+    monkeypatch.setattr(reconcile.snapshot_batches, "apply_snapshots", apply_together)
+    return failed

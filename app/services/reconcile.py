@@ -26,8 +26,8 @@ from app.db import SessionFactory
 from app.models import Task, TaskStatus, utcnow
 from app.repository import PollClaim
 from app.schemas import Snapshot
-from app.services import events
-from app.services.snapshots import Applied, apply_snapshot
+from app.services import events, snapshot_batches
+from app.services.snapshots import Applied, Outcome, apply_snapshot, log_transition
 from app.upstream import LINK_LIFETIME, StarMagicClient, UpstreamError, UpstreamNotFound
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,14 @@ def _why(task: PollClaim) -> str:
 
 class _SlotTimeout(Exception):
     """The deadline passed before a query slot was free: nothing was asked."""
+
+
+def _query_note(
+    task: PollClaim, snapshot: Snapshot, outcome: Outcome, now: datetime
+) -> dict[str, Any]:
+    """The timeline's row for an answered query."""
+    detail = f"{_why(task)}: StarMagic says {snapshot.status.value} ({outcome.value})"
+    return activity.row(task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
 
 
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
@@ -312,12 +320,16 @@ class Reconciler:
         """Past any link's lifetime: one last question, then no more waiting."""
         return now - task.created_at > LINK_LIFETIME
 
-    async def _apply_answers(self, answers: Sequence[tuple[PollClaim, Snapshot]]) -> None:
-        """Apply the provider's answers and release the leases, one transaction for all.
+    async def _apply_answers(
+        self, answers: Sequence[tuple[PollClaim, Snapshot]], *, together: bool = True
+    ) -> None:
+        """Apply the provider's answers and release the leases, one transaction for all
+        (the usual ones decided `together`, on PostgreSQL).
 
-        Should the batch fail as a whole, each answer is tried in a transaction of its own;
-        one that fails alone is logged and left to its lease (never raised: the answers
-        still to come in the same batch must not be dropped).
+        Should the batch fail as a whole, each answer is tried in a transaction of its own,
+        one by one through the state machine; one that fails alone is logged and left to
+        its lease (never raised: the answers still to come in the same batch must not be
+        dropped).
         """
         if not answers:
             return
@@ -328,17 +340,19 @@ class Reconciler:
         try:
             async with self._factory() as session, session.begin():
                 db = await session.connection()
+                decided = await self._apply_together(db, answers, now) if together else {}
                 applied = [
-                    await self._apply_one(db, task, snapshot, now) for task, snapshot in answers
+                    decided.get(task.id) or await self._apply_one(db, task, snapshot, now)
+                    for task, snapshot in answers
                 ]
         except Exception:
-            if len(answers) == 1:
+            if len(answers) == 1 and not together:
                 # Its lease runs out and it is due again: asked later, not lost.
                 log.exception("poll_apply_failed", task_id=answers[0][0].id)
                 return
             log.warning("poll_batch_failed", tasks=len(answers), exc_info=True)
             for answer in answers:
-                await self._apply_answers([answer])
+                await self._apply_answers([answer], together=False)
             return
         for (task, snapshot), (result, waiting) in zip(answers, applied, strict=True):
             log.info(
@@ -355,6 +369,41 @@ class Reconciler:
             elif waiting:
                 self.confirm_later(task.id, task.poll_claimed_at + self.query_spacing - now)
 
+    async def _apply_together(
+        self, db: AsyncConnection, answers: Sequence[tuple[PollClaim, Snapshot]], now: datetime
+    ) -> dict[str, tuple[Applied, bool]]:
+        """PostgreSQL: the usual answers (terminal, about the provider task the task
+        carries) decided and written together, as a batch of callbacks is; by task id.
+        Any other answer, or one that leaves its task active, is `_apply_one`'s."""
+        usual = [
+            (task, snapshot)
+            for task, snapshot in answers
+            if snapshot.status.terminal
+            and snapshot.upstream_id
+            and snapshot.upstream_id == task.upstream_task_id
+        ]
+        if not usual or db.dialect.name != "postgresql":
+            return {}
+        # Every answer's row, in id order, before anything is written (see above).
+        await repository.lock_states(db, [task.id for task, _ in answers])
+        decided = await snapshot_batches.apply_snapshots(
+            db, [(task.id, snapshot) for task, snapshot in usual], now=now
+        )
+        together: dict[str, tuple[Applied, bool]] = {}
+        notes = []
+        for task, snapshot in usual:
+            decision = decided[task.id]
+            if decision.outcome is None or decision.state is None:
+                continue
+            if not decision.state.status.terminal:
+                continue  # nothing was written for it: its lease is `_apply_one`'s
+            together[task.id] = (Applied(decision.outcome, decision.state), False)
+            notes.append(_query_note(task, snapshot, decision.outcome, now))
+            if decision.outcome is Outcome.APPLIED:
+                log_transition(decision.state)
+        await activity.note_many(db, notes)
+        return together
+
     async def _apply_one(
         self, db: AsyncConnection, task: PollClaim, snapshot: Snapshot, now: datetime
     ) -> tuple[Applied, bool]:
@@ -367,8 +416,7 @@ class Reconciler:
             now=now,
             poll_after=poll_backoff(self._settings, task.poll_attempts),
         )
-        detail = f"{_why(task)}: StarMagic says {snapshot.status.value} ({applied.outcome.value})"
-        await activity.note(db, task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
+        await activity.note_many(db, [_query_note(task, snapshot, applied.outcome, now)])
         if applied.state.status.terminal or self._last_chance(task, now):
             return applied, False
         waiting = await repository.finish_poll(

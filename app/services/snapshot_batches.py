@@ -149,16 +149,16 @@ def _moves_statement(shape: _Shape) -> Any:
 
 
 async def moves_for(
-    db: AsyncConnection, callbacks: Sequence[SnapshotCallback], now: datetime
+    db: AsyncConnection, news: Sequence[tuple[str, Snapshot]], now: datetime
 ) -> dict[str, Task]:
-    """The guarded UPDATEs of the callbacks `classify` found to be news, one statement
-    per shape; the rows as they now are, by task id."""
+    """The guarded UPDATEs of the snapshots (by task id) `classify` found to be news,
+    one statement per shape; the rows as they now are, by task id."""
     shapes: dict[_Shape, list[Snapshot]] = {}
     ids: dict[_Shape, list[str]] = {}
-    for callback in callbacks:
-        shape = _Shape.of(callback.snapshot)
-        shapes.setdefault(shape, []).append(callback.snapshot)
-        ids.setdefault(shape, []).append(callback.task_id)
+    for task_id, snapshot in news:
+        shape = _Shape.of(snapshot)
+        shapes.setdefault(shape, []).append(snapshot)
+        ids.setdefault(shape, []).append(task_id)
     moved: dict[str, Task] = {}
     for shape, snapshots in shapes.items():
         statement = _MOVES.get(shape)
@@ -189,14 +189,40 @@ async def apply_batch(
     *,
     now: datetime,
 ) -> dict[str, BatchDecision]:
-    """Decide and write callbacks about distinct tasks in the caller's transaction;
-    by task id."""
+    """Decide and write callbacks about distinct tasks in the caller's transaction,
+    each with its delivery row; by task id."""
     ordered = sorted(callbacks, key=lambda c: c.task_id)
-    states = await repository.lock_states(db, [c.task_id for c in ordered])
+    decided = await apply_snapshots(db, [(c.task_id, c.snapshot) for c in ordered], now=now)
+    await repository.insert_deliveries(
+        db,
+        [
+            {
+                "task_id": c.task_id,
+                "body_sha256": c.body_sha256,
+                "upstream_status": c.snapshot.status.value,
+                "outcome": outcome.value,
+                "changed": outcome is Outcome.APPLIED,
+                "received_at": now,
+            }
+            for c in ordered
+            if (outcome := decided[c.task_id].outcome) is not None
+        ],
+    )
+    return decided
+
+
+async def apply_snapshots(
+    db: AsyncConnection, snapshots: Sequence[tuple[str, Snapshot]], *, now: datetime
+) -> dict[str, BatchDecision]:
+    """Decide terminal snapshots of distinct tasks (each naming its provider task) and
+    write the moves they make, with their images, events and outbox rows, in the
+    caller's transaction; by task id. A delivery's callback or a provider's answer
+    to a query: the same rules and the same rows as `apply_snapshot` writes."""
+    ordered = sorted(snapshots, key=lambda item: item[0])
+    states = await repository.lock_states(db, [task_id for task_id, _ in ordered])
     outcomes: dict[str, Outcome] = {}
     decided: dict[str, BatchDecision] = {}
-    for callback in ordered:
-        task_id, snapshot = callback.task_id, callback.snapshot
+    for task_id, snapshot in ordered:
         state = states.get(task_id)
         if state is None or state.upstream_task_id != snapshot.upstream_id:
             decided[task_id] = BatchDecision(None, state)
@@ -205,17 +231,21 @@ async def apply_batch(
         decided[task_id] = BatchDecision(outcome, state)
         if outcome is Outcome.ANOMALY:
             log_terminal_conflict(state, snapshot)
-    news = [c for c in ordered if outcomes.get(c.task_id) is Outcome.APPLIED]
+    news = [
+        (task_id, snapshot)
+        for task_id, snapshot in ordered
+        if outcomes.get(task_id) is Outcome.APPLIED
+    ]
     moved = await moves_for(db, news, now)
     images: list[dict[str, Any]] = []
     told: list[tuple[events.EventType, Task, Sequence[Image]]] = []
-    for callback in news:
-        task = moved.get(callback.task_id)
+    for task_id, snapshot in news:
+        task = moved.get(task_id)
         if task is None:
-            raise MoveLost(callback.task_id)
+            raise MoveLost(task_id)
         rows: list[dict[str, Any]] = []
-        if callback.snapshot.status is TaskStatus.COMPLETED:
-            rows = image_rows(task.id, callback.snapshot, now, task.n)
+        if snapshot.status is TaskStatus.COMPLETED:
+            rows = image_rows(task.id, snapshot, now, task.n)
             images.extend(rows)
         kind = events.transition_event(task, now)
         if kind is not None:
@@ -224,19 +254,4 @@ async def apply_batch(
         decided[task.id] = BatchDecision(Outcome.APPLIED, state)
     await repository.queue_images(db, images)
     await events.record_many(db, told, now=now)
-    await repository.insert_deliveries(
-        db,
-        [
-            {
-                "task_id": c.task_id,
-                "body_sha256": c.body_sha256,
-                "upstream_status": c.snapshot.status.value,
-                "outcome": outcomes[c.task_id].value,
-                "changed": outcomes[c.task_id] is Outcome.APPLIED,
-                "received_at": now,
-            }
-            for c in ordered
-            if c.task_id in outcomes
-        ],
-    )
     return decided

@@ -216,6 +216,17 @@ def image_rows(
     ]
 
 
+def log_transition(state: TaskState) -> None:
+    """The line a move of the task writes (unless the caller's own line tells it)."""
+    log.info(
+        "task_transition",
+        task_id=state.id,
+        upstream_task_id=state.upstream_task_id,
+        status=state.status.value,
+        progress=state.progress,
+    )
+
+
 async def apply_snapshot(
     db: AsyncConnection,
     task_id: str,
@@ -266,13 +277,7 @@ async def apply_snapshot(
                 task.id, TaskStatus(task.status), task.progress, task.upstream_task_id
             )
             if not quiet:
-                log.info(
-                    "task_transition",
-                    task_id=task_id,
-                    upstream_task_id=state.upstream_task_id,
-                    status=state.status.value,
-                    progress=state.progress,
-                )
+                log_transition(state)
             return Applied(Outcome.APPLIED, state, task)
         reread = await repository.task_state(db, task_id)
         assert reread is not None  # tasks are never deleted

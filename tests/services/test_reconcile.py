@@ -17,11 +17,10 @@ from app import activity
 from app.callback_urls import sign
 from app.config import Settings
 from app.models import Task, utcnow
-from app.services import reconcile
 from app.simulator.faults import DEFAULT_ERROR_CODE
 from app.simulator.payloads import FAILURE_MESSAGE
 from tests.conftest import WEBHOOK_SECRET, Service, make_settings
-from tests.helpers import GatedQueries, dumps, simulator_transport, task_body
+from tests.helpers import GatedQueries, break_applying, dumps, simulator_transport, task_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -351,15 +350,7 @@ async def test_a_batch_that_fails_as_a_whole_applies_each_answer_alone(
         assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
         body = task_body("completed", upstream_id=upstream_id)
         assert await harness.callback(task_id, body) == "confirming"
-    real = reconcile.apply_snapshot
-    broken = ids[1]
-
-    async def apply(db: Any, task_id: str, *args: Any, **kwargs: Any) -> Any:
-        if task_id == broken:
-            raise RuntimeError("this one cannot be applied")
-        return await real(db, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(reconcile, "apply_snapshot", apply)
+    break_applying(monkeypatch, ids[1], RuntimeError("this one cannot be applied"))
     assert await harness.reconciler.confirm_due() == 3
     statuses = [(await harness.row(task_id, "status"))[0] for task_id in ids]
     assert statuses[0] == statuses[2] == "completed"

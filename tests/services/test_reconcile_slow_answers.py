@@ -15,7 +15,7 @@ from app.config import Settings
 from app.models import utcnow
 from app.repository import PollClaim
 from app.services import reconcile
-from tests.helpers import GatedQueries, simulator_transport, task_body
+from tests.helpers import GatedQueries, break_applying, simulator_transport, task_body
 from tests.services.test_reconcile import Harness
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -271,17 +271,8 @@ async def test_an_answer_that_cannot_be_applied_drops_no_other_answer(
     harness, upstream = slow
     harness.service.runtime.confirms_in_process = False
     ids, ups = await _confirming(harness, "apply", 3)
-    broken = ids[0]
-    failed = asyncio.Event()
-    real_apply = reconcile.apply_snapshot
-
-    async def apply(db: Any, task_id: str, *args: Any, **kwargs: Any) -> Any:
-        if task_id == broken:
-            failed.set()
-            raise ConnectionResetError("the database connection dropped while applying")
-        return await real_apply(db, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(reconcile, "apply_snapshot", apply)
+    error = ConnectionResetError("the database connection dropped while applying")
+    failed = break_applying(monkeypatch, ids[0], error)
     upstream.slow_ids = set(ups[1:])  # the broken task's answer arrives first, alone
     batch = asyncio.create_task(harness.reconciler.confirm_due())
     try:

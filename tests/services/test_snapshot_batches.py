@@ -243,7 +243,7 @@ async def test_the_batch_update_alone_agrees_with_the_rules(
         snapshot = parse_snapshot(task_body(reported, upstream_id=str(task.upstream_task_id)))
         state = TaskState(task.id, current, 10, task.upstream_task_id)
         async with engine.connect() as db:
-            moved = await moves_for(db, [SnapshotCallback(task.id, snapshot, "")], utcnow())
+            moved = await moves_for(db, [(task.id, snapshot)], utcnow())
             await db.rollback()
         assert (task.id in moved) == (classify(state, snapshot) is Outcome.APPLIED)
     finally:
