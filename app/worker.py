@@ -170,7 +170,12 @@ class BackgroundWorker:
 
     async def _download_round(self) -> float:
         """Fill free slots with due downloads; come back at once while work remains."""
-        free = self._settings.download_concurrency - len(self._running)
+        slots = self._settings.download_concurrency
+        if self._runtime.reconciler.behind:
+            # Confirmations first: they settle what callers wait for, and a link lasts a
+            # day. One download still runs, so none waits without end.
+            slots = 1
+        free = slots - len(self._running)
         if free <= 0:
             return self._poll_seconds / 4
         async with self._runtime.engine.begin() as db:
@@ -229,8 +234,15 @@ class BackgroundWorker:
             assert job_task is not None
             self._running.pop(job_task, None)
             self._completed.ring(None)
-            if len(self._rendering) >= RENDER_BACKLOG:
-                log.info("variants_deferred", key=stored, position=job.position)
+            if self._runtime.reconciler.behind:
+                # The CPU is the confirmations'; a variant is made on its first request.
+                deferred = "confirmations_behind"
+            elif len(self._rendering) >= RENDER_BACKLOG:
+                deferred = "render_backlog"
+            else:
+                deferred = None
+            if deferred is not None:
+                log.info("variants_deferred", key=stored, position=job.position, reason=deferred)
                 return
             self._rendering.add(job_task)
             try:

@@ -100,6 +100,9 @@ class Reconciler:
         self.query_spacing = query_spacing
         self.query_deadline = query_deadline
         self._in_flight = 0  # confirmation claims the worker's loop has out
+        # Whether the confirmation loop's last look found more due than it could take:
+        # the worker then puts downloads and renders after confirmations.
+        self.behind = False
         self._running: set[asyncio.Task[None]] = set()
         self._later: dict[str, asyncio.TimerHandle] = {}
         self._slots = asyncio.Semaphore(CONCURRENCY)
@@ -117,8 +120,10 @@ class Reconciler:
         the number claimed. A slow query holds only its own claim, not the next batch."""
         room = min(CONFIRM_BATCH, CONFIRMS_IN_FLIGHT - self._in_flight)
         if room <= 0:
+            self.behind = True
             return 0
         claims = await self._claim(room, confirmations_only=True)
+        self.behind = len(claims) == room
         if claims:
             self._in_flight += len(claims)
             self._background(self._poll_all(claims, counted=True), "confirm_batch_failed")

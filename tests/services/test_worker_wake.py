@@ -163,3 +163,82 @@ async def test_variants_past_the_render_backlog_are_made_on_their_first_request(
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "image/webp"
     assert thumb.exists()
+
+
+async def test_confirmations_come_first_while_they_are_behind(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More confirmations due than one claim takes: the worker downloads one image at a
+    time and leaves variants to their first request until it has caught up, then
+    downloads at its full concurrency again."""
+    from app.services import reconcile
+
+    monkeypatch.setattr(reconcile, "CONFIRM_BATCH", 2)
+    stack = await build_stack(service_factory, make_settings(database_url, tmp_path))
+    runtime = stack.service.runtime
+    runtime.confirms_in_process = False  # RUN_BACKGROUND=false: the worker confirms
+    reconciler = runtime.reconciler
+    tasks = [await stack.submit() for _ in range(3)]
+    for task in tasks:
+        assert (await stack.sim.post(f"/_sim/tasks/{task['upstream_task_id']}/complete")).is_success
+        raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+        assert (await stack.service.client.post(hook(task["id"]), content=raw)).is_success
+    assert not reconciler.behind
+    assert await reconciler.start_confirmations() == 2  # a full claim: more may be due
+    assert reconciler.behind
+    await reconciler.wait_idle()
+    worker = BackgroundWorker(runtime, download_poll_seconds=600)
+    gate = asyncio.Event()
+
+    async def held_store(job: Any) -> None:
+        await gate.wait()
+
+    monkeypatch.setattr(worker.downloader, "store", held_store)
+    await worker._download_round()
+    assert len(worker._running) == 1  # two images are due, one slot while behind
+    assert await reconciler.start_confirmations() == 1
+    assert not reconciler.behind  # the claim took all there was
+    await reconciler.wait_idle()
+    await worker._download_round()
+    assert len(worker._running) == 3
+    gate.set()
+    await asyncio.gather(*worker._running)
+
+
+async def test_variants_wait_for_their_first_request_while_confirmations_are_behind(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download finished while confirmations are behind renders nothing (the CPU is
+    the confirmations'): its variants are made when first asked for."""
+    settings = make_settings(database_url, tmp_path, confirm_callbacks=False)
+    stack = await build_stack(service_factory, settings)
+    monkeypatch.setattr(stack.service.runtime, "fetcher", ScriptedFetcher([png(600, 300)]))
+    reconciler = stack.service.runtime.reconciler
+
+    async def always_behind() -> int:
+        reconciler.behind = True  # as the loop finds it with more due than it can take
+        return 0
+
+    monkeypatch.setattr(reconciler, "start_confirmations", always_behind)
+    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=0.2)
+    await worker.start()
+    try:
+        with capture_logs() as logs:
+            task = await stack.submit()
+            raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
+            assert (await stack.service.client.post(hook(task["id"]), content=raw)).is_success
+            for _ in range(200):
+                if (await stack.task(task["id"]))["image"]["status"] == "stored":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the image was never stored")
+            await asyncio.sleep(0.3)  # a render, were one started, has begun by now
+    finally:
+        await worker.stop()
+    key = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
+    assert not (tmp_path / "images" / variants.variant_key(key[0][0], "thumb")).exists()
+    deferred = [line for line in logs if line["event"] == "variants_deferred"]
+    assert [(line["key"], line["reason"]) for line in deferred] == [
+        (key[0][0], "confirmations_behind")
+    ]
