@@ -55,8 +55,8 @@ lint: $(BIN)/.installed ## ruff
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(BIN)/.installed ## mypy (strict) on app/
-	$(BIN)/mypy app
+typecheck: $(BIN)/.installed ## mypy (strict) on app/ and bench/
+	$(BIN)/mypy app bench
 
 check: lint typecheck test ## everything CI runs
 

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import structlog
 
+from app import variants as app_variants
 from app.db import create_engine, create_session_factory
 from app.fetch import SafeFetcher
 from app.models import Image, Task, utcnow
 from app.repository import DownloadJob
-from app.services import downloads
 from app.services.downloads import Downloader
 from app.storage.local import LocalStorage
 from app.upstream import StarMagicClient
@@ -103,18 +103,19 @@ async def _job(downloader: Downloader, engine: Any, url: str) -> dict[str, Any]:
 
     downloader._fetcher.fetch_to_file = timed_fetch  # type: ignore[method-assign]
     # The variants come after the record, outside the job's lease: timed apart.
-    make_variants = downloads.variants.make_variants_quietly
+    make_variants = app_variants.make_variants_quietly
     variants_seconds = 0.0
 
     async def timed_variants(*args: Any, **kwargs: Any) -> bool:
         nonlocal variants_seconds
         started = time.perf_counter()
         try:
-            return await make_variants(*args, **kwargs)
+            made: bool = await make_variants(*args, **kwargs)
+            return made
         finally:
             variants_seconds = time.perf_counter() - started
 
-    downloads.variants.make_variants_quietly = timed_variants  # type: ignore[assignment]
+    app_variants.make_variants_quietly = timed_variants
     _reset_peak()
     base = _status_kib("VmRSS")
     started = time.perf_counter()
@@ -122,7 +123,7 @@ async def _job(downloader: Downloader, engine: Any, url: str) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM")
     downloader._fetcher.fetch_to_file = fetch  # type: ignore[method-assign]
-    downloads.variants.make_variants_quietly = make_variants  # type: ignore[assignment]
+    app_variants.make_variants_quietly = make_variants
     async with sessions() as session:
         stored = await session.get(Image, (task.id, 0))
     assert stored is not None

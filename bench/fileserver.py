@@ -43,8 +43,8 @@ async def _handle(
                 await writer.drain()
                 continue
             size = path.stat().st_size
-            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
-            writer.write(head.encode())
+            reply = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
+            writer.write(reply.encode())
             await writer.drain()
             with path.open("rb") as body:
                 if rate:

@@ -42,8 +42,9 @@ class Counter:
             self.last = now
         else:
             status = 200
-            body = json.dumps({"count": self.count, "first": self.first, "last": self.last})
-            body = body.encode()
+            body = json.dumps(
+                {"count": self.count, "first": self.first, "last": self.last}
+            ).encode()
         headers = [(b"content-type", b"application/json")] if body else []
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
