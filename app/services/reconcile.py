@@ -346,10 +346,12 @@ class Reconciler:
             async with self._factory() as session, session.begin():
                 db = await session.connection()
                 decided = await self._apply_together(db, answers, now) if together else {}
-                applied = [
-                    decided.get(task.id) or await self._apply_one(db, task, snapshot, now)
-                    for task, snapshot in answers
-                ]
+                applied: list[tuple[Applied, bool]] = []
+                for task, snapshot in answers:
+                    # A task's decision answers its first answer only: any later one about
+                    # it is `_apply_one`'s, which finds the task as the first left it.
+                    mine = decided.pop(task.id) if task.id in decided else None
+                    applied.append(mine or await self._apply_one(db, task, snapshot, now))
         except Exception:
             if len(answers) == 1 and not together:
                 # Its lease runs out and it is due again: asked later, not lost.
@@ -380,9 +382,13 @@ class Reconciler:
         """PostgreSQL: the usual answers (terminal, about the provider task the task
         carries) decided and written together, as a batch of callbacks is; by task id.
         Any other answer, or one that leaves its task active, is `_apply_one`'s."""
+        # The batch's statements take distinct tasks: a task's first answer only.
+        firsts: dict[str, tuple[PollClaim, Snapshot]] = {}
+        for task, snapshot in answers:
+            firsts.setdefault(task.id, (task, snapshot))
         usual = [
             (task, snapshot)
-            for task, snapshot in answers
+            for task, snapshot in firsts.values()
             if snapshot.status.terminal
             and snapshot.upstream_id
             and snapshot.upstream_id == task.upstream_task_id
