@@ -122,6 +122,9 @@ class Reconciler:
         if room <= 0:
             self.behind = True
             return 0
+        # Until a claim says otherwise: a loop whose claims fail runs no confirmation,
+        # and downloads and renders must not give way to it for as long as it fails.
+        self.behind = False
         claims = await self._claim(room, confirmations_only=True)
         self.behind = len(claims) == room
         if claims:
