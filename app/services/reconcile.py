@@ -137,10 +137,13 @@ class Reconciler:
         if room <= 0:
             self.behind = True
             return 0
-        # Until a claim says otherwise: a loop whose claims fail runs no confirmation,
-        # and downloads and renders must not give way to it for as long as it fails.
-        self.behind = False
-        claims = await self._claim(room, confirmations_only=True)
+        try:
+            claims = await self._claim(room, confirmations_only=True)
+        except Exception:
+            # A loop whose claims fail runs no confirmation: downloads and renders must
+            # not give way to it for as long as it fails.
+            self.behind = False
+            raise
         self.behind = len(claims) == room
         if claims:
             self._in_flight += len(claims)

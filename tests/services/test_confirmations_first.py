@@ -73,3 +73,28 @@ async def test_one_answer_applied_one_by_one_is_tried_once_as_before(
             assert [line["event"] for line in logs] == ["poll_apply_failed"]
     finally:
         await engine.dispose()
+
+
+async def test_behind_holds_while_the_next_claim_is_out(sqlite_url: str, tmp_path: Path) -> None:
+    """The download loop may look while a claim is out: it must still see the loop
+    behind (a backlog's claims come back to back)."""
+    engine = create_engine(sqlite_url)
+    reconciler = Reconciler(
+        create_session_factory(engine),
+        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
+        make_settings(sqlite_url, tmp_path),
+    )
+    seen: list[bool] = []
+
+    async def claim(limit: int, *, confirmations_only: bool) -> list[PollClaim]:
+        seen.append(reconciler.behind)
+        return []
+
+    reconciler._claim = claim  # type: ignore[method-assign]
+    reconciler.behind = True
+    try:
+        assert await reconciler.start_confirmations() == 0
+    finally:
+        await engine.dispose()
+    assert seen == [True]
+    assert not reconciler.behind  # the claim found none left
