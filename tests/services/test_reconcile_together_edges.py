@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text, update
+from structlog.testing import capture_logs
 
 from app.db import create_engine, create_session_factory
 from app.models import Task, TaskStatus, utcnow
@@ -134,5 +135,115 @@ async def test_answers_and_a_callback_batch_on_the_same_tasks_never_deadlock(
                     await _count(engine, "SELECT count(*) FROM events WHERE task_id = :id", task.id)
                     == 1
                 )
+    finally:
+        await engine.dispose()
+
+
+async def test_answers_together_log_what_each_alone_logs(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A move, a duplicate and a conflicting terminal answer, together and alone: the
+    same task_transition, terminal_conflict and task_polled lines, one set per answer."""
+    await _truncate(postgres_database)
+    engine = create_engine(postgres_database)
+    reconciler = _reconciler(engine, make_settings(postgres_database, tmp_path))
+
+    async def lines(together: bool) -> list[tuple[str, str]]:
+        claimed = await _claimed_tasks(engine, 3)
+        (moving, a), (settled, b), (conflicting, c) = claimed
+        async with engine.begin() as db:
+            await db.execute(
+                update(TASKS)
+                .where(TASKS.c.id.in_([settled.id, conflicting.id]))
+                .values(status="completed")
+            )
+        answers = [
+            (a, Snapshot(TaskStatus.FAILED, upstream_id=moving.upstream_task_id)),
+            (b, Snapshot(TaskStatus.COMPLETED, upstream_id=settled.upstream_task_id)),
+            (c, Snapshot(TaskStatus.FAILED, upstream_id=conflicting.upstream_task_id)),
+        ]
+        names = {moving.id: "moving", settled.id: "settled", conflicting.id: "conflicting"}
+        with capture_logs() as logs:
+            if together:
+                await reconciler._apply_answers(answers)
+            else:
+                for answer in answers:
+                    await reconciler._apply_answers([answer], together=False)
+        return sorted(
+            (line["event"], names[line["task_id"]]) for line in logs if line.get("task_id") in names
+        )
+
+    try:
+        alone = await lines(together=False)
+        assert alone == sorted(
+            [
+                ("task_transition", "moving"),
+                ("task_polled", "moving"),
+                ("task_polled", "settled"),
+                ("terminal_conflict", "conflicting"),
+                ("task_polled", "conflicting"),
+            ]
+        )
+        assert await lines(together=True) == alone
+    finally:
+        await engine.dispose()
+
+
+async def test_a_mixed_batch_settles_every_lease_as_each_alone_does(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A move, an answer that leaves its task active, one about another provider task
+    and one about a task already settled, in one batch next to the same answers alone:
+    each task's status, lease, next poll, attempts and confirmation request agree."""
+    await _truncate(postgres_database)
+    engine = create_engine(postgres_database)
+    reconciler = _reconciler(engine, make_settings(postgres_database, tmp_path))
+
+    async def states(together: bool) -> list[tuple[Any, ...]]:
+        claimed = await _claimed_tasks(engine, 4)
+        async with engine.begin() as db:
+            await db.execute(
+                update(TASKS)
+                .where(TASKS.c.id == claimed[3][0].id)
+                # Settled by a callback meanwhile: its move ended the lease.
+                .values(status="failed", poll_lease_until=None)
+            )
+        snapshots = [
+            Snapshot(TaskStatus.CANCELLED, upstream_id=claimed[0][0].upstream_task_id),
+            Snapshot(
+                TaskStatus.PROCESSING, upstream_id=claimed[1][0].upstream_task_id, progress=40
+            ),
+            Snapshot(TaskStatus.COMPLETED, upstream_id="task-unified-someone-else"),
+            Snapshot(TaskStatus.FAILED, upstream_id=claimed[3][0].upstream_task_id),
+        ]
+        answers = [
+            (claim, snapshot) for (_, claim), snapshot in zip(claimed, snapshots, strict=True)
+        ]
+        if together:
+            await reconciler._apply_answers(answers)
+        else:
+            for answer in answers:
+                await reconciler._apply_answers([answer], together=False)
+        found = []
+        async with engine.connect() as db:
+            for task, _ in claimed:
+                row = (
+                    await db.execute(
+                        text(
+                            "SELECT status, poll_lease_until IS NULL, next_poll_at IS NULL,"
+                            " poll_attempts, confirm_requested_at IS NULL, progress"
+                            " FROM tasks WHERE id = :id"
+                        ),
+                        {"id": task.id},
+                    )
+                ).one()
+                found.append(tuple(row))
+        return found
+
+    try:
+        alone = await states(together=False)
+        assert [row[0] for row in alone] == ["cancelled", "processing", "processing", "failed"]
+        assert all(row[1] for row in alone)  # no lease left out
+        assert await states(together=True) == alone
     finally:
         await engine.dispose()
