@@ -7,6 +7,7 @@ process; a check is then one small query on `alembic_version`.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -91,10 +92,15 @@ async def applied_revisions(connection: AsyncConnection) -> frozenset[str] | Non
     return frozenset(str(row[0]) for row in rows)
 
 
+# Probes that come while the first read is out wait for it rather than read again.
+_READING = threading.Lock()
+
+
 def _read_scripts() -> frozenset[str]:
     """The head revision(s), with every known revision read too (both cached)."""
-    known_revisions()
-    return head_revisions()
+    with _READING:
+        known_revisions()
+        return head_revisions()
 
 
 async def schema_status(engine: AsyncEngine) -> SchemaStatus:

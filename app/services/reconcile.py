@@ -75,6 +75,21 @@ def _query_note(
     return activity.row(task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
 
 
+def _usual(answers: Sequence[tuple[PollClaim, Snapshot]]) -> list[tuple[PollClaim, Snapshot]]:
+    """The answers the batch's statements take: terminal, about the provider task the
+    task carries; a task's first answer only (the statements take distinct tasks)."""
+    firsts: dict[str, tuple[PollClaim, Snapshot]] = {}
+    for task, snapshot in answers:
+        firsts.setdefault(task.id, (task, snapshot))
+    return [
+        (task, snapshot)
+        for task, snapshot in firsts.values()
+        if snapshot.status.terminal
+        and snapshot.upstream_id
+        and snapshot.upstream_id == task.upstream_task_id
+    ]
+
+
 def poll_backoff(settings: Settings, attempts: int) -> timedelta:
     """Per-task backoff: the quiet limit, doubling, capped, with jitter."""
     base = settings.reconcile_after_seconds * 2 ** min(attempts, 10)
@@ -122,7 +137,13 @@ class Reconciler:
         if room <= 0:
             self.behind = True
             return 0
-        claims = await self._claim(room, confirmations_only=True)
+        try:
+            claims = await self._claim(room, confirmations_only=True)
+        except Exception:
+            # A loop whose claims fail runs no confirmation: downloads and renders must
+            # not give way to it for as long as it fails.
+            self.behind = False
+            raise
         self.behind = len(claims) == room
         if claims:
             self._in_flight += len(claims)
@@ -341,18 +362,24 @@ class Reconciler:
         # Rows are locked in id order, as a callback batch locks them
         # (`repository.CONFIRM_BATCH_SQL`): in any other order the two can deadlock.
         answers = sorted(answers, key=lambda answer: answer[0].id)
+        usual = _usual(answers) if together else []
         now = utcnow()
+        batched = False  # whether the batch's own statements were tried
         try:
             async with self._factory() as session, session.begin():
                 db = await session.connection()
-                decided = await self._apply_together(db, answers, now) if together else {}
-                applied = [
-                    decided.get(task.id) or await self._apply_one(db, task, snapshot, now)
-                    for task, snapshot in answers
-                ]
+                batched = bool(usual) and db.dialect.name == "postgresql"
+                decided = await self._apply_together(db, answers, usual, now) if batched else {}
+                applied: list[tuple[Applied, bool]] = []
+                for task, snapshot in answers:
+                    # A task's decision answers its first answer only: any later one about
+                    # it is `_apply_one`'s, which finds the task as the first left it.
+                    mine = decided.pop(task.id) if task.id in decided else None
+                    applied.append(mine or await self._apply_one(db, task, snapshot, now))
         except Exception:
-            if len(answers) == 1 and not together:
-                # Its lease runs out and it is due again: asked later, not lost.
+            if len(answers) == 1 and not batched:
+                # Tried one by one already: its lease runs out and it is due again (asked
+                # later, not lost).
                 log.exception("poll_apply_failed", task_id=answers[0][0].id)
                 return
             log.warning("poll_batch_failed", tasks=len(answers), exc_info=True)
@@ -375,20 +402,15 @@ class Reconciler:
                 self.confirm_later(task.id, task.poll_claimed_at + self.query_spacing - now)
 
     async def _apply_together(
-        self, db: AsyncConnection, answers: Sequence[tuple[PollClaim, Snapshot]], now: datetime
+        self,
+        db: AsyncConnection,
+        answers: Sequence[tuple[PollClaim, Snapshot]],
+        usual: Sequence[tuple[PollClaim, Snapshot]],
+        now: datetime,
     ) -> dict[str, tuple[Applied, bool]]:
-        """PostgreSQL: the usual answers (terminal, about the provider task the task
-        carries) decided and written together, as a batch of callbacks is; by task id.
-        Any other answer, or one that leaves its task active, is `_apply_one`'s."""
-        usual = [
-            (task, snapshot)
-            for task, snapshot in answers
-            if snapshot.status.terminal
-            and snapshot.upstream_id
-            and snapshot.upstream_id == task.upstream_task_id
-        ]
-        if not usual or db.dialect.name != "postgresql":
-            return {}
+        """PostgreSQL: the `usual` answers (see `_usual`) decided and written together,
+        as a batch of callbacks is; by task id. Any other answer, or one that leaves its
+        task active, is `_apply_one`'s."""
         # Every answer's row, in id order, before anything is written (see above).
         await repository.lock_states(db, [task.id for task, _ in answers])
         decided = await snapshot_batches.apply_snapshots(

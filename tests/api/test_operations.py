@@ -286,3 +286,33 @@ async def test_the_first_probe_reads_the_migration_scripts_off_the_event_loop(
     assert reading.is_set()
     assert probe.json()["checks"]["database"] == "ok"
     assert max(gaps) < 0.3, f"the probe held the event loop for {max(gaps):.2f} s"
+
+
+async def test_probes_during_the_first_read_of_the_scripts_read_them_once(
+    service_factory: Any, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probes that arrive while the first read of the scripts is still out wait for it
+    instead of each reading them again in a thread of its own (under load, every such
+    read takes seconds and competes with the event loop)."""
+    import asyncio
+    import time
+
+    import alembic.script
+
+    import app.schema_version as schema_version
+
+    service = await build(service_factory, sqlite_url, tmp_path)
+    head_revisions.cache_clear()
+    schema_version.known_revisions.cache_clear()
+    reads: list[str] = []
+
+    class SlowScripts(ScriptDirectory):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            reads.append("read")
+            time.sleep(0.2)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(alembic.script, "ScriptDirectory", SlowScripts)
+    probes = await asyncio.gather(*(service.client.get("/readyz") for _ in range(4)))
+    assert [probe.json()["checks"]["database"] for probe in probes] == ["ok"] * 4
+    assert len(reads) == 2  # the heads, and every known revision: once each
