@@ -135,7 +135,8 @@ class Reconciler:
         the number claimed. A slow query holds only its own claim, not the next batch."""
         room = min(CONFIRM_BATCH, CONFIRMS_IN_FLIGHT - self._in_flight)
         if room <= 0:
-            self.behind = True
+            # Every query is out: the last claim's finding stands (a slow provider is
+            # waited on over the network, which takes no CPU from the downloads).
             return 0
         try:
             claims = await self._claim(room, confirmations_only=True)
@@ -411,8 +412,10 @@ class Reconciler:
         """PostgreSQL: the `usual` answers (see `_usual`) decided and written together,
         as a batch of callbacks is; by task id. Any other answer, or one that leaves its
         task active, is `_apply_one`'s."""
-        # Every answer's row, in id order, before anything is written (see above).
-        await repository.lock_states(db, [task.id for task, _ in answers])
+        if len(usual) < len(answers):
+            # Every answer's row, in id order, before anything is written (see above);
+            # when all are usual, the batch's own lock takes them all in that order.
+            await repository.lock_states(db, [task.id for task, _ in answers])
         decided = await snapshot_batches.apply_snapshots(
             db, [(task.id, snapshot) for task, snapshot in usual], now=now
         )

@@ -98,3 +98,23 @@ async def test_behind_holds_while_the_next_claim_is_out(sqlite_url: str, tmp_pat
         await engine.dispose()
     assert seen == [True]
     assert not reconciler.behind  # the claim found none left
+
+
+async def test_queries_all_out_with_nothing_more_due_is_not_behind(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every query slot taken by a slow provider (waiting on the network, not on the
+    CPU) while the last claim found all there was: downloads need not give way."""
+    from app.services import reconcile
+
+    reconciler = Reconciler(
+        _broken_factory,  # type: ignore[arg-type]
+        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
+        make_settings(sqlite_url, tmp_path),
+    )
+    monkeypatch.setattr(reconciler, "_in_flight", reconcile.CONFIRMS_IN_FLIGHT)
+    assert await reconciler.start_confirmations() == 0  # no room: nothing claimed
+    assert not reconciler.behind
+    reconciler.behind = True  # the last claim found more due than it could take
+    assert await reconciler.start_confirmations() == 0
+    assert reconciler.behind  # still so: nothing has been confirmed since
