@@ -181,3 +181,12 @@ def break_applying(monkeypatch: Any, task_id: str, error: Exception) -> asyncio.
     monkeypatch.setattr(reconcile, "apply_snapshot", apply_alone)
     monkeypatch.setattr(reconcile.snapshot_batches, "apply_snapshots", apply_together)
     return failed
+
+
+def offline_reconciler(factory: Any, settings: Any) -> Any:
+    """A Reconciler whose provider client is never called (its answers are given)."""
+    from app.services.reconcile import Reconciler
+    from app.upstream import StarMagicClient
+
+    client = StarMagicClient(None, base_url="http://unused", api_key="unused")  # type: ignore[arg-type]
+    return Reconciler(factory, client, settings)

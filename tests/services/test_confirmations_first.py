@@ -13,9 +13,8 @@ from app.db import create_engine, create_session_factory
 from app.models import TaskStatus, utcnow
 from app.repository import PollClaim
 from app.schemas import Snapshot
-from app.services.reconcile import Reconciler
-from app.upstream import StarMagicClient
 from tests.conftest import make_settings
+from tests.helpers import offline_reconciler
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,11 +28,7 @@ async def test_a_failed_claim_does_not_leave_the_worker_behind(
 ) -> None:
     """Behind, then the claim fails (and keeps failing): no confirmation runs, so
     downloads and variants must not keep giving way to them."""
-    reconciler = Reconciler(
-        _broken_factory,  # type: ignore[arg-type]
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        make_settings(sqlite_url, tmp_path),
-    )
+    reconciler = offline_reconciler(_broken_factory, make_settings(sqlite_url, tmp_path))
     reconciler.behind = True  # the last look found more due than one claim takes
     with pytest.raises(ConnectionError):
         await reconciler.start_confirmations()
@@ -47,10 +42,8 @@ async def test_one_answer_applied_one_by_one_is_tried_once_as_before(
     active): applying it fails, and it is left to its lease, tried once, as before
     answers were ever decided together."""
     engine = create_engine(database_url)
-    reconciler = Reconciler(
-        create_session_factory(engine),
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        make_settings(database_url, tmp_path),
+    reconciler = offline_reconciler(
+        create_session_factory(engine), make_settings(database_url, tmp_path)
     )
     tried: list[str] = []
 
@@ -79,10 +72,8 @@ async def test_behind_holds_while_the_next_claim_is_out(sqlite_url: str, tmp_pat
     """The download loop may look while a claim is out: it must still see the loop
     behind (a backlog's claims come back to back)."""
     engine = create_engine(sqlite_url)
-    reconciler = Reconciler(
-        create_session_factory(engine),
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        make_settings(sqlite_url, tmp_path),
+    reconciler = offline_reconciler(
+        create_session_factory(engine), make_settings(sqlite_url, tmp_path)
     )
     seen: list[bool] = []
 
@@ -107,11 +98,7 @@ async def test_queries_all_out_with_nothing_more_due_is_not_behind(
     CPU) while the last claim found all there was: downloads need not give way."""
     from app.services import reconcile
 
-    reconciler = Reconciler(
-        _broken_factory,  # type: ignore[arg-type]
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        make_settings(sqlite_url, tmp_path),
-    )
+    reconciler = offline_reconciler(_broken_factory, make_settings(sqlite_url, tmp_path))
     monkeypatch.setattr(reconciler, "_in_flight", reconcile.CONFIRMS_IN_FLIGHT)
     assert await reconciler.start_confirmations() == 0  # no room: nothing claimed
     assert not reconciler.behind

@@ -4,75 +4,41 @@ together, write exactly what the state machine writes for each answer alone."""
 from __future__ import annotations
 
 import json
-import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import create_engine, create_session_factory
 from app.models import utcnow
 from app.repository import TASKS, PollClaim
-from app.services import events, reconcile
-from app.services.reconcile import Reconciler
-from app.upstream import StarMagicClient, parse_snapshot
-from app.webhooks import repository as webhook_repository
+from app.services import reconcile
+from app.upstream import parse_snapshot
 from tests.conftest import make_settings
-from tests.services.test_snapshot_batches import OWNER, WRITTEN_SINCE, _twins
+from tests.helpers import offline_reconciler
+from tests.services.test_snapshot_batches import (
+    _same_shape,
+    _twins,
+    subscribe_to_every_event,
+    written_rows,
+)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
 
-def _comparable(value: Any, case: dict[str, Any], now: datetime) -> Any:
-    """`value` with the twin's own ids and the moment of its answer named instead."""
-    if isinstance(value, dict):
-        return {k: _comparable(v, case, now) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_comparable(v, case, now) for v in value]
-    if isinstance(value, datetime) and value > now - WRITTEN_SINCE:
-        return ("NOW", value - now)
-    if isinstance(value, str):
-        try:
-            return _comparable(datetime.fromisoformat(value), case, now)
-        except ValueError:
-            return value.replace(case["task"].id, "TASK").replace(case["upstream_id"], "UPSTREAM")
-    return value
-
-
 async def _written(engine: AsyncEngine, case: dict[str, Any]) -> dict[str, Any]:
     """Every row an answer may have written about this task, comparable across twins."""
-    task_id = case["task"].id
-    async with engine.connect() as db:
-
-        async def rows(sql: str) -> list[dict[str, Any]]:
-            found = await db.execute(text(sql), {"id": task_id})
-            return [dict(row._mapping) for row in found]
-
-        activity = await rows(
-            "SELECT kind, outcome, detail, at FROM task_activity WHERE task_id = :id"
-        )
-        written = {
-            "task": dict(
-                (await db.execute(select(TASKS).where(TASKS.c.id == task_id))).one()._mapping
-            ),
-            "images": await rows("SELECT * FROM images WHERE task_id = :id ORDER BY position"),
-            "events": await rows(
-                "SELECT type, owner, created_at, data FROM events WHERE task_id = :id ORDER BY seq"
-            ),
-            "outbox": await rows(
-                "SELECT e.type, d.owner, d.target, d.status, d.next_attempt_at"
-                " FROM webhook_deliveries d JOIN events e ON e.id = d.event_id"
-                " WHERE d.task_id = :id ORDER BY d.target"
-            ),
-            "activity": activity,
-        }
-    for image in written["images"]:
-        image.pop("id", None)
+    written = await written_rows(
+        engine,
+        case["task"].id,
+        activity="SELECT kind, outcome, detail, at FROM task_activity WHERE task_id = :id",
+    )
+    activity = written["activity"]
     assert len(activity) == 1, activity  # one answered query
-    return dict(_comparable(written, case, activity[0]["at"]))
+    return dict(_same_shape(written, case, activity[0]["at"]))
 
 
 async def _claimed(engine: AsyncEngine, case: dict[str, Any], at: datetime) -> PollClaim:
@@ -97,30 +63,11 @@ async def test_answers_applied_together_write_what_each_alone_writes(
     engine = create_engine(postgres_database)
     settings = make_settings(postgres_database, tmp_path)
     start = utcnow().replace(microsecond=0) - timedelta(minutes=1)
-    reconciler = Reconciler(
-        create_session_factory(engine),
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        settings,
-    )
+    reconciler = offline_reconciler(create_session_factory(engine), settings)
     # A task left active gets its next poll after a jittered backoff: the same for both.
     monkeypatch.setattr(reconcile.random, "uniform", lambda low, high: 1.0)
     try:
-        async with engine.begin() as db:
-            await webhook_repository.insert_endpoint(
-                db,
-                {
-                    "id": "whe_" + secrets.token_hex(8),
-                    "owner": OWNER,
-                    "url": "https://caller.example.com/all",
-                    "event_types": webhook_repository.type_list(
-                        [e.value for e in events.TASK_EVENTS]
-                    ),
-                    "secret": "s" * 32,
-                    "enabled": True,
-                    "created_at": start,
-                    "updated_at": start,
-                },
-            )
+        await subscribe_to_every_event(engine, start)
         cases = await _twins(engine, start)
         answers: list[tuple[PollClaim, Any]] = []
         sessions = create_session_factory(engine)
@@ -164,11 +111,7 @@ async def test_a_failing_batch_of_answers_falls_back_to_each_alone(
     engine = create_engine(postgres_database)
     settings = make_settings(postgres_database, tmp_path)
     start = utcnow().replace(microsecond=0) - timedelta(minutes=1)
-    reconciler = Reconciler(
-        create_session_factory(engine),
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        settings,
-    )
+    reconciler = offline_reconciler(create_session_factory(engine), settings)
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the batch cannot be written")

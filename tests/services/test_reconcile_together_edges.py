@@ -17,19 +17,15 @@ from app.models import Task, TaskStatus, utcnow
 from app.repository import TASKS, PollClaim, TerminalCallback, confirm_in_batch
 from app.schemas import Snapshot, SnapshotImage
 from app.services.reconcile import Reconciler
-from app.upstream import StarMagicClient
 from tests.conftest import _truncate, make_settings
 from tests.factories import make_task
+from tests.helpers import offline_reconciler
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.postgres]
 
 
 def _reconciler(engine: Any, settings: Any) -> Reconciler:
-    return Reconciler(
-        create_session_factory(engine),
-        StarMagicClient(None, base_url="http://unused", api_key="unused"),  # type: ignore[arg-type]
-        settings,
-    )
+    return offline_reconciler(create_session_factory(engine), settings)
 
 
 async def _claimed_tasks(engine: Any, count: int) -> list[tuple[Task, PollClaim]]:

@@ -62,6 +62,24 @@ def _settings(url: str, tmp_path: Path) -> Settings:
     return make_settings(url, tmp_path, confirm_callbacks=False)
 
 
+async def subscribe_to_every_event(engine: AsyncEngine, at: datetime) -> None:
+    """An endpoint of the twins' owner that hears every event (its outbox rows compared)."""
+    async with engine.begin() as db:
+        await webhook_repository.insert_endpoint(
+            db,
+            {
+                "id": "whe_" + secrets.token_hex(8),
+                "owner": OWNER,
+                "url": "https://caller.example.com/all",
+                "event_types": webhook_repository.type_list([e.value for e in events.TASK_EVENTS]),
+                "secret": "s" * 32,
+                "enabled": True,
+                "created_at": at,
+                "updated_at": at,
+            },
+        )
+
+
 async def _twins(engine: AsyncEngine, start: datetime) -> list[tuple[dict[str, Any], ...]]:
     """For every case, two identical tasks, each with the body its callback carries."""
     cases = []
@@ -147,36 +165,38 @@ def _same_shape(value: Any, case: dict[str, Any], now: datetime | None) -> Any:
     return value
 
 
-async def _written(engine: AsyncEngine, case: dict[str, Any]) -> dict[str, Any]:
-    """Every row the callback may have written, about this task, comparable across twins."""
-    task_id = case["task"].id
+async def written_rows(engine: AsyncEngine, task_id: str, **more: str) -> dict[str, Any]:
+    """The task's row, its images, events and outbox rows, and the rows of each `more`
+    query (a parameter `:id`), by name."""
+    queries = {
+        "images": "SELECT * FROM images WHERE task_id = :id ORDER BY position",
+        "events": "SELECT type, task_id, owner, created_at, data FROM events"
+        " WHERE task_id = :id ORDER BY seq",
+        "outbox": "SELECT e.type, d.task_id, d.owner, d.target, d.status, d.attempts,"
+        " d.next_attempt_at, d.created_at, d.updated_at FROM webhook_deliveries d"
+        " JOIN events e ON e.id = d.event_id WHERE d.task_id = :id ORDER BY d.target",
+        **more,
+    }
     async with engine.connect() as db:
-
-        async def rows(sql: str) -> list[dict[str, Any]]:
+        task = (await db.execute(select(TASKS).where(TASKS.c.id == task_id))).one()
+        written: dict[str, Any] = {"task": dict(task._mapping)}
+        for name, sql in queries.items():
             found = await db.execute(text(sql), {"id": task_id})
-            return [dict(row._mapping) for row in found]
-
-        deliveries = await rows(
-            "SELECT body_sha256, upstream_status, outcome, changed, received_at"
-            " FROM callback_deliveries WHERE task_id = :id"
-        )
-        task = dict((await db.execute(select(TASKS).where(TASKS.c.id == task_id))).one()._mapping)
-        written = {
-            "task": task,
-            "images": await rows("SELECT * FROM images WHERE task_id = :id ORDER BY position"),
-            "events": await rows(
-                "SELECT type, task_id, owner, created_at, data FROM events"
-                " WHERE task_id = :id ORDER BY seq"
-            ),
-            "outbox": await rows(
-                "SELECT e.type, d.task_id, d.owner, d.target, d.status, d.attempts,"
-                " d.next_attempt_at, d.created_at, d.updated_at FROM webhook_deliveries d"
-                " JOIN events e ON e.id = d.event_id WHERE d.task_id = :id ORDER BY d.target"
-            ),
-            "deliveries": deliveries,
-        }
+            written[name] = [dict(row._mapping) for row in found]
     for image in written["images"]:
         image.pop("id", None)
+    return written
+
+
+async def _written(engine: AsyncEngine, case: dict[str, Any]) -> dict[str, Any]:
+    """Every row the callback may have written, about this task, comparable across twins."""
+    written = await written_rows(
+        engine,
+        case["task"].id,
+        deliveries="SELECT body_sha256, upstream_status, outcome, changed, received_at"
+        " FROM callback_deliveries WHERE task_id = :id",
+    )
+    deliveries = written["deliveries"]
     for delivery in deliveries:
         assert delivery.pop("body_sha256") == hashlib.sha256(case["body"]).hexdigest()
     now = deliveries[0]["received_at"] if deliveries else None
@@ -194,22 +214,7 @@ async def test_a_batch_writes_and_answers_each_callback_as_the_general_path_does
     batches = CountedBatches(engine)
     start = utcnow().replace(microsecond=0) - timedelta(minutes=1)
     try:
-        async with engine.begin() as db:
-            await webhook_repository.insert_endpoint(
-                db,
-                {
-                    "id": "whe_" + secrets.token_hex(8),
-                    "owner": OWNER,
-                    "url": "https://caller.example.com/all",
-                    "event_types": webhook_repository.type_list(
-                        [e.value for e in events.TASK_EVENTS]
-                    ),
-                    "secret": "s" * 32,
-                    "enabled": True,
-                    "created_at": start,
-                    "updated_at": start,
-                },
-            )
+        await subscribe_to_every_event(engine, start)
         cases = await _twins(engine, start)
         alone = [await _general(settings, engine, general) for general, _ in cases]
         batched = await asyncio.gather(

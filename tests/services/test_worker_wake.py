@@ -139,22 +139,7 @@ async def test_variants_past_the_render_backlog_are_made_on_their_first_request(
     stack = await build_stack(service_factory, settings)
     monkeypatch.setattr(worker_module, "RENDER_BACKLOG", 0)  # as if the bound were reached
     monkeypatch.setattr(stack.service.runtime, "fetcher", ScriptedFetcher([png(600, 300)]))
-    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=0.2)
-    await worker.start()
-    try:
-        with capture_logs() as logs:
-            task = await stack.submit()
-            raw = dumps(task_body("completed", upstream_id=task["upstream_task_id"]))
-            assert (await stack.service.client.post(hook(task["id"]), content=raw)).is_success
-            for _ in range(200):
-                if (await stack.task(task["id"]))["image"]["status"] == "stored":
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the image was never stored")
-            await asyncio.sleep(0.3)  # a render, were one started, has begun by now
-    finally:
-        await worker.stop()
+    task, logs = await _one_image_stored(stack)
     key = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
     thumb = tmp_path / "images" / variants.variant_key(key[0][0], "thumb")
     assert not thumb.exists()
@@ -220,6 +205,18 @@ async def test_variants_wait_for_their_first_request_while_confirmations_are_beh
         return 0
 
     monkeypatch.setattr(reconciler, "start_confirmations", always_behind)
+    task, logs = await _one_image_stored(stack)
+    key = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
+    assert not (tmp_path / "images" / variants.variant_key(key[0][0], "thumb")).exists()
+    deferred = [line for line in logs if line["event"] == "variants_deferred"]
+    assert [(line["key"], line["reason"]) for line in deferred] == [
+        (key[0][0], "confirmations_behind")
+    ]
+
+
+async def _one_image_stored(stack: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A task submitted and completed with a worker running, once its image is stored
+    and a render, were one started, has begun; the task and the log lines meanwhile."""
     worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=0.2)
     await worker.start()
     try:
@@ -233,12 +230,7 @@ async def test_variants_wait_for_their_first_request_while_confirmations_are_beh
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the image was never stored")
-            await asyncio.sleep(0.3)  # a render, were one started, has begun by now
+            await asyncio.sleep(0.3)
     finally:
         await worker.stop()
-    key = await stack.service.sql("SELECT key FROM images WHERE task_id = :id", id=task["id"])
-    assert not (tmp_path / "images" / variants.variant_key(key[0][0], "thumb")).exists()
-    deferred = [line for line in logs if line["event"] == "variants_deferred"]
-    assert [(line["key"], line["reason"]) for line in deferred] == [
-        (key[0][0], "confirmations_behind")
-    ]
+    return task, logs
