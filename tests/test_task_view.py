@@ -1,11 +1,15 @@
-"""The listing's JSON is byte for byte what serialising the validated TaskPage gives."""
+"""The listing's JSON is byte for byte what serialising the validated TaskPage gives;
+an event's data is what dumping the validated view gives."""
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 
+from app.models import Image, ImageStatus, Task, TaskStatus
 from app.schemas import TaskPage
+from app.services.events import task_data
 from app.task_view import ImageRow, TaskRow, page_json, task_fields, task_view
 
 BASE = "https://imagetasks.test/base"
@@ -81,3 +85,29 @@ def test_page_json_is_the_validated_pages_bytes() -> None:
     built = page_json([task_fields(task, images, BASE) for task, images in rows], "abc")
     assert built == expected.encode()
     assert page_json([], None) == TaskPage(items=[], next_cursor=None).model_dump_json().encode()
+
+
+def test_event_data_is_the_validated_views_json_values() -> None:
+    """Every status, image state and error, from plain rows and from ORM objects: an
+    event's `data` holds what dumping the validated view gives, key order included."""
+    errors = [(None, None), ("content_policy_violation", "refused"), ("timeout", None)]
+    for status in TaskStatus:
+        for image_status in ImageStatus:
+            for code, message in errors:
+                task = _task(status=status.value, error_code=code, error_message=message)
+                images = [
+                    _image(0, status=image_status.value),
+                    _image(1, status=image_status.value, error_code=code, error_message=message),
+                ]
+                for shown, shown_images in (
+                    (task, images),
+                    (
+                        Task(owner="o", **{**task._asdict(), "status": status}),
+                        [Image(task_id=task.id, **image._asdict()) for image in images],
+                    ),
+                    (task, []),
+                ):
+                    expected = task_view(shown, shown_images, "").model_dump(mode="json")
+                    built = task_data(shown, shown_images)
+                    assert built == expected
+                    assert json.dumps(built) == json.dumps(expected)

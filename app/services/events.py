@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic_core import to_jsonable_python
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository
@@ -20,7 +22,7 @@ from app.events import repository as event_repository
 from app.events.bus import Notice, queue_after_commit
 from app.ids import ulid
 from app.models import Image, Task, TaskStatus
-from app.task_view import task_view
+from app.task_view import ShownImage, ShownTask, task_fields
 from app.webhooks import repository as webhook_repository
 
 # At most one task.processing event per task this often (progress can change every second).
@@ -63,15 +65,22 @@ def new_event_id() -> str:
 
 
 def transition_event(task: Task, now: datetime) -> EventType | None:
-    """The event a won transition emits, given the row it left (None: not worth telling).
+    """The event a won transition emits, given the row it left (None: not worth telling)."""
+    return move_event(task.status, task.progress_event_at, now)
+
+
+def move_event(
+    status_value: str, progress_event_at: datetime | None, now: datetime
+) -> EventType | None:
+    """`transition_event` from the two columns it reads.
 
     A processing move tells only when the state machine's throttle stamped
     `progress_event_at` with this very move's time.
     """
-    status = TaskStatus(task.status)
+    status = TaskStatus(status_value)
     if status.terminal:
         return _TERMINAL_EVENTS[status]
-    if status is TaskStatus.PROCESSING and task.progress_event_at == now:
+    if status is TaskStatus.PROCESSING and progress_event_at == now:
         return EventType.TASK_PROCESSING
     return None
 
@@ -87,23 +96,44 @@ async def record_requeued(
         await record(db, EventType.IMAGE_QUEUED, task, images, now=now, image_index=position)
 
 
+def task_data(task: ShownTask, images: Sequence[ShownImage]) -> dict[str, Any]:
+    """The task as GET /tasks/{id} shows it, with root-relative image URLs, as JSON
+    values: TaskPublic's `model_dump(mode="json")` without the validation (tested equal)."""
+    data: dict[str, Any] = to_jsonable_python(task_fields(task, images, ""), inf_nan_mode="null")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Told:
+    """One event a batch of moves writes: its kind, and the task as the move left it."""
+
+    kind: EventType
+    task: ShownTask
+    owner: str
+    images: Sequence[ShownImage]
+
+
 def event_row(
     kind: EventType,
     task: Task,
-    images: Sequence[Image],
+    images: Sequence[ShownImage],
     *,
     now: datetime,
     image_index: int | None = None,
 ) -> dict[str, Any]:
     """One new event's row: `data` is the task as GET /tasks/{id} shows it."""
-    data = task_view(task, images, base="").model_dump(mode="json")
+    return _row(Told(kind, task, task.owner, images), now, image_index)
+
+
+def _row(told: Told, now: datetime, image_index: int | None = None) -> dict[str, Any]:
+    data = task_data(told.task, told.images)
     if image_index is not None:
         data["image_index"] = image_index
     return {
         "id": new_event_id(),
-        "type": kind.value,
-        "task_id": task.id,
-        "owner": task.owner,
+        "type": told.kind.value,
+        "task_id": told.task.id,
+        "owner": told.owner,
         "created_at": now,
         "data": data,
     }
@@ -130,23 +160,18 @@ async def record(
     return event_id
 
 
-async def record_many(
-    db: AsyncConnection,
-    moves: Sequence[tuple[EventType, Task, Sequence[Image]]],
-    *,
-    now: datetime,
-) -> list[str]:
+async def record_many(db: AsyncConnection, moves: Sequence[Told], *, now: datetime) -> list[str]:
     """`record` of several events about distinct tasks (a batch of moves), each
     statement once for all of them: the same rows, in the caller's transaction."""
-    rows = [event_row(kind, task, images, now=now) for kind, task, images in moves]
+    rows = [_row(told, now) for told in moves]
     if not rows:
         return []
     await event_repository.insert_events(db, rows)
     for kind in dict.fromkeys(row["type"] for row in rows):
         ids = [row["id"] for row in rows if row["type"] == kind]
         await webhook_repository.fan_out_events(db, kind=kind, event_ids=ids, now=now)
-    for kind, task, _ in moves:
-        queue_after_commit(db, Notice(kind.value, task.id, task.owner))
+    for told in moves:
+        queue_after_commit(db, Notice(told.kind.value, told.task.id, told.owner))
     return [row["id"] for row in rows]
 
 

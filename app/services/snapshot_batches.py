@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository
-from app.models import Image, Task, TaskStatus
+from app.models import TaskStatus
 from app.repository import TASKS, TaskState
 from app.schemas import Snapshot
 from app.services import events
@@ -40,6 +40,7 @@ from app.services.snapshots import (
     transition,
 )
 from app.services.submit_answer import NOW, POLL_AFTER, STAND_INS, USAGE, parametrize
+from app.task_view import ImageRow, TaskRow
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,26 @@ class BatchDecision:
 
     outcome: Outcome | None
     state: TaskState | None
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A row as its move left it: the columns its event's view reads (plain values,
+    no ORM object to build), and those that name the event and its owner."""
+
+    task: TaskRow
+    owner: str
+    progress_event_at: datetime | None
+
+
+# What a move's UPDATE returns: TaskRow's columns in its order, then the owner and the
+# throttle's stamp.
+_MOVED_COLUMNS = [
+    *(TASKS.c["metadata" if name == "meta" else name] for name in TaskRow._fields),
+    TASKS.c.owner,
+    TASKS.c.progress_event_at,
+]
+_TASK_WIDTH = len(TaskRow._fields)
 
 
 class MoveLost(Exception):
@@ -144,13 +165,13 @@ def _moves_statement(shape: _Shape) -> Any:
         update(TASKS)
         .where(TASKS.c.id == inputs.c.task_id, parametrize(condition, value_of))
         .values({key: parametrize(value, value_of) for key, value in values.items()})
-        .returning(*TASKS.c)
+        .returning(*_MOVED_COLUMNS)
     )
 
 
 async def moves_for(
     db: AsyncConnection, news: Sequence[tuple[str, Snapshot]], now: datetime
-) -> dict[str, Task]:
+) -> dict[str, Moved]:
     """The guarded UPDATEs of the snapshots (by task id) `classify` found to be news,
     one statement per shape; the rows as they now are, by task id."""
     shapes: dict[_Shape, list[Snapshot]] = {}
@@ -159,7 +180,7 @@ async def moves_for(
         shape = _Shape.of(snapshot)
         shapes.setdefault(shape, []).append(snapshot)
         ids.setdefault(shape, []).append(task_id)
-    moved: dict[str, Task] = {}
+    moved: dict[str, Moved] = {}
     for shape, snapshots in shapes.items():
         statement = _MOVES.get(shape)
         if statement is None:
@@ -178,9 +199,15 @@ async def moves_for(
         if shape.usage:
             params["usages"] = [json.dumps(s.usage) for s in snapshots]
         for row in await db.execute(statement, params):
-            task = repository.task_from_row(row)
-            moved[task.id] = task
+            task = TaskRow._make(row[:_TASK_WIDTH])
+            moved[task.id] = Moved(task, row[_TASK_WIDTH], row[_TASK_WIDTH + 1])
     return moved
+
+
+def _image_row(values: dict[str, Any]) -> ImageRow:
+    """A queued image as its view reads it (the columns `image_rows` leaves out are
+    unset, as on a new row)."""
+    return ImageRow._make(values.get(name) for name in ImageRow._fields)
 
 
 async def apply_batch(
@@ -238,18 +265,20 @@ async def apply_snapshots(
     ]
     moved = await moves_for(db, news, now)
     images: list[dict[str, Any]] = []
-    told: list[tuple[events.EventType, Task, Sequence[Image]]] = []
+    told: list[events.Told] = []
     for task_id, snapshot in news:
-        task = moved.get(task_id)
-        if task is None:
+        move = moved.get(task_id)
+        if move is None:
             raise MoveLost(task_id)
+        task = move.task
         rows: list[dict[str, Any]] = []
         if snapshot.status is TaskStatus.COMPLETED:
             rows = image_rows(task.id, snapshot, now, task.n)
             images.extend(rows)
-        kind = events.transition_event(task, now)
+        kind = events.move_event(task.status, move.progress_event_at, now)
         if kind is not None:
-            told.append((kind, task, [Image(**row) for row in rows]))
+            shown = [_image_row(row) for row in rows]
+            told.append(events.Told(kind, task, move.owner, shown))
         state = TaskState(task.id, TaskStatus(task.status), task.progress, task.upstream_task_id)
         decided[task.id] = BatchDecision(Outcome.APPLIED, state)
     await repository.queue_images(db, images)

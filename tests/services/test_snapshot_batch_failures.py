@@ -152,14 +152,15 @@ async def test_one_callback_failing_its_batch_costs_the_others_nothing(
     try:
         tasks = await _processing_tasks(engine, 6)
         poisoned = tasks[3].id
-        real_event_row = events.event_row
+        real_task_data = events.task_data
 
-        def event_row(kind: Any, task: Task, images: Any, **options: Any) -> dict[str, Any]:
+        # Both paths build every event's data here.
+        def task_data(task: Any, images: Any) -> dict[str, Any]:
             if task.id == poisoned:
                 raise RuntimeError("this task's event cannot be written")
-            return real_event_row(kind, task, images, **options)
+            return real_task_data(task, images)
 
-        monkeypatch.setattr(events, "event_row", event_row)
+        monkeypatch.setattr(events, "task_data", task_data)
 
         async def answer(task: Task) -> Any:
             try:
