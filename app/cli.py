@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import Coroutine
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -164,7 +165,19 @@ def worker() -> None:
 
     settings = _settings_or_exit()
     configure_logging(settings)
-    asyncio.run(run_worker(settings))
+    run_event_loop(run_worker(settings))
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed, as `serve` runs (uvicorn picks it),
+    else on asyncio's own loop: the worker's provider queries, downloads and statements
+    spend a good part of their CPU in the loop's transports."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 @cli.command()
