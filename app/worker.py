@@ -32,6 +32,9 @@ DOWNLOAD_POLL_SECONDS = 1.0
 # How often the worker looks for callbacks waiting to be confirmed: an API process
 # with RUN_BACKGROUND=false leaves them due in the database for this loop.
 CONFIRM_POLL_SECONDS = 0.25
+# Every event rings the webhook loop, and most queue no webhook: a look at the outbox
+# that found nothing more due is not repeated sooner than this, however many ring.
+WEBHOOK_RECHECK_SECONDS = 0.01
 STATS_SECONDS = 15.0
 STOP_GRACE_SECONDS = 20.0
 # Retention: one pass an hour, in batches small enough to hold locks only briefly.
@@ -118,7 +121,7 @@ class BackgroundWorker:
                 self._forever("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS)
             ),
             asyncio.create_task(
-                self._forever("webhooks", self._webhook_round, 0, self._written.wait)
+                self._forever("webhooks", self._webhook_round, 0, self._after_webhook_round)
             ),
             asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
             asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
@@ -210,6 +213,13 @@ class BackgroundWorker:
             # A finished delivery may unblock the next event of its task: look again.
             task.add_done_callback(self._sent)
         return 0.0 if len(jobs) == free else self._poll_seconds
+
+    async def _after_webhook_round(self, seconds: float) -> bool:
+        """Until the next look: at once while slots were all filled, else once rung (or
+        `seconds` pass), but never sooner than WEBHOOK_RECHECK_SECONDS."""
+        if seconds > 0:
+            await asyncio.sleep(WEBHOOK_RECHECK_SECONDS)
+        return await self._written.wait(seconds)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

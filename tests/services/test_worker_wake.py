@@ -234,3 +234,37 @@ async def _one_image_stored(stack: Any) -> tuple[dict[str, Any], list[dict[str, 
     finally:
         await worker.stop()
     return task, logs
+
+
+async def test_events_that_queue_no_webhook_do_not_each_cost_an_outbox_look(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every event rings the webhook loop, and most queue nothing: with none due, a
+    stream of events costs a bounded number of outbox claims, not one each."""
+    from app.webhooks import outbox
+
+    stack = await build_stack(service_factory, make_settings(database_url, tmp_path))
+    looks = 0
+    claim_due = outbox.claim_due
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return await claim_due(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "claim_due", counted)
+    worker = BackgroundWorker(stack.service.runtime, download_poll_seconds=600)
+    await worker.start()
+    try:
+        await asyncio.sleep(0.1)
+        before = looks
+        rings = 0
+        deadline = asyncio.get_running_loop().time() + 0.5
+        while asyncio.get_running_loop().time() < deadline:
+            worker._written.ring(None)  # as an event notice does
+            rings += 1
+            await asyncio.sleep(0.001)
+    finally:
+        await worker.stop()
+    assert rings > 200
+    assert looks - before <= 0.5 / worker_module.WEBHOOK_RECHECK_SECONDS + 2
