@@ -67,12 +67,9 @@ class _SlotTimeout(Exception):
     """The deadline passed before a query slot was free: nothing was asked."""
 
 
-def _query_note(
-    task: PollClaim, snapshot: Snapshot, outcome: Outcome, now: datetime
-) -> dict[str, Any]:
-    """The timeline's row for an answered query."""
-    detail = f"{_why(task)}: StarMagic says {snapshot.status.value} ({outcome.value})"
-    return activity.row(task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
+def _answered(task: PollClaim, snapshot: Snapshot, outcome: Outcome) -> str:
+    """The timeline's detail for an answered query."""
+    return f"{_why(task)}: StarMagic says {snapshot.status.value} ({outcome.value})"
 
 
 def _usual(answers: Sequence[tuple[PollClaim, Snapshot]]) -> list[tuple[PollClaim, Snapshot]]:
@@ -375,7 +372,7 @@ class Reconciler:
                 for task, snapshot in answers:
                     # A task's decision answers its first answer only: any later one about
                     # it is `_apply_one`'s, which finds the task as the first left it.
-                    mine = decided.pop(task.id) if task.id in decided else None
+                    mine = decided.pop(task.id, None)
                     applied.append(mine or await self._apply_one(db, task, snapshot, now))
         except Exception:
             if len(answers) == 1 and not batched:
@@ -428,7 +425,8 @@ class Reconciler:
             if not decision.state.status.terminal:
                 continue  # nothing was written for it: its lease is `_apply_one`'s
             together[task.id] = (Applied(decision.outcome, decision.state), False)
-            notes.append(_query_note(task, snapshot, decision.outcome, now))
+            detail = _answered(task, snapshot, decision.outcome)
+            notes.append(activity.row(task.id, activity.Kind.QUERY, "ok", at=now, detail=detail))
             if decision.outcome is Outcome.APPLIED:
                 log_transition(decision.state)
         await activity.note_many(db, notes)
@@ -446,7 +444,8 @@ class Reconciler:
             now=now,
             poll_after=poll_backoff(self._settings, task.poll_attempts),
         )
-        await activity.note_many(db, [_query_note(task, snapshot, applied.outcome, now)])
+        detail = _answered(task, snapshot, applied.outcome)
+        await activity.note(db, task.id, activity.Kind.QUERY, "ok", at=now, detail=detail)
         if applied.state.status.terminal or self._last_chance(task, now):
             return applied, False
         waiting = await repository.finish_poll(
