@@ -819,6 +819,27 @@ def _image_is(task_id: str, position: int) -> ColumnElement[bool]:
     return and_(IMAGES.c.task_id == task_id, IMAGES.c.position == position)
 
 
+def _of_task(column: Any) -> Any:
+    """A column of the image's task, as RETURNING may read it on SQLite too (which
+    keeps an UPDATE's FROM tables out of RETURNING)."""
+    return select(column).where(TASKS.c.id == IMAGES.c.task_id).scalar_subquery()
+
+
+_CLAIMED_DOWNLOAD = (
+    IMAGES.c.task_id,
+    IMAGES.c.position,
+    IMAGES.c.lease_owner,
+    IMAGES.c.source_url,
+    IMAGES.c.source_expires_at,
+    IMAGES.c.renewed,
+    IMAGES.c.attempts,
+    _of_task(TASKS.c.upstream_task_id),
+    _of_task(TASKS.c.created_at),
+    _of_task(TASKS.c.completed_at),
+    IMAGES.c.next_attempt_at,
+)
+
+
 async def claim_due_downloads(
     db: AsyncConnection,
     *,
@@ -828,11 +849,13 @@ async def claim_due_downloads(
     limit: int,
     running: Sequence[tuple[str, int]] = (),
 ) -> list[DownloadJob]:
-    """Lease pending images that are due and not held by a live worker.
+    """Lease pending images that are due and not held by a live worker, in one
+    statement (oldest due first); replicas skip each other's rows.
 
-    Each image gets its own lease token (`owner` plus the image), so a job that
-    lost its lease cannot write over the job that took it over, even in the
-    same process; `running` are images this worker still runs, never claimed twice.
+    A job is fenced by its image and its lease token (`owner`, a nonce of this claim,
+    the image's position), so a job that lost its lease cannot write over the job
+    that took it over, even in the same process; `running` are images this worker
+    still runs, never claimed twice.
     """
     conditions = [
         IMAGES.c.status == ImageStatus.PENDING.value,
@@ -848,45 +871,22 @@ async def claim_due_downloads(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    keys = [(row.task_id, row.position) for row in (await db.execute(due)).all()]
-    jobs: list[DownloadJob] = []
-    for task_id, position in keys:
-        token = f"{owner}/{position}/{secrets.token_hex(3)}"
-        await db.execute(
-            update(IMAGES)
-            .where(_image_is(task_id, position))
-            .values(lease_owner=token, lease_until=now + lease, attempts=IMAGES.c.attempts + 1)
+    prefix = f"{owner}/{secrets.token_hex(3)}/"
+    statement = (
+        update(IMAGES)
+        .where(tuple_(IMAGES.c.task_id, IMAGES.c.position).in_(due))
+        .values(
+            lease_owner=literal(prefix) + IMAGES.c.position.cast(Text),
+            lease_until=now + lease,
+            attempts=IMAGES.c.attempts + 1,
         )
-        row = (
-            await db.execute(
-                select(
-                    IMAGES.c.source_url,
-                    IMAGES.c.source_expires_at,
-                    IMAGES.c.renewed,
-                    IMAGES.c.attempts,
-                    TASKS.c.upstream_task_id,
-                    TASKS.c.created_at,
-                    TASKS.c.completed_at,
-                )
-                .join(TASKS, TASKS.c.id == IMAGES.c.task_id)
-                .where(_image_is(task_id, position))
-            )
-        ).one()
-        jobs.append(
-            DownloadJob(
-                task_id=task_id,
-                position=position,
-                lease_owner=token,
-                source_url=row.source_url,
-                source_expires_at=row.source_expires_at,
-                renewed=row.renewed,
-                attempts=row.attempts,
-                upstream_task_id=row.upstream_task_id,
-                task_created_at=row.created_at,
-                completed_at=row.completed_at,
-            )
-        )
-    return jobs
+        .returning(*_CLAIMED_DOWNLOAD)
+    )
+    rows = sorted(
+        (await db.execute(statement)).all(),
+        key=lambda row: (row.next_attempt_at, row.task_id, row.position),
+    )
+    return [DownloadJob(*row[:-1]) for row in rows]
 
 
 def _summary(task_id: str) -> ColumnElement[Any]:

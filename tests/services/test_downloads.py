@@ -623,6 +623,42 @@ async def test_a_worker_never_claims_an_image_it_is_running(queue: Queue) -> Non
     assert [j.task_id for j in await queue.claim_all("worker-a")] == [task.id]
 
 
+async def test_one_claim_leases_the_oldest_due_first_each_under_this_claims_token(
+    queue: Queue,
+) -> None:
+    """A claim of several images returns them oldest due first, each carrying what its
+    download needs; each row holds its job's token, which no later claim repeats."""
+    older = await queue.queued(images=2, source_url="https://cdn.example.com/old.png")
+    newer = await queue.queued()
+    async with queue.engine.begin() as db:
+        await db.execute(
+            update(IMAGES)
+            .where(IMAGES.c.task_id == older.id)
+            .values(next_attempt_at=utcnow() - timedelta(minutes=5))
+        )
+    jobs = await queue.claim_all("worker-a", limit=5)
+    assert [(job.task_id, job.position) for job in jobs] == [
+        (older.id, 0),
+        (older.id, 1),
+        (newer.id, 0),
+    ]
+    assert len({(job.task_id, job.position, job.lease_owner) for job in jobs}) == 3
+    assert all(job.lease_owner.startswith("worker-a/") for job in jobs)
+    for job in jobs:
+        image = await queue.image(job.task_id, job.position)
+        assert (image.lease_owner, image.attempts) == (job.lease_owner, 1)
+        assert job.attempts == 1
+        assert job.task_created_at.tzinfo is not None
+    first = jobs[0]
+    assert first.source_url == "https://cdn.example.com/old.png"
+    assert first.upstream_task_id == older.upstream_task_id
+    assert first.completed_at == older.completed_at
+    async with queue.engine.begin() as db:
+        await db.execute(update(IMAGES).values(lease_until=utcnow() - timedelta(seconds=1)))
+    again = await queue.claim_all("worker-a", limit=5)
+    assert not {job.lease_owner for job in again} & {job.lease_owner for job in jobs}
+
+
 async def test_leased_jobs_are_not_claimed_twice_until_released(queue: Queue) -> None:
     """A live lease hides the job; releasing the leases makes it due again."""
     await queue.queued()
