@@ -10,6 +10,7 @@ dozen requests apart, so half the traffic is new and half duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import string
@@ -257,8 +258,13 @@ class Runner:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def saturate(self, endpoint: str, seconds: float, expected_rps: float) -> dict[str, Any]:
-        """One wrk run; the webhook gets fresh tasks, the baseline the same request shapes."""
+    def saturate(
+        self, endpoint: str, seconds: float, expected_rps: float, *, worker_paused: bool = False
+    ) -> dict[str, Any]:
+        """One wrk run; the webhook gets fresh tasks, the baseline the same request shapes.
+
+        `worker_paused`: the worker is stopped for the run (and catches up after), as if
+        it ran on cores of its own: what the API replica alone reaches."""
         prefix = NOOP_PREFIX if endpoint == "baseline" else None
         if prefix:
             lines = self.baseline_lines
@@ -267,7 +273,8 @@ class Runner:
         datafile = self._datafile(lines)
         api_before = self.service.child.cpu_seconds()
         worker_before = self.worker.cpu_seconds() if self.worker is not None else 0.0
-        result = saturate(self.service.port, datafile, prefix=prefix, duration=seconds)
+        with self.worker.paused() if worker_paused and self.worker else contextlib.nullcontext():
+            result = saturate(self.service.port, datafile, prefix=prefix, duration=seconds)
         result["endpoint"] = endpoint
         result["idle_wait_s"] = round(self.wait_idle(), 2)
         # CPU per request, work deferred past the run included: the API process alone
@@ -347,6 +354,19 @@ def measure(
         for _ in range(plan.pairs):
             runs.append(run.saturate("baseline", plan.saturation, warm["rps"]))
             runs.append(run.saturate("webhook", plan.saturation, warm_hook["rps"]))
+        alone = None
+        if worker is not None:
+            # The same pair with the worker stopped during the webhook run: the API
+            # replica's own figure, without the worker's downloads sharing its cores.
+            alone_base = run.saturate("baseline", plan.saturation, warm["rps"])
+            alone_hook = run.saturate(
+                "webhook", plan.saturation, warm_hook["rps"], worker_paused=True
+            )
+            alone = {
+                "baseline_rps": alone_base["rps"],
+                "webhook_rps": alone_hook["rps"],
+                "ratio": ratio(alone_hook["rps"], alone_base["rps"]),
+            }
         base = [r["rps"] for r in runs if r["endpoint"] == "baseline"]
         hook = [r["rps"] for r in runs if r["endpoint"] == "webhook"]
         base_cpu = [r["api_cpu_ms"] for r in runs if r["endpoint"] == "baseline"]
@@ -389,6 +409,7 @@ def measure(
                 "worker_per_webhook": round(sum(worker_cpu) / len(worker_cpu), 3),
             },
             "cpu_ratio": ratio(sum(base_cpu), sum(hook_cpu)),
+            "worker_paused": alone,
         },
         "half_rate": {"rate": round(half, 1), "webhook": half_hook, "baseline": half_base},
         "confirmation": confirmation,

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,15 @@ class Child:
             if (sum(process.cpu_times()[:2]) - before) / window < threshold:
                 break
         return time.monotonic() - started
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stopped (SIGSTOP) for the block, then continued, whatever the block raised."""
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time used so far."""

@@ -48,6 +48,14 @@ def ingest_target(run: dict[str, Any]) -> float:
     return 0.5 if run["confirm_callbacks"] else 0.6
 
 
+def _paused(alone: dict[str, Any] | None, target: float) -> str:
+    if not alone:
+        return "-"
+    met = _met(alone["ratio"] is not None and alone["ratio"] >= target)
+    rates = f"{_fmt(alone['webhook_rps'])} / {_fmt(alone['baseline_rps'])} req/s"
+    return f"{_fmt(alone['ratio'])} {met} ({rates})"
+
+
 def _ingest(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| database | deployment | confirm | webhook req/s | baseline req/s | ratio (target) "
@@ -75,11 +83,14 @@ def _ingest(runs: list[dict[str, Any]]) -> list[str]:
         "CPU per request in the same saturated runs (work deferred past a run included):",
         "the API process alone, which is what one API replica spends, and beside it the",
         "worker's share (confirmations and the downloads they queue). The CPU ratio is",
-        "the saturated ratio an API replica reaches when it has a core to itself:",
+        "the saturated ratio an API replica reaches when it has a core to itself. With",
+        "the worker paused is one more pair of runs, the worker stopped for the webhook's",
+        "(it catches up after): the API replica alone on the two cores, as when the",
+        "worker runs elsewhere:",
         "",
         "| database | deployment | confirm | API CPU ms: webhook / no-op | CPU ratio (target) "
-        "| worker CPU ms per webhook request |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| worker CPU ms per webhook request | ratio with the worker paused |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         cpu = run["saturation"].get("api_cpu_ms")
@@ -94,7 +105,8 @@ def _ingest(runs: list[dict[str, Any]]) -> list[str]:
             f"| {'on' if run['confirm_callbacks'] else 'off'} "
             f"| {_fmt(cpu['webhook'])} / {_fmt(cpu['baseline'])} "
             f"| {_fmt(cpu_ratio)} (≥ {target}) {met} "
-            f"| {_fmt(cpu['worker_per_webhook']) if split else '-'} |"
+            f"| {_fmt(cpu['worker_per_webhook']) if split else '-'} "
+            f"| {_paused(run['saturation'].get('worker_paused'), target)} |"
         )
     confirmed = [run for run in runs if run.get("confirmation")]
     if confirmed:
