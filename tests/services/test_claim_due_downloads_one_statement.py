@@ -365,3 +365,55 @@ async def test_an_image_not_yet_due_or_held_is_not_claimed(engine: AsyncEngine) 
     assert await claim(engine, "b", limit=5, now=now) == []
     assert len(await claim(engine, "b", limit=5, now=now + timedelta(seconds=61))) == 3
     assert held
+
+
+async def test_claims_racing_lapses_and_writes_raise_nothing_and_settle_each_image_once(
+    engine: AsyncEngine,
+) -> None:
+    """Replicas claim with short leases that lapse mid-job; jobs renew, then store with
+    the task's summary. No deadlock or serialization error, and each image is stored by
+    exactly one job: the one holding its lease at the time."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    for n in (10, 4, 10, 1, 7, 10, 3, 10):
+        await queued(engine, images=n)
+    total = 55
+    stored: list[DownloadJob] = []
+    lost: list[DownloadJob] = []
+    rng = random.Random(7)
+
+    async def job_runs(job: DownloadJob) -> None:
+        await asyncio.sleep(rng.choice((0.0, 0.01, 0.06)))  # past the lease, sometimes
+        if not await write(engine, job, {"lease_until": utcnow() + timedelta(seconds=0.05)}):
+            lost.append(job)
+            return
+        await asyncio.sleep(rng.choice((0.0, 0.01, 0.06)))
+        now = utcnow()
+        async with engine.begin() as db:
+            held = await repository.update_download(
+                db,
+                job,
+                {"status": "stored", "key": job.lease_owner, "lease_owner": None},
+                settles=True,
+                now=now,
+            )
+        (stored if held else lost).append(job)
+
+    async def replica(index: int) -> None:
+        running: list[asyncio.Task[None]] = []
+        idle = 0
+        while idle < 20:
+            jobs = await claim(engine, f"replica-{index}", limit=rng.randint(1, 4), lease=0.05)
+            running.extend(asyncio.create_task(job_runs(job)) for job in jobs)
+            idle = 0 if jobs else idle + 1
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*running)
+
+    await asyncio.gather(*(replica(i) for i in range(6)))
+    assert lost  # leases did lapse under running jobs, and were fenced
+    keys = [(job.task_id, job.position) for job in stored]
+    assert len(keys) == len(set(keys)) == total
+    rows = {(r.task_id, r.position): r for r in await images(engine)}
+    assert all(r.status == "stored" for r in rows.values())
+    for job in stored:
+        assert rows[(job.task_id, job.position)].key == job.lease_owner
