@@ -864,17 +864,26 @@ async def claim_due_downloads(
     ]
     if running:
         conditions.append(tuple_(IMAGES.c.task_id, IMAGES.c.position).not_in(list(running)))
+    # MATERIALIZED: the due keys are chosen (and locked) once. Left as a subquery, a
+    # plan may rescan it for each row the UPDATE reads (a nested loop PostgreSQL picks
+    # when its statistics say the table is small), and each rescan skips the rows this
+    # statement already changed and takes the next ones: past `limit`, up to every one.
     due = (
         select(IMAGES.c.task_id, IMAGES.c.position)
         .where(*conditions)
         .order_by(IMAGES.c.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("due")
+        .prefix_with("MATERIALIZED")
     )
     prefix = f"{owner}/{secrets.token_hex(3)}/"
     statement = (
         update(IMAGES)
-        .where(tuple_(IMAGES.c.task_id, IMAGES.c.position).in_(due))
+        .add_cte(due)
+        .where(
+            tuple_(IMAGES.c.task_id, IMAGES.c.position).in_(select(due.c.task_id, due.c.position))
+        )
         .values(
             lease_owner=literal(prefix) + IMAGES.c.position.cast(Text),
             lease_until=now + lease,
