@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db import metadata
+from app.db import metadata, picked_once
 from app.models import TaskActivity
 
 ACTIVITY: Table = metadata.tables["task_activity"]
@@ -82,12 +82,18 @@ async def for_task(
 
 async def prune(db: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Delete up to `limit` rows older than `before`; how many went."""
-    doomed = (
+    doomed = picked_once(
         select(ACTIVITY.c.id)
         .where(ACTIVITY.c.at < before)
         .order_by(ACTIVITY.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True),
+        "doomed",
     )
-    result = await db.execute(delete(ACTIVITY).where(ACTIVITY.c.id.in_(doomed.scalar_subquery())))
-    return int(getattr(result, "rowcount", 0))
+    statement = (
+        delete(ACTIVITY)
+        .add_cte(doomed)
+        .where(ACTIVITY.c.id.in_(select(doomed.c.id)))
+        .returning(ACTIVITY.c.id)
+    )
+    return len((await db.execute(statement)).all())  # no rowcount for WITH on SQLite

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, event
+from sqlalchemy import CTE, MetaData, Select, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -30,6 +30,15 @@ SQLModel.metadata.naming_convention = NAMING_CONVENTION
 metadata: MetaData = SQLModel.metadata
 
 SessionFactory = async_sessionmaker[AsyncSession]
+
+
+def picked_once(rows: Select[Any], name: str) -> CTE:
+    """The rows a statement works on, picked (and locked, under FOR UPDATE) once: a
+    MATERIALIZED CTE for its WHERE to match. As an IN subquery, PostgreSQL may rescan
+    it for each row a nested loop reads (its pick when statistics say the table is
+    small), and with SKIP LOCKED each rescan passes over the rows the statement has
+    already changed and takes the next ones: past LIMIT, up to every row."""
+    return rows.cte(name).prefix_with("MATERIALIZED")
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col
 
-from app.db import metadata
+from app.db import metadata, picked_once
 from app.models import (
     IdempotencyRecord,
     Image,
@@ -552,16 +552,18 @@ async def claim_due_polls(
     conditions = [_poll_due(now, spacing)]
     if confirmations_only:
         conditions.append(CONFIRMATION_WAITING)
-    due = (
+    due = picked_once(
         select(TASKS.c.id)
         .where(*conditions)
         .order_by(TASKS.c.next_poll_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True),
+        "due",
     )
     statement = (
         update(TASKS)
-        .where(TASKS.c.id.in_(due.scalar_subquery()))
+        .add_cte(due)
+        .where(TASKS.c.id.in_(select(due.c.id)))
         .values(poll_lease_until=now + lease, poll_claimed_at=now)
         .returning(*_CLAIMED)
     )
@@ -864,18 +866,13 @@ async def claim_due_downloads(
     ]
     if running:
         conditions.append(tuple_(IMAGES.c.task_id, IMAGES.c.position).not_in(list(running)))
-    # MATERIALIZED: the due keys are chosen (and locked) once. Left as a subquery, a
-    # plan may rescan it for each row the UPDATE reads (a nested loop PostgreSQL picks
-    # when its statistics say the table is small), and each rescan skips the rows this
-    # statement already changed and takes the next ones: past `limit`, up to every one.
-    due = (
+    due = picked_once(
         select(IMAGES.c.task_id, IMAGES.c.position)
         .where(*conditions)
         .order_by(IMAGES.c.next_attempt_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("due")
-        .prefix_with("MATERIALIZED")
+        .with_for_update(skip_locked=True),
+        "due",
     )
     prefix = f"{owner}/{secrets.token_hex(3)}/"
     statement = (
@@ -1062,17 +1059,22 @@ Pruner = Callable[..., Awaitable[int]]
 
 async def prune_callback_deliveries(db: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Delete up to `limit` deliveries received before `before`; how many went."""
-    doomed = (
+    doomed = picked_once(
         select(DELIVERIES.c.id)
         .where(DELIVERIES.c.received_at < before)
         .order_by(DELIVERIES.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True),
+        "doomed",
     )
-    result = await db.execute(
-        delete(DELIVERIES).where(DELIVERIES.c.id.in_(doomed.scalar_subquery()))
+    statement = (
+        delete(DELIVERIES)
+        .add_cte(doomed)
+        .where(DELIVERIES.c.id.in_(select(doomed.c.id)))
+        .returning(DELIVERIES.c.id)
     )
-    return _rowcount(result)
+    # Counted from RETURNING: SQLite's driver reports no rowcount for a WITH statement.
+    return len((await db.execute(statement)).all())
 
 
 async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, limit: int) -> int:
@@ -1081,12 +1083,16 @@ async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, li
     still_submitting = select(TASKS.c.id).where(
         TASKS.c.id == IDEMPOTENCY.c.task_id, TASKS.c.status == TaskStatus.SUBMITTING.value
     )
-    doomed = (
+    doomed = picked_once(
         select(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
         .where(IDEMPOTENCY.c.created_at < before, ~still_submitting.exists())
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True),
+        "doomed",
     )
     key = tuple_(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
-    result = await db.execute(delete(IDEMPOTENCY).where(key.in_(doomed)))
-    return _rowcount(result)
+    picked = select(doomed.c.owner, doomed.c.key)
+    statement = (
+        delete(IDEMPOTENCY).add_cte(doomed).where(key.in_(picked)).returning(IDEMPOTENCY.c.key)
+    )
+    return len((await db.execute(statement)).all())  # no rowcount for WITH on SQLite

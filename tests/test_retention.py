@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from app import activity, repository
 from app.config import Settings, SettingsError
@@ -106,6 +107,79 @@ async def test_pruning_goes_in_batches_and_keeps_recent_and_submitting_rows(
     deliveries, keys = await remaining(service)
     assert deliveries == [ids["recent"]] * 2
     assert keys == ["old-submitting", "recent"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_prune_deletes_no_more_than_its_batch_when_statistics_are_stale(
+    service_factory: Any, settings: Settings
+) -> None:
+    """PostgreSQL analyzed the tables while they were empty: a plan that rescans the
+    batch's subquery must still delete one batch per call, never all the old rows at
+    once (small batches keep each statement's locks short)."""
+    service = await build(service_factory, settings)
+    if service.runtime.engine.dialect.name == "postgresql":
+        async with service.runtime.engine.begin() as db:
+            for table in ("callback_deliveries", "task_activity", "idempotency_records"):
+                await db.execute(text(f"ANALYZE {table}"))
+    now = utcnow()
+    ids = await seed(service, now)
+    async with service.runtime.sessions() as session:
+        for key in ("a", "b", "c"):
+            session.add(
+                IdempotencyRecord(
+                    owner="tests",
+                    key=f"old-{key}",
+                    request_sha256="0" * 64,
+                    task_id=ids["settled"],
+                    created_at=now - timedelta(days=8),
+                )
+            )
+        await session.commit()
+    prunes = [
+        (repository.prune_callback_deliveries, now - timedelta(days=30), [1, 1, 1, 1, 1, 0]),
+        (activity.prune, now - timedelta(days=30), [1, 1, 1, 0]),
+        (repository.prune_idempotency_records, now - timedelta(days=7), [1, 1, 1, 1, 0]),
+    ]
+    for prune, before, expected in prunes:
+        batches = []
+        for _ in expected:
+            async with service.runtime.engine.begin() as db:
+                batches.append(await prune(db, before=before, limit=1))
+        assert batches == expected, prune.__name__
+
+
+# Off, these make PostgreSQL plan the batch's IN subquery as the inner side of a nested
+# loop, rescanned for each row (a plan it may choose on its own).
+RESCANNING_PLAN = (
+    "enable_hashjoin",
+    "enable_mergejoin",
+    "enable_material",
+    "enable_hashagg",
+    "enable_sort",
+)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_prune_deletes_one_batch_whatever_plan_postgres_picks(
+    service_factory: Any, settings: Settings
+) -> None:
+    service = await build(service_factory, settings)
+    if service.runtime.engine.dialect.name != "postgresql":
+        pytest.skip("planner settings are PostgreSQL's")
+    now = utcnow()
+    await seed(service, now)
+    prunes = [
+        (repository.prune_callback_deliveries, now - timedelta(days=30), 5),
+        (activity.prune, now - timedelta(days=30), 3),
+    ]
+    for prune, before, old_rows in prunes:
+        batches = []
+        for _ in range(old_rows + 1):
+            async with service.runtime.engine.begin() as db:
+                for setting in RESCANNING_PLAN:
+                    await db.execute(text(f"SET LOCAL {setting} = off"))
+                batches.append(await prune(db, before=before, limit=1))
+        assert batches == [1] * old_rows + [0], prune.__name__
 
 
 @pytest.mark.asyncio(loop_scope="session")
