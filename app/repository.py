@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
@@ -821,10 +821,10 @@ def _image_is(task_id: str, position: int) -> ColumnElement[bool]:
     return and_(IMAGES.c.task_id == task_id, IMAGES.c.position == position)
 
 
-def _of_task(column: Any) -> Any:
+def _of_task(column: Any, name: str) -> Any:
     """A column of the image's task, as RETURNING may read it on SQLite too (which
-    keeps an UPDATE's FROM tables out of RETURNING)."""
-    return select(column).where(TASKS.c.id == IMAGES.c.task_id).scalar_subquery()
+    keeps an UPDATE's FROM tables out of RETURNING), under DownloadJob's name."""
+    return select(column).where(TASKS.c.id == IMAGES.c.task_id).scalar_subquery().label(name)
 
 
 _CLAIMED_DOWNLOAD = (
@@ -835,11 +835,11 @@ _CLAIMED_DOWNLOAD = (
     IMAGES.c.source_expires_at,
     IMAGES.c.renewed,
     IMAGES.c.attempts,
-    _of_task(TASKS.c.upstream_task_id),
-    _of_task(TASKS.c.created_at),
-    _of_task(TASKS.c.completed_at),
-    IMAGES.c.next_attempt_at,
+    _of_task(TASKS.c.upstream_task_id, "upstream_task_id"),
+    _of_task(TASKS.c.created_at, "task_created_at"),
+    _of_task(TASKS.c.completed_at, "completed_at"),
 )
+_JOB_FIELDS = [field.name for field in fields(DownloadJob)]
 
 
 async def claim_due_downloads(
@@ -886,13 +886,13 @@ async def claim_due_downloads(
             lease_until=now + lease,
             attempts=IMAGES.c.attempts + 1,
         )
-        .returning(*_CLAIMED_DOWNLOAD)
+        .returning(*_CLAIMED_DOWNLOAD, IMAGES.c.next_attempt_at)
     )
     rows = sorted(
         (await db.execute(statement)).all(),
         key=lambda row: (row.next_attempt_at, row.task_id, row.position),
     )
-    return [DownloadJob(*row[:-1]) for row in rows]
+    return [DownloadJob(**{name: row._mapping[name] for name in _JOB_FIELDS}) for row in rows]
 
 
 def _summary(task_id: str) -> ColumnElement[Any]:
