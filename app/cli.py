@@ -61,11 +61,12 @@ def migrate_or_exit(url: str) -> str:
     from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
 
+    from app.db import DatabaseTooOld
     from app.schema_version import SchemaNewerThanCode
 
     try:
         return run_migrations(url)
-    except (OSError, DBAPIError, SchemaNewerThanCode, CommandError) as exc:
+    except (OSError, DBAPIError, SchemaNewerThanCode, CommandError, DatabaseTooOld) as exc:
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
         typer.echo(f"imagetasks: cannot migrate the database: {reason}", err=True)

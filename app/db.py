@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -41,6 +42,38 @@ def picked_once(rows: Select[Any], name: str) -> CTE:
     return rows.cte(name).prefix_with("MATERIALIZED")
 
 
+# The oldest databases every statement here runs on: SQLite 3.35 brought RETURNING
+# and `AS MATERIALIZED`, PostgreSQL 12 `AS MATERIALIZED` (`picked_once`, which every
+# poll claim, download claim and retention prune uses). Older ones are refused up
+# front, not left to fail those statements, in a loop, with a syntax error.
+SQLITE_FLOOR = (3, 35, 0)
+POSTGRES_FLOOR = 12
+
+
+class DatabaseTooOld(Exception):
+    """The database (SQLite library or PostgreSQL server) predates what the service needs."""
+
+
+def _check_sqlite_library() -> None:
+    if sqlite3.sqlite_version_info < SQLITE_FLOOR:
+        floor = ".".join(map(str, SQLITE_FLOOR))
+        raise DatabaseTooOld(
+            f"SQLite {sqlite3.sqlite_version} is too old: imagetasks needs {floor} or newer"
+            " (Python's sqlite3 module is linked against it)"
+        )
+
+
+def _check_postgres_server(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        version = dbapi_connection.driver_connection.get_server_version()
+        if version.major < POSTGRES_FLOOR:
+            raise DatabaseTooOld(
+                f"PostgreSQL {version.major}.{version.minor} is too old:"
+                f" imagetasks needs {POSTGRES_FLOOR} or newer"
+            )
+
+
 def _prepare_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -70,13 +103,17 @@ def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
     # hide_parameters: a failed statement's error never prints its values (secrets).
     kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if url.get_backend_name() == "sqlite":
+        _check_sqlite_library()
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, **kwargs)
         _prepare_sqlite(engine)
         return engine
     kwargs.update(pool_size=10, max_overflow=10, pool_recycle=1800)
-    return create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql":
+        _check_postgres_server(engine)
+    return engine
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
