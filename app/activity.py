@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db import metadata, picked_once
+from app.db import delete_picked, metadata
 from app.models import TaskActivity
 
 ACTIVITY: Table = metadata.tables["task_activity"]
@@ -82,18 +82,5 @@ async def for_task(
 
 async def prune(db: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Delete up to `limit` rows older than `before`; how many went."""
-    doomed = picked_once(
-        select(ACTIVITY.c.id)
-        .where(ACTIVITY.c.at < before)
-        .order_by(ACTIVITY.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True),
-        "doomed",
-    )
-    statement = (
-        delete(ACTIVITY)
-        .add_cte(doomed)
-        .where(ACTIVITY.c.id.in_(select(doomed.c.id)))
-        .returning(ACTIVITY.c.id)
-    )
-    return len((await db.execute(statement)).all())  # no rowcount for WITH on SQLite
+    rows = select(ACTIVITY.c.id).where(ACTIVITY.c.at < before).order_by(ACTIVITY.c.id).limit(limit)
+    return await delete_picked(db, ACTIVITY, [ACTIVITY.c.id], rows)

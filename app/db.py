@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CTE, MetaData, Select, event
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    MetaData,
+    Select,
+    Table,
+    delete,
+    event,
+    select,
+    tuple_,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -34,12 +44,25 @@ SessionFactory = async_sessionmaker[AsyncSession]
 
 
 def picked_once(rows: Select[Any], name: str) -> CTE:
-    """The rows a statement works on, picked (and locked, under FOR UPDATE) once: a
-    MATERIALIZED CTE for its WHERE to match. As an IN subquery, PostgreSQL may rescan
-    it for each row a nested loop reads (its pick when statistics say the table is
-    small), and with SKIP LOCKED each rescan passes over the rows the statement has
-    already changed and takes the next ones: past LIMIT, up to every row."""
-    return rows.cte(name).prefix_with("MATERIALIZED")
+    """The rows a statement works on, picked and locked once (skipping rows another
+    transaction holds): a MATERIALIZED CTE for its WHERE to match. As an IN subquery,
+    PostgreSQL may rescan it for each row a nested loop reads (its pick when
+    statistics say the table is small), and with SKIP LOCKED each rescan passes over
+    the rows the statement has already changed and takes the next ones: past LIMIT,
+    up to every row."""
+    return rows.with_for_update(skip_locked=True).cte(name).prefix_with("MATERIALIZED")
+
+
+async def delete_picked(
+    db: AsyncConnection, table: Table, key: Sequence[ColumnElement[Any]], rows: Select[Any]
+) -> int:
+    """Delete the rows `rows` selects by `key` (a batch of a retention prune), picked
+    once; how many went, counted from RETURNING: SQLite's driver reports no rowcount
+    for a statement that starts with WITH."""
+    doomed = picked_once(rows, "doomed")
+    target = tuple_(*key) if len(key) > 1 else key[0]
+    statement = delete(table).add_cte(doomed).where(target.in_(select(*doomed.c))).returning(key[0])
+    return len((await db.execute(statement)).all())
 
 
 # The oldest databases every statement here runs on: SQLite 3.35 brought RETURNING

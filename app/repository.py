@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col
 
-from app.db import metadata, picked_once
+from app.db import delete_picked, metadata, picked_once
 from app.models import (
     IdempotencyRecord,
     Image,
@@ -553,11 +553,7 @@ async def claim_due_polls(
     if confirmations_only:
         conditions.append(CONFIRMATION_WAITING)
     due = picked_once(
-        select(TASKS.c.id)
-        .where(*conditions)
-        .order_by(TASKS.c.next_poll_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True),
+        select(TASKS.c.id).where(*conditions).order_by(TASKS.c.next_poll_at).limit(limit),
         "due",
     )
     statement = (
@@ -870,8 +866,7 @@ async def claim_due_downloads(
         select(IMAGES.c.task_id, IMAGES.c.position)
         .where(*conditions)
         .order_by(IMAGES.c.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True),
+        .limit(limit),
         "due",
     )
     prefix = f"{owner}/{secrets.token_hex(3)}/"
@@ -1059,22 +1054,13 @@ Pruner = Callable[..., Awaitable[int]]
 
 async def prune_callback_deliveries(db: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Delete up to `limit` deliveries received before `before`; how many went."""
-    doomed = picked_once(
+    rows = (
         select(DELIVERIES.c.id)
         .where(DELIVERIES.c.received_at < before)
         .order_by(DELIVERIES.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True),
-        "doomed",
     )
-    statement = (
-        delete(DELIVERIES)
-        .add_cte(doomed)
-        .where(DELIVERIES.c.id.in_(select(doomed.c.id)))
-        .returning(DELIVERIES.c.id)
-    )
-    # Counted from RETURNING: SQLite's driver reports no rowcount for a WITH statement.
-    return len((await db.execute(statement)).all())
+    return await delete_picked(db, DELIVERIES, [DELIVERIES.c.id], rows)
 
 
 async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, limit: int) -> int:
@@ -1083,16 +1069,9 @@ async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, li
     still_submitting = select(TASKS.c.id).where(
         TASKS.c.id == IDEMPOTENCY.c.task_id, TASKS.c.status == TaskStatus.SUBMITTING.value
     )
-    doomed = picked_once(
+    rows = (
         select(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
         .where(IDEMPOTENCY.c.created_at < before, ~still_submitting.exists())
         .limit(limit)
-        .with_for_update(skip_locked=True),
-        "doomed",
     )
-    key = tuple_(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
-    picked = select(doomed.c.owner, doomed.c.key)
-    statement = (
-        delete(IDEMPOTENCY).add_cte(doomed).where(key.in_(picked)).returning(IDEMPOTENCY.c.key)
-    )
-    return len((await db.execute(statement)).all())  # no rowcount for WITH on SQLite
+    return await delete_picked(db, IDEMPOTENCY, [IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key], rows)
