@@ -42,6 +42,18 @@ class Forwarded:
     degraded: bool  # a replica was marked down when the request started or ended
     started: float
     ended: float
+    error: str = ""  # why the forwarder answered itself: the exchange's exception
+    request_id: str = ""  # the X-Request-ID the replica was sent (and logs the request under)
+
+
+def _chain(exc: BaseException) -> str:
+    """The exception and what caused it, down to the socket's own error."""
+    links = []
+    seen: BaseException | None = exc
+    while seen is not None and len(links) < 6:
+        links.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(links)
 
 
 class RoundRobinProxy:
@@ -56,6 +68,7 @@ class RoundRobinProxy:
         self.inflight_callbacks = [0] * len(targets)  # per replica, right now
         self.failovers = 0  # requests a refused connection sent on to the next replica
         self._turn = itertools.count()
+        self._request_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -120,13 +133,13 @@ class RoundRobinProxy:
 
     async def _serve(self) -> None:
         assert self._server is not None
-        # A replica (uvicorn) closes a connection idle for 5 s, httpx's own default expiry:
-        # one reused at that very moment is closed under its request, and the caller got a
-        # 502 with both replicas up. Dropped sooner here, as an nginx upstream keepalive
-        # timeout must be shorter than its server's.
-        limits = httpx.Limits(
-            max_connections=200, max_keepalive_connections=50, keepalive_expiry=2.0
-        )
+        # A fresh connection for each request, as nginx makes by default (no upstream
+        # keepalive). A pooled one was twice the cause of a 502 with both replicas up:
+        # when this thread stalls (the test process holds the GIL for seconds now and
+        # then), httpcore's pool sees an idle connection's keep-alive run out, though it
+        # has just handed it to a request, and closes it under that request after the
+        # replica got it: the replica answered 200, the caller got a 502.
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=30, trust_env=False, limits=limits) as client:
             self._client = client
             await self._server.serve()
@@ -148,8 +161,13 @@ class RoundRobinProxy:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _SKIP_REQUEST]
+        # Each exchange named, so that a replica's log line can be matched to its record.
+        request_id = f"fwd-{next(self._request_ids)}"
+        headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+        headers.append((b"x-request-id", request_id.encode()))
         callback = path.startswith("/webhooks/")
         status, from_replica, replica = 502, False, first
+        failure = "no replica accepted the connection"
         error = {"error": {"code": "bad_gateway", "message": "no replica answered"}}
         body = json.dumps(error).encode()
         out_headers = [(b"content-type", b"application/json")]
@@ -169,6 +187,7 @@ class RoundRobinProxy:
                 self.failovers += 1
                 continue
             except httpx.HTTPError as exc:
+                failure = _chain(exc)
                 error = {"error": {"code": "bad_gateway", "message": type(exc).__name__}}
                 body = json.dumps(error).encode()
                 break
@@ -176,6 +195,7 @@ class RoundRobinProxy:
                 if callback:
                     self.inflight_callbacks[replica] -= 1
             status, body, from_replica = response.status_code, response.content, True
+            failure = ""
             out_headers = [
                 (k.encode("latin-1"), v.encode("latin-1"))
                 for k, v in response.headers.items()
@@ -192,6 +212,8 @@ class RoundRobinProxy:
                 degraded=degraded_at_start or self.degraded,
                 started=started,
                 ended=time.monotonic(),
+                error=failure,
+                request_id=request_id,
             )
         )
         out_headers.append((b"content-length", str(len(body)).encode()))

@@ -244,6 +244,32 @@ class Verdict:
     variant_temps_awaiting_sweep: int = 0  # a killed variant write's file, swept later
 
 
+async def _deliveries_unlike_attempts(
+    cluster: Cluster, rows: dict[str, dict[str, Any]], provider: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Each task whose recorded deliveries differ from the attempts answered 2xx,
+    with what the provider saw and what the replicas logged about it."""
+    recorded = Counter(
+        task_id for (task_id,) in await cluster.query("SELECT task_id FROM callback_deliveries")
+    )
+    found = []
+    for row in rows.values():
+        attempts = provider.get(row["upstream_task_id"] or "", {}).get("callback_attempts", [])
+        answered = sum(1 for a in attempts if 200 <= (a["status_code"] or 0) < 300)
+        if recorded[row["id"]] == answered:
+            continue
+        seen = [(a["kind"], a["attempt"], a["status_code"], a["error"]) for a in attempts]
+        logged = [
+            {k: line.get(k) for k in ("event", "status", "outcome", "request_id", "replica")}
+            for line in cluster.service_logs(task_id=row["id"])
+        ]
+        found.append(
+            f"{row['id']}: {recorded[row['id']]} deliveries for {answered} answered 2xx; "
+            f"attempts {seen}; logged {logged}"
+        )
+    return found
+
+
 async def verify(
     cluster: Cluster,
     tasks: list[Planned],
@@ -423,6 +449,21 @@ async def verify(
         problems.append(f"{accepted} callbacks answered 2xx but {deliveries} deliveries recorded")
     if deliveries > accepted + (failed if crashes else 0):
         problems.append(f"{deliveries} deliveries recorded for {accepted} answered 2xx")
+    if deliveries != accepted:
+        problems.extend(await _deliveries_unlike_attempts(cluster, rows, provider))
+        problems.extend(
+            f"logged: {line}"
+            for line in cluster.service_logs()
+            if line.get("level") in ("warning", "error", "critical")
+        )
+    # With every replica up the forwarder never answers itself; when it did, why.
+    problems.extend(
+        f"the forwarder answered {r.status} to {r.method} {r.path} (replica {r.replica}, "
+        f"{r.request_id}): {r.error}; the replica logged "
+        f"{cluster.service_logs(request_id=r.request_id)}"
+        for r in cluster.proxy.records
+        if not r.from_replica and not r.degraded
+    )
     dropped = [t for t in tasks if t.drop]
     for task in dropped:
         row = by_index.get(task.index)

@@ -93,7 +93,7 @@ async def test_storm_with_both_replicas_up(clusters: ClusterPool, figures: Figur
         callbacks_per_replica=dict(per_replica),
     )
     assert verdict.lost == []
-    assert verdict.problems == []
+    assert verdict.problems == [], "\n".join(verdict.problems)
     assert verdict.stored_twice == []
     assert verdict.wrong_bytes == []
     assert verdict.multi_image_tasks > 0, "the storm covers tasks with several images"
