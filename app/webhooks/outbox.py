@@ -227,15 +227,19 @@ async def prune_deliveries(db: AsyncConnection, *, before: datetime, limit: int)
 
     Runs before the events' pruning, which keeps an event while any delivery of it
     remains: a pending delivery (still in its schedule) is never pruned, nor its event.
+    The picked rows stay locked to the end (a redelivery putting one back in the
+    queue meanwhile is left alone, and one that did so first keeps it pending).
     """
+    settled = and_(DELIVERIES.c.created_at < before, DELIVERIES.c.status != PENDING)
     oldest = [
         row.id
         for row in (
             await db.execute(
                 select(DELIVERIES.c.id)
-                .where(DELIVERIES.c.created_at < before, DELIVERIES.c.status != PENDING)
+                .where(settled)
                 .order_by(DELIVERIES.c.created_at)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             )
         ).all()
     ]

@@ -20,6 +20,7 @@ from svix.webhooks import Webhook as SvixWebhook
 
 from app.models import utcnow
 from app.webhooks import outbox
+from app.webhooks import repository as webhook_repository
 from app.webhooks.delivery import Deliverer, Sender
 from tests.api.test_webhooks import Stack, build_stack, hook
 from tests.conftest import make_settings
@@ -367,6 +368,47 @@ async def test_deliveries_and_attempts_go_with_retention(
     assert (first, rest) == (2, 1)
     assert await stack.service.sql("SELECT id FROM webhook_deliveries") == []
     assert await stack.service.sql("SELECT id FROM webhook_attempts") == []
+
+
+async def test_a_redelivery_under_way_outlives_a_prune_of_its_delivery(
+    stack: Stack, receiver: httpx.AsyncClient
+) -> None:
+    """A redelivery that has put a settled delivery back in the queue, not yet committed
+    when retention picks that delivery to delete, keeps it: the prune leaves what it
+    cannot lock (PostgreSQL) or waits for the write lock (SQLite), and takes only what
+    is still settled once it looks."""
+    await create(stack, url=f"{receiver.base_url}/again", event_types=["task.created"])
+    await stack.submit()
+    await deliver_due(stack)
+    [[delivery_id, event_id, task_id, owner]] = await stack.service.sql(
+        "SELECT id, event_id, task_id, owner FROM webhook_deliveries"
+    )
+    engine = stack.service.runtime.engine
+    future = utcnow() + timedelta(days=1)
+    async with engine.connect() as redelivering:
+        transaction = await redelivering.begin()
+        queued = await webhook_repository.redeliver(
+            redelivering,
+            event_id=event_id,
+            kind="task.created",
+            task_id=task_id,
+            owner=owner,
+            now=utcnow(),
+        )
+        assert queued == 1
+
+        async def prune() -> int:
+            async with engine.begin() as db:
+                return await outbox.prune_deliveries(db, before=future, limit=10)
+
+        pruning = asyncio.create_task(prune())
+        await asyncio.sleep(0.5)  # the prune picks its rows while the redelivery is open
+        await transaction.commit()
+    assert await pruning == 0
+    assert await stack.service.sql("SELECT id, status FROM webhook_deliveries") == [
+        (delivery_id, "pending")
+    ]
+    assert len(await stack.service.sql("SELECT id FROM webhook_attempts")) == 1
 
 
 async def test_an_endpoint_failing_too_long_is_disabled(
