@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
@@ -91,6 +92,14 @@ class Task(SQLModel, table=True):
         Index("ix_tasks_status_created", "status", "created_at", "id"),
         Index("ix_tasks_image_status_created", "image_status", "created_at", "id"),
         Index("ix_tasks_next_poll_at", "next_poll_at"),
+        # The confirmation claim's own: straight to the tasks a callback asked about,
+        # not through every routine poll due before them (an outage's backlog).
+        Index(
+            "ix_tasks_confirm_due",
+            "next_poll_at",
+            postgresql_where=text("confirm_requested_at IS NOT NULL"),
+            sqlite_where=text("confirm_requested_at IS NOT NULL"),
+        ),
         # The console's overview: what completed, failed and was stored in a window.
         Index("ix_tasks_completed_at", "completed_at"),
     )

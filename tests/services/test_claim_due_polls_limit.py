@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
@@ -94,3 +95,56 @@ async def test_a_poll_claim_holds_its_limit_whatever_join_the_planner_picks(
     async with engine.connect() as db:
         ids = (await db.execute(text("SELECT id FROM tasks"))).scalars().all()
     assert sorted(claimed + oldest) == sorted(ids)
+
+
+async def confirmation_claim_plan(engine: AsyncEngine) -> tuple[list[str], str]:
+    """A confirmation-only claim's leased ids, and the database's plan for its statement."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        _, _, statement, parameters, _, _ = args
+        if "UPDATE tasks" in statement:  # not SQLite's BEGIN IMMEDIATE
+            sent.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with engine.begin() as db:
+            claims = await repository.claim_due_polls(
+                db,
+                now=utcnow(),
+                lease=timedelta(seconds=60),
+                spacing=timedelta(0),
+                limit=64,
+                confirmations_only=True,
+            )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = sent
+    explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+    async with engine.connect() as db:
+        rows = (await db.exec_driver_sql(explain + statement, parameters)).all()
+    return [c.id for c in claims], "\n".join(str(row[-1]) for row in rows)
+
+
+async def test_a_confirmation_claim_goes_straight_to_the_tasks_asking_for_one(
+    engine: AsyncEngine,
+) -> None:
+    """Hundreds of tasks due for a routine poll (a provider outage's backlog) and three
+    callbacks asking for a confirmation: the confirmation claim reads the three by an
+    index of their own, not every due poll that comes before them."""
+    await due_tasks(engine, 400)
+    now = utcnow()
+    asking = []
+    async with create_session_factory(engine)() as session:
+        for _ in range(3):
+            task = await make_task(
+                session, status="processing", next_poll_at=now, confirm_requested_at=now
+            )
+            asking.append(task.id)
+    async with engine.begin() as db:
+        # With statistics, as PostgreSQL's autovacuum keeps them (SQLite's planner
+        # without them prefers the status index: every active task).
+        await db.execute(text("ANALYZE tasks"))
+    claimed, plan = await confirmation_claim_plan(engine)
+    assert sorted(claimed) == sorted(asking)
+    assert "ix_tasks_confirm_due" in plan, plan
