@@ -16,6 +16,7 @@ import structlog
 
 from app import activity, metrics, repository
 from app.config import Settings
+from app.db import refresh_statistics
 from app.events import repository as event_repository
 from app.models import utcnow
 from app.outage import SCHEMA, OutageLog, diagnose_database_error
@@ -290,7 +291,7 @@ class BackgroundWorker:
 
     async def _prune(self) -> None:
         """Delete callback deliveries, task activity, idempotency records, events and webhook
-        deliveries past their retention."""
+        deliveries past their retention; then refresh SQLite's planner statistics."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
@@ -319,6 +320,7 @@ class BackgroundWorker:
         }
         if any(pruned.values()):
             log.info("retention_pruned", **pruned)
+        await refresh_statistics(self._runtime.engine)
 
     async def _prune_table(self, prune: repository.Pruner, before: datetime) -> int:
         """Batch after batch, each in its own short transaction, with a pause between."""
