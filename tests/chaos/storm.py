@@ -458,6 +458,14 @@ async def verify(
             for line in cluster.service_logs()
             if line.get("level") in ("warning", "error", "critical")
         )
+    # With every replica up the forwarder never answers itself; when it did, why.
+    problems.extend(
+        f"the forwarder answered {r.status} to {r.method} {r.path} (replica {r.replica}, "
+        f"{r.request_id}): {r.error}; the replica logged "
+        f"{cluster.service_logs(request_id=r.request_id)}"
+        for r in cluster.proxy.records
+        if not r.from_replica and not r.degraded
+    )
     dropped = [t for t in tasks if t.drop]
     for task in dropped:
         row = by_index.get(task.index)
