@@ -71,15 +71,14 @@ async def delete_picked(
 SQLITE_ANALYSIS_ROWS = 1000
 
 
-async def refresh_statistics(engine: AsyncEngine) -> bool:
-    """Bring SQLite's planner statistics up to date; False on PostgreSQL, whose
+async def refresh_statistics(engine: AsyncEngine) -> None:
+    """Bring SQLite's planner statistics up to date; nothing on PostgreSQL, whose
     autovacuum keeps its own."""
     if engine.dialect.name != "sqlite":
-        return False
+        return
     async with engine.begin() as db:
         await db.exec_driver_sql(f"PRAGMA analysis_limit = {SQLITE_ANALYSIS_ROWS}")
         await db.exec_driver_sql("ANALYZE")
-    return True
 
 
 # The oldest databases every statement here runs on: SQLite 3.35 brought RETURNING

@@ -230,13 +230,12 @@ async def prune_deliveries(db: AsyncConnection, *, before: datetime, limit: int)
     The picked rows stay locked to the end (a redelivery putting one back in the
     queue meanwhile is left alone, and one that did so first keeps it pending).
     """
-    settled = and_(DELIVERIES.c.created_at < before, DELIVERIES.c.status != PENDING)
     oldest = [
         row.id
         for row in (
             await db.execute(
                 select(DELIVERIES.c.id)
-                .where(settled)
+                .where(DELIVERIES.c.created_at < before, DELIVERIES.c.status != PENDING)
                 .order_by(DELIVERIES.c.created_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
