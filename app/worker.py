@@ -162,6 +162,11 @@ class BackgroundWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping.is_set():
+                    # The stop's cancel, come back from a connection it broke as another
+                    # error (a refused rollback): the round was stopped, not failed.
+                    log.debug("loop_stopped_mid_round", loop=name, error=repr(exc))
+                    return
                 await self._failed(exc, "loop_failed", loop=name)
                 wait = max(interval, 1.0)
             else:

@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import PendingRollbackError
+from structlog.testing import capture_logs
 
 from app import activity, repository
 from app.config import Settings, SettingsError
 from app.models import IdempotencyRecord, utcnow
+from app.webhooks import outbox
 from app.worker import BackgroundWorker
 from tests.conftest import Service, make_settings
 from tests.factories import make_task
@@ -262,3 +265,34 @@ async def test_a_stop_during_a_prune_that_absorbs_the_cancel_still_stops(
     await worker.start()
     await asyncio.wait_for(pruning.wait(), timeout=30)
     await asyncio.wait_for(worker.stop(), timeout=30)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stop_whose_cancel_a_driver_turns_into_an_error_is_no_failure(
+    service_factory: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel landing inside a statement can come back from the connection as another
+    error (a rollback refused on a connection the cancel broke): at a stop, that is the
+    stop, not a loop failure for the operator to chase."""
+    service = await build(service_factory, settings)
+    claiming = asyncio.Event()
+
+    async def broken_by_the_cancel(*_: Any, **__: Any) -> list[Any]:
+        claiming.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise PendingRollbackError(
+                "Can't reconnect until invalid transaction is rolled back"
+            ) from None
+        return []
+
+    worker = BackgroundWorker(service.runtime)
+    with capture_logs() as logs:
+        await worker.start()
+        monkeypatch.setattr(outbox, "claim_due", broken_by_the_cancel)
+        worker._written.ring(None)  # as an event notice does
+        await asyncio.wait_for(claiming.wait(), timeout=30)
+        await asyncio.wait_for(worker.stop(), timeout=30)
+    assert [line for line in logs if line["log_level"] in ("warning", "error")] == []
+    assert [line["event"] for line in logs][-1] == "worker_stopped"
