@@ -208,6 +208,9 @@ class IdempotencyRecord(SQLModel, table=True):
     """A caller's Idempotency-Key, bound to the request it first came with."""
 
     __tablename__ = "idempotency_records"
+    # Retention reaches the expired records by age, oldest first: the key says nothing
+    # of it.
+    __table_args__ = (Index("ix_idempotency_records_created_at", "created_at"),)
 
     owner: str = Field(primary_key=True, max_length=64)
     key: str = Field(primary_key=True, max_length=255)

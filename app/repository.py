@@ -1072,6 +1072,7 @@ async def prune_idempotency_records(db: AsyncConnection, *, before: datetime, li
     rows = (
         select(IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key)
         .where(IDEMPOTENCY.c.created_at < before, ~still_submitting.exists())
+        .order_by(IDEMPOTENCY.c.created_at)
         .limit(limit)
     )
     return await delete_picked(db, IDEMPOTENCY, [IDEMPOTENCY.c.owner, IDEMPOTENCY.c.key], rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import PendingRollbackError
 from structlog.testing import capture_logs
 
@@ -296,3 +296,61 @@ async def test_a_stop_whose_cancel_a_driver_turns_into_an_error_is_no_failure(
         await asyncio.wait_for(worker.stop(), timeout=30)
     assert [line for line in logs if line["log_level"] in ("warning", "error")] == []
     assert [line["event"] for line in logs][-1] == "worker_stopped"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_idempotency_prune_reads_the_oldest_records_by_an_index(
+    service_factory: Any, settings: Settings
+) -> None:
+    """Idempotency records are keyed by caller and key, not by age: a batch of the
+    prune reaches the expired ones by an index on their age, oldest first, instead of
+    reading every record (millions, for a busy caller) for each batch of a thousand."""
+    service = await build(service_factory, settings)
+    engine = service.runtime.engine
+    now = utcnow()
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed")
+    recent = [
+        {
+            "owner": "tests",
+            "key": f"recent-{n:05}",
+            "request_sha256": "0" * 64,
+            "task_id": task.id,
+            "created_at": now - timedelta(minutes=n % 600),
+        }
+        for n in range(3000)
+    ]
+    # Written youngest first, with keys that sort the other way: neither the order
+    # they were written in nor the key's order is their age's.
+    expired = [
+        {**recent[0], "key": f"expired-{age}", "created_at": now - timedelta(days=age)}
+        for age in (8, 9, 10, 11)
+    ]
+    async with engine.begin() as db:
+        await db.execute(IdempotencyRecord.__table__.insert(), recent + expired)  # type: ignore[attr-defined]
+        await db.execute(text("ANALYZE idempotency_records"))
+    sent: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        _, _, statement, parameters, _, _ = args
+        if "DELETE FROM idempotency_records" in statement:
+            sent.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with engine.begin() as db:
+            deleted = await repository.prune_idempotency_records(
+                db, before=now - timedelta(days=7), limit=2
+            )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    assert deleted == 2
+    left = await service.sql("SELECT key FROM idempotency_records WHERE key LIKE 'expired-%'")
+    assert sorted(row[0] for row in left) == ["expired-8", "expired-9"]
+    [(statement, parameters)] = sent
+    explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+    async with engine.connect() as db:
+        plan = "\n".join(
+            str(row[-1]) for row in await db.exec_driver_sql(explain + statement, parameters)
+        )
+    assert "ix_idempotency_records_created_at" in plan, plan
