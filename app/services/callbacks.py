@@ -122,7 +122,7 @@ async def receive_callback(
         async with transaction(db):
             # The transition is told on the request's line, not on a line of its own.
             applied = await apply_snapshot(
-                db, task_id, snapshot, now=now, poll_after=poll_after, state=state, quiet=True
+                db, task_id, snapshot, now=now, poll_after=poll_after, state=state
             )
             outcome = applied.outcome
             await record(db, outcome)

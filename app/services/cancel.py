@@ -11,7 +11,7 @@ from app.config import Settings
 from app.db import SessionFactory
 from app.errors import BadGateway, Conflict, DomainError, NotFound, ServiceUnavailable
 from app.models import TaskStatus, utcnow
-from app.services.snapshots import Applied, Outcome, apply_snapshot
+from app.services.snapshots import Applied, Outcome, apply_snapshot, log_transition
 from app.upstream import (
     StarMagicClient,
     UpstreamCancelUnsupported,
@@ -70,6 +70,8 @@ async def cancel_task(
             now=utcnow(),
             poll_after=timedelta(seconds=settings.reconcile_after_seconds),
         )
+    if applied.outcome is Outcome.APPLIED:
+        log_transition(applied.state)
     if applied.outcome is Outcome.MISMATCH:
         raise BadGateway(
             f"StarMagic answered the cancel with another task ({snapshot.upstream_id}); "

@@ -385,6 +385,8 @@ class Reconciler:
                 await self._apply_answers([answer], together=False)
             return
         for (task, snapshot), (result, waiting) in zip(answers, applied, strict=True):
+            if result.outcome is Outcome.APPLIED:
+                log_transition(result.state)  # told once committed: a failed batch's are not
             log.info(
                 "task_polled",
                 task_id=task.id,
@@ -427,8 +429,6 @@ class Reconciler:
             together[task.id] = (Applied(decision.outcome, decision.state), False)
             detail = _answered(task, snapshot, decision.outcome)
             notes.append(activity.row(task.id, activity.Kind.QUERY, "ok", at=now, detail=detail))
-            if decision.outcome is Outcome.APPLIED:
-                log_transition(decision.state)
         await activity.note_many(db, notes)
         return together
 

@@ -217,7 +217,8 @@ def image_rows(
 
 
 def log_transition(state: TaskState) -> None:
-    """The line a move of the task writes (unless the caller's own line tells it)."""
+    """The line a committed move of the task writes (unless the caller's own line
+    tells it)."""
     log.info(
         "task_transition",
         task_id=state.id,
@@ -235,12 +236,12 @@ async def apply_snapshot(
     now: datetime,
     poll_after: timedelta,
     state: TaskState | None = None,
-    quiet: bool = False,
 ) -> Applied:
     """Move the task forward if, and only if, the snapshot is news.
 
-    `state` saves a read when the caller has just loaded it in this transaction;
-    `quiet` leaves the `task_transition` line to the caller's own line (the webhook's).
+    `state` saves a read when the caller has just loaded it in this transaction. The
+    move is the caller's to tell (`log_transition`, or its own line), once it has
+    committed: a transaction that fails later takes the move back.
     """
     state = state or await repository.task_state(db, task_id)
     if state is None:
@@ -276,8 +277,6 @@ async def apply_snapshot(
             state = TaskState(
                 task.id, TaskStatus(task.status), task.progress, task.upstream_task_id
             )
-            if not quiet:
-                log_transition(state)
             return Applied(Outcome.APPLIED, state, task)
         reread = await repository.task_state(db, task_id)
         assert reread is not None  # tasks are never deleted

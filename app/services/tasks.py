@@ -272,9 +272,7 @@ async def _record_answer(
                 return Applied(Outcome.APPLIED, state, task)
         # Nothing written yet: the state machine reads the row and decides.
         async with transaction(db):
-            applied = await apply_snapshot(
-                db, task_id, snapshot, now=now, poll_after=poll_after, quiet=True
-            )
+            applied = await apply_snapshot(db, task_id, snapshot, now=now, poll_after=poll_after)
             await activity.note(
                 db, task_id, activity.Kind.SUBMIT, "accepted", at=now, detail=answer
             )

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
 from app.config import Settings
 from tests.conftest import Service, make_settings
@@ -140,11 +141,17 @@ async def test_each_image_is_served_at_its_index(
 async def test_cancel_applies_the_providers_confirmation(
     service_factory: Any, settings: Settings
 ) -> None:
-    """The provider answers `cancelled`: the task is cancelled, and says why."""
+    """The provider answers `cancelled`: the task is cancelled, says why, and the move
+    is logged."""
     provider = Provider()
     service = await build(service_factory, settings, provider)
     task = (await service.client.post("/tasks", json={"prompt": "p"})).json()
-    response = await service.client.post(f"/tasks/{task['id']}/cancel")
+    with capture_logs() as logs:
+        response = await service.client.post(f"/tasks/{task['id']}/cancel")
+    moves = [
+        (line["task_id"], line["status"]) for line in logs if line["event"] == "task_transition"
+    ]
+    assert moves == [(task["id"], "cancelled")]
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
     assert response.json()["error"]["retryable"] is False

@@ -422,10 +422,8 @@ async def verify(
         if row["status"] in TERMINAL and terminal_events[row["id"]] != 1:
             problems.append(f"{row['id']} has {terminal_events[row['id']]} terminal events")
     if not crashes:
-        # The log lines say it too, but a kill can part a line from its commit either
-        # way: the reconciler's task_transition is written before its transaction
-        # commits (a kill then leaves the line, and the next poll writes another), a
-        # callback's or a give-up's after (a kill then leaves none).
+        # The log lines say it too: each move is told once it has committed, so a kill
+        # between the commit and the line leaves none (hence only without crashes).
         transitions = Counter(
             line["task_id"]
             for line in cluster.service_logs()

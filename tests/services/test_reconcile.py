@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import update
 from sqlmodel import col
+from structlog.testing import capture_logs
 
 from app import activity
 from app.callback_urls import sign
@@ -355,3 +356,38 @@ async def test_a_batch_that_fails_as_a_whole_applies_each_answer_alone(
     statuses = [(await harness.row(task_id, "status"))[0] for task_id in ids]
     assert statuses[0] == statuses[2] == "completed"
     assert statuses[1] != "completed"
+
+
+async def test_a_batch_that_fails_after_deciding_its_moves_tells_each_move_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose transaction fails after it decided its moves rolls them back:
+    only the moves its fallback commits are logged, one `task_transition` each."""
+    harness.service.runtime.confirms_in_process = False
+    ids = [await harness.submit(f"t{index}") for index in range(2)]
+    for task_id in ids:
+        (upstream_id,) = await harness.row(task_id, "upstream_task_id")
+        assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+        body = task_body("completed", upstream_id=upstream_id)
+        assert await harness.callback(task_id, body) == "confirming"
+    failures = 1
+
+    def failing_once(write: Any) -> Any:
+        async def write_or_fail(*args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise RuntimeError("the timeline cannot be written")
+            return await write(*args, **kwargs)
+
+        return write_or_fail
+
+    # The timeline row is written after the move (alone and together alike).
+    monkeypatch.setattr(activity, "note", failing_once(activity.note))
+    monkeypatch.setattr(activity, "note_many", failing_once(activity.note_many))
+    with capture_logs() as logs:
+        await harness.reconciler.confirm_due()
+    assert failures == 0
+    assert [(await harness.row(task_id, "status"))[0] for task_id in ids] == ["completed"] * 2
+    told = [line["task_id"] for line in logs if line["event"] == "task_transition"]
+    assert sorted(told) == sorted(ids)
