@@ -19,6 +19,7 @@ from sqlalchemy import (
     select,
     tuple_,
 )
+from sqlalchemy.dialects.sqlite.base import SQLiteCompiler
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -65,22 +66,6 @@ async def delete_picked(
     return len((await db.execute(statement)).all())
 
 
-# SQLite's planner chooses among indexes by statistics that nothing else keeps:
-# without them it walks the status index for the confirmation claim, not the
-# claim's own. A sampled ANALYZE (this many rows an index) costs milliseconds.
-SQLITE_ANALYSIS_ROWS = 1000
-
-
-async def refresh_statistics(engine: AsyncEngine) -> None:
-    """Bring SQLite's planner statistics up to date; nothing on PostgreSQL, whose
-    autovacuum keeps its own."""
-    if engine.dialect.name != "sqlite":
-        return
-    async with engine.begin() as db:
-        await db.exec_driver_sql(f"PRAGMA analysis_limit = {SQLITE_ANALYSIS_ROWS}")
-        await db.exec_driver_sql("ANALYZE")
-
-
 # The oldest databases every statement here runs on: SQLite 3.35 brought RETURNING
 # and `AS MATERIALIZED`, PostgreSQL 12 `AS MATERIALIZED` (`picked_once`, which every
 # poll claim, download claim and retention prune uses). Older ones are refused up
@@ -113,7 +98,18 @@ def _check_postgres_server(engine: AsyncEngine) -> None:
             )
 
 
+class _SQLiteCompiler(SQLiteCompiler):
+    """SQLite's compiler, with a table's hint (`Select.with_hint(..., "sqlite")`)
+    written after its name: `tasks INDEXED BY ix_...` pins a plan that SQLite's
+    planner would otherwise choose by statistics, or by none."""
+
+    def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+        return text
+
+
 def _prepare_sqlite(engine: AsyncEngine) -> None:
+    engine.dialect.statement_compiler = _SQLiteCompiler
+
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's BEGIN below be the only transaction control.

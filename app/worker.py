@@ -16,7 +16,6 @@ import structlog
 
 from app import activity, metrics, repository
 from app.config import Settings
-from app.db import refresh_statistics
 from app.events import repository as event_repository
 from app.models import utcnow
 from app.outage import SCHEMA, OutageLog, diagnose_database_error
@@ -296,7 +295,7 @@ class BackgroundWorker:
 
     async def _prune(self) -> None:
         """Delete callback deliveries, task activity, idempotency records, events and webhook
-        deliveries past their retention; then refresh SQLite's planner statistics."""
+        deliveries past their retention."""
         now = utcnow()
         pruned = {
             "callback_deliveries": await self._prune_table(
@@ -325,7 +324,6 @@ class BackgroundWorker:
         }
         if any(pruned.values()):
             log.info("retention_pruned", **pruned)
-        await refresh_statistics(self._runtime.engine)
 
     async def _prune_table(self, prune: repository.Pruner, before: datetime) -> int:
         """Batch after batch, each in its own short transaction, with a pause between."""
