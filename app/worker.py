@@ -43,6 +43,10 @@ PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.5
 
 
+# What a loop waits on between rounds, given the seconds until its next (None: sleep).
+Pause = Callable[[float], Awaitable[object]] | None
+
+
 def worker_name() -> str:
     """Unique per process: the owner of the leases it takes."""
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -77,6 +81,7 @@ class BackgroundWorker:
         self._prune_pause = prune_pause_seconds
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._in_round: set[asyncio.Task[None]] = set()  # loops running a round now
         self.downloader = Downloader(
             runtime.engine,
             runtime.fetcher,
@@ -108,23 +113,19 @@ class BackgroundWorker:
         removed = await self._runtime.storage.cleanup_spool(max(LEASE.total_seconds() * 8, 120))
         if removed:
             log.info("spool_cleaned", files=removed)
+        loops: list[tuple[str, Callable[[], Awaitable[float | None]], float, Pause]] = [
+            ("downloads", self._download_round, 0, self._completed.wait),
+            ("reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds, None),
+            ("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS, None),
+            ("webhooks", self._webhook_round, 0, self._after_webhook_round),
+            ("queue_stats", self._queue_stats, STATS_SECONDS, None),
+            ("retention", self._prune, PRUNE_INTERVAL_SECONDS, None),
+        ]
         self._loops = [
             asyncio.create_task(
-                self._forever("downloads", self._download_round, 0, self._completed.wait)
-            ),
-            asyncio.create_task(
-                self._forever(
-                    "reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds
-                )
-            ),
-            asyncio.create_task(
-                self._forever("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS)
-            ),
-            asyncio.create_task(
-                self._forever("webhooks", self._webhook_round, 0, self._after_webhook_round)
-            ),
-            asyncio.create_task(self._forever("queue_stats", self._queue_stats, STATS_SECONDS)),
-            asyncio.create_task(self._forever("retention", self._prune, PRUNE_INTERVAL_SECONDS)),
+                self._forever(name, round_, interval, pause or asyncio.sleep), name=name
+            )
+            for name, round_, interval, pause in loops
         ]
         log.info("worker_started", owner=self.downloader.owner)
 
@@ -132,8 +133,17 @@ class BackgroundWorker:
         """Stop claiming, let running downloads finish (bounded), give back the leases."""
         self._stopping.set()
         self._completions.close()
+        # A pausing loop is cancelled. A round under way is left to end at its next look
+        # at the stop: cancelled inside a statement, a connection can be left broken in
+        # its transaction (on SQLite, holding the write lock until it is collected).
         for loop in self._loops:
-            loop.cancel()
+            if loop not in self._in_round:
+                loop.cancel()
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=STOP_GRACE_SECONDS)
+            for loop in late:
+                log.warning("loop_cancelled_at_stop", loop=loop.get_name())
+                loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         running = [*self._running, *self._rendering, *self._sending]
         if running:
@@ -153,26 +163,27 @@ class BackgroundWorker:
         name: str,
         round_: Callable[[], Awaitable[float | None]],
         interval: float,
-        pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        pause: Callable[[float], Awaitable[object]],
     ) -> None:
+        this = asyncio.current_task()
+        assert this is not None
         while not self._stopping.is_set():
+            self._in_round.add(this)
             try:
                 wait = await round_()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._stopping.is_set():
-                    # The stop's cancel, come back from a connection it broke as another
-                    # error (a refused rollback): the round was stopped, not failed.
-                    log.debug("loop_stopped_mid_round", loop=name, error=repr(exc))
-                    return
                 await self._failed(exc, "loop_failed", loop=name)
                 wait = max(interval, 1.0)
             else:
                 self.database_outage.recovered()
+            finally:
+                self._in_round.discard(this)
             if self._stopping.is_set():
-                # The stop's cancel may have been swallowed inside the round (a database
-                # driver can): never pause, possibly for an hour, once stopping.
+                # Stopped during the round (or a cancel past the stop's grace was
+                # swallowed inside it, as a database driver can): never pause, possibly
+                # for an hour, once stopping.
                 return
             await pause(interval if wait is None else wait)
 

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.exc import PendingRollbackError
 from structlog.testing import capture_logs
 
 from app import activity, repository
+from app import worker as worker_module
 from app.config import Settings, SettingsError
 from app.models import IdempotencyRecord, utcnow
-from app.webhooks import outbox
 from app.worker import BackgroundWorker
 from tests.conftest import Service, make_settings
 from tests.factories import make_task
@@ -245,11 +244,12 @@ def test_retention_settings_have_defaults_and_refuse_zero(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_stop_during_a_prune_that_absorbs_the_cancel_still_stops(
+async def test_a_prune_past_the_stops_grace_is_cancelled_and_the_loop_still_ends(
     service_factory: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stop's cancel can land inside a database call that swallows it (aiosqlite can):
-    the retention loop still ends, instead of pausing an hour until its next pass."""
+    """A round still running when the stop's grace ends is cancelled, and said; the cancel
+    can land inside a database call that swallows it (aiosqlite can): the retention loop
+    still ends, instead of pausing an hour until its next pass."""
     service = await build(service_factory, settings)
     pruning = asyncio.Event()
 
@@ -261,41 +261,17 @@ async def test_a_stop_during_a_prune_that_absorbs_the_cancel_still_stops(
         return 0
 
     monkeypatch.setattr(repository, "prune_callback_deliveries", absorbing)
-    worker = BackgroundWorker(service.runtime)
-    await worker.start()
-    await asyncio.wait_for(pruning.wait(), timeout=30)
-    await asyncio.wait_for(worker.stop(), timeout=30)
-
-
-@pytest.mark.asyncio(loop_scope="session")
-async def test_a_stop_whose_cancel_a_driver_turns_into_an_error_is_no_failure(
-    service_factory: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cancel landing inside a statement can come back from the connection as another
-    error (a rollback refused on a connection the cancel broke): at a stop, that is the
-    stop, not a loop failure for the operator to chase."""
-    service = await build(service_factory, settings)
-    claiming = asyncio.Event()
-
-    async def broken_by_the_cancel(*_: Any, **__: Any) -> list[Any]:
-        claiming.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            raise PendingRollbackError(
-                "Can't reconnect until invalid transaction is rolled back"
-            ) from None
-        return []
-
+    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", 0.2)
     worker = BackgroundWorker(service.runtime)
     with capture_logs() as logs:
         await worker.start()
-        monkeypatch.setattr(outbox, "claim_due", broken_by_the_cancel)
-        worker._written.ring(None)  # as an event notice does
-        await asyncio.wait_for(claiming.wait(), timeout=30)
+        await asyncio.wait_for(pruning.wait(), timeout=30)
         await asyncio.wait_for(worker.stop(), timeout=30)
-    assert [line for line in logs if line["log_level"] in ("warning", "error")] == []
-    assert [line["event"] for line in logs][-1] == "worker_stopped"
+    said = [(line["event"], line.get("loop")) for line in logs if line["log_level"] == "warning"]
+    # Another loop may be late too: waiting on SQLite's write lock, which the prune holds.
+    assert ("loop_cancelled_at_stop", "retention") in said
+    assert {event for event, _ in said} == {"loop_cancelled_at_stop"}
+    assert "worker_stopped" in [line["event"] for line in logs]
 
 
 @pytest.mark.asyncio(loop_scope="session")
