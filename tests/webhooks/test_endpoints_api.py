@@ -402,7 +402,12 @@ async def test_a_redelivery_under_way_outlives_a_prune_of_its_delivery(
                 return await outbox.prune_deliveries(db, before=future, limit=10)
 
         pruning = asyncio.create_task(prune())
-        await asyncio.sleep(0.5)  # the prune picks its rows while the redelivery is open
+        if engine.dialect.name == "postgresql":
+            # It skips the row it cannot lock and ends with the redelivery still open
+            # (one that waited for the lock would run into the timeout, then delete).
+            await asyncio.wait({pruning}, timeout=10)
+        else:
+            await asyncio.sleep(0.5)  # the prune waits for the write lock meanwhile
         await transaction.commit()
     assert await pruning == 0
     assert await stack.service.sql("SELECT id, status FROM webhook_deliveries") == [
