@@ -47,9 +47,10 @@ def _lost_connection(exc: BaseException) -> bool:
 
 
 def _missing_schema(exc: BaseException) -> bool:
-    """A statement that failed because a table or column does not exist (SQLite, PostgreSQL)."""
+    """A statement that failed because a table, column or named index does not exist
+    (SQLite, PostgreSQL)."""
     text = str(getattr(exc, "orig", None) or exc).lower()
-    if "no such table" in text or "no such column" in text:
+    if any(f"no such {thing}" in text for thing in ("table", "column", "index")):
         return True
     return "does not exist" in text and ("relation" in text or "column" in text)
 
@@ -57,7 +58,7 @@ def _missing_schema(exc: BaseException) -> bool:
 async def diagnose_database_error(engine: AsyncEngine, exc: BaseException) -> Diagnosis | None:
     """Classify a failed database operation; None when it is neither outage nor schema (a bug).
 
-    Only a statement that failed for a missing table or column costs a look at
+    Only a statement that failed for a missing table, column or index costs a look at
     `alembic_version` (to tell an unmigrated database from a bug); lost connections
     and busy databases are not probed: the probe would only wait on the same server.
     """

@@ -36,7 +36,13 @@ CONFIRM_POLL_SECONDS = 0.25
 # that found nothing more due is not repeated sooner than this, however many ring.
 WEBHOOK_RECHECK_SECONDS = 0.01
 STATS_SECONDS = 15.0
+# A stop waits this long in all for the work under way: rounds, downloads, webhooks.
 STOP_GRACE_SECONDS = 20.0
+# A round under way gets this long to end at its next look at the stop, which its
+# statements take (cancelled inside one, a connection can be left in its transaction:
+# on SQLite, holding the write lock). Past it the round is waiting on the network (a
+# provider query) or on a database that does not answer, where a cancel breaks nothing.
+ROUND_GRACE_SECONDS = 2.0
 # Retention: one pass an hour, in batches small enough to hold locks only briefly.
 PRUNE_INTERVAL_SECONDS = 3600.0
 PRUNE_BATCH_ROWS = 1000
@@ -130,24 +136,25 @@ class BackgroundWorker:
         log.info("worker_started", owner=self.downloader.owner)
 
     async def stop(self) -> None:
-        """Stop claiming, let running downloads finish (bounded), give back the leases."""
+        """Stop claiming, let the work under way finish (bounded), give back the leases."""
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + STOP_GRACE_SECONDS
         self._stopping.set()
         self._completions.close()
-        # A pausing loop is cancelled. A round under way is left to end at its next look
-        # at the stop: cancelled inside a statement, a connection can be left broken in
-        # its transaction (on SQLite, holding the write lock until it is collected).
+        # A pausing loop is cancelled at once; a round under way is given a moment.
         for loop in self._loops:
             if loop not in self._in_round:
                 loop.cancel()
         if self._loops:
-            _, late = await asyncio.wait(self._loops, timeout=STOP_GRACE_SECONDS)
+            _, late = await asyncio.wait(self._loops, timeout=ROUND_GRACE_SECONDS)
             for loop in late:
-                log.warning("loop_cancelled_at_stop", loop=loop.get_name())
+                log.info("loop_cancelled_at_stop", loop=loop.get_name())
                 loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+            await asyncio.gather(*self._loops, return_exceptions=True)
         running = [*self._running, *self._rendering, *self._sending]
         if running:
-            _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+            left = max(0.0, deadline - clock.time())
+            _, pending = await asyncio.wait(running, timeout=left)
             for job in pending:
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -206,6 +213,8 @@ class BackgroundWorker:
                 limit=free,
                 running=list(self._running.values()),
             )
+        if self._stopping.is_set():
+            return 0.0  # claimed as the stop came: the stop gives the leases back
         for job in jobs:
             self._spawn(job)
         return 0.0 if len(jobs) == free else self._poll_seconds
@@ -223,6 +232,8 @@ class BackgroundWorker:
                 lease=self.deliverer.lease,
                 limit=free,
             )
+        if self._stopping.is_set():
+            return 0.0  # claimed as the stop came: the stop gives the leases back
         for job in jobs:
             task = asyncio.create_task(self.deliverer.run(job))
             self._sending.add(task)
@@ -293,7 +304,8 @@ class BackgroundWorker:
         """Start batches of due confirmations until none is left or there is no room;
         their queries run on while the next batch starts (a slow one holds back nobody)."""
         while (
-            await self._runtime.reconciler.start_confirmations() >= CONFIRM_BATCH
+            await self._runtime.reconciler.start_confirmations(self._stopping.is_set)
+            >= CONFIRM_BATCH
             and not self._stopping.is_set()
         ):
             pass

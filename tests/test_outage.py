@@ -7,14 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 
 from app.cli import run_migrations
 from app.events import bus as bus_module
 from app.events.bus import EventBus
+from app.models import utcnow
 from app.outage import SCHEMA, UNREACHABLE, OutageLog
 from app.runtime import Runtime
+from app.schema_version import ROOT
 from app.worker import BackgroundWorker
 from tests.conftest import LogLines, make_settings
+from tests.factories import make_task
 from tests.postgres import dsn, in_thread
 
 
@@ -121,6 +126,34 @@ async def test_worker_loops_log_an_unmigrated_database_once_then_its_recovery(
         if "exception" in e
         or (e["level"] == "error" and not e["event"].startswith("database_outage"))
     ]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_database_a_revision_behind_is_told_as_a_schema_problem(
+    tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """A database one revision behind lacks an index a claim names (SQLite: `no such
+    index`): the loop says to migrate, not that the database is unreachable."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'behind.db'}"
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    await asyncio.to_thread(in_thread, command.upgrade, config, "0010")
+    runtime = Runtime.build(make_settings(url, tmp_path))
+    async with runtime.sessions() as session:
+        now = utcnow()
+        await make_task(session, status="processing", next_poll_at=now, confirm_requested_at=now)
+    worker = BackgroundWorker(runtime, download_poll_seconds=600)
+    await worker.start()
+    try:
+        await _until(lambda: len(outage_events(capture_logs)) >= 1)
+    finally:
+        await worker.stop()
+        await runtime.aclose()
+    [started] = [e for e in capture_logs() if e["event"] == "database_outage_started"]
+    assert started["kind"] == SCHEMA, started
+    assert "imagetasks migrate" in started["reason"]
 
 
 @pytest.mark.asyncio(loop_scope="session")

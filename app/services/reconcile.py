@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -127,9 +127,11 @@ class Reconciler:
         """Claim one batch of due confirmations and poll them; the number polled."""
         return await self._claim_and_poll(CONFIRM_BATCH, confirmations_only=True)
 
-    async def start_confirmations(self) -> int:
+    async def start_confirmations(self, stopped: Callable[[], bool] = lambda: False) -> int:
         """Claim due confirmations as room allows and poll them in the background;
-        the number claimed. A slow query holds only its own claim, not the next batch."""
+        the number claimed. A slow query holds only its own claim, not the next batch.
+        Claimed as the caller `stopped`, they start no query: their leases run out and
+        the tasks are due again."""
         room = min(CONFIRM_BATCH, CONFIRMS_IN_FLIGHT - self._in_flight)
         if room <= 0:
             # Every query is out: the last claim's finding stands (a slow provider is
@@ -143,7 +145,7 @@ class Reconciler:
             self.behind = False
             raise
         self.behind = len(claims) == room
-        if claims:
+        if claims and not stopped():
             self._in_flight += len(claims)
             self._background(self._poll_all(claims, counted=True), "confirm_batch_failed")
         return len(claims)

@@ -9,16 +9,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.engine import make_url
-from structlog.testing import capture_logs
 
+from app import repository
+from app import worker as worker_module
 from app.models import utcnow
 from app.webhooks import outbox
 from app.worker import BackgroundWorker
-from tests.conftest import make_settings
+from tests.conftest import LogLines, Service, make_settings
 from tests.factories import make_image, make_task
 from tests.helpers import simulator_transport
+from tests.services.test_downloads import ScriptedFetcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -43,7 +46,11 @@ def sqlite_write_lock_free(database_url: str) -> bool:
 
 
 async def test_a_stop_during_a_statement_lets_it_finish_then_gives_back_the_leases(
-    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    service_factory: Any,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capture_logs: LogLines,
 ) -> None:
     """The stop comes while the webhook loop's claim runs a statement: cancelled there,
     SQLite's connection kept its transaction and the write lock (every writer then
@@ -70,16 +77,119 @@ async def test_a_stop_during_a_statement_lets_it_finish_then_gives_back_the_leas
         finished.set()
         return []
 
-    with capture_logs() as logs:
-        await worker.start()
-        monkeypatch.setattr(outbox, "claim_due", slow_claim)
-        worker._written.ring(None)  # as an event notice does
-        await asyncio.wait_for(claiming.wait(), timeout=30)
-        await asyncio.wait_for(worker.stop(), timeout=30)
+    await worker.start()
+    monkeypatch.setattr(outbox, "claim_due", slow_claim)
+    worker._written.ring(None)  # as an event notice does
+    await asyncio.wait_for(claiming.wait(), timeout=30)
+    await asyncio.wait_for(worker.stop(), timeout=30)
+    logs = capture_logs()
     assert finished.is_set()
-    assert [line for line in logs if line["log_level"] in ("warning", "error")] == []
+    assert [line for line in logs if line["level"] in ("warning", "error")] == []
     [stopped] = [line for line in logs if line["event"] == "worker_stopped"]
     assert stopped["released_leases"] == 1
     assert await service.sql("SELECT lease_owner FROM images") == [(None,)]
     if database_url.startswith("sqlite"):
         assert sqlite_write_lock_free(database_url)
+
+
+def silent_provider() -> httpx.MockTransport:
+    """A provider that takes every query and never answers."""
+
+    async def never(_: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return httpx.MockTransport(never)
+
+
+async def due_for_a_poll(service: Service) -> None:
+    async with service.runtime.sessions() as session:
+        await make_task(session, status="processing", next_poll_at=utcnow())
+
+
+async def test_a_round_waiting_on_the_provider_does_not_hold_the_stop(
+    service_factory: Any, database_url: str, tmp_path: Path, capture_logs: LogLines
+) -> None:
+    """The reconciler waits on a provider that does not answer (its queries may take
+    30 s): past a short grace the round is cancelled (a network wait, where a cancel
+    breaks nothing), not waited on for the whole of the stop's time."""
+    service = await service_factory(make_settings(database_url, tmp_path), silent_provider())
+    await due_for_a_poll(service)
+    worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
+    await worker.start()
+    for _ in range(600):
+        if await service.sql("SELECT 1 FROM tasks WHERE poll_claimed_at IS NOT NULL"):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(worker.stop(), timeout=worker_module.STOP_GRACE_SECONDS / 2)
+    logs = capture_logs()
+    cancelled = [line["loop"] for line in logs if line["event"] == "loop_cancelled_at_stop"]
+    assert cancelled == ["reconciler"]
+    assert "worker_stopped" in [line["event"] for line in logs]
+
+
+async def test_a_download_claimed_as_the_stop_comes_is_not_started_and_is_given_back(
+    service_factory: Any,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capture_logs: LogLines,
+) -> None:
+    """The stop comes while the download loop's claim is under way: the round ends
+    without starting what it claimed, and the stop gives the lease back."""
+    transport, _ = simulator_transport()
+    service = await service_factory(make_settings(database_url, tmp_path), transport)
+    fetcher = ScriptedFetcher([b"never fetched"])
+    monkeypatch.setattr(service.runtime, "fetcher", fetcher)
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed")
+        await make_image(session, task.id)
+    claiming, go_on = asyncio.Event(), asyncio.Event()
+    claim_due_downloads = repository.claim_due_downloads
+
+    async def held_claim(*args: Any, **kwargs: Any) -> Any:
+        claiming.set()
+        await go_on.wait()  # the statement, still running when the stop comes
+        return await claim_due_downloads(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "claim_due_downloads", held_claim)
+    worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
+    await worker.start()
+    await asyncio.wait_for(claiming.wait(), timeout=30)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)  # the stop has begun
+    go_on.set()
+    await asyncio.wait_for(stopping, timeout=30)
+    logs = capture_logs()
+    assert fetcher.urls == []
+    [stopped] = [line for line in logs if line["event"] == "worker_stopped"]
+    assert stopped["released_leases"] == 1
+    assert await service.sql("SELECT lease_owner FROM images") == [(None,)]
+
+
+async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round on a silent provider and a download that does not end: the stop's grace
+    covers both together, not one after the other."""
+    grace = 3.0
+    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
+    monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
+    service = await service_factory(make_settings(database_url, tmp_path), silent_provider())
+    fetcher = ScriptedFetcher([b"slow"], delay=3600)
+    monkeypatch.setattr(service.runtime, "fetcher", fetcher)
+    await due_for_a_poll(service)
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed")
+        await make_image(session, task.id)
+    worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
+    await worker.start()
+    for _ in range(600):
+        if fetcher.urls and await service.sql(
+            "SELECT 1 FROM tasks WHERE poll_claimed_at IS NOT NULL"
+        ):
+            break
+        await asyncio.sleep(0.05)
+    # One grace and some room for a busy machine; two graces in a row would not fit.
+    await asyncio.wait_for(worker.stop(), timeout=grace * 1.8)
+    assert fetcher.finished == 0

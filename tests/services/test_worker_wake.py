@@ -200,7 +200,7 @@ async def test_variants_wait_for_their_first_request_while_confirmations_are_beh
     monkeypatch.setattr(stack.service.runtime, "fetcher", ScriptedFetcher([png(600, 300)]))
     reconciler = stack.service.runtime.reconciler
 
-    async def always_behind() -> int:
+    async def always_behind(*_: Any) -> int:
         reconciler.behind = True  # as the loop finds it with more due than it can take
         return 0
 
