@@ -202,6 +202,9 @@ def capture_logs(tmp_path: Path) -> Iterator[LogLines]:
     configure_logging(
         make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", tmp_path, log_format="json")
     )
+    # A logger cached now would keep this configuration for good, out of the reach of
+    # later tests' `structlog.testing.capture_logs`.
+    structlog.configure(cache_logger_on_first_use=False)
     stream = io.StringIO()
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
