@@ -83,6 +83,10 @@ def _ts(*, nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
+# The tasks a callback asked to confirm: all that ix_tasks_confirm_due holds.
+_CONFIRM_REQUESTED = text("confirm_requested_at IS NOT NULL")
+
+
 class Task(SQLModel, table=True):
     """One image generation, from the caller's request to the stored images."""
 
@@ -97,8 +101,8 @@ class Task(SQLModel, table=True):
         Index(
             "ix_tasks_confirm_due",
             "next_poll_at",
-            postgresql_where=text("confirm_requested_at IS NOT NULL"),
-            sqlite_where=text("confirm_requested_at IS NOT NULL"),
+            postgresql_where=_CONFIRM_REQUESTED,
+            sqlite_where=_CONFIRM_REQUESTED,
         ),
         # The console's overview: what completed, failed and was stored in a window.
         Index("ix_tasks_completed_at", "completed_at"),

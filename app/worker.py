@@ -49,8 +49,8 @@ PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.5
 
 
-# What a loop waits on between rounds, given the seconds until its next (None: sleep).
-Pause = Callable[[float], Awaitable[object]] | None
+# What a loop waits on between rounds, given the seconds until its next.
+Pause = Callable[[float], Awaitable[object]]
 
 
 def worker_name() -> str:
@@ -119,18 +119,17 @@ class BackgroundWorker:
         removed = await self._runtime.storage.cleanup_spool(max(LEASE.total_seconds() * 8, 120))
         if removed:
             log.info("spool_cleaned", files=removed)
+        sleep = asyncio.sleep
         loops: list[tuple[str, Callable[[], Awaitable[float | None]], float, Pause]] = [
             ("downloads", self._download_round, 0, self._completed.wait),
-            ("reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds, None),
-            ("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS, None),
+            ("reconciler", self._reconcile_round, self._settings.reconcile_interval_seconds, sleep),
+            ("confirmations", self._confirm_round, CONFIRM_POLL_SECONDS, sleep),
             ("webhooks", self._webhook_round, 0, self._after_webhook_round),
-            ("queue_stats", self._queue_stats, STATS_SECONDS, None),
-            ("retention", self._prune, PRUNE_INTERVAL_SECONDS, None),
+            ("queue_stats", self._queue_stats, STATS_SECONDS, sleep),
+            ("retention", self._prune, PRUNE_INTERVAL_SECONDS, sleep),
         ]
         self._loops = [
-            asyncio.create_task(
-                self._forever(name, round_, interval, pause or asyncio.sleep), name=name
-            )
+            asyncio.create_task(self._forever(name, round_, interval, pause), name=name)
             for name, round_, interval, pause in loops
         ]
         log.info("worker_started", owner=self.downloader.owner)
@@ -170,7 +169,7 @@ class BackgroundWorker:
         name: str,
         round_: Callable[[], Awaitable[float | None]],
         interval: float,
-        pause: Callable[[float], Awaitable[object]],
+        pause: Pause,
     ) -> None:
         this = asyncio.current_task()
         assert this is not None
