@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.schema_version import ROOT
 from app.simulator import SimulatorConfig, create_simulator_app
 from app.simulator.faults import Fault
 
@@ -190,3 +194,39 @@ def offline_reconciler(factory: Any, settings: Any) -> Any:
 
     client = StarMagicClient(None, base_url="http://unused", api_key="unused")  # type: ignore[arg-type]
     return Reconciler(factory, client, settings)
+
+
+def alembic_config(url: str) -> Config:
+    """The project's Alembic configuration, aimed at `url` (to migrate to a revision)."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    return config
+
+
+T = TypeVar("T")
+
+
+async def with_plan(
+    engine: AsyncEngine, marker: str, act: Callable[[], Awaitable[T]]
+) -> tuple[T, str]:
+    """What `act` returns, and the database's plan (EXPLAIN) for the one statement it
+    sent that contains `marker`."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        _, _, statement, parameters, _, _ = args
+        if marker in statement:
+            sent.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        result = await act()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = sent
+    explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+    async with engine.connect() as db:
+        rows = (await db.exec_driver_sql(explain + statement, parameters)).all()
+    return result, "\n".join(str(row[-1]) for row in rows)

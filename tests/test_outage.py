@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 
 from app.cli import run_migrations
 from app.events import bus as bus_module
@@ -16,10 +15,10 @@ from app.events.bus import EventBus
 from app.models import utcnow
 from app.outage import SCHEMA, UNREACHABLE, OutageLog
 from app.runtime import Runtime
-from app.schema_version import ROOT
 from app.worker import BackgroundWorker
 from tests.conftest import LogLines, make_settings
 from tests.factories import make_task
+from tests.helpers import alembic_config
 from tests.postgres import dsn, in_thread
 
 
@@ -135,11 +134,7 @@ async def test_a_database_a_revision_behind_is_told_as_a_schema_problem(
     """A database one revision behind lacks an index a claim names (SQLite: `no such
     index`): the loop says to migrate, not that the database is unreachable."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'behind.db'}"
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logger"] = False
-    await asyncio.to_thread(in_thread, command.upgrade, config, "0010")
+    await asyncio.to_thread(in_thread, command.upgrade, alembic_config(url), "0010")
     runtime = Runtime.build(make_settings(url, tmp_path))
     async with runtime.sessions() as session:
         now = utcnow()

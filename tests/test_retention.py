@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from app import activity, repository
 from app import worker as worker_module
@@ -23,7 +23,7 @@ from app.models import IdempotencyRecord, utcnow
 from app.worker import BackgroundWorker
 from tests.conftest import LogLines, Service, make_settings
 from tests.factories import make_task
-from tests.helpers import simulator_transport
+from tests.helpers import simulator_transport, with_plan
 
 
 async def seed(service: Service, now: datetime) -> dict[str, str]:
@@ -307,28 +307,15 @@ async def test_an_idempotency_prune_reads_the_oldest_records_by_an_index(
     async with engine.begin() as db:
         await db.execute(IdempotencyRecord.__table__.insert(), recent + expired)  # type: ignore[attr-defined]
         await db.execute(text("ANALYZE idempotency_records"))
-    sent: list[tuple[str, Any]] = []
 
-    def capture(*args: Any) -> None:
-        _, _, statement, parameters, _, _ = args
-        if "DELETE FROM idempotency_records" in statement:
-            sent.append((statement, parameters))
-
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    try:
+    async def prune() -> int:
         async with engine.begin() as db:
-            deleted = await repository.prune_idempotency_records(
+            return await repository.prune_idempotency_records(
                 db, before=now - timedelta(days=7), limit=2
             )
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+
+    deleted, plan = await with_plan(engine, "DELETE FROM idempotency_records", prune)
     assert deleted == 2
     left = await service.sql("SELECT key FROM idempotency_records WHERE key LIKE 'expired-%'")
     assert sorted(row[0] for row in left) == ["expired-8", "expired-9"]
-    [(statement, parameters)] = sent
-    explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
-    async with engine.connect() as db:
-        plan = "\n".join(
-            str(row[-1]) for row in await db.exec_driver_sql(explain + statement, parameters)
-        )
     assert "ix_idempotency_records_created_at" in plan, plan

@@ -16,7 +16,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 from PIL import Image as PILImage
 
 from app.callback_urls import sign
@@ -24,24 +23,15 @@ from app.db import create_engine
 from app.fetch_errors import status_error
 from app.images import PNG, SNIFF_BYTES, TAIL_BYTES, EndMarker, looks_complete
 from app.models import utcnow
-from app.schema_version import ROOT
 from app.schemas import Snapshot
 from app.services.snapshots import image_rows
 from app.upstream import LINK_LIFETIME, parse_snapshot
 from tests.conftest import WEBHOOK_SECRET, make_settings
-from tests.helpers import task_body
+from tests.helpers import alembic_config, task_body
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 
 UPSTREAM_ID = "task-unified-1757156493-review01"
-
-
-def _alembic(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logger"] = False
-    return config
 
 
 async def _old_schema_rows(url: str) -> None:
@@ -86,7 +76,7 @@ async def _count_images(url: str) -> int:
 async def test_sqlite_upgrade_moves_existing_images(tmp_path: Path) -> None:
     """Upgrading a SQLite database that already holds tasks with images must not fail."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    config = _alembic(url)
+    config = alembic_config(url)
     await _in_thread(command.upgrade, config, "0001")
     await _old_schema_rows(url)
     await _in_thread(command.upgrade, config, "head")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository
 from app.db import create_engine, create_session_factory
 from app.models import utcnow
 from tests.factories import make_task
+from tests.helpers import with_plan
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -99,15 +99,8 @@ async def test_a_poll_claim_holds_its_limit_whatever_join_the_planner_picks(
 
 async def confirmation_claim_plan(engine: AsyncEngine) -> tuple[list[str], str]:
     """A confirmation-only claim's leased ids, and the database's plan for its statement."""
-    sent: list[tuple[str, Any]] = []
 
-    def capture(*args: Any) -> None:
-        _, _, statement, parameters, _, _ = args
-        if "UPDATE tasks" in statement:  # not SQLite's BEGIN IMMEDIATE
-            sent.append((statement, parameters))
-
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    try:
+    async def claim() -> list[str]:
         async with engine.begin() as db:
             claims = await repository.claim_due_polls(
                 db,
@@ -117,13 +110,10 @@ async def confirmation_claim_plan(engine: AsyncEngine) -> tuple[list[str], str]:
                 limit=64,
                 confirmations_only=True,
             )
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
-    [(statement, parameters)] = sent
-    explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
-    async with engine.connect() as db:
-        rows = (await db.exec_driver_sql(explain + statement, parameters)).all()
-    return [c.id for c in claims], "\n".join(str(row[-1]) for row in rows)
+        return [c.id for c in claims]
+
+    # "UPDATE tasks": the claim itself, not SQLite's BEGIN IMMEDIATE.
+    return await with_plan(engine, "UPDATE tasks", claim)
 
 
 async def test_a_confirmation_claim_goes_straight_to_the_tasks_asking_for_one(

@@ -67,6 +67,16 @@ class Harness:
         outcome: str = response.json()["outcome"]
         return outcome
 
+    async def asked_to_confirm(self, prompt: str) -> str:
+        """A task completed at the provider whose callback now waits for the worker's
+        confirmation (confirmations off the request path); its id."""
+        task_id = await self.submit(prompt)
+        (upstream_id,) = await self.row(task_id, "upstream_task_id")
+        assert (await self.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
+        body = task_body("completed", upstream_id=upstream_id)
+        assert await self.callback(task_id, body) == "confirming"
+        return task_id
+
     async def wait_status(self, task_id: str, status: str, timeout: float = 20.0) -> None:
         """Poll the row until the task reaches `status` (bounded)."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -327,12 +337,7 @@ async def test_the_confirmation_batch_skips_tasks_that_are_only_quiet(harness: H
     harness.service.runtime.confirms_in_process = False
     quiet = await harness.submit("quiet")
     await harness.make_due(quiet)
-    asked = await harness.submit("asked")
-    (upstream_id,) = await harness.row(asked, "upstream_task_id")
-    assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
-    assert await harness.callback(asked, task_body("completed", upstream_id=upstream_id)) == (
-        "confirming"
-    )
+    asked = await harness.asked_to_confirm("asked")
     assert await harness.reconciler.confirm_due() == 1
     assert (await harness.row(asked, "status"))[0] == "completed"
     (quiet_upstream,) = await harness.row(quiet, "upstream_task_id")
@@ -345,12 +350,7 @@ async def test_a_batch_that_fails_as_a_whole_applies_each_answer_alone(
 ) -> None:
     """One answer that cannot be applied does not lose the others of its batch."""
     harness.service.runtime.confirms_in_process = False
-    ids = [await harness.submit(f"b{index}") for index in range(3)]
-    for task_id in ids:
-        (upstream_id,) = await harness.row(task_id, "upstream_task_id")
-        assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
-        body = task_body("completed", upstream_id=upstream_id)
-        assert await harness.callback(task_id, body) == "confirming"
+    ids = [await harness.asked_to_confirm(f"b{index}") for index in range(3)]
     break_applying(monkeypatch, ids[1], RuntimeError("this one cannot be applied"))
     assert await harness.reconciler.confirm_due() == 3
     statuses = [(await harness.row(task_id, "status"))[0] for task_id in ids]
@@ -364,12 +364,7 @@ async def test_a_batch_that_fails_after_deciding_its_moves_tells_each_move_once(
     """A batch whose transaction fails after it decided its moves rolls them back:
     only the moves its fallback commits are logged, one `task_transition` each."""
     harness.service.runtime.confirms_in_process = False
-    ids = [await harness.submit(f"t{index}") for index in range(2)]
-    for task_id in ids:
-        (upstream_id,) = await harness.row(task_id, "upstream_task_id")
-        assert (await harness.sim.post(f"/_sim/tasks/{upstream_id}/complete", json={})).is_success
-        body = task_body("completed", upstream_id=upstream_id)
-        assert await harness.callback(task_id, body) == "confirming"
+    ids = [await harness.asked_to_confirm(f"t{index}") for index in range(2)]
     failures = 1
 
     def failing_once(write: Any) -> Any:

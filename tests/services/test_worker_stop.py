@@ -19,6 +19,7 @@ from app.models import utcnow
 from app.webhooks import outbox
 from app.worker import BackgroundWorker
 from tests.conftest import LogLines, Service, make_settings
+from tests.e2e.stack import wait_for
 from tests.factories import make_image, make_task
 from tests.helpers import simulator_transport
 from tests.services.test_downloads import ScriptedFetcher
@@ -45,6 +46,50 @@ def sqlite_write_lock_free(database_url: str) -> bool:
         other.close()
 
 
+def silent_provider() -> httpx.MockTransport:
+    """A provider that takes every query and never answers."""
+
+    async def never(_: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return httpx.MockTransport(never)
+
+
+async def build(
+    service_factory: Any,
+    database_url: str,
+    tmp_path: Path,
+    provider: httpx.AsyncBaseTransport | None = None,
+) -> Service:
+    """The service, its provider the simulator unless given."""
+    transport = provider or simulator_transport()[0]
+    service: Service = await service_factory(make_settings(database_url, tmp_path), transport)
+    return service
+
+
+async def an_image(service: Service, **fields: Any) -> None:
+    """A completed task's image, due for its download unless `fields` say otherwise."""
+    async with service.runtime.sessions() as session:
+        task = await make_task(session, status="completed")
+        await make_image(session, task.id, **fields)
+
+
+async def due_for_a_poll(service: Service) -> None:
+    async with service.runtime.sessions() as session:
+        await make_task(session, status="processing", next_poll_at=utcnow())
+
+
+async def poll_claimed(service: Service) -> bool:
+    return bool(await service.sql("SELECT 1 FROM tasks WHERE poll_claimed_at IS NOT NULL"))
+
+
+async def assert_the_lease_was_given_back(service: Service, logs: list[dict[str, Any]]) -> None:
+    [stopped] = [line for line in logs if line["event"] == "worker_stopped"]
+    assert stopped["released_leases"] == 1
+    assert await service.sql("SELECT lease_owner FROM images") == [(None,)]
+
+
 async def test_a_stop_during_a_statement_lets_it_finish_then_gives_back_the_leases(
     service_factory: Any,
     database_url: str,
@@ -56,19 +101,15 @@ async def test_a_stop_during_a_statement_lets_it_finish_then_gives_back_the_leas
     SQLite's connection kept its transaction and the write lock (every writer then
     waited, the leases were not given back, the stop took 20 s). The round finishes
     its statement instead, and the loop ends at its next look at the stop."""
-    transport, _ = simulator_transport()
-    service = await service_factory(make_settings(database_url, tmp_path), transport)
+    service = await build(service_factory, database_url, tmp_path)
     worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
-    async with service.runtime.sessions() as session:
-        task = await make_task(session, status="completed")
-        # A download this worker holds (its next attempt far off: no loop claims it).
-        await make_image(
-            session,
-            task.id,
-            lease_owner=f"{worker.downloader.owner}/1",
-            lease_until=utcnow() + timedelta(minutes=5),
-            next_attempt_at=utcnow() + timedelta(hours=1),
-        )
+    # A download this worker holds (its next attempt far off: no loop claims it).
+    await an_image(
+        service,
+        lease_owner=f"{worker.downloader.owner}/1",
+        lease_until=utcnow() + timedelta(minutes=5),
+        next_attempt_at=utcnow() + timedelta(hours=1),
+    )
     claiming, finished = asyncio.Event(), asyncio.Event()
 
     async def slow_claim(db: Any, **_: Any) -> list[Any]:
@@ -85,26 +126,9 @@ async def test_a_stop_during_a_statement_lets_it_finish_then_gives_back_the_leas
     logs = capture_logs()
     assert finished.is_set()
     assert [line for line in logs if line["level"] in ("warning", "error")] == []
-    [stopped] = [line for line in logs if line["event"] == "worker_stopped"]
-    assert stopped["released_leases"] == 1
-    assert await service.sql("SELECT lease_owner FROM images") == [(None,)]
+    await assert_the_lease_was_given_back(service, logs)
     if database_url.startswith("sqlite"):
         assert sqlite_write_lock_free(database_url)
-
-
-def silent_provider() -> httpx.MockTransport:
-    """A provider that takes every query and never answers."""
-
-    async def never(_: httpx.Request) -> httpx.Response:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    return httpx.MockTransport(never)
-
-
-async def due_for_a_poll(service: Service) -> None:
-    async with service.runtime.sessions() as session:
-        await make_task(session, status="processing", next_poll_at=utcnow())
 
 
 async def test_a_round_waiting_on_the_provider_does_not_hold_the_stop(
@@ -113,14 +137,11 @@ async def test_a_round_waiting_on_the_provider_does_not_hold_the_stop(
     """The reconciler waits on a provider that does not answer (its queries may take
     30 s): past a short grace the round is cancelled (a network wait, where a cancel
     breaks nothing), not waited on for the whole of the stop's time."""
-    service = await service_factory(make_settings(database_url, tmp_path), silent_provider())
+    service = await build(service_factory, database_url, tmp_path, silent_provider())
     await due_for_a_poll(service)
     worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
     await worker.start()
-    for _ in range(600):
-        if await service.sql("SELECT 1 FROM tasks WHERE poll_claimed_at IS NOT NULL"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: poll_claimed(service), what="the poll's claim")
     await asyncio.wait_for(worker.stop(), timeout=worker_module.STOP_GRACE_SECONDS / 2)
     logs = capture_logs()
     cancelled = [line["loop"] for line in logs if line["event"] == "loop_cancelled_at_stop"]
@@ -137,13 +158,10 @@ async def test_a_download_claimed_as_the_stop_comes_is_not_started_and_is_given_
 ) -> None:
     """The stop comes while the download loop's claim is under way: the round ends
     without starting what it claimed, and the stop gives the lease back."""
-    transport, _ = simulator_transport()
-    service = await service_factory(make_settings(database_url, tmp_path), transport)
+    service = await build(service_factory, database_url, tmp_path)
     fetcher = ScriptedFetcher([b"never fetched"])
     monkeypatch.setattr(service.runtime, "fetcher", fetcher)
-    async with service.runtime.sessions() as session:
-        task = await make_task(session, status="completed")
-        await make_image(session, task.id)
+    await an_image(service)
     claiming, go_on = asyncio.Event(), asyncio.Event()
     claim_due_downloads = repository.claim_due_downloads
 
@@ -162,9 +180,7 @@ async def test_a_download_claimed_as_the_stop_comes_is_not_started_and_is_given_
     await asyncio.wait_for(stopping, timeout=30)
     logs = capture_logs()
     assert fetcher.urls == []
-    [stopped] = [line for line in logs if line["event"] == "worker_stopped"]
-    assert stopped["released_leases"] == 1
-    assert await service.sql("SELECT lease_owner FROM images") == [(None,)]
+    await assert_the_lease_was_given_back(service, logs)
 
 
 async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
@@ -175,21 +191,19 @@ async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
     grace = 3.0
     monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
     monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
-    service = await service_factory(make_settings(database_url, tmp_path), silent_provider())
+    service = await build(service_factory, database_url, tmp_path, silent_provider())
     fetcher = ScriptedFetcher([b"slow"], delay=3600)
     monkeypatch.setattr(service.runtime, "fetcher", fetcher)
     await due_for_a_poll(service)
-    async with service.runtime.sessions() as session:
-        task = await make_task(session, status="completed")
-        await make_image(session, task.id)
+    await an_image(service)
     worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
     await worker.start()
-    for _ in range(600):
-        if fetcher.urls and await service.sql(
-            "SELECT 1 FROM tasks WHERE poll_claimed_at IS NOT NULL"
-        ):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: poll_claimed(service), what="the poll's claim")
+
+    async def fetching() -> bool:
+        return bool(fetcher.urls)
+
+    await wait_for(fetching, what="the download's fetch")
     # One grace and some room for a busy machine; two graces in a row would not fit.
     await asyncio.wait_for(worker.stop(), timeout=grace * 1.8)
     assert fetcher.finished == 0
