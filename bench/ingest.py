@@ -381,6 +381,14 @@ def measure(
             confirmation_figures(database.url, since, sampler.samples) if confirm else None
         )
         half_base = run.open_loop("baseline", half, plan.half_rate)
+        if worker is not None and alone is not None:
+            # The API replica alone at half its own saturated rate: the latency a
+            # replica gives when the worker runs on other cores.
+            alone_half = alone["webhook_rps"] / 2
+            with worker.paused():
+                alone_point = run.open_loop("webhook", alone_half, plan.half_rate)
+            run.wait_idle()  # the worker catches up before the next run
+            alone["half_rate"] = {"rate": round(alone_half, 1), "webhook": alone_point}
         points = [{"fraction": 0.5, **half_hook}]
         if sweep:
             for fraction in plan.sweep_fractions:

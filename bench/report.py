@@ -56,6 +56,15 @@ def _paused(alone: dict[str, Any] | None, target: float) -> str:
     return f"{_fmt(alone['ratio'])} {met} ({rates})"
 
 
+def _paused_half(alone: dict[str, Any] | None) -> str:
+    point = (alone or {}).get("half_rate")
+    if not point:
+        return "-"
+    latency = point["webhook"]["latency"]
+    met = _met(latency["p99_ms"] is not None and latency["p99_ms"] <= 20)
+    return f"{_fmt(point['rate'])}/s: {_fmt(latency['p50_ms'])} / {_fmt(latency['p99_ms'])} {met}"
+
+
 def _ingest(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| database | deployment | confirm | webhook req/s | baseline req/s | ratio (target) "
@@ -86,11 +95,13 @@ def _ingest(runs: list[dict[str, Any]]) -> list[str]:
         "the saturated ratio an API replica reaches when it has a core to itself. With",
         "the worker paused is one more pair of runs, the worker stopped for the webhook's",
         "(it catches up after): the API replica alone on the two cores, as when the",
-        "worker runs elsewhere:",
+        "worker runs elsewhere; and at half that replica's own saturated rate, its",
+        "webhook p50 / p99 with the worker paused likewise:",
         "",
         "| database | deployment | confirm | API CPU ms: webhook / no-op | CPU ratio (target) "
-        "| worker CPU ms per webhook request | ratio with the worker paused |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| worker CPU ms per webhook request | ratio with the worker paused "
+        "| half rate with the worker paused: p50 / p99 ms (p99 ≤ 20 ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         cpu = run["saturation"].get("api_cpu_ms")
@@ -106,7 +117,8 @@ def _ingest(runs: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(cpu['webhook'])} / {_fmt(cpu['baseline'])} "
             f"| {_fmt(cpu_ratio)} (≥ {target}) {met} "
             f"| {_fmt(cpu['worker_per_webhook']) if split else '-'} "
-            f"| {_paused(run['saturation'].get('worker_paused'), target)} |"
+            f"| {_paused(run['saturation'].get('worker_paused'), target)} "
+            f"| {_paused_half(run['saturation'].get('worker_paused'))} |"
         )
     confirmed = [run for run in runs if run.get("confirmation")]
     if confirmed:
