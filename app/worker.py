@@ -150,7 +150,10 @@ class BackgroundWorker:
                 log.info("loop_cancelled_at_stop", loop=loop.get_name())
                 loop.cancel()
             await asyncio.gather(*self._loops, return_exceptions=True)
-        running = [*self._running, *self._rendering, *self._sending]
+        # Confirmations under way share the grace too: closing the runtime after the
+        # stop would otherwise wait for them once more.
+        confirming = self._runtime.reconciler.under_way()
+        running = [*self._running, *self._rendering, *self._sending, *confirming]
         if running:
             left = max(0.0, deadline - clock.time())
             _, pending = await asyncio.wait(running, timeout=left)

@@ -270,6 +270,10 @@ class Reconciler:
         if self._running:
             await asyncio.wait(set(self._running), timeout=IDLE_WAIT_SECONDS)
 
+    def under_way(self) -> list[asyncio.Task[None]]:
+        """The confirmations and polls running in the background now."""
+        return list(self._running)
+
     async def aclose(self) -> None:
         """Drop the timers (those rows stay due), let in-flight confirmations finish;
         stop those still out after a while (their leases run out, the rows stay due)."""

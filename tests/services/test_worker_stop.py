@@ -207,3 +207,39 @@ async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
     # One grace and some room for a busy machine; two graces in a row would not fit.
     await asyncio.wait_for(worker.stop(), timeout=grace * 1.8)
     assert fetcher.finished == 0
+
+
+async def test_a_confirmation_under_way_ends_within_the_stop_grace(
+    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirmation's query is out to a silent provider when the stop comes: it ends
+    within the worker's one grace, so closing the runtime after the worker does not
+    wait again (it waited up to 15 s more, past a 30 s termination grace)."""
+    grace = 3.0
+    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
+    monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
+    service = await build(service_factory, database_url, tmp_path, silent_provider())
+    async with service.runtime.sessions() as session:
+        await make_task(
+            session,
+            status="processing",
+            upstream_task_id="up_confirm_at_stop",
+            next_poll_at=utcnow(),
+            confirm_requested_at=utcnow(),
+        )
+    worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
+
+    async def no_regular_polls() -> None:  # the confirmation loop alone claims the task
+        return None
+
+    monkeypatch.setattr(worker, "_reconcile_round", no_regular_polls)
+    await worker.start()
+    await wait_for(lambda: poll_claimed(service), what="the confirmation's claim")
+
+    async def stop_then_close() -> None:  # as the service's shutdown does
+        await worker.stop()
+        await service.runtime.reconciler.aclose()
+
+    # One grace and some room for a busy machine; the reconciler's own wait would not fit.
+    await asyncio.wait_for(stop_then_close(), timeout=grace * 1.8)
+    assert await service.sql("SELECT status FROM tasks") == [("processing",)]
