@@ -75,9 +75,19 @@ async def an_image(service: Service, **fields: Any) -> None:
         await make_image(session, task.id, **fields)
 
 
-async def due_for_a_poll(service: Service) -> None:
+async def due_for_a_poll(service: Service, **fields: Any) -> None:
+    """A processing task due for its next poll (a confirmation, if `fields` ask one)."""
     async with service.runtime.sessions() as session:
-        await make_task(session, status="processing", next_poll_at=utcnow())
+        await make_task(session, status="processing", next_poll_at=utcnow(), **fields)
+
+
+@pytest.fixture
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The stop's grace shortened to a few seconds (rounds get one); its length."""
+    grace = 3.0
+    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
+    monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
+    return grace
 
 
 async def poll_claimed(service: Service) -> bool:
@@ -184,13 +194,14 @@ async def test_a_download_claimed_as_the_stop_comes_is_not_started_and_is_given_
 
 
 async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
-    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    service_factory: Any,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    short_grace: float,
 ) -> None:
     """A round on a silent provider and a download that does not end: the stop's grace
     covers both together, not one after the other."""
-    grace = 3.0
-    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
-    monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
     service = await build(service_factory, database_url, tmp_path, silent_provider())
     fetcher = ScriptedFetcher([b"slow"], delay=3600)
     monkeypatch.setattr(service.runtime, "fetcher", fetcher)
@@ -205,28 +216,24 @@ async def test_the_stop_waits_for_rounds_and_jobs_within_one_grace(
 
     await wait_for(fetching, what="the download's fetch")
     # One grace and some room for a busy machine; two graces in a row would not fit.
-    await asyncio.wait_for(worker.stop(), timeout=grace * 1.8)
+    await asyncio.wait_for(worker.stop(), timeout=short_grace * 1.8)
     assert fetcher.finished == 0
 
 
 async def test_a_confirmation_under_way_ends_within_the_stop_grace(
-    service_factory: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    service_factory: Any,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    short_grace: float,
 ) -> None:
     """A confirmation's query is out to a silent provider when the stop comes: it ends
     within the worker's one grace, so closing the runtime after the worker does not
     wait again (it waited up to 15 s more, past a 30 s termination grace)."""
-    grace = 3.0
-    monkeypatch.setattr(worker_module, "STOP_GRACE_SECONDS", grace)
-    monkeypatch.setattr(worker_module, "ROUND_GRACE_SECONDS", 1.0)
     service = await build(service_factory, database_url, tmp_path, silent_provider())
-    async with service.runtime.sessions() as session:
-        await make_task(
-            session,
-            status="processing",
-            upstream_task_id="up_confirm_at_stop",
-            next_poll_at=utcnow(),
-            confirm_requested_at=utcnow(),
-        )
+    await due_for_a_poll(
+        service, upstream_task_id="up_confirm_at_stop", confirm_requested_at=utcnow()
+    )
     worker = BackgroundWorker(service.runtime, download_poll_seconds=600)
 
     async def no_regular_polls() -> None:  # the confirmation loop alone claims the task
@@ -241,5 +248,5 @@ async def test_a_confirmation_under_way_ends_within_the_stop_grace(
         await service.runtime.reconciler.aclose()
 
     # One grace and some room for a busy machine; the reconciler's own wait would not fit.
-    await asyncio.wait_for(stop_then_close(), timeout=grace * 1.8)
+    await asyncio.wait_for(stop_then_close(), timeout=short_grace * 1.8)
     assert await service.sql("SELECT status FROM tasks") == [("processing",)]
